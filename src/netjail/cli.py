@@ -1,0 +1,297 @@
+"""``netjail``: the command-line client, a thin layer over ``netjail.client``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+
+from netjail import protocol as p
+from netjail.client import DEFAULT_SOCKET, Client, CommandError, default_socket
+from netjail.errors import NetjailError
+from netjail.text import sanitize
+
+#: Exit status for netjail's own failures (daemon unreachable, bad request), as docker run.
+EXIT_NETJAIL = 125
+EXIT_TIMEOUT = 124
+EXIT_OOM = 137
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int = EXIT_NETJAIL) -> NoReturn:
+    click.echo(f"netjail: {sanitize(message, 1000)}", err=True)
+    sys.exit(code)
+
+
+def format_event(event: p.Event) -> str:
+    """One human line for an event, e.g. ``blocked tcp 203.0.113.9:443 uid=65534``."""
+    dst = event.dst or "?"
+    if event.family == 6 and event.port is not None:
+        dst = f"[{dst}]"
+    where = f"{dst}:{event.port}" if event.port is not None else dst
+    if event.domain:
+        where = f"{sanitize(event.domain)} ({where})"
+    text = f"{event.verdict} {event.proto} {where}"
+    if event.uid is not None:
+        text += f" uid={event.uid}"
+    if event.count > 1:
+        text += f" x{event.count}"
+    return text
+
+
+def _client(ctx: click.Context) -> Client:
+    return Client(ctx.obj["socket"])
+
+
+def _handle_errors(func: F) -> F:
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CommandError as e:
+            _fail(str(e), e.exit_code)
+        except NetjailError as e:
+            _fail(str(e))
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    default=None,
+    metavar="PATH",
+    help=f"netjaild's socket [env NETJAIL_SOCKET; default {DEFAULT_SOCKET}]",
+)
+@click.version_option(package_name="netjail", prog_name="netjail")
+@click.pass_context
+def main(ctx: click.Context, socket: str | None) -> None:
+    """Run commands in a network jail that blocks and reports every egress attempt."""
+    ctx.obj = {"socket": socket or default_socket()}
+
+
+def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected K=V, got {item!r}", param_hint="--env")
+        env[key] = value
+    return env
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from netjail.units import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except NetjailError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from netjail.units import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except NetjailError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from netjail.units import parse_cpus
+
+    if value is None:
+        return None
+    try:
+        return parse_cpus(value)
+    except NetjailError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _stdio_fds() -> list[int]:
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            # A closed stdio fd: the job gets /dev/null there instead.
+            fds.append(os.open(os.devnull, os.O_RDWR))
+    return fds
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--uid", type=int, default=None, help="Run the job as this uid (root only; default 65534, non-root: yourself).")
+@click.option("--gid", type=int, default=None, help="Run the job with this gid (root only).")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Set an environment variable for the job (repeatable).")
+@click.option("--cwd", default=None, metavar="DIR", help="Working directory of the job [default: the current one].")
+@click.option("--memory", callback=_size, default=None, metavar="SIZE", help="Memory limit, swap included, e.g. 512M, 2G.")
+@click.option("--cpus", callback=_cpus, default=None, metavar="N", help="CPU limit in CPUs, e.g. 0.5.")
+@click.option("--pids", type=click.IntRange(1), default=None, metavar="N", help="Most processes/threads at once.")
+@click.option("--timeout", callback=_duration, default=None, metavar="DURATION", help="Kill the job after this long, e.g. 30s, 5m (exit 124).")
+@click.option("--kill-grace", callback=_duration, default=None, metavar="DURATION", help="Time between SIGTERM and SIGKILL on timeout [default 2s].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the job report as JSON to FILE.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not print events on stderr.")
+@click.argument("command", nargs=-1, required=True)
+@click.pass_context
+def run(
+    ctx: click.Context,
+    uid: int | None,
+    gid: int | None,
+    env: tuple[str, ...],
+    cwd: str | None,
+    memory: int | None,
+    cpus: float | None,
+    pids: int | None,
+    timeout: float | None,
+    kill_grace: float | None,
+    report_path: str | None,
+    quiet: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in a jail; its exit status is passed through.
+
+    Exit status: the command's; 128+N if killed by signal N; 124 on --timeout; 137 when killed
+    for reaching --memory; 125 when netjail itself failed; 126/127 when the command could not
+    be executed / was not found.
+    """
+    client = _client(ctx)
+    job_id: list[str] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        # The job is in its own session, so the terminal's ^C reaches only us: pass it on.
+        if job_id:
+            try:
+                client.kill(job_id[0], signum)
+            except NetjailError:
+                pass
+
+    def on_event(event: p.Event) -> None:
+        if not quiet:
+            click.echo(f"netjail: {format_event(event)}", err=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        result = client.run(
+            list(command),
+            env=_parse_env(env),
+            cwd=cwd or os.getcwd(),
+            uid=uid,
+            gid=gid,
+            stdio="fds",
+            fds=_stdio_fds(),
+            memory_bytes=memory,
+            cpus=cpus,
+            pids=pids,
+            timeout_s=timeout,
+            kill_grace_s=kill_grace,
+            on_event=on_event,
+            on_start=lambda job, _pid: job_id.append(job),
+        )
+    except CommandError as e:
+        _fail(str(e), e.exit_code)
+    except NetjailError as e:
+        _fail(str(e))
+    report = result.report
+    if report_path is not None:
+        data = msgspec.json.format(msgspec.json.encode(report), indent=2)
+        with open(report_path, "wb") as f:
+            f.write(data + b"\n")
+    if result.lost_events:
+        click.echo(f"netjail: {result.lost_events} events lost (see the report)", err=True)
+    if result.timed_out:
+        click.echo(f"netjail: job {report.job} killed: timeout {_seconds(report)} reached", err=True)
+        sys.exit(EXIT_TIMEOUT)
+    if result.oom_killed:
+        limit = report.limits.memory_bytes if report.limits else None
+        from netjail.units import format_size
+
+        shown = format_size(limit) if limit else "?"
+        click.echo(f"netjail: job {report.job} killed: memory limit {shown} reached", err=True)
+        sys.exit(EXIT_OOM)
+    if result.signal is not None:
+        sys.exit(128 + result.signal)
+    sys.exit(result.exit_code if result.exit_code is not None else EXIT_NETJAIL)
+
+
+def _seconds(report: p.Report) -> str:
+    value = report.limits.timeout_s if report.limits else None
+    return f"{value:g}s" if value is not None else "?"
+
+
+@main.command()
+@click.option("--job", default=None, help="Only this job's events.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they happen.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+@_handle_errors
+def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> None:
+    """Show events of your jobs (root: all jobs)."""
+    try:
+        for event in _client(ctx).events(job, follow=follow):
+            if as_json:
+                click.echo(msgspec.json.encode(event).decode())
+            else:
+                click.echo(f"{event.time} {event.job} {format_event(event)}")
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.pass_context
+@_handle_errors
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """List running jobs (yours; root: all)."""
+    jobs = _client(ctx).ps()
+    if as_json:
+        click.echo(msgspec.json.encode(jobs).decode())
+        return
+    click.echo(f"{'JOB':<12} {'PID':>7} {'UID':>6} {'EVENTS':>6}  STARTED                   COMMAND")
+    for j in jobs:
+        command = sanitize(" ".join(j.argv), 60)
+        click.echo(f"{j.job:<12} {j.pid or '-':>7} {j.uid:>6} {j.events:>6}  {j.started:<24}  {command}")
+
+
+@main.command()
+@click.argument("job")
+@click.option("--signal", "-s", "sig", default="TERM", help="Signal name or number [default TERM].")
+@click.pass_context
+@_handle_errors
+def kill(ctx: click.Context, job: str, sig: str) -> None:
+    """Send a signal to a running job (KILL: every process of the job)."""
+    try:
+        number = int(sig) if sig.isdigit() else int(signal.Signals["SIG" + sig.upper().removeprefix("SIG")])
+    except KeyError:
+        raise click.BadParameter(f"unknown signal {sig!r}", param_hint="--signal") from None
+    _client(ctx).kill(job, number)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.pass_context
+@_handle_errors
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the daemon's version, uptime, jobs and event counters."""
+    st = _client(ctx).status()
+    if as_json:
+        click.echo(msgspec.json.encode(st).decode())
+        return
+    click.echo(f"netjaild {st.version} (pid {st.pid}), up {st.uptime_s:.0f}s")
+    click.echo(f"jobs: {st.jobs_running} running, {st.jobs_total} run in all")
+    click.echo(f"events: {st.events_seen} seen, {st.events_lost} lost")
+    click.echo(f"cgroups: {st.cgroup_mode or 'unknown'}")

@@ -1,0 +1,248 @@
+"""The netjail client library: talk to netjaild over its Unix socket.
+
+    from netjail import Client
+    result = Client().run(["/usr/bin/curl", "-sS", "https://203.0.113.9/"], capture=True)
+    result.exit_code        # 7: curl could not connect
+    result.events[0].dst    # "203.0.113.9"
+
+Synchronous and dependency-light (it never imports the daemon or kernel modules), so it loads
+fast and works unprivileged.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket as socket_module
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from netjail import protocol as p
+from netjail.errors import ConnectionError_, NetjailError, ProtocolError, error_for_code
+
+DEFAULT_SOCKET = "/run/netjail/netjail.sock"
+SOCKET_ENV = "NETJAIL_SOCKET"
+#: Daemon frames can be large (a report with captured output and many events).
+MAX_REPLY_BYTES = 64 << 20
+
+
+class CommandError(NetjailError):
+    """The daemon could not execute the job's command; ``exit_code`` is the shell's (127/126)."""
+
+    code = "exec"
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a finished job did."""
+
+    job: str
+    exit_code: int | None
+    signal: int | None
+    events: list[p.Event]
+    lost_events: int
+    stdout: bytes | None
+    stderr: bytes | None
+    timed_out: bool
+    oom_killed: bool
+    report: p.Report
+    #: Events not streamed live because this client read too slowly (all are in ``events``).
+    dropped_events: int = 0
+
+    @property
+    def returncode(self) -> int:
+        """As subprocess does: the exit code, or -N when killed by signal N."""
+        if self.signal is not None:
+            return -self.signal
+        return self.exit_code if self.exit_code is not None else -1
+
+
+def default_socket() -> str:
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class _Connection:
+    def __init__(self, path: str, timeout: float | None) -> None:
+        self.sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            hint = "is netjaild running?" if not isinstance(e, PermissionError) else (
+                "are you root or in the netjail group?"
+            )
+            raise ConnectionError_(f"cannot connect to {path}: {e.strerror} ({hint})") from None
+        self.frames = p.FrameBuffer(MAX_REPLY_BYTES)
+        self.pending: list[bytes] = []
+        self.send(p.Hello(version=p.PROTOCOL_VERSION, client="netjail-python"))
+        reply = self.recv()
+        if not isinstance(reply, p.HelloReply):
+            raise ProtocolError(f"expected hello from the daemon, got {type(reply).__name__}")
+
+    def send(self, message: msgspec.Struct, fds: Sequence[int] = ()) -> None:
+        data = p.encode_message(message)
+        try:
+            if fds:
+                ancillary = [
+                    (socket_module.SOL_SOCKET, socket_module.SCM_RIGHTS, array.array("i", fds))
+                ]
+                sent = self.sock.sendmsg([data], ancillary)
+                self.sock.sendall(data[sent:])
+            else:
+                self.sock.sendall(data)
+        except OSError as e:
+            raise ConnectionError_(f"lost the connection to netjaild: {e.strerror}") from None
+
+    def recv(self) -> p.Reply:
+        while not self.pending:
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                raise ConnectionError_("timed out waiting for netjaild") from None
+            except OSError as e:
+                raise ConnectionError_(f"lost the connection to netjaild: {e.strerror}") from None
+            if not data:
+                raise ConnectionError_("netjaild closed the connection")
+            self.pending.extend(self.frames.feed(data))
+        reply = p.decode_reply(self.pending.pop(0))
+        if isinstance(reply, p.ErrorMessage):
+            if reply.exit_code is not None:
+                raise CommandError(reply.message, reply.exit_code)
+            raise error_for_code(reply.code, reply.message)
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Client:
+    """A connection factory for one daemon socket."""
+
+    def __init__(self, socket: str | None = None, *, timeout: float | None = 30.0) -> None:
+        self.socket = socket or default_socket()
+        #: Seconds to wait for any one daemon message outside a running job.
+        self.timeout = timeout
+
+    def _connect(self, timeout: float | None = None) -> _Connection:
+        return _Connection(self.socket, timeout if timeout is not None else self.timeout)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        stdio: Literal["null", "capture", "fds"] = "null",
+        fds: Sequence[int] = (0, 1, 2),
+        capture_bytes: int = p.DEFAULT_CAPTURE_BYTES,
+        memory_bytes: int | None = None,
+        cpus: float | None = None,
+        pids: int | None = None,
+        timeout_s: float | None = None,
+        kill_grace_s: float | None = None,
+        on_event: Callable[[p.Event], None] | None = None,
+        on_start: Callable[[str, int], None] | None = None,
+    ) -> JobResult:
+        """Run ``argv`` in a jail and wait for it to end.
+
+        ``stdio``: "null" (default: /dev/null), "capture" (stdout/stderr returned in the result,
+        at most ``capture_bytes`` each, with a truncated flag in the report), or "fds" (the job
+        uses ``fds`` as its stdin, stdout, stderr). ``on_event`` is called for each event as it
+        happens; ``on_start`` with the job id and pid once the job runs.
+        """
+        request = p.RunRequest(
+            argv=list(argv),
+            env=dict(env or {}),
+            cwd=cwd,
+            uid=uid,
+            gid=gid,
+            stdio=stdio,
+            capture_bytes=capture_bytes,
+            events=on_event is not None,
+            memory_bytes=memory_bytes,
+            cpus=cpus,
+            pids=pids,
+            timeout_s=timeout_s,
+            kill_grace_s=kill_grace_s,
+        )
+        conn = self._connect()
+        try:
+            conn.send(request, list(fds) if stdio == "fds" else ())
+            started = conn.recv()
+            if not isinstance(started, p.Started):
+                raise ProtocolError(f"expected started, got {type(started).__name__}")
+            # The job may run for as long as it likes: no read timeout from here on.
+            conn.sock.settimeout(None)
+            if on_start is not None:
+                on_start(started.job, started.pid)
+            while True:
+                message = conn.recv()
+                if isinstance(message, p.EventMessage):
+                    if on_event is not None:
+                        on_event(message.event)
+                elif isinstance(message, p.Exit):
+                    report = message.report
+                    return JobResult(
+                        job=report.job,
+                        exit_code=report.exit_code,
+                        signal=report.signal,
+                        events=report.events,
+                        lost_events=report.lost_events,
+                        stdout=report.stdout,
+                        stderr=report.stderr,
+                        timed_out=report.timed_out,
+                        oom_killed=report.oom_killed,
+                        report=report,
+                        dropped_events=message.dropped_events,
+                    )
+        finally:
+            conn.close()
+
+    def events(self, job: str | None = None, *, follow: bool = False) -> Iterator[p.Event]:
+        """Events of the caller's jobs (root: all), oldest first; with ``follow``, forever."""
+        conn = self._connect()
+        try:
+            conn.send(p.EventsRequest(job=job, follow=follow))
+            conn.sock.settimeout(None if follow else self.timeout)
+            while True:
+                message = conn.recv()
+                if isinstance(message, p.EventMessage):
+                    yield message.event
+                elif isinstance(message, p.EventsEnd):
+                    return
+        finally:
+            conn.close()
+
+    def _ask(self, request: msgspec.Struct) -> p.Reply:
+        conn = self._connect()
+        try:
+            conn.send(request)
+            return conn.recv()
+        finally:
+            conn.close()
+
+    def ps(self) -> list[p.JobInfo]:
+        """Running jobs the caller may see."""
+        reply = self._ask(p.PsRequest())
+        assert isinstance(reply, p.PsReply)
+        return reply.jobs
+
+    def status(self) -> p.StatusReply:
+        """The daemon's version, uptime and counters."""
+        reply = self._ask(p.StatusRequest())
+        assert isinstance(reply, p.StatusReply)
+        return reply
+
+    def kill(self, job: str, signal: int = 15) -> None:
+        """Send ``signal`` to a job's main process (SIGKILL: to all its processes)."""
+        self._ask(p.KillRequest(job=job, signal=signal))

@@ -1,0 +1,548 @@
+"""Jobs: build a jail, start the job in it, collect its events, end it, report, clean up.
+
+Order matters and every step fails closed: the state record is written first (so a crash
+leaves something to clean up), then the cgroup, then the netns with interfaces, ruleset and
+NFLOG socket (all from one thread inside the jail), and only then is the job spawned. If any
+step fails, what was made is removed and the client gets a JailError; the job never ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import secrets
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from netjail.daemon.events import JobEvents, rfc3339
+from netjail.errors import JailError, NetjailError, NotFoundError
+from netjail.kernel import firewall, netns, nflog
+from netjail.kernel.cgroup import CgroupManager, JobCgroup, Limits
+from netjail.kernel.peer import PeerCred, pids_in_netns
+from netjail.kernel.spawn import ExitStatus, ForkServer, SpawnedJob, SpawnRequest
+from netjail.protocol import AppliedLimits, Event, Report
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NOBODY = 65534
+#: Recent events across all jobs kept for ``netjail events`` without --follow.
+HISTORY_EVENTS = 10_000
+_NFLOG_RECV = 65536
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Daemon-wide defaults and maxima for job limits (None = unlimited)."""
+
+    default_memory: int | None = None
+    max_memory: int | None = None
+    default_cpus: float | None = None
+    max_cpus: float | None = None
+    default_pids: int | None = None
+    max_pids: int | None = None
+    default_timeout: float | None = None
+    max_timeout: float | None = None
+    kill_grace: float = 2.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated request to run one job."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    owner: PeerCred
+    limits: AppliedLimits
+    capture_bytes: int | None  # None: stdio is given as fds
+
+
+EventSink = Callable[[Event], None]
+
+
+@dataclass
+class _Capture:
+    fd: int
+    limit: int
+    data: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class Job:
+    """One job and everything the daemon holds for it."""
+
+    id: str
+    spec: JobSpec
+    started_wall: float
+    started: float
+    netns_name: str
+    netns_inode: int | None = None
+    cgroup: JobCgroup | None = None
+    process: SpawnedJob | None = None
+    nflog_sock: socket.socket | None = None
+    events: JobEvents = field(default_factory=JobEvents)
+    sinks: list[EventSink] = field(default_factory=list)
+    captures: list[_Capture] = field(default_factory=list)
+    timed_out: bool = False
+    finished: asyncio.Future[Report] | None = None
+    _next_seq: int | None = None
+    _overflowed: bool = False
+
+
+class JobManager:
+    """Runs jobs; owned by the daemon's one asyncio loop."""
+
+    def __init__(
+        self,
+        *,
+        forkserver: ForkServer,
+        cgroups: CgroupManager,
+        state_dir: str,
+        hide_paths: list[str],
+        limits: LimitSettings,
+        log: Callable[..., None],
+    ) -> None:
+        self._forkserver = forkserver
+        self._cgroups = cgroups
+        self._state_dir = os.path.join(state_dir, "jobs")
+        self._hide_paths = hide_paths
+        self.limits = limits
+        self._log = log
+        self.jobs: dict[str, Job] = {}
+        self.history: deque[Event] = deque(maxlen=HISTORY_EVENTS)
+        self.followers: list[Callable[[Event], None]] = []
+        self.jobs_total = 0
+        self.events_seen = 0
+        self.events_lost = 0
+        os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+
+    # ------------------------------------------------------------------ lookup
+
+    def visible_jobs(self, peer: PeerCred) -> list[Job]:
+        return [j for j in self.jobs.values() if peer.uid == 0 or j.spec.owner.uid == peer.uid]
+
+    def find(self, job_id: str, peer: PeerCred) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or not (peer.uid == 0 or job.spec.owner.uid == peer.uid):
+            raise NotFoundError(f"no such job: {job_id}")
+        return job
+
+    def is_jailed(self, pid: int, netns_inode: int | None) -> bool:
+        """Is ``pid`` (a socket peer) a process of some job?"""
+        for job in self.jobs.values():
+            if netns_inode is not None and netns_inode == job.netns_inode:
+                return True
+            if job.cgroup is not None and job.cgroup.contains(pid):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self, spec: JobSpec, stdio: list[int], sink: EventSink | None) -> Job:
+        """Build the jail and start the job in it; raise JailError (nothing left) on failure.
+
+        ``stdio`` are the job's fds 0-2 when ``spec.capture_bytes`` is None; the caller keeps
+        ownership of them.
+        """
+        job_id = f"j-{secrets.token_hex(4)}"
+        now = time.time()
+        job = Job(
+            id=job_id,
+            spec=spec,
+            started_wall=now,
+            started=time.monotonic(),
+            netns_name=f"{netns.NETNS_PREFIX}{job_id}",
+        )
+        if sink is not None:
+            job.sinks.append(sink)
+        self._write_state(job)
+        child_fds: list[int] = []
+        try:
+            job.cgroup = await asyncio.to_thread(
+                self._cgroups.create_job,
+                job_id,
+                Limits(
+                    memory_bytes=spec.limits.memory_bytes,
+                    cpus=spec.limits.cpus,
+                    pids=spec.limits.pids,
+                ),
+            )
+            job.nflog_sock = await asyncio.wrap_future(
+                netns.run_in_new_netns(job.netns_name, lambda: _build_jail(job_id))
+            )
+            job.netns_inode = netns.netns_inode(netns.netns_path(job.netns_name))
+            loop = asyncio.get_running_loop()
+            loop.add_reader(job.nflog_sock.fileno(), self._on_nflog, job)
+            if spec.capture_bytes is None:
+                child_stdio = stdio
+            else:
+                child_stdio = self._make_captures(job, spec.capture_bytes, child_fds)
+            request = SpawnRequest(
+                argv=spec.argv,
+                env=spec.env,
+                cwd=spec.cwd,
+                uid=spec.uid,
+                gid=spec.gid,
+                netns_path=netns.netns_path(job.netns_name),
+                hide_paths=self._hide_paths,
+                cgroup_procs=list(job.cgroup.procs_files),
+            )
+            job.process = await self._forkserver.spawn(request, child_stdio)
+        except BaseException as e:
+            await self._teardown(job)
+            if isinstance(e, NetjailError):
+                raise
+            if isinstance(e, Exception):
+                raise JailError(f"cannot build the jail: {e}") from e
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        self.jobs[job_id] = job
+        self.jobs_total += 1
+        job.finished = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().create_task(self._supervise(job))
+        self._log(
+            "info",
+            "job started",
+            job=job_id,
+            pid=job.process.pid,
+            uid=spec.uid,
+            owner=spec.owner.uid,
+            argv=spec.argv,
+        )
+        return job
+
+    def _make_captures(self, job: Job, limit: int, child_fds: list[int]) -> list[int]:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        child_fds.append(null)
+        stdio = [null]
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            child_fds.append(write_fd)
+            # The child's end must block as an inherited pipe normally does.
+            os.set_blocking(write_fd, True)
+            capture = _Capture(fd=read_fd, limit=limit)
+            job.captures.append(capture)
+            loop.add_reader(read_fd, self._on_capture, capture)
+            stdio.append(write_fd)
+        return stdio
+
+    def _on_capture(self, capture: _Capture) -> None:
+        _drain_capture(capture)
+        if capture.closed:
+            asyncio.get_running_loop().remove_reader(capture.fd)
+
+    # ------------------------------------------------------------------ events
+
+    def _on_nflog(self, job: Job) -> None:
+        sock = job.nflog_sock
+        if sock is None:
+            return
+        for _ in range(64):  # bounded per wake-up, so one busy job cannot starve the loop
+            try:
+                data = sock.recv(_NFLOG_RECV)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    # The kernel dropped messages; the sequence gap at the next message says
+                    # how many. If none comes, at least one was lost (counted at the end).
+                    job._overflowed = True
+                    continue
+                raise
+            self._handle_nflog(job, data)
+
+    def _handle_nflog(self, job: Job, data: bytes) -> None:
+        batch = nflog.parse_netlink_messages(data)
+        now = time.monotonic()
+        for packet in batch.packets:
+            if packet.seq is not None:
+                if job._next_seq is not None and packet.seq > job._next_seq:
+                    job.events.lost += packet.seq - job._next_seq
+                    job._overflowed = False
+                job._next_seq = packet.seq + 1
+            if packet.uid is None:
+                continue  # the kernel's own packets (no socket): not the job's attempts
+            summary = nflog.parse_ip_packet(packet.payload)
+            if summary is None:
+                continue
+            self._record(
+                job,
+                Event(
+                    job=job.id,
+                    time=rfc3339(time.time()),
+                    kind="egress",
+                    verdict="blocked",
+                    proto=summary.proto,
+                    family=summary.family,
+                    dst=summary.dst,
+                    port=summary.port,
+                    uid=packet.uid,
+                    count=1,
+                    via="nflog",
+                ),
+                now,
+            )
+
+    def _record(self, job: Job, event: Event, now: float) -> None:
+        self.events_seen += 1
+        new = job.events.add(event, now)
+        if new is None:
+            return
+        self.history.append(new)
+        for sink in list(job.sinks) + [f for f in self.followers]:
+            sink(new)
+
+    # ------------------------------------------------------------------ end
+
+    async def _supervise(self, job: Job) -> None:
+        assert job.process is not None and job.finished is not None
+        status: ExitStatus | None = None
+        try:
+            wait = asyncio.ensure_future(self._forkserver.wait(job.process.pid))
+            timeout = job.spec.limits.timeout_s
+            try:
+                status = await asyncio.wait_for(asyncio.shield(wait), timeout)
+            except TimeoutError:
+                job.timed_out = True
+                self._log("info", "job timed out", job=job.id, timeout_s=timeout)
+                await self._terminate(job, job.spec.limits.kill_grace_s)
+                status = await wait
+            report = await self._finish(job, status)
+        except BaseException as e:
+            self._log("error", "job supervision failed", job=job.id, error=repr(e))
+            await self._teardown(job)
+            self.jobs.pop(job.id, None)
+            if not job.finished.done():
+                job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))
+            raise
+        if not job.finished.done():
+            job.finished.set_result(report)
+
+    async def _terminate(self, job: Job, grace: float) -> None:
+        """SIGTERM every process of the job, wait ``grace``, then kill what is left."""
+        cgroup = job.cgroup
+        if cgroup is not None:
+            for pid in cgroup.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while cgroup is not None and cgroup.pids() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.kill_all)
+
+    async def kill(self, job: Job, sig: int) -> None:
+        """Send ``sig`` to the job's main process; SIGKILL kills its whole cgroup."""
+        if job.process is not None:
+            job.process.send_signal(sig)
+        if sig == signal.SIGKILL and job.cgroup is not None:
+            await asyncio.to_thread(job.cgroup.kill_all)
+
+    async def _finish(self, job: Job, status: ExitStatus) -> Report:
+        cgroup = job.cgroup
+        usage = None
+        if cgroup is not None:
+            # The main process is gone; whatever it left behind (daemons, setsid, nohup) goes too.
+            await asyncio.to_thread(cgroup.kill_all)
+            usage = await asyncio.to_thread(cgroup.usage)
+        if job.nflog_sock is not None:
+            # Packets are logged synchronously with the send, so all the job's messages are
+            # already queued on the socket: read them before the jail goes.
+            self._on_nflog(job)
+        for capture in job.captures:
+            _drain_capture(capture)
+        if job._overflowed:
+            job.events.lost += 1
+        wall = time.monotonic() - job.started
+        report = Report(
+            job=job.id,
+            argv=job.spec.argv,
+            uid=job.spec.uid,
+            gid=job.spec.gid,
+            exit_code=status.exit_code,
+            signal=status.signal,
+            wall_s=round(wall, 6),
+            events=job.events.events,
+            lost_events=job.events.lost,
+            timed_out=job.timed_out,
+            oom_killed=bool(usage and usage.oom_killed),
+            cpu_user_s=usage.cpu_user_s if usage else status.cpu_user_s,
+            cpu_system_s=usage.cpu_system_s if usage else status.cpu_system_s,
+            memory_peak_bytes=usage.memory_peak_bytes if usage else None,
+            pids_peak=usage.pids_peak if usage else None,
+            limits=job.spec.limits,
+        )
+        if len(job.captures) == 2:
+            out, err = job.captures
+            report.stdout, report.stdout_truncated = bytes(out.data), out.truncated
+            report.stderr, report.stderr_truncated = bytes(err.data), err.truncated
+        self.events_lost += job.events.lost
+        await self._teardown(job)
+        self.jobs.pop(job.id, None)
+        self._log(
+            "info",
+            "job ended",
+            job=job.id,
+            exit_code=status.exit_code,
+            signal=status.signal,
+            wall_s=report.wall_s,
+            events=len(report.events),
+            lost_events=report.lost_events,
+            timed_out=job.timed_out,
+            oom_killed=report.oom_killed,
+        )
+        return report
+
+    async def _teardown(self, job: Job) -> None:
+        """Remove everything the job had; safe to call on a half-built job."""
+        loop = asyncio.get_running_loop()
+        if job.nflog_sock is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(job.nflog_sock.fileno())
+            job.nflog_sock.close()
+            job.nflog_sock = None
+        for capture in job.captures:
+            if not capture.closed:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(capture.fd)
+                os.close(capture.fd)
+                capture.closed = True
+        if job.process is not None:
+            job.process.close()
+        await asyncio.to_thread(self._remove_kernel_objects, job.netns_name, job.cgroup)
+        self._remove_state(job.id)
+
+    def _remove_kernel_objects(self, netns_name: str, cgroup: JobCgroup | None) -> None:
+        if cgroup is not None:
+            cgroup.kill_all()
+            cgroup.remove()
+        netns.delete_netns(netns_name)
+
+    # ------------------------------------------------------------------ crash safety
+
+    def _write_state(self, job: Job) -> None:
+        path = os.path.join(self._state_dir, f"{job.id}.json")
+        with open(path, "w") as f:
+            json.dump({"job": job.id, "netns": job.netns_name, "started": job.started_wall}, f)
+
+    def _remove_state(self, job_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._state_dir, f"{job_id}.json"))
+
+    def recover(self) -> list[str]:
+        """Remove every leftover of jobs this daemon does not run (after a crash). Blocking."""
+        removed: list[str] = []
+        for name in netns.list_netns():
+            path = netns.netns_path(name)
+            with contextlib.suppress(OSError):
+                for pid in pids_in_netns(netns.netns_inode(path)):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            netns.delete_netns(name)
+            removed.append(f"netns {name}")
+        for job_id in self._cgroups.leftover_job_ids():
+            with contextlib.suppress(Exception):
+                leftover = self._cgroups.open_job(job_id)
+                leftover.kill_all()
+                leftover.remove()
+                removed.append(f"cgroup {job_id}")
+        for entry in os.listdir(self._state_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._state_dir, entry))
+        return removed
+
+    async def shutdown(self) -> None:
+        """Kill every running job and wait for their reports."""
+        for job in list(self.jobs.values()):
+            await self._terminate(job, job.spec.limits.kill_grace_s)
+        for job in list(self.jobs.values()):
+            if job.finished is not None:
+                with contextlib.suppress(Exception):
+                    await job.finished
+
+
+def _drain_capture(capture: _Capture) -> None:
+    while not capture.closed:
+        try:
+            chunk = os.read(capture.fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            capture.closed = True
+            os.close(capture.fd)
+            return
+        room = capture.limit - len(capture.data)
+        if len(chunk) > room:
+            capture.truncated = True
+        if room > 0:
+            capture.data += chunk[:room]
+
+
+def _allow_ping_sockets() -> None:
+    # Unprivileged ICMP echo sockets, per netns: the job has no CAP_NET_RAW (and no_new_privs
+    # voids ping's file capability), so without this `ping` fails before sending anything and
+    # the attempt would go unlogged. With it, the echo is sent, rejected and reported.
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+        f.write("0 2147483647")
+
+
+def _build_jail(job_id: str) -> socket.socket:
+    """Runs on the netns thread, inside the new jail: interfaces, ruleset, NFLOG socket."""
+    netns.configure_jail_interfaces()
+    _allow_ping_sockets()
+    firewall.apply_ruleset(firewall.build_ruleset(firewall.JailRules(job_id)))
+    try:
+        return nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
+    except OSError as e:
+        raise JailError(
+            f"cannot receive NFLOG events ({e.strerror}): is nfnetlink_log available?"
+        ) from None
+
+
+def applied_limits(
+    settings: LimitSettings,
+    *,
+    memory: int | None,
+    cpus: float | None,
+    pids: int | None,
+    timeout: float | None,
+    kill_grace: float | None,
+) -> AppliedLimits:
+    """Fill in defaults and enforce the daemon's maxima (RequestError above a maximum)."""
+    from netjail.errors import RequestError
+    from netjail.units import format_size
+
+    def pick(name: str, asked: float | None, default: float | None, maximum: float | None) -> float | None:
+        value = asked if asked is not None else default
+        if maximum is not None:
+            if value is None:
+                value = maximum
+            elif value > maximum:
+                shown = format_size(int(maximum)) if name == "memory" else f"{maximum:g}"
+                raise RequestError(f"--{name} above the daemon's maximum of {shown}")
+        return value
+
+    mem = pick("memory", memory, settings.default_memory, settings.max_memory)
+    cpu = pick("cpus", cpus, settings.default_cpus, settings.max_cpus)
+    pid = pick("pids", pids, settings.default_pids, settings.max_pids)
+    tmo = pick("timeout", timeout, settings.default_timeout, settings.max_timeout)
+    return AppliedLimits(
+        memory_bytes=int(mem) if mem is not None else None,
+        cpus=cpu,
+        pids=int(pid) if pid is not None else None,
+        timeout_s=tmo,
+        kill_grace_s=kill_grace if kill_grace is not None else settings.kill_grace,
+    )

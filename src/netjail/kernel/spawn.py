@@ -1,0 +1,413 @@
+"""The fork server: the only process that forks jobs.
+
+Why a fork server: the daemon is multi-threaded (namespace builder threads), and forking a
+multi-threaded process then running Python before exec can deadlock on locks other threads held
+at fork time. So ``ForkServer.start`` forks one helper at daemon start-up, before any thread
+exists; that helper stays single-threaded and forks every job. Each job child enters the jail's
+netns, gets a private mount namespace (daemon paths hidden), joins its cgroups, starts a new
+session, drops every capability and supplementary group, sets uid/gid and no_new_privs, and
+execs. A failure at any step is reported back with the step's name; the job never runs.
+
+The helper is also a child subreaper, so processes a job orphans (double fork, setsid) are
+re-parented to it and reaped: zombies never pile up. It reports every job exit with its
+rusage; the daemon holds a pidfd per job, so signals never reach a recycled pid.
+
+Messages are JSON over a SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with
+SCM_RIGHTS). Both ends are ours: the daemon validated everything before it got here.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from netjail.errors import SpawnError
+from netjail.kernel import syscalls
+
+_MAX_MESSAGE = 1 << 21
+#: Signals the job gets back at their default disposition (Python ignores SIGPIPE, and the
+#: daemon handles INT/TERM/HUP); the job must not inherit either choice.
+_RESET_SIGNALS = (
+    signal.SIGPIPE,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """Everything the fork server needs to start one job."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    netns_path: str
+    hide_paths: list[str] = field(default_factory=list)
+    #: (source file, target path) read-only bind mounts, e.g. a per-job resolv.conf.
+    bind_files: list[tuple[str, str]] = field(default_factory=list)
+    cgroup_procs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a job's main process ended, and its resource usage (its reaped children included)."""
+
+    exit_code: int | None
+    signal: int | None
+    cpu_user_s: float
+    cpu_system_s: float
+    max_rss_bytes: int
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(8 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % fds.itemsize
+            fds.frombytes(payload[:usable])
+    if not data:
+        return None, list(fds)
+    return json.loads(data), list(fds)
+
+
+# ---------------------------------------------------------------- the fork server process
+
+
+def _child(request: dict[str, Any], stdio: list[int], report_fd: int) -> None:
+    """Runs in the forked job process: set up the jail side, then exec. Never returns."""
+    stage = "signals"
+    try:
+        for sig in _RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        stage = "session"
+        os.setsid()
+        stage = "network namespace"
+        ns_fd = os.open(request["netns_path"], os.O_RDONLY | os.O_CLOEXEC)
+        syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
+        os.close(ns_fd)
+        stage = "mount namespace"
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        # Private first, so nothing we mount propagates back to the host.
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        for path in request["hide_paths"]:
+            stage = f"hiding {path}"
+            syscalls.mount(
+                "netjail",
+                path,
+                "tmpfs",
+                syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+                "size=4k,mode=755",
+            )
+        for source, target in request["bind_files"]:
+            stage = f"mounting {target}"
+            syscalls.mount(source, target, None, syscalls.MS_BIND)
+            syscalls.mount(
+                None, target, None, syscalls.MS_BIND | 0x20 | syscalls.MS_RDONLY  # MS_REMOUNT
+            )
+        stage = "cgroup"
+        for procs in request["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write("0")
+        stage = "stdio"
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        stage = "privileges"
+        syscalls.lock_out_capabilities()
+        os.setgroups([])
+        os.setresgid(request["gid"], request["gid"], request["gid"])
+        os.setresuid(request["uid"], request["uid"], request["uid"])
+        syscalls.clear_capability_sets()
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        stage = "working directory"
+        # After the privilege drop, so the job user's own permissions decide.
+        os.chdir(request["cwd"])
+        stage = "exec"
+        os.closerange(3, report_fd)
+        os.closerange(report_fd + 1, 65536)
+        os.execvpe(request["argv"][0], request["argv"], request["env"])
+    except OSError as e:
+        detail = e.strerror or str(e)
+        if stage == "working directory":
+            detail = f"{request['cwd']}: {detail}"
+        elif stage == "exec":
+            detail = f"{request['argv'][0]}: {detail}"
+        message = json.dumps({"stage": stage, "errno": e.errno or 0, "detail": detail})
+        with contextlib.suppress(OSError):
+            os.write(report_fd, message.encode()[:4000])
+    except BaseException as e:  # noqa: BLE001 - anything else must still be reported, not raised
+        with contextlib.suppress(OSError):
+            os.write(report_fd, json.dumps({"stage": stage, "errno": 0, "detail": repr(e)}).encode())
+    os._exit(127)
+
+
+def _spawn_one(request: dict[str, Any], stdio: list[int]) -> tuple[int, int]:
+    """Fork a job; wait until it exec'd; return (pid, pidfd) or raise SpawnError."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _child(request, stdio, write_fd)
+    os.close(write_fd)
+    try:
+        # EOF without data means exec succeeded (the pipe is close-on-exec).
+        chunks = []
+        while chunk := os.read(read_fd, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+    if chunks:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        failure = json.loads(b"".join(chunks))
+        raise SpawnError(json.dumps(failure))
+    return pid, os.pidfd_open(pid)
+
+
+def _reap(sock: socket.socket, jobs: set[int]) -> None:
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid not in jobs:
+            continue  # an orphan a job left behind, re-parented to us: reaped, nothing to report
+        jobs.discard(pid)
+        _send(
+            sock,
+            {
+                "exit": pid,
+                "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                "utime": usage.ru_utime,
+                "stime": usage.ru_stime,
+                "maxrss": usage.ru_maxrss * 1024,
+            },
+        )
+
+
+def _serve(sock: socket.socket) -> None:
+    """The fork server's main loop. Exits when the daemon's end of the socket closes."""
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    jobs: set[int] = set()
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+                _reap(sock, jobs)
+                continue
+            try:
+                message, fds = _recv(sock)
+            except InterruptedError:
+                continue
+            if message is None:
+                os._exit(0)
+            try:
+                pid, pidfd = _spawn_one(message, fds)
+            except SpawnError as e:
+                _send(sock, {"id": message["id"], "error": json.loads(str(e))})
+            else:
+                jobs.add(pid)
+                _send(sock, {"id": message["id"], "pid": pid}, [pidfd])
+                os.close(pidfd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            _reap(sock, jobs)
+
+
+# ---------------------------------------------------------------- the daemon's side
+
+
+@dataclass
+class SpawnedJob:
+    """A running job's main process, as the daemon sees it."""
+
+    pid: int
+    pidfd: int
+
+    def send_signal(self, sig: int) -> bool:
+        """Signal the main process; False if it has already exited (never hits a reused pid)."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class ForkServer:
+    """The daemon's handle on the fork server process."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[SpawnedJob]] = {}
+        self._exits: dict[int, ExitStatus] = {}
+        self._waiters: dict[int, asyncio.Future[ExitStatus]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def start(cls) -> ForkServer:
+        """Fork the server. Must be called while the daemon still has a single thread."""
+        if threading.active_count() != 1:
+            raise RuntimeError("ForkServer.start() must run before any thread is started")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            try:
+                _serve(child)
+            finally:
+                os._exit(1)
+        child.close()
+        return cls(pid, parent)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading the server's messages from ``loop``."""
+        self._loop = loop
+        self._sock.setblocking(False)
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                message, fds = _recv(self._sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            if message is None:
+                self._fail_all(SpawnError("the fork server exited"))
+                if self._loop is not None:
+                    self._loop.remove_reader(self._sock.fileno())
+                return
+            self._dispatch(message, fds)
+
+    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
+        if "exit" in message:
+            status = ExitStatus(
+                exit_code=message["exit_code"],
+                signal=message["signal"],
+                cpu_user_s=message["utime"],
+                cpu_system_s=message["stime"],
+                max_rss_bytes=message["maxrss"],
+            )
+            waiter = self._waiters.pop(message["exit"], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(status)
+            else:
+                self._exits[message["exit"]] = status
+            return
+        future = self._pending.pop(message["id"], None)
+        if future is None or future.done():
+            for fd in fds:
+                os.close(fd)
+            return
+        if "error" in message:
+            future.set_exception(_spawn_error(message["error"]))
+        elif fds:
+            future.set_result(SpawnedJob(pid=message["pid"], pidfd=fds[0]))
+        else:
+            future.set_exception(SpawnError("fork server sent no pidfd"))
+
+    def _fail_all(self, error: Exception) -> None:
+        for future in list(self._pending.values()) + list(self._waiters.values()):
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        self._waiters.clear()
+
+    async def spawn(self, request: SpawnRequest, stdio: list[int]) -> SpawnedJob:
+        """Start a job; raise SpawnError naming the failed step if it could not be started."""
+        if self._loop is None:
+            raise SpawnError("fork server not attached to the event loop")
+        self._next_id += 1
+        future: asyncio.Future[SpawnedJob] = self._loop.create_future()
+        self._pending[self._next_id] = future
+        message = {"id": self._next_id, **request.__dict__}
+        try:
+            _send(self._sock, message, stdio)
+        except OSError as e:
+            self._pending.pop(self._next_id, None)
+            raise SpawnError(f"cannot reach the fork server: {e.strerror}") from None
+        return await future
+
+    async def wait(self, pid: int) -> ExitStatus:
+        """Wait for job ``pid`` to exit."""
+        if pid in self._exits:
+            return self._exits.pop(pid)
+        if self._loop is None:
+            raise SpawnError("fork server not attached to the event loop")
+        future: asyncio.Future[ExitStatus] = self._loop.create_future()
+        self._waiters[pid] = future
+        return await future
+
+    def close(self) -> None:
+        """Close our end: the server exits; reap it."""
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+class ExecError(SpawnError):
+    """The job's command could not be executed; carries the shell's exit status for it."""
+
+    code = "exec"
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _spawn_error(failure: dict[str, Any]) -> SpawnError:
+    stage, detail = failure.get("stage"), failure.get("detail")
+    if stage == "exec":
+        # As a shell reports it: 127 command not found, 126 found but not executable.
+        code = 127 if failure.get("errno") == errno.ENOENT else 126
+        return ExecError(f"cannot execute {detail}", code)
+    return SpawnError(f"cannot start the job ({stage}): {detail}")

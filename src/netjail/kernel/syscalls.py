@@ -1,0 +1,139 @@
+"""Thin ctypes wrappers for the Linux syscalls Python 3.11's ``os`` lacks.
+
+``os.setns``/``os.unshare`` arrived in Python 3.12; mount, capset and the prctl calls are in no
+stdlib version. Each wrapper raises OSError with errno, exactly as ``os`` functions do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# securebits: root gets no capabilities from exec or setuid, and that is locked for the job's
+# whole process tree, so a job run with uid 0 still has no capabilities. KEEP_CAPS is not
+# locked: it only matters to a process holding CAP_SETUID (a job never does), and ping and
+# other tools call prctl(PR_SET_KEEPCAPS), which a lock would make fail.
+SECBIT_NOROOT = 1 << 0
+SECBIT_NOROOT_LOCKED = 1 << 1
+SECBIT_NO_SETUID_FIXUP_LOCKED = 1 << 3
+SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6
+SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7
+JOB_SECUREBITS = (
+    SECBIT_NOROOT
+    | SECBIT_NOROOT_LOCKED
+    | SECBIT_NO_SETUID_FIXUP_LOCKED
+    | SECBIT_NO_CAP_AMBIENT_RAISE
+    | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
+)
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]  # noqa: RUF012
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) for the calling thread."""
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2): move the calling thread into the namespace open at ``fd``."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    """mount(2)."""
+    _check(
+        _libc.mount(
+            source.encode() if source is not None else None,
+            target.encode(),
+            fstype.encode() if fstype is not None else None,
+            flags,
+            data.encode() if data is not None else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def umount2(target: str, flags: int) -> None:
+    """umount2(2)."""
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
+    """prctl(2) for options that return 0 on success."""
+    _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def lock_out_capabilities() -> None:
+    """Clear the ambient set and lock securebits so that no exec or setuid grants capabilities.
+
+    Must run while the process still has CAP_SETPCAP (i.e. before setuid). Together with
+    ``clear_capability_sets`` after setuid and no_new_privs before exec, the job holds no
+    capability and can gain none.
+
+    The bounding set is deliberately left alone: emptying it makes the kernel refuse to exec
+    any binary with file capabilities (ping, for one) with EPERM — the attempt would then never
+    reach the firewall to be logged — while it adds nothing: under no_new_privs, file
+    capabilities and setuid bits grant nothing anyway.
+    """
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_SET_SECUREBITS, JOB_SECUREBITS)
+
+
+def clear_capability_sets() -> None:
+    """capset(2) every set to empty for the calling thread."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")

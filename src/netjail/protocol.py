@@ -1,0 +1,291 @@
+"""The wire protocol between netjail clients and netjaild.
+
+Pure: no I/O. One JSON object per line over a Unix stream socket, in both directions. The
+client sends ``hello`` first; the daemon answers ``hello`` with its protocol version. A ``run``
+request may carry the client's stdin/stdout/stderr as SCM_RIGHTS ancillary data on the same
+``sendmsg`` as the frame (``stdio: "fds"``).
+
+Requests are decoded strictly (unknown fields, wrong types, unknown ops and oversize frames are
+errors); daemon messages are decoded leniently by clients, so that a newer daemon may add
+fields without breaking older clients. Field names here are a public contract: later versions
+add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from netjail.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+#: Largest frame (one line, newline included) either side accepts.
+MAX_FRAME_BYTES = 1 << 20
+#: Most file descriptors a run request may carry (stdin, stdout, stderr).
+MAX_FDS = 3
+#: Most captured bytes per stream a library client may ask for.
+MAX_CAPTURE_BYTES = 16 << 20
+DEFAULT_CAPTURE_BYTES = 1 << 20
+
+_Arg = Annotated[str, msgspec.Meta(max_length=65536)]
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFE)]
+_Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
+
+
+class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """Base of client → daemon messages."""
+
+
+class Hello(_Request, tag="hello"):
+    version: int
+    client: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+
+class RunRequest(_Request, tag="run"):
+    argv: Annotated[list[_Arg], msgspec.Meta(min_length=1, max_length=4096)]
+    env: Annotated[dict[_Name, _Arg], msgspec.Meta(max_length=1024)] = {}
+    cwd: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
+    uid: _Id | None = None
+    gid: _Id | None = None
+    #: "fds": stdio passed with this frame; "capture": returned in the report; "null": /dev/null.
+    stdio: Literal["fds", "capture", "null"] = "null"
+    capture_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_CAPTURE_BYTES)] = (
+        DEFAULT_CAPTURE_BYTES
+    )
+    #: Stream events to this connection while the job runs.
+    events: bool = True
+    #: Resource limits; None = the daemon's default.
+    memory_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] | None = None
+    cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] | None = None
+    pids: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)] | None = None
+    kill_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
+
+
+class KillRequest(_Request, tag="kill"):
+    job: _Name
+    signal: _Signal = 15
+
+
+class PsRequest(_Request, tag="ps"):
+    pass
+
+
+class StatusRequest(_Request, tag="status"):
+    pass
+
+
+class EventsRequest(_Request, tag="events"):
+    job: _Name | None = None
+    follow: bool = False
+
+
+Request = Hello | RunRequest | KillRequest | PsRequest | StatusRequest | EventsRequest
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One egress attempt (or, later, DNS query / proxied connection) seen for a job.
+
+    The fields without defaults are always present (``port`` is null where there is none);
+    fields with defaults appear only when they apply.
+    """
+
+    job: str
+    time: str
+    kind: str
+    verdict: str
+    proto: str | int | None
+    family: int | None
+    dst: str | None
+    port: int | None
+    uid: int | None
+    count: int
+    via: str
+    domain: str | None = None
+    qtype: str | None = None
+    reason: str | None = None
+    bytes_out: int | None = None
+    bytes_in: int | None = None
+
+
+class AppliedLimits(msgspec.Struct, kw_only=True):
+    """The limits a job ran under (null = unlimited)."""
+
+    memory_bytes: int | None
+    cpus: float | None
+    pids: int | None
+    timeout_s: float | None
+    kill_grace_s: float
+
+
+class Report(msgspec.Struct, kw_only=True):
+    """The final report of a job."""
+
+    job: str
+    argv: list[str]
+    uid: int
+    gid: int
+    exit_code: int | None
+    signal: int | None
+    wall_s: float
+    events: list[Event]
+    lost_events: int
+    stdout: bytes | None = None
+    stderr: bytes | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    timed_out: bool = False
+    oom_killed: bool = False
+    #: Resource usage; null where the host cannot tell, never a made-up number.
+    cpu_user_s: float | None = None
+    cpu_system_s: float | None = None
+    memory_peak_bytes: int | None = None
+    pids_peak: int | None = None
+    limits: AppliedLimits | None = None
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    job: str
+    argv: list[str]
+    uid: int
+    gid: int
+    pid: int | None
+    owner_uid: int
+    started: str
+    events: int
+
+
+class _Reply(msgspec.Struct, tag_field="op", kw_only=True):
+    """Base of daemon → client messages."""
+
+
+class HelloReply(_Reply, tag="hello"):
+    version: int
+    daemon: str
+
+
+class Started(_Reply, tag="started"):
+    job: str
+    pid: int
+
+
+class EventMessage(_Reply, tag="event"):
+    event: Event
+
+
+class Exit(_Reply, tag="exit"):
+    report: Report
+    #: Events not streamed to this client because it read too slowly (all are in the report).
+    dropped_events: int = 0
+
+
+class ErrorMessage(_Reply, tag="error"):
+    code: str
+    message: str
+    #: For a command that could not be executed: the shell's status (127, 126).
+    exit_code: int | None = None
+
+
+class PsReply(_Reply, tag="ps"):
+    jobs: list[JobInfo]
+
+
+class StatusReply(_Reply, tag="status"):
+    version: str
+    pid: int
+    uptime_s: float
+    jobs_running: int
+    jobs_total: int
+    events_seen: int
+    events_lost: int
+    cgroup_mode: str | None = None
+
+
+class Killed(_Reply, tag="killed"):
+    job: str
+
+
+class EventsEnd(_Reply, tag="end"):
+    lost_events: int
+
+
+Reply = (
+    HelloReply
+    | Started
+    | EventMessage
+    | Exit
+    | ErrorMessage
+    | PsReply
+    | StatusReply
+    | Killed
+    | EventsEnd
+)
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(Request)
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def encode_message(message: msgspec.Struct) -> bytes:
+    """Encode one message as a frame: compact JSON and a newline."""
+    return _encoder.encode(message) + b"\n"
+
+
+def _describe(error: msgspec.MsgspecError) -> str:
+    text = str(error)
+    if "`$.op`" in text or "missing required field `op`" in text:
+        return "unknown or missing op"
+    return text
+
+
+def decode_request(frame: bytes) -> Request:
+    """Decode one client frame strictly; raise ProtocolError saying what is wrong."""
+    try:
+        return _request_decoder.decode(frame)
+    except msgspec.MsgspecError as e:
+        raise ProtocolError(f"bad request: {_describe(e)}") from None
+
+
+def decode_reply(frame: bytes) -> Reply:
+    """Decode one daemon frame; unknown fields are ignored for forward compatibility."""
+    try:
+        return _reply_decoder.decode(frame)
+    except msgspec.MsgspecError as e:
+        raise ProtocolError(f"bad message from daemon: {_describe(e)}") from None
+
+
+class FrameBuffer:
+    """Splits a byte stream into newline-terminated frames of bounded size."""
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the complete frames (without newline), in order.
+
+        Raises ProtocolError when a frame grows beyond the maximum without a newline; the
+        stream cannot be resynchronised after that, so the caller closes it.
+        """
+        self._buf += data
+        frames: list[bytes] = []
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start)
+            if end < 0:
+                break
+            if end - start + 1 > self._max:
+                raise ProtocolError(f"frame larger than {self._max} bytes")
+            frames.append(bytes(self._buf[start:end]))
+            start = end + 1
+        del self._buf[:start]
+        if len(self._buf) > self._max:
+            raise ProtocolError(f"frame larger than {self._max} bytes")
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buf)
