@@ -295,3 +295,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"jobs: {st.jobs_running} running, {st.jobs_total} run in all")
     click.echo(f"events: {st.events_seen} seen, {st.events_lost} lost")
     click.echo(f"cgroups: {st.cgroup_mode or 'unknown'}")
+
+
+if __name__ == "__main__":
+    main()

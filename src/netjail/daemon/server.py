@@ -30,6 +30,8 @@ from netjail.kernel.spawn import ExecError
 #: Streamed events queued for one client before further ones are dropped (and counted).
 MAX_QUEUED_EVENTS = 1000
 _RECV_BYTES = 65536
+_LINGER_S = 1.0
+_LINGER_BYTES = 4 << 20
 
 
 class Outbox:
@@ -109,7 +111,32 @@ class Connection:
             writer.cancel()
             for task in self._tasks:
                 task.cancel()
+            await self._linger()
             self.sock.close()
+
+    async def _linger(self) -> None:
+        """Half-close, then discard what the peer still sends, bounded in time and bytes.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy our
+        last message (the error explaining why we hang up) before the peer reads it.
+        """
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        budget = _LINGER_BYTES
+        deadline = self._loop.time() + _LINGER_S
+        while budget > 0:
+            try:
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                if self._loop.time() >= deadline:
+                    return
+                await asyncio.sleep(0.01)
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            budget -= len(chunk)
 
     async def _write_loop(self) -> None:
         while (frame := await self.outbox.get()) is not None:

@@ -1,0 +1,5 @@
+"""``python -m netjail.daemon``: the same as ``netjaild``."""
+
+from netjail.daemon.main import main
+
+main()

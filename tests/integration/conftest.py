@@ -1,0 +1,169 @@
+"""A real netjaild on a temporary socket, and checks that nothing leaks."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from netjail import Client
+
+TEST_USER = "netjail-test"
+TEST_GROUP = "netjail"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+if os.geteuid() != 0:
+    pytest.skip("integration tests need root", allow_module_level=True)
+
+
+def netjail_netns() -> list[str]:
+    try:
+        return sorted(n for n in os.listdir("/run/netns") if n.startswith("netjail-"))
+    except FileNotFoundError:
+        return []
+
+
+def netjail_job_cgroups() -> list[str]:
+    found = []
+    for root, dirs, _files in os.walk("/sys/fs/cgroup"):
+        for d in dirs:
+            if d.startswith("j-") and "netjail" in root:
+                found.append(os.path.join(root, d))
+    return found
+
+
+@dataclass
+class Daemon:
+    socket: str
+    state_dir: str
+    process: subprocess.Popen[bytes]
+    log_path: str
+
+    def client(self) -> Client:
+        return Client(self.socket, timeout=10)
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+
+def start_daemon(base: str, *extra: str) -> Daemon:
+    sock = os.path.join(base, "sock", "netjail.sock")
+    state = os.path.join(base, "state")
+    log_path = os.path.join(base, "netjaild.log")
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when the test ends
+    process = subprocess.Popen(
+        [sys.executable, "-m", "netjail.daemon", "--socket", sock, "--state-dir", state, *extra],
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    deadline = time.monotonic() + 15
+    while not os.path.exists(sock):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            with open(log_path) as f:
+                raise RuntimeError(f"netjaild did not start:\n{f.read()}")
+        time.sleep(0.02)
+    return Daemon(sock, state, process, log_path)
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    if daemon.process.poll() is None:
+        daemon.process.send_signal(signal.SIGTERM)
+        try:
+            daemon.process.wait(15)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+@pytest.fixture(scope="session")
+def test_user() -> Iterator[pwd.struct_passwd]:
+    """An unprivileged user in the netjail group (created for the suite, removed after)."""
+    made_group = made_user = False
+    try:
+        grp.getgrnam(TEST_GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", TEST_GROUP], check=True)
+        made_group = True
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-G", TEST_GROUP, "-s", "/bin/sh", TEST_USER],
+            check=True,
+        )
+        made_user = True
+    yield pwd.getpwnam(TEST_USER)
+    if made_user:
+        subprocess.run(["userdel", TEST_USER], check=False)
+    if made_group:
+        subprocess.run(["groupdel", TEST_GROUP], check=False)
+
+
+@pytest.fixture(scope="session")
+def daemon_base() -> Iterator[str]:
+    # Under /run, mode 0755, so an unprivileged test client can reach the socket.
+    base = tempfile.mkdtemp(prefix="netjail-test-", dir="/run")
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon(test_user: pwd.struct_passwd, daemon_base: str) -> Iterator[Daemon]:
+    """One real netjaild for the suite (tests that kill daemons start their own)."""
+    d = start_daemon(daemon_base)
+    yield d
+    stop_daemon(d)
+    assert d.process.returncode == 0, d.log()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks_after_suite() -> Iterator[None]:
+    """After the whole suite: no jail netns, no job cgroup, no job process is left."""
+    before = set(netjail_netns())
+    yield
+    time.sleep(0.2)
+    assert set(netjail_netns()) - before == set()
+    assert netjail_job_cgroups() == []
+    leftover = subprocess.run(
+        ["pgrep", "-u", "65534,netjail-test"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert leftover == []
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Client:
+    return daemon.client()
+
+
+@pytest.fixture
+def no_leaks(daemon: Daemon) -> Iterator[None]:
+    """After one test: its jobs are gone from the daemon and the kernel."""
+    yield
+    deadline = time.monotonic() + 5
+    while daemon.client().ps() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.client().ps() == []
+    assert netjail_netns() == []
+    with contextlib.suppress(Exception):
+        assert netjail_job_cgroups() == []

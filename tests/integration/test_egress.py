@@ -1,0 +1,190 @@
+"""Every way out is rejected by the kernel inside the jail, fails fast, and is reported."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from netjail import Client, Event, JobResult
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+PY = "/usr/bin/python3"
+TARGET = "203.0.113.9"
+
+
+def run(client: Client, argv: list[str]) -> JobResult:
+    return client.run(argv, stdio="capture", cwd="/", on_event=lambda e: None)
+
+
+def only_event(result: JobResult) -> Event:
+    egress = [e for e in result.events if e.kind == "egress"]
+    assert len(egress) == 1, result.events
+    return egress[0]
+
+
+def assert_blocked(event: Event, proto: str, dst: str, port: int | None, family: int = 4) -> None:
+    assert (event.verdict, event.proto, event.dst, event.port, event.family) == (
+        "blocked",
+        proto,
+        dst,
+        port,
+        family,
+    )
+    assert event.uid == 65534
+    assert event.via == "nflog"
+    assert event.count >= 1
+
+
+def test_curl_https_is_refused_and_reported(client: Client) -> None:
+    """curl to a hard-coded IP is refused at once (exit 7, not a timeout) and logged."""
+    result = run(client, ["curl", "-sS", "--max-time", "20", f"https://{TARGET}/"])
+    assert result.exit_code == 7, result.stderr  # 7 = could not connect; 28 would be a hang
+    assert_blocked(only_event(result), "tcp", TARGET, 443)
+
+
+def test_wget_is_refused_and_reported(client: Client) -> None:
+    """wget is refused (not timed out) and logged."""
+    result = run(client, ["wget", "-q", "-T", "20", "-t", "1", f"http://{TARGET}:8080/"])
+    assert result.exit_code == 4
+    assert_blocked(only_event(result), "tcp", TARGET, 8080)
+
+
+def test_python_urllib_is_refused_and_reported(client: Client) -> None:
+    """Python's urllib gets ConnectionRefusedError and the attempt is logged."""
+    code = (
+        "import urllib.request\n"
+        "try:\n"
+        f"    urllib.request.urlopen('http://{TARGET}:81/', timeout=20)\n"
+        "except Exception as e:\n"
+        "    print(type(e.reason).__name__)\n"
+    )
+    result = run(client, [PY, "-c", code])
+    assert result.stdout == b"ConnectionRefusedError\n"
+    assert_blocked(only_event(result), "tcp", TARGET, 81)
+
+
+def test_nc_is_refused_and_reported(client: Client) -> None:
+    """netcat's connect is refused and logged."""
+    result = run(client, ["nc", "-v", "-w", "20", "-z", TARGET, "22"])
+    assert result.exit_code == 1
+    assert b"refused" in (result.stderr or b"")
+    assert_blocked(only_event(result), "tcp", TARGET, 22)
+
+
+def test_bash_dev_tcp_is_refused_and_reported(client: Client) -> None:
+    """bash's /dev/tcp is refused and logged."""
+    result = run(client, ["bash", "-c", f"echo > /dev/tcp/{TARGET}/25"])
+    assert result.exit_code == 1
+    assert b"Connection refused" in (result.stderr or b"")
+    assert_blocked(only_event(result), "tcp", TARGET, 25)
+
+
+def test_udp_dns_to_public_resolver_is_rejected_in_the_jail(client: Client) -> None:
+    """A UDP datagram to 8.8.8.8:53 never leaves: sendto fails with EPERM, and it is logged."""
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n"
+        "    s.sendto(b'x' * 12, ('8.8.8.8', 53))\n"
+        "    print('sent')\n"
+        "except PermissionError:\n"
+        "    print('rejected')\n"
+    )
+    result = run(client, [PY, "-c", code])
+    assert result.stdout == b"rejected\n"
+    assert_blocked(only_event(result), "udp", "8.8.8.8", 53)
+
+
+def test_ipv6_connect_is_refused_and_reported(client: Client) -> None:
+    """IPv6 is jailed as tightly as IPv4."""
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n"
+        "s.settimeout(20)\n"
+        "try:\n"
+        "    s.connect(('2001:db8::1', 443))\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    result = run(client, [PY, "-c", code])
+    assert result.stdout == b"ConnectionRefusedError\n"
+    assert_blocked(only_event(result), "tcp", "2001:db8::1", 443, family=6)
+
+
+def test_ping_is_rejected_and_reported(client: Client) -> None:
+    """ICMP echo is rejected (ping reports the packet filtered) and logged."""
+    result = run(client, ["ping", "-c", "1", "-W", "20", TARGET])
+    assert result.exit_code == 1
+    assert_blocked(only_event(result), "icmp", TARGET, None)
+
+
+def test_ping6_is_rejected_and_reported(client: Client) -> None:
+    """ICMPv6 echo is rejected and logged."""
+    result = run(client, ["ping", "-6", "-c", "1", "-W", "20", "2001:db8::7"])
+    assert result.exit_code == 1
+    assert_blocked(only_event(result), "icmpv6", "2001:db8::7", None, family=6)
+
+
+def test_raw_socket_is_not_permitted(client: Client) -> None:
+    """The job has no CAP_NET_RAW: a raw socket cannot even be opened."""
+    code = (
+        "import socket\n"
+        "try:\n"
+        "    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n"
+        "    print('opened')\n"
+        "except PermissionError:\n"
+        "    print('denied')\n"
+    )
+    result = run(client, [PY, "-c", code])
+    assert result.stdout == b"denied\n"
+    assert result.events == []
+
+
+def test_repeated_datagrams_are_folded_into_one_event(client: Client) -> None:
+    """Five datagrams to the same place make one event with count 5."""
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for _ in range(5):\n"
+        "    try:\n"
+        f"        s.sendto(b'x', ('{TARGET}', 5353))\n"
+        "    except PermissionError:\n"
+        "        pass\n"
+    )
+    result = run(client, [PY, "-c", code])
+    event = only_event(result)
+    assert_blocked(event, "udp", TARGET, 5353)
+    assert event.count == 5
+    assert result.lost_events == 0
+
+
+def test_loopback_inside_the_jail_works(client: Client) -> None:
+    """A job can run a local server and talk to it over 127.0.0.1 and ::1."""
+    code = (
+        "import socket, threading\n"
+        "for fam, host in ((socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')):\n"
+        "    srv = socket.socket(fam); srv.bind((host, 0)); srv.listen()\n"
+        "    port = srv.getsockname()[1]\n"
+        "    t = threading.Thread(target=lambda: srv.accept()[0].sendall(b'pong'))\n"
+        "    t.start()\n"
+        "    c = socket.create_connection((host, port), timeout=20)\n"
+        "    print(c.recv(4).decode())\n"
+        "    t.join()\n"
+    )
+    result = run(client, [PY, "-c", code])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == b"pong\npong\n"
+    assert result.events == []
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft binary not installed")
+def test_job_cannot_flush_the_ruleset(client: Client) -> None:
+    """`nft flush ruleset` inside the jail fails with EPERM; the rules stay."""
+    result = run(client, ["nft", "flush", "ruleset"])
+    assert result.exit_code != 0
+    assert b"Operation not permitted" in (result.stderr or b"")
+    after = run(client, ["curl", "-sS", f"http://{TARGET}/"])
+    assert after.exit_code == 7
+    assert_blocked(only_event(after), "tcp", TARGET, 80)

@@ -1,0 +1,395 @@
+"""Jobs: identity, stdio, exit status, permissions and protocol robustness, on a real daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from netjail import Client
+from netjail.errors import NetjailError, PermissionDeniedError, ProtocolError
+
+from .conftest import Daemon
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+NETJAIL = [sys.executable, "-m", "netjail.cli"]
+PY = "/usr/bin/python3"
+
+# A client that speaks the wire protocol with nothing but the standard library, run with the
+# system Python as an unprivileged user (who cannot read the project's venv under /root).
+RAW_CLIENT = textwrap.dedent(
+    """
+    import json, socket, sys
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    f = s.makefile("rwb")
+    def send(m):
+        f.write(json.dumps(m).encode() + b"\\n"); f.flush()
+    send({"op": "hello", "version": 1})
+    print(f.readline().decode().strip())
+    for line in sys.argv[2:]:
+        send(json.loads(line))
+        while True:
+            reply = f.readline().decode().strip()
+            print(reply)
+            if not reply or json.loads(reply)["op"] in ("exit", "error", "ps", "killed", "end"):
+                break
+    """
+)
+
+
+def cli(daemon: Daemon, *args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*NETJAIL, "--socket", daemon.socket, *args],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def raw_as_user(daemon: Daemon, user: pwd.struct_passwd, *messages: dict[str, object]) -> list[dict[str, object]]:
+    out = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+         PY, "-c", RAW_CLIENT, daemon.socket, *(json.dumps(m) for m in messages)],
+        capture_output=True, timeout=60, check=True, cwd="/",
+    )
+    return [json.loads(line) for line in out.stdout.decode().splitlines() if line]
+
+
+def test_cli_runs_a_command_with_its_exit_status(daemon: Daemon) -> None:
+    """`netjail run` prints the job's output and passes its exit status through."""
+    done = cli(daemon, "run", "--cwd", "/", "--", PY, "-c", "print('hi'); raise SystemExit(3)")
+    assert (done.returncode, done.stdout) == (3, b"hi\n")
+
+
+def test_cli_signal_exit_status_is_128_plus_n(daemon: Daemon) -> None:
+    """A job killed by signal N makes the CLI exit 128+N."""
+    done = cli(daemon, "run", "--cwd", "/", "--", "sh", "-c", "kill -TERM $$")
+    assert done.returncode == 128 + 15
+
+
+def test_cli_prints_blocked_attempts_and_writes_the_report(daemon: Daemon, tmp_path: Path) -> None:
+    """Each blocked attempt is a stderr line; --report writes the JSON report."""
+    report = tmp_path / "report.json"
+    done = cli(daemon, "run", "--cwd", "/", "--report", str(report), "--",
+               "curl", "-sS", "https://203.0.113.9/")
+    assert done.returncode == 7
+    assert b"netjail: blocked tcp 203.0.113.9:443 uid=65534\n" in done.stderr
+    data = json.loads(report.read_text())
+    for key in ("job", "argv", "uid", "exit_code", "signal", "wall_s", "events", "lost_events"):
+        assert key in data
+    assert data["argv"] == ["curl", "-sS", "https://203.0.113.9/"]
+    assert data["exit_code"] == 7
+    assert [(e["proto"], e["dst"], e["port"]) for e in data["events"]] == [("tcp", "203.0.113.9", 443)]
+
+
+def test_cli_quiet_prints_no_events(daemon: Daemon) -> None:
+    """--quiet suppresses the event lines."""
+    done = cli(daemon, "run", "-q", "--cwd", "/", "--", "curl", "-sS", "http://203.0.113.9/")
+    assert done.returncode == 7
+    assert b"netjail:" not in done.stderr
+
+
+def test_cli_stdio_pipes_and_redirects_work(daemon: Daemon, tmp_path: Path) -> None:
+    """`netjail run -- cat < f > g` works: the CLI's own fds are the job's stdio."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.write_bytes(b"line one\nline two\n")
+    os.chmod(tmp_path, 0o755)
+    with open(src, "rb") as stdin, open(dst, "wb") as stdout:
+        done = subprocess.run([*NETJAIL, "--socket", daemon.socket, "run", "--cwd", "/", "--", "cat"],
+                              stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert dst.read_bytes() == b"line one\nline two\n"
+    piped = cli(daemon, "run", "--cwd", "/", "--", "sh", "-c", "tr a-z A-Z; echo err >&2", input=b"abc\n")
+    assert (piped.stdout, piped.stderr) == (b"ABC\n", b"err\n")
+
+
+def test_cli_reports_netjail_failures_with_125(tmp_path: Path) -> None:
+    """An unreachable daemon is a one-line error and exit 125, no traceback."""
+    done = subprocess.run([*NETJAIL, "--socket", str(tmp_path / "none.sock"), "run", "--", "true"],
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 125
+    assert done.stderr.startswith(b"netjail: cannot connect to ")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_cli_command_not_found_is_127(daemon: Daemon) -> None:
+    """A command that does not exist: exit 127 and a one-line message."""
+    done = cli(daemon, "run", "--cwd", "/", "--", "no-such-command-xyz")
+    assert done.returncode == 127
+    assert done.stderr == b"netjail: cannot execute no-such-command-xyz: No such file or directory\n"
+
+
+def test_inaccessible_cwd_is_a_clear_error(client: Client) -> None:
+    """A cwd the job user cannot enter fails the start, saying which directory and why."""
+    with pytest.raises(NetjailError, match=r"working directory.*/root: Permission denied"):
+        client.run(["true"], cwd="/root")
+
+
+def test_job_runs_as_nobody_without_capabilities(client: Client) -> None:
+    """Root's jobs run as 65534 with no capabilities, no groups, no_new_privs, own session."""
+    code = (
+        "import os\n"
+        "s = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+        "print(os.getuid(), os.getgid(), os.getgroups(), os.getsid(0) == os.getpid())\n"
+        "print(*[s[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapAmb', 'NoNewPrivs')])\n"
+    )
+    result = client.run([PY, "-c", code], stdio="capture", cwd="/")
+    assert result.stdout == (
+        b"65534 65534 [] True\n"
+        b"0000000000000000 0000000000000000 0000000000000000 0000000000000000 1\n"
+    )
+
+
+def test_root_asking_for_uid_0_still_gets_no_capabilities(client: Client) -> None:
+    """A job run as uid 0 holds no capability and cannot gain one."""
+    code = "s = dict(l.split(':', 1) for l in open('/proc/self/status')); print(s['CapEff'].strip())"
+    result = client.run([PY, "-c", code], uid=0, gid=0, stdio="capture", cwd="/")
+    assert result.stdout == b"0000000000000000\n"
+    flush = client.run(["ip", "link", "set", "lo", "down"], uid=0, gid=0, stdio="capture", cwd="/")
+    assert flush.exit_code != 0
+
+
+def test_job_cannot_reach_the_daemon_socket(client: Client, daemon: Daemon) -> None:
+    """The daemon's socket directory is hidden from the job (even for uid 0)."""
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        "    s.connect(sys.argv[1]); print('connected')\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    result = client.run([PY, "-c", code, daemon.socket], uid=0, gid=0, stdio="capture", cwd="/")
+    assert result.stdout == b"FileNotFoundError\n"
+
+
+def test_connections_from_inside_a_jail_are_refused(client: Client, daemon: Daemon) -> None:
+    """A process in a jail's netns that still reaches the socket is refused by the daemon."""
+    job: list[str] = []
+    import threading
+
+    runner = threading.Thread(
+        target=lambda: client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not job and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out = subprocess.run(
+            ["ip", "netns", "exec", f"netjail-{job[0]}", PY, "-c", RAW_CLIENT, daemon.socket],
+            capture_output=True, timeout=30, check=False,
+        )
+        reply = json.loads(out.stdout.decode().splitlines()[0])
+        assert reply["op"] == "error"
+        assert reply["message"] == "connections from inside a jail are refused"
+    finally:
+        client.kill(job[0], 9)
+        runner.join(30)
+
+
+def test_non_root_client_job_runs_as_that_user(daemon: Daemon, test_user: pwd.struct_passwd) -> None:
+    """A non-root client in the netjail group runs jobs as itself and sees only its own jobs."""
+    replies = raw_as_user(
+        daemon, test_user,
+        {"op": "run", "argv": [PY, "-c", "import os; print(os.getuid(), os.getgid())"],
+         "stdio": "capture", "cwd": "/"},
+        {"op": "run", "argv": ["true"], "uid": 0},
+        {"op": "ps"},
+    )
+    assert replies[0]["op"] == "hello"
+    exit_report = next(r for r in replies if r["op"] == "exit")["report"]
+    import base64
+
+    assert base64.b64decode(exit_report["stdout"]).decode() == f"{test_user.pw_uid} {test_user.pw_gid}\n"
+    assert exit_report["uid"] == test_user.pw_uid
+    denied = [r for r in replies if r["op"] == "error"]
+    assert denied[0]["code"] == "permission"
+    assert denied[0]["message"] == "only root may choose the job's uid or gid"
+
+
+def test_non_root_client_cannot_see_or_kill_others_jobs(
+    client: Client, daemon: Daemon, test_user: pwd.struct_passwd
+) -> None:
+    """Another user's jobs are invisible: ps omits them and kill says no such job."""
+    import threading
+
+    job: list[str] = []
+    runner = threading.Thread(
+        target=lambda: client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not job and time.monotonic() < deadline:
+            time.sleep(0.01)
+        replies = raw_as_user(daemon, test_user, {"op": "ps"}, {"op": "kill", "job": job[0]})
+        assert replies[1] == {"op": "ps", "jobs": []}
+        assert replies[2]["op"] == "error"
+        assert replies[2]["message"] == f"no such job: {job[0]}"
+        assert [j.job for j in client.ps()] == job
+    finally:
+        client.kill(job[0], 9)
+        runner.join(30)
+
+
+def test_kill_ends_a_running_job(client: Client) -> None:
+    """`kill` with SIGTERM ends the job; the report shows the signal."""
+    import threading
+
+    job: list[str] = []
+    results = []
+    runner = threading.Thread(
+        target=lambda: results.append(
+            client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
+        )
+    )
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not job and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.kill(job[0])
+    runner.join(30)
+    assert results[0].signal == 15
+
+
+def test_capture_is_bounded_and_flags_truncation(client: Client) -> None:
+    """Captured output stops at the asked size and says it was truncated."""
+    result = client.run(["sh", "-c", "head -c 100000 /dev/zero"], stdio="capture",
+                        capture_bytes=1000, cwd="/")
+    assert result.stdout == b"\0" * 1000
+    assert result.report.stdout_truncated is True
+    assert result.report.stderr_truncated is False
+
+
+def test_events_command_lists_past_events(daemon: Daemon, client: Client) -> None:
+    """`netjail events --job J --json` prints that job's events as JSON lines."""
+    result = client.run(["curl", "-sS", "http://203.0.113.9:8443/"], cwd="/")
+    done = cli(daemon, "events", "--job", result.job, "--json")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(e["job"], e["dst"], e["port"]) for e in lines] == [(result.job, "203.0.113.9", 8443)]
+
+
+def test_events_follow_streams_new_events(client: Client, daemon: Daemon) -> None:
+    """A follower sees events of jobs started after it subscribed."""
+    follower = subprocess.Popen([*NETJAIL, "--socket", daemon.socket, "events", "--follow", "--json"],
+                                stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        result = client.run(["curl", "-sS", "http://203.0.113.9:8444/"], cwd="/")
+        assert follower.stdout is not None
+        while True:
+            event = json.loads(follower.stdout.readline())
+            if event["job"] == result.job:
+                break
+        assert (event["dst"], event["port"]) == ("203.0.113.9", 8444)
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_status_reports_counters(client: Client) -> None:
+    """`status` has the version, job and event counters."""
+    before = client.status()
+    client.run(["curl", "-sS", "http://203.0.113.9:8445/"], cwd="/")
+    after = client.status()
+    assert after.jobs_total == before.jobs_total + 1
+    assert after.events_seen >= before.events_seen + 1
+    assert after.cgroup_mode in ("v2", "hybrid", "v1")
+
+
+def raw_frames(path: str, payload: bytes, read: bool = True) -> bytes:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    try:
+        s.sendall(payload)
+    except BrokenPipeError:
+        pass  # the daemon may hang up on an oversize frame before reading it all
+    data = b""
+    if read:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
+        while chunk := s.recv(65536):
+            data += chunk
+    s.close()
+    return data
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"garbage\n", b"bad request"),
+        (b'{"op":"run","argv":["true"]}\n', b"the first message must be hello"),
+        (b'{"op":"hello","version":99}\n', b"unsupported protocol version 99"),
+        (b'{"op":"hello","version":1}\n{"op":"run","argv":["true"],"bogus":1}\n', b"unknown field"),
+        (b'{"op":"hello","version":1}\n{"op":"run","argv":"true"}\n', b"Expected `array`"),
+        (b'{"op":"hello","version":1}\n{"op":"explode"}\n', b"unknown or missing op"),
+        (b'{"op":"hello","version":1}\n{"op":"run","argv":[]}\n', b"Expected `array` of length >= 1"),
+        (b'{"op":"hello","version":1}\n' + b"x" * (2 << 20), b"frame larger than"),
+    ],
+)
+def test_malformed_requests_get_an_error_and_the_daemon_keeps_serving(
+    daemon: Daemon, client: Client, payload: bytes, expected: bytes
+) -> None:
+    """Garbage, unknown fields or ops, wrong types and oversize frames get an error message."""
+    reply = raw_frames(daemon.socket, payload)
+    assert b'"op":"error"' in reply
+    assert expected in reply
+    assert client.status().version
+
+
+def test_slow_and_vanishing_clients_do_not_affect_others(daemon: Daemon, client: Client) -> None:
+    """A client that never reads, and one that disconnects mid-job, leave others unaffected."""
+    hog = socket.socket(socket.AF_UNIX)
+    hog.connect(daemon.socket)
+    hog.sendall(b'{"op":"hello","version":1}\n{"op":"events","follow":true}\n')
+    quitter = socket.socket(socket.AF_UNIX)
+    quitter.connect(daemon.socket)
+    quitter.sendall(b'{"op":"hello","version":1}\n{"op":"run","argv":["sleep","30"]}\n')
+    time.sleep(0.3)
+    quitter.close()
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for port in range(1, 301):\n"
+        "    try:\n"
+        "        s.sendto(b'x', ('203.0.113.9', port))\n"
+        "    except PermissionError:\n"
+        "        pass\n"
+    )
+    result = client.run([PY, "-c", code], cwd="/", on_event=lambda e: None)
+    assert len(result.events) == 300
+    assert result.lost_events == 0
+    hog.close()
+    deadline = time.monotonic() + 10
+    while client.ps() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.ps() == []
+
+
+def test_unknown_job_kill_is_not_found(client: Client) -> None:
+    """Killing a job that does not exist is a clear error."""
+    with pytest.raises(NetjailError, match="no such job: j-00000000"):
+        client.kill("j-00000000")
+
+
+def test_root_only_uid_choice_is_enforced_via_library_errors() -> None:
+    """The error classes map back from wire codes (sanity of the client error mapping)."""
+    from netjail.errors import error_for_code
+
+    assert isinstance(error_for_code("permission", "x"), PermissionDeniedError)
+    assert isinstance(error_for_code("protocol", "x"), ProtocolError)
