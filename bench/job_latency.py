@@ -1,0 +1,110 @@
+"""Submit→exit latency of `/bin/true` in a full jail, against other ways to run it isolated.
+
+Run as root: ``.venv/bin/python bench/job_latency.py [--jobs 200]``. Starts its own netjaild on
+a temporary socket (or uses $NETJAIL_SOCKET with --use-running), runs the jobs one after
+another through the Python client, and in the same run times the baselines that are installed:
+``unshare -n true``, ``bwrap --unshare-net --ro-bind / / true``, ``firejail --noprofile
+--net=none true``, and plain ``true``. Prints p50/p95 and the ratio of each to netjail's p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from netjail import Client
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_command(argv: list[str], n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def time_netjail(client: Client, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        result = client.run(["/bin/true"], cwd="/")
+        samples.append(time.perf_counter() - start)
+        assert result.exit_code == 0
+    return samples
+
+
+def start_daemon(base: str) -> tuple[subprocess.Popen[bytes], str]:
+    sock = os.path.join(base, "sock", "netjail.sock")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "netjail.daemon", "--socket", sock, "--state-dir", f"{base}/state"],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 15
+    while not os.path.exists(sock):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("netjaild did not start")
+        time.sleep(0.02)
+    return process, sock
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--use-running", action="store_true", help="use $NETJAIL_SOCKET's daemon")
+    args = parser.parse_args()
+
+    base = tempfile.mkdtemp(prefix="netjail-bench-", dir="/run")
+    daemon = None
+    sock = os.environ.get("NETJAIL_SOCKET", "/run/netjail/netjail.sock")
+    if not args.use_running:
+        daemon, sock = start_daemon(base)
+    try:
+        client = Client(sock)
+        time_netjail(client, args.warmup)
+        results: dict[str, list[float]] = {"netjail run /bin/true": time_netjail(client, args.jobs)}
+        baselines = {
+            "true (no isolation)": ["/bin/true"],
+            "unshare -n true": ["unshare", "-n", "/bin/true"],
+            "bwrap --unshare-net": ["bwrap", "--unshare-net", "--ro-bind", "/", "/", "/bin/true"],
+            "firejail --net=none": ["firejail", "--quiet", "--noprofile", "--net=none", "/bin/true"],
+        }
+        for name, argv in baselines.items():
+            if shutil.which(argv[0]) is None:
+                print(f"{name}: not installed, skipped")
+                continue
+            try:
+                time_command(argv, 3)
+            except subprocess.CalledProcessError:
+                print(f"{name}: does not run here, skipped")
+                continue
+            results[name] = time_command(argv, args.jobs)
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
+
+    ours = statistics.median(results["netjail run /bin/true"])
+    print(f"\n{args.jobs} runs each, sequential, {os.cpu_count()} CPUs")
+    print(f"{'':26} {'p50 ms':>8} {'p95 ms':>8} {'p50 / netjail':>14}")
+    for name, samples in results.items():
+        p50 = statistics.median(samples)
+        print(f"{name:26} {p50 * 1000:8.2f} {percentile(samples, 0.95) * 1000:8.2f} {p50 / ours:14.2f}")
+
+
+if __name__ == "__main__":
+    main()
