@@ -1,0 +1,447 @@
+"""A job's egress policy: allow/deny rules, parsed, validated and matched.
+
+Pure: no I/O. Grammar of one rule::
+
+    rule       = name-rule / cidr-rule
+    name-rule  = ["*."] name [":" ports]      ; "*." = any subdomain, never the name itself
+    cidr-rule  = ipv4 ["/" prefix] ":" ports
+               / "[" ipv6 ["/" prefix] "]" ":" ports
+    ports      = "*" / port *("," port)        ; "*" = every port; port = 1-65535
+
+Decisions, each for a reason:
+
+- **Default ports.** An allow name rule without ports means 80 and 443 (web traffic, the
+  common case). A *deny* rule without ports means every port, because "deny x" that still let
+  x:8443 through would be a trap. CIDR rules must name their ports: an address rule is an
+  exception to name-based policy and should say exactly what it opens.
+- **Names are canonical** before they are stored or compared: lowercase, one trailing dot
+  removed, Unicode labels converted to punycode with the stdlib IDNA 2003 codec (``xn--`` input
+  is kept as is). IDNA 2003 and 2008 disagree on four "deviation" characters (``ß``, ``ς``,
+  ZWJ, ZWNJ): 2003 maps ``straße`` to ``strasse``, a different domain from 2008's
+  ``xn--strae-oqa``, so a Unicode name holding one is refused and the rule must be written in
+  the ``xn--`` form meant. Other differences only make a name unreachable (fail closed).
+  Labels are letters, digits, ``-`` (not first or last) and ``_`` (real host names carry it,
+  and it cannot widen a match). A name whose last label is all digits is refused: it is an IP
+  address, which CIDR rules handle. A single-label name (``intranet``) is accepted as an exact
+  rule: it matches that one name only.
+- **Over-broad rules are refused**: ``*``, a wildcard directly over a single label (``*.com``)
+  or over a common two-level registry suffix (``*.co.uk``), and CIDR prefixes shorter than /8
+  (IPv4) or /16 (IPv6). The suffix list is deliberately small (no network, no dependency); it is
+  a guard against mistakes, not the Public Suffix List. IPv6 rules over IPv4-mapped space are
+  refused: addresses are matched with ``::ffff:a.b.c.d`` unwrapped to ``a.b.c.d``, so such a
+  rule could never match; write the IPv4 rule.
+- **Matching** (:meth:`Policy.allows`): deny wins over allow; no matching allow rule means the
+  connection is refused. :meth:`Policy.name_verdict` answers "may this name be resolved at all":
+  true when some port is allowed for it and not denied, i.e. exactly when ``allows(name, p)``
+  holds for some port ``p``.
+- Names and addresses handed to the matchers come from the job and are hostile: the matchers
+  never raise, they return ``False`` for anything malformed.
+"""
+
+from __future__ import annotations
+
+import encodings.idna
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from netjail.errors import RequestError
+
+#: Ports an allow name rule covers when it names none.
+DEFAULT_PORTS: Final = frozenset({80, 443})
+MAX_NAME_LENGTH: Final = 253
+MAX_LABEL_LENGTH: Final = 63
+#: Longest rule text accepted, and the most ports one rule may list.
+MAX_RULE_LENGTH: Final = 512
+MAX_PORTS_PER_RULE: Final = 64
+#: Most rules in each of the allow and deny lists.
+MAX_RULES: Final = 1024
+#: Shortest CIDR prefixes accepted: anything wider is "the whole Internet" in disguise.
+MIN_IPV4_PREFIX: Final = 8
+MIN_IPV6_PREFIX: Final = 16
+
+#: A set of ports; ``None`` means every port.
+PortSet = frozenset[int] | None
+
+_ALL_PORTS_COUNT: Final = 65535
+# Longest input the name normaliser looks at before giving up: IDNA mapping can lengthen or
+# shorten text, so allow some slack over 253, but never run nameprep over megabytes.
+_MAX_RAW_NAME: Final = 4 * MAX_NAME_LENGTH
+# The separators IDNA 2003 treats as dots (ASCII, ideographic, fullwidth, halfwidth), so that
+# a rule splits into the labels a client's IDNA encoder would produce.
+_DOTS: Final = re.compile("[.\u3002\uff0e\uff61]")
+# Characters IDNA 2003 maps away but IDNA 2008 keeps: ß, final sigma, ZWNJ, ZWJ.
+_DEVIATIONS: Final = frozenset("\u00df\u03c2\u200c\u200d")
+_LABEL: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.ASCII)
+_IPV4_MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
+_DIGITS: Final = re.compile(r"[0-9]{1,5}", re.ASCII)
+_IPV4ISH: Final = re.compile(r"[0-9.]+(?:/[0-9]*)?", re.ASCII)
+# Registry-level suffixes under which anyone can register a name: a wildcard directly over one
+# of these allows unrelated parties' sites.
+_PUBLIC_SUFFIXES: Final = frozenset(
+    f"{second}.{tld}"
+    for tld, seconds in {
+        "uk": ("co", "org", "me", "ltd", "plc", "net", "ac", "gov", "nhs", "police", "sch"),
+        "au": ("com", "net", "org", "edu", "gov", "asn", "id"),
+        "nz": ("co", "net", "org", "ac", "govt", "school", "geek", "gen", "kiwi", "maori"),
+        "jp": ("co", "ne", "or", "ac", "ad", "ed", "go", "gr", "lg"),
+        "kr": ("co", "ne", "or", "re", "pe", "go", "ac"),
+        "br": ("com", "net", "org", "gov", "edu", "art", "blog", "app"),
+        "cn": ("com", "net", "org", "gov", "edu", "ac"),
+        "in": ("co", "net", "org", "firm", "gen", "ind", "ac", "edu", "gov", "res"),
+        "za": ("co", "net", "org", "web", "gov", "ac", "edu"),
+        "mx": ("com", "net", "org", "gob", "edu"),
+        "tr": ("com", "net", "org", "gen", "biz", "info", "web", "gov", "edu"),
+        "ar": ("com", "net", "org", "gob", "edu"),
+        "il": ("co", "net", "org", "ac", "gov", "muni"),
+        "hk": ("com", "net", "org", "gov", "edu", "idv"),
+        "tw": ("com", "net", "org", "gov", "edu", "idv"),
+        "sg": ("com", "net", "org", "gov", "edu"),
+        "my": ("com", "net", "org", "gov", "edu"),
+        "id": ("co", "net", "or", "web", "my", "ac", "go"),
+        "th": ("co", "in", "or", "net", "ac", "go"),
+        "ua": ("com", "net", "org", "gov", "edu", "in"),
+        "ru": ("com", "net", "org", "pp"),
+        "pl": ("com", "net", "org", "info", "biz", "waw"),
+        "eu": ("com",),
+        "us": ("com",),
+    }.items()
+    for second in seconds
+)
+
+
+class _BadRuleError(ValueError):
+    """Why a rule or name is refused; turned into a RequestError naming the rule."""
+
+
+@dataclass(frozen=True, slots=True)
+class NameRule:
+    """A rule on a host name: ``name`` exactly, or (``wildcard``) any name strictly under it."""
+
+    #: Canonical: lowercase ASCII (punycode), no trailing dot.
+    name: str
+    wildcard: bool
+    #: ``None``: every port.
+    ports: PortSet
+
+    def __str__(self) -> str:
+        prefix = "*." if self.wildcard else ""
+        return f"{prefix}{self.name}:{_format_ports(self.ports)}"
+
+
+@dataclass(frozen=True, slots=True)
+class CidrRule:
+    """A rule on an address range, for connections made to an address rather than a name."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    #: ``None``: every port.
+    ports: PortSet
+
+    def __str__(self) -> str:
+        if self.network.version == 6:
+            return f"[{self.network}]:{_format_ports(self.ports)}"
+        return f"{self.network}:{_format_ports(self.ports)}"
+
+
+Rule = NameRule | CidrRule
+
+
+def parse_rule(text: str, *, default_ports: PortSet = DEFAULT_PORTS) -> Rule:
+    """Parse one rule; name rules without ports get ``default_ports`` (``None``: every port).
+
+    Raises RequestError, with a one-line message naming the rule, when it is malformed or
+    over-broad.
+    """
+    try:
+        return _parse_rule(text, default_ports)
+    except _BadRuleError as exc:
+        raise RequestError(f"invalid rule {_quote(text)}: {exc}") from None
+
+
+def canonical_name(text: str) -> str | None:
+    """The canonical form of a host name, or ``None`` if it is not a valid host name.
+
+    Never raises: this is what hostile names (DNS questions, SNI, Host headers) go through.
+    """
+    try:
+        return _canonicalize(text)
+    except ValueError:  # includes UnicodeError from the IDNA codec
+        return None
+
+
+class Policy:
+    """A job's allow and deny rules, indexed for matching."""
+
+    __slots__ = ("_allow", "_deny", "allow", "deny")
+
+    def __init__(self, allow: Sequence[Rule], deny: Sequence[Rule] = ()) -> None:
+        self.allow: tuple[Rule, ...] = tuple(allow)
+        self.deny: tuple[Rule, ...] = tuple(deny)
+        self._allow = _Index(self.allow)
+        self._deny = _Index(self.deny)
+
+    @classmethod
+    def parse(cls, allow: Sequence[str], deny: Sequence[str] = ()) -> Policy:
+        """Parse rule texts; raises RequestError naming the first bad rule and its list."""
+        for kind, texts in (("allow", allow), ("deny", deny)):
+            if len(texts) > MAX_RULES:
+                raise RequestError(
+                    f"too many {kind} rules ({len(texts)}; at most {MAX_RULES}): use wildcards"
+                )
+        return cls(
+            [_parse_listed("allow", text, DEFAULT_PORTS) for text in allow],
+            # A bare "deny x" means x on every port; see the module docstring.
+            [_parse_listed("deny", text, None) for text in deny],
+        )
+
+    def name_verdict(self, name: str) -> bool:
+        """Whether ``name`` may be resolved: some port is allowed for it and not denied."""
+        canonical = canonical_name(name)
+        if canonical is None:
+            return False
+        allowed = self._allow.ports_for(canonical)
+        denied = self._deny.ports_for(canonical)
+        if denied is None or allowed == frozenset():
+            return False
+        if allowed is None:
+            return len(denied) < _ALL_PORTS_COUNT
+        return bool(allowed - denied)
+
+    def allows(self, name: str, port: int) -> bool:
+        """Whether a connection to ``name`` on ``port`` may go out (deny wins over allow)."""
+        canonical = canonical_name(name)
+        if canonical is None or not _valid_port(port):
+            return False
+        if _covers(self._deny.ports_for(canonical), port):
+            return False
+        return _covers(self._allow.ports_for(canonical), port)
+
+    def allows_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        """Whether a connection to ``ip`` on ``port`` may go out, by CIDR rules only."""
+        address = _plain_address(ip)
+        if address is None or not _valid_port(port):
+            return False
+        if any(_covers(rule.ports, port) for rule in self._deny.cidrs_containing(address)):
+            return False
+        return any(_covers(rule.ports, port) for rule in self._allow.cidrs_containing(address))
+
+    def explicit_cidr_allows(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether an allow CIDR rule names ``ip`` and no deny CIDR rule touches it.
+
+        For the proxy's SSRF guard: an allowed name that resolves to a loopback, link-local or
+        private address is only reached if the policy names that address explicitly. Any deny
+        CIDR rule containing the address, whatever its ports, makes this false (fail closed).
+        """
+        address = _plain_address(ip)
+        if address is None or self._deny.cidrs_containing(address):
+            return False
+        return bool(self._allow.cidrs_containing(address))
+
+
+class _Index:
+    """Rules of one list, keyed for matching by name suffix instead of a scan."""
+
+    __slots__ = ("cidrs", "exact", "wildcard")
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.exact: dict[str, PortSet] = {}
+        self.wildcard: dict[str, PortSet] = {}
+        self.cidrs: list[CidrRule] = []
+        for rule in rules:
+            if isinstance(rule, CidrRule):
+                self.cidrs.append(rule)
+                continue
+            table = self.wildcard if rule.wildcard else self.exact
+            table[rule.name] = _union(table.get(rule.name, frozenset()), rule.ports)
+
+    def ports_for(self, name: str) -> PortSet:
+        """The union of the ports of every rule matching the canonical ``name``."""
+        ports = self.exact.get(name, frozenset())
+        # A wildcard on "s" matches "x.s", "y.x.s"...: look up each proper suffix.
+        rest = name
+        while ports is not None:
+            _, dot, rest = rest.partition(".")
+            if not dot:
+                break
+            if rest in self.wildcard:
+                ports = _union(ports, self.wildcard[rest])
+        return ports
+
+    def cidrs_containing(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> list[CidrRule]:
+        # Comparing across versions is False, never an error, in ipaddress.
+        return [rule for rule in self.cidrs if address in rule.network]
+
+
+def _parse_listed(kind: str, text: str, default_ports: PortSet) -> Rule:
+    try:
+        return _parse_rule(text, default_ports)
+    except _BadRuleError as exc:
+        raise RequestError(f"invalid {kind} rule {_quote(text)}: {exc}") from None
+
+
+def _parse_rule(text: str, default_ports: PortSet) -> Rule:
+    if not isinstance(text, str):
+        raise _BadRuleError("a rule must be a string")
+    if len(text) > MAX_RULE_LENGTH:
+        raise _BadRuleError(f"longer than {MAX_RULE_LENGTH} characters")
+    text = text.strip()
+    if not text:
+        raise _BadRuleError("empty rule")
+    if text.startswith("["):
+        return _parse_ipv6_rule(text)
+    if text.count(":") > 1:
+        raise _BadRuleError(
+            "write an IPv6 rule in brackets with its ports, e.g. [2001:db8::/32]:443"
+        )
+    host, colon, port_text = text.partition(":")
+    ports = _parse_ports(port_text) if colon else default_ports
+    if _IPV4ISH.fullmatch(host):
+        if not colon:
+            raise _BadRuleError("an address rule needs its ports, e.g. 10.0.0.0/8:443")
+        return CidrRule(_parse_network(host, 4), ports)
+    return _parse_name_rule(host, ports)
+
+
+def _parse_ipv6_rule(text: str) -> CidrRule:
+    inside, bracket, rest = text[1:].partition("]")
+    if not bracket:
+        raise _BadRuleError("missing ']' after the IPv6 network")
+    if not rest.startswith(":") or rest == ":":
+        raise _BadRuleError("expected ':' and ports after ']', e.g. [2001:db8::/32]:443")
+    return CidrRule(_parse_network(inside, 6), _parse_ports(rest[1:]))
+
+
+def _parse_network(text: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            raise _BadRuleError(f"{text} has host bits set; write the network address") from None
+        raise _BadRuleError(f"{text!r} is not a valid IPv{version} network") from None
+    if network.version != version:
+        raise _BadRuleError(f"{text!r} is not a valid IPv{version} network")
+    shortest = MIN_IPV4_PREFIX if version == 4 else MIN_IPV6_PREFIX
+    if network.prefixlen < shortest:
+        raise _BadRuleError(
+            f"/{network.prefixlen} is too broad; the shortest prefix allowed is /{shortest}"
+        )
+    if isinstance(network, ipaddress.IPv6Network) and network.overlaps(_IPV4_MAPPED):
+        # Matching unwraps IPv4-mapped addresses to IPv4, so such a rule would never match.
+        raise _BadRuleError("write IPv4-mapped addresses as an IPv4 rule, e.g. 192.0.2.0/24:443")
+    return network
+
+
+def _parse_ports(text: str) -> PortSet:
+    if text == "*":
+        return None
+    if not text:
+        raise _BadRuleError("empty port list after ':'")
+    parts = text.split(",")
+    if len(parts) > MAX_PORTS_PER_RULE:
+        raise _BadRuleError(f"more than {MAX_PORTS_PER_RULE} ports; use '*' for every port")
+    ports: set[int] = set()
+    for part in parts:
+        if not _DIGITS.fullmatch(part) or not _valid_port(int(part)):
+            raise _BadRuleError(f"bad port {part!r}: a port is a number from 1 to 65535")
+        ports.add(int(part))
+    return frozenset(ports)
+
+
+def _parse_name_rule(host: str, ports: PortSet) -> NameRule:
+    if host == "*":
+        raise _BadRuleError("'*' alone would allow every name; name a domain, e.g. *.example.com")
+    wildcard = host.startswith("*.")
+    name_text = host[2:] if wildcard else host
+    if "*" in name_text:
+        raise _BadRuleError("'*' may only be the whole first label, as in *.example.com")
+    try:
+        name = _canonicalize(name_text)
+    except _BadRuleError:
+        raise
+    except ValueError:  # UnicodeError from the IDNA codec
+        raise _BadRuleError(f"{name_text!r} is not a valid internationalised name") from None
+    if wildcard and ("." not in name or name in _PUBLIC_SUFFIXES):
+        raise _BadRuleError(
+            f"a wildcard directly over the public suffix {name!r} is too broad;"
+            " name a domain, e.g. *.example.com"
+        )
+    return NameRule(name, wildcard, ports)
+
+
+def _canonicalize(text: str) -> str:
+    """Canonical host name; raises _BadRuleError (or UnicodeError) saying what is wrong."""
+    if not isinstance(text, str):
+        raise _BadRuleError("a name must be a string")
+    if len(text) > _MAX_RAW_NAME:
+        raise _BadRuleError(f"name longer than {MAX_NAME_LENGTH} characters")
+    text = text.lower()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise _BadRuleError("empty name")
+    labels = []
+    for raw in _DOTS.split(text):
+        if not raw:
+            raise _BadRuleError("empty label (two dots in a row, or a leading dot)")
+        if _DEVIATIONS.intersection(raw):
+            raise _BadRuleError(
+                f"label {raw!r} means different names under IDNA 2003 and 2008;"
+                " write the xn-- form you mean"
+            )
+        # ToASCII applies nameprep (case folding, NFKC) and punycode to a Unicode label, and
+        # refuses prohibited code points with UnicodeError; ASCII labels pass unchanged.
+        label = raw if raw.isascii() else encodings.idna.ToASCII(raw).decode("ascii").lower()
+        if len(label) > MAX_LABEL_LENGTH:
+            raise _BadRuleError(f"label longer than {MAX_LABEL_LENGTH} characters")
+        if not _LABEL.fullmatch(label):
+            raise _BadRuleError(f"label {label!r} may only hold letters, digits, '_' and inner '-'")
+        labels.append(label)
+    name = ".".join(labels)
+    if len(name) > MAX_NAME_LENGTH:
+        raise _BadRuleError(f"name longer than {MAX_NAME_LENGTH} characters")
+    if labels[-1].isdigit():
+        raise _BadRuleError(
+            "the last label is all digits; for an address write a CIDR rule with its ports,"
+            " e.g. 192.0.2.0/24:443"
+        )
+    return name
+
+
+def _plain_address(
+    ip: object,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ip`` as a plain address (IPv4-mapped IPv6 unwrapped), or None if not an address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        return ip.ipv4_mapped or ip
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    return None
+
+
+def _valid_port(port: object) -> bool:
+    # bool is an int subclass; True is not port 1.
+    return isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535
+
+
+def _covers(ports: PortSet, port: int) -> bool:
+    return ports is None or port in ports
+
+
+def _union(a: PortSet, b: PortSet) -> PortSet:
+    if a is None or b is None:
+        return None
+    return a | b
+
+
+def _format_ports(ports: PortSet) -> str:
+    return "*" if ports is None else ",".join(str(port) for port in sorted(ports))
+
+
+def _quote(text: object) -> str:
+    """A bounded, escaped rendering of rule text for a one-line error message."""
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
