@@ -167,6 +167,7 @@ class JobManager:
             job.sinks.append(sink)
         self._write_state(job)
         child_fds: list[int] = []
+        marks = [time.perf_counter()]
         try:
             job.cgroup = await asyncio.to_thread(
                 self._cgroups.create_job,
@@ -177,6 +178,7 @@ class JobManager:
                     pids=spec.limits.pids,
                 ),
             )
+            marks.append(time.perf_counter())
             job.nflog_sock = await asyncio.wrap_future(
                 netns.run_in_new_netns(job.netns_name, lambda: _build_jail(job_id))
             )
@@ -197,7 +199,9 @@ class JobManager:
                 hide_paths=self._hide_paths,
                 cgroup_procs=list(job.cgroup.procs_files),
             )
+            marks.append(time.perf_counter())
             job.process = await self._forkserver.spawn(request, child_stdio)
+            marks.append(time.perf_counter())
         except BaseException as e:
             await self._teardown(job)
             if isinstance(e, NetjailError):
@@ -220,6 +224,9 @@ class JobManager:
             uid=spec.uid,
             owner=spec.owner.uid,
             argv=spec.argv,
+            cgroup_ms=round((marks[1] - marks[0]) * 1000, 2),
+            jail_ms=round((marks[2] - marks[1]) * 1000, 2),
+            spawn_ms=round((marks[3] - marks[2]) * 1000, 2),
         )
         return job
 
@@ -321,6 +328,12 @@ class JobManager:
                 await self._terminate(job, job.spec.limits.kill_grace_s)
                 status = await wait
             report = await self._finish(job, status)
+            # The client gets its report first; the jail is torn down right after (the job
+            # stays listed in `ps` until that is done, so nothing is ever unaccounted for).
+            if not job.finished.done():
+                job.finished.set_result(report)
+            await self._teardown(job)
+            self.jobs.pop(job.id, None)
         except BaseException as e:
             self._log("error", "job supervision failed", job=job.id, error=repr(e))
             await self._teardown(job)
@@ -328,8 +341,6 @@ class JobManager:
             if not job.finished.done():
                 job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))
             raise
-        if not job.finished.done():
-            job.finished.set_result(report)
 
     async def _terminate(self, job: Job, grace: float) -> None:
         """SIGTERM every process of the job, wait ``grace``, then kill what is left."""
@@ -390,8 +401,6 @@ class JobManager:
             report.stdout, report.stdout_truncated = bytes(out.data), out.truncated
             report.stderr, report.stderr_truncated = bytes(err.data), err.truncated
         self.events_lost += job.events.lost
-        await self._teardown(job)
-        self.jobs.pop(job.id, None)
         self._log(
             "info",
             "job ended",
