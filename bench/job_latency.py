@@ -22,6 +22,9 @@ import time
 from netjail import Client
 
 
+PACE_S = 0.05
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -44,6 +47,49 @@ def time_netjail(client: Client, n: int) -> list[float]:
         samples.append(time.perf_counter() - start)
         assert result.exit_code == 0
     return samples
+
+
+def time_cgroup_cost(n: int) -> tuple[list[float], list[float]]:
+    """fork+exec /bin/true, without and with a fresh job cgroup (create, join, kill, remove).
+
+    The difference is what a cgroup adds to every job on this host; most of it is the kernel
+    moving the first task into a new cgroup: that takes a global rwsem for writing, which waits
+    for an RCU grace period unless another migration happened within the last one. So the
+    iterations are paced (PACE_S apart) like jobs are, or the loop would measure a warm state
+    the daemon rarely sees.
+    """
+    from netjail.kernel.cgroup import CgroupManager, Limits, load_cgroup_layout
+
+    manager = CgroupManager(load_cgroup_layout(), parent_name="netjail-bench")
+    manager.setup()
+    plain, with_cgroup = [], []
+    try:
+        for i in range(n):
+            time.sleep(PACE_S)
+            start = time.perf_counter()
+            subprocess.run(["/bin/true"], check=True)
+            plain.append(time.perf_counter() - start)
+
+            time.sleep(PACE_S)
+            start = time.perf_counter()
+            cgroup = manager.create_job(f"j-bench{i}", Limits(memory_bytes=256 << 20, pids=64))
+            script = "".join(f"echo 0 > {p}; " for p in cgroup.procs_files)
+            subprocess.run(["/bin/sh", "-c", script + "exec /bin/true"], check=True)
+            cgroup.kill_all()
+            cgroup.remove()
+            with_cgroup.append(time.perf_counter() - start)
+        # The shell itself costs something: time it alone so it is not charged to the cgroup.
+        shell = []
+        for _ in range(n):
+            time.sleep(PACE_S)
+            start = time.perf_counter()
+            subprocess.run(["/bin/sh", "-c", "exec /bin/true"], check=True)
+            shell.append(time.perf_counter() - start)
+        offset = statistics.median(shell) - statistics.median(plain)
+        with_cgroup = [t - offset for t in with_cgroup]
+    finally:
+        manager.teardown()
+    return plain, with_cgroup
 
 
 def start_daemon(base: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -98,12 +144,19 @@ def main() -> None:
             daemon.wait(30)
         shutil.rmtree(base, ignore_errors=True)
 
+    plain, with_cgroup = time_cgroup_cost(min(args.jobs, 100))
+    results["fork+exec true"] = plain
+    results["  + fresh job cgroup"] = with_cgroup
+
     ours = statistics.median(results["netjail run /bin/true"])
     print(f"\n{args.jobs} runs each, sequential, {os.cpu_count()} CPUs")
     print(f"{'':26} {'p50 ms':>8} {'p95 ms':>8} {'p50 / netjail':>14}")
     for name, samples in results.items():
         p50 = statistics.median(samples)
         print(f"{name:26} {p50 * 1000:8.2f} {percentile(samples, 0.95) * 1000:8.2f} {p50 / ours:14.2f}")
+    added = statistics.median(with_cgroup) - statistics.median(plain)
+    print(f"\ncgroup cost per job: {added * 1000:.2f} ms p50 "
+          f"({added / ours:.0%} of netjail's p50)")
 
 
 if __name__ == "__main__":

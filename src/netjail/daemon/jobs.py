@@ -138,13 +138,22 @@ class JobManager:
         return job
 
     def is_jailed(self, pid: int, netns_inode: int | None) -> bool:
-        """Is ``pid`` (a socket peer) a process of some job?"""
-        for job in self.jobs.values():
-            if netns_inode is not None and netns_inode == job.netns_inode:
-                return True
-            if job.cgroup is not None and job.cgroup.contains(pid):
-                return True
-        return False
+        """Is ``pid`` (a socket peer) a process of some job?
+
+        By its network namespace, or — for a job process that made itself a new netns (e.g.
+        in a user namespace) — by its cgroup, which it cannot leave. Unknown counts as jailed.
+        """
+        if netns_inode is None:
+            return True
+        if any(netns_inode == job.netns_inode for job in self.jobs.values()):
+            return True
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                memberships = f.read()
+        except OSError:
+            return True
+        marker = f"/{self._cgroups.parent_name}/j-"
+        return any(marker in line for line in memberships.splitlines())
 
     # ------------------------------------------------------------------ start
 
