@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from netjail import Client
-
+from netjail.kernel.cgroup import CgroupManager, Limits, load_cgroup_layout
 
 PACE_S = 0.05
 
@@ -58,8 +58,6 @@ def time_cgroup_cost(n: int) -> tuple[list[float], list[float]]:
     iterations are paced (PACE_S apart) like jobs are, or the loop would measure a warm state
     the daemon rarely sees.
     """
-    from netjail.kernel.cgroup import CgroupManager, Limits, load_cgroup_layout
-
     manager = CgroupManager(load_cgroup_layout(), parent_name="netjail-bench")
     manager.setup()
     plain, with_cgroup = [], []
@@ -126,7 +124,13 @@ def main() -> None:
             "true (no isolation)": ["/bin/true"],
             "unshare -n true": ["unshare", "-n", "/bin/true"],
             "bwrap --unshare-net": ["bwrap", "--unshare-net", "--ro-bind", "/", "/", "/bin/true"],
-            "firejail --net=none": ["firejail", "--quiet", "--noprofile", "--net=none", "/bin/true"],
+            "firejail --net=none": [
+                "firejail",
+                "--quiet",
+                "--noprofile",
+                "--net=none",
+                "/bin/true",
+            ],
         }
         for name, argv in baselines.items():
             if shutil.which(argv[0]) is None:
@@ -153,10 +157,10 @@ def main() -> None:
     print(f"{'':26} {'p50 ms':>8} {'p95 ms':>8} {'p50 / netjail':>14}")
     for name, samples in results.items():
         p50 = statistics.median(samples)
-        print(f"{name:26} {p50 * 1000:8.2f} {percentile(samples, 0.95) * 1000:8.2f} {p50 / ours:14.2f}")
+        p95 = percentile(samples, 0.95)
+        print(f"{name:26} {p50 * 1000:8.2f} {p95 * 1000:8.2f} {p50 / ours:14.2f}")
     added = statistics.median(with_cgroup) - statistics.median(plain)
-    print(f"\ncgroup cost per job: {added * 1000:.2f} ms p50 "
-          f"({added / ours:.0%} of netjail's p50)")
+    print(f"\ncgroup cost per job: {added * 1000:.2f} ms p50 ({added / ours:.0%} of netjail's p50)")
 
 
 if __name__ == "__main__":

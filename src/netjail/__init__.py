@@ -3,7 +3,7 @@
 The public API is the client library::
 
     from netjail import Client
-    result = Client().run(["/usr/bin/curl", "https://203.0.113.9/"], capture=True)
+    result = Client().run(["/usr/bin/curl", "https://203.0.113.9/"], stdio="capture")
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import sys
@@ -15,6 +17,7 @@ from netjail import protocol as p
 from netjail.client import DEFAULT_SOCKET, Client, CommandError, default_socket
 from netjail.errors import NetjailError
 from netjail.text import sanitize
+from netjail.units import format_size, parse_cpus, parse_duration, parse_size
 
 #: Exit status for netjail's own failures (daemon unreachable, bad request), as docker run.
 EXIT_NETJAIL = 125
@@ -50,8 +53,6 @@ def _client(ctx: click.Context) -> Client:
 
 
 def _handle_errors(func: F) -> F:
-    import functools
-
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -89,8 +90,6 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from netjail.units import parse_size
-
     if value is None:
         return None
     try:
@@ -100,8 +99,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    from netjail.units import parse_duration
-
     if value is None:
         return None
     try:
@@ -111,8 +108,6 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    from netjail.units import parse_cpus
-
     if value is None:
         return None
     try:
@@ -133,22 +128,72 @@ def _stdio_fds() -> list[int]:
     return fds
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
-@click.option("--uid", type=int, default=None, help="Run the job as this uid (root only; default 65534, non-root: yourself).")
+# Options after COMMAND belong to COMMAND (`netjail run ls -l`), as with sudo or timeout.
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--uid",
+    type=int,
+    default=None,
+    help="Run the job as this uid (root only; default 65534, non-root: yourself).",
+)
 @click.option("--gid", type=int, default=None, help="Run the job with this gid (root only).")
-@click.option("--env", "env", multiple=True, metavar="K=V", help="Set an environment variable for the job (repeatable).")
-@click.option("--cwd", default=None, metavar="DIR", help="Working directory of the job [default: the current one].")
-@click.option("--memory", callback=_size, default=None, metavar="SIZE", help="Memory limit, swap included, e.g. 512M, 2G.")
-@click.option("--cpus", callback=_cpus, default=None, metavar="N", help="CPU limit in CPUs, e.g. 0.5.")
-@click.option("--pids", type=click.IntRange(1), default=None, metavar="N", help="Most processes/threads at once.")
-@click.option("--timeout", callback=_duration, default=None, metavar="DURATION", help="Kill the job after this long, e.g. 30s, 5m (exit 124).")
-@click.option("--kill-grace", callback=_duration, default=None, metavar="DURATION", help="Time between SIGTERM and SIGKILL on timeout [default 2s].")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the job report as JSON to FILE.")
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="K=V",
+    help="Set an environment variable for the job (repeatable).",
+)
+@click.option(
+    "--cwd",
+    default=None,
+    metavar="DIR",
+    help="Working directory of the job [default: the current one].",
+)
+@click.option(
+    "--memory",
+    callback=_size,
+    default=None,
+    metavar="SIZE",
+    help="Memory limit, swap included, e.g. 512M, 2G.",
+)
+@click.option(
+    "--cpus", callback=_cpus, default=None, metavar="N", help="CPU limit in CPUs, e.g. 0.5."
+)
+@click.option(
+    "--pids",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="Most processes/threads at once.",
+)
+@click.option(
+    "--timeout",
+    callback=_duration,
+    default=None,
+    metavar="DURATION",
+    help="Kill the job after this long, e.g. 30s, 5m (exit 124).",
+)
+@click.option(
+    "--kill-grace",
+    callback=_duration,
+    default=None,
+    metavar="DURATION",
+    help="Time between SIGTERM and SIGKILL on timeout [default 2s].",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the job report as JSON to FILE.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Do not print events on stderr.")
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def run(
     ctx: click.Context,
+    *,
     uid: int | None,
     gid: int | None,
     env: tuple[str, ...],
@@ -174,10 +219,8 @@ def run(
     def forward(signum: int, _frame: object) -> None:
         # The job is in its own session, so the terminal's ^C reaches only us: pass it on.
         if job_id:
-            try:
+            with contextlib.suppress(NetjailError):
                 client.kill(job_id[0], signum)
-            except NetjailError:
-                pass
 
     def on_event(event: p.Event) -> None:
         if not quiet:
@@ -214,12 +257,12 @@ def run(
     if result.lost_events:
         click.echo(f"netjail: {result.lost_events} events lost (see the report)", err=True)
     if result.timed_out:
-        click.echo(f"netjail: job {report.job} killed: timeout {_seconds(report)} reached", err=True)
+        click.echo(
+            f"netjail: job {report.job} killed: timeout {_seconds(report)} reached", err=True
+        )
         sys.exit(EXIT_TIMEOUT)
     if result.oom_killed:
         limit = report.limits.memory_bytes if report.limits else None
-        from netjail.units import format_size
-
         shown = format_size(limit) if limit else "?"
         click.echo(f"netjail: job {report.job} killed: memory limit {shown} reached", err=True)
         sys.exit(EXIT_OOM)
@@ -261,10 +304,14 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(msgspec.json.encode(jobs).decode())
         return
-    click.echo(f"{'JOB':<12} {'PID':>7} {'UID':>6} {'EVENTS':>6}  STARTED                   COMMAND")
+    click.echo(
+        f"{'JOB':<12} {'PID':>7} {'UID':>6} {'EVENTS':>6}  STARTED                   COMMAND"
+    )
     for j in jobs:
         command = sanitize(" ".join(j.argv), 60)
-        click.echo(f"{j.job:<12} {j.pid or '-':>7} {j.uid:>6} {j.events:>6}  {j.started:<24}  {command}")
+        click.echo(
+            f"{j.job:<12} {j.pid or '-':>7} {j.uid:>6} {j.events:>6}  {j.started:<24}  {command}"
+        )
 
 
 @main.command()
@@ -275,7 +322,11 @@ def ps(ctx: click.Context, as_json: bool) -> None:
 def kill(ctx: click.Context, job: str, sig: str) -> None:
     """Send a signal to a running job (KILL: every process of the job)."""
     try:
-        number = int(sig) if sig.isdigit() else int(signal.Signals["SIG" + sig.upper().removeprefix("SIG")])
+        number = (
+            int(sig)
+            if sig.isdigit()
+            else int(signal.Signals["SIG" + sig.upper().removeprefix("SIG")])
+        )
     except KeyError:
         raise click.BadParameter(f"unknown signal {sig!r}", param_hint="--signal") from None
     _client(ctx).kill(job, number)
@@ -289,7 +340,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show the daemon's version, uptime, jobs and event counters."""
     st = _client(ctx).status()
     if as_json:
-        click.echo(msgspec.json.encode(st).decode())
+        fields = msgspec.to_builtins(st)
+        fields.pop("op", None)  # the wire tag, not a status field
+        click.echo(msgspec.json.encode(fields).decode())
         return
     click.echo(f"netjaild {st.version} (pid {st.pid}), up {st.uptime_s:.0f}s")
     click.echo(f"jobs: {st.jobs_running} running, {st.jobs_total} run in all")

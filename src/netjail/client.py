@@ -1,7 +1,7 @@
 """The netjail client library: talk to netjaild over its Unix socket.
 
     from netjail import Client
-    result = Client().run(["/usr/bin/curl", "-sS", "https://203.0.113.9/"], capture=True)
+    result = Client().run(["/usr/bin/curl", "-sS", "https://203.0.113.9/"], stdio="capture")
     result.exit_code        # 7: curl could not connect
     result.events[0].dst    # "203.0.113.9"
 
@@ -21,7 +21,7 @@ from typing import Literal
 import msgspec
 
 from netjail import protocol as p
-from netjail.errors import ConnectionError_, NetjailError, ProtocolError, error_for_code
+from netjail.errors import DaemonConnectionError, NetjailError, ProtocolError, error_for_code
 
 DEFAULT_SOCKET = "/run/netjail/netjail.sock"
 SOCKET_ENV = "NETJAIL_SOCKET"
@@ -76,10 +76,14 @@ class _Connection:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            hint = "is netjaild running?" if not isinstance(e, PermissionError) else (
-                "are you root or in the netjail group?"
+            hint = (
+                "is netjaild running?"
+                if not isinstance(e, PermissionError)
+                else ("are you root or in the netjail group?")
             )
-            raise ConnectionError_(f"cannot connect to {path}: {e.strerror} ({hint})") from None
+            raise DaemonConnectionError(
+                f"cannot connect to {path}: {e.strerror} ({hint})"
+            ) from None
         self.frames = p.FrameBuffer(MAX_REPLY_BYTES)
         self.pending: list[bytes] = []
         self.send(p.Hello(version=p.PROTOCOL_VERSION, client="netjail-python"))
@@ -95,22 +99,25 @@ class _Connection:
                     (socket_module.SOL_SOCKET, socket_module.SCM_RIGHTS, array.array("i", fds))
                 ]
                 sent = self.sock.sendmsg([data], ancillary)
-                self.sock.sendall(data[sent:])
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
             else:
                 self.sock.sendall(data)
         except OSError as e:
-            raise ConnectionError_(f"lost the connection to netjaild: {e.strerror}") from None
+            raise DaemonConnectionError(f"lost the connection to netjaild: {e.strerror}") from None
 
     def recv(self) -> p.Reply:
         while not self.pending:
             try:
                 data = self.sock.recv(1 << 20)
             except TimeoutError:
-                raise ConnectionError_("timed out waiting for netjaild") from None
+                raise DaemonConnectionError("timed out waiting for netjaild") from None
             except OSError as e:
-                raise ConnectionError_(f"lost the connection to netjaild: {e.strerror}") from None
+                raise DaemonConnectionError(
+                    f"lost the connection to netjaild: {e.strerror}"
+                ) from None
             if not data:
-                raise ConnectionError_("netjaild closed the connection")
+                raise DaemonConnectionError("netjaild closed the connection")
             self.pending.extend(self.frames.feed(data))
         reply = p.decode_reply(self.pending.pop(0))
         if isinstance(reply, p.ErrorMessage):
@@ -234,13 +241,15 @@ class Client:
     def ps(self) -> list[p.JobInfo]:
         """Running jobs the caller may see."""
         reply = self._ask(p.PsRequest())
-        assert isinstance(reply, p.PsReply)
+        if not isinstance(reply, p.PsReply):
+            raise ProtocolError(f"expected ps, got {type(reply).__name__}")
         return reply.jobs
 
     def status(self) -> p.StatusReply:
         """The daemon's version, uptime and counters."""
         reply = self._ask(p.StatusRequest())
-        assert isinstance(reply, p.StatusReply)
+        if not isinstance(reply, p.StatusReply):
+            raise ProtocolError(f"expected status, got {type(reply).__name__}")
         return reply
 
     def kill(self, job: str, signal: int = 15) -> None:

@@ -7,7 +7,7 @@ is one line, says what failed and, where there is one, what to do::
     ├── ProtocolError          a frame or message broke the wire protocol (peer's fault)
     ├── RequestError           a well-formed request that cannot be honoured (bad argv, cwd, uid…)
     │   └── PermissionDeniedError   the caller may not do this (other user's job, --uid as non-root)
-    ├── ConnectionError_       the daemon could not be reached or went away (client side)
+    ├── DaemonConnectionError  the daemon could not be reached or went away (client side)
     ├── JailError              the jail could not be built; the job did not start (fail closed)
     │   ├── NetnsError              network namespace, interfaces, routes
     │   ├── FirewallError           nftables ruleset
@@ -55,7 +55,7 @@ class PermissionDeniedError(RequestError):
     code = "permission"
 
 
-class ConnectionError_(NetjailError):  # noqa: N801 - trailing underscore avoids the builtin
+class DaemonConnectionError(NetjailError):
     """The daemon could not be reached, or the connection broke."""
 
     code = "connection"

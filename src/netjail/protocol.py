@@ -51,9 +51,7 @@ class RunRequest(_Request, tag="run"):
     gid: _Id | None = None
     #: "fds": stdio passed with this frame; "capture": returned in the report; "null": /dev/null.
     stdio: Literal["fds", "capture", "null"] = "null"
-    capture_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_CAPTURE_BYTES)] = (
-        DEFAULT_CAPTURE_BYTES
-    )
+    capture_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_CAPTURE_BYTES)] = DEFAULT_CAPTURE_BYTES
     #: Stream events to this connection while the job runs.
     events: bool = True
     #: Resource limits; None = the daemon's default.
@@ -243,17 +241,19 @@ def _describe(error: msgspec.MsgspecError) -> str:
 def decode_request(frame: bytes) -> Request:
     """Decode one client frame strictly; raise ProtocolError saying what is wrong."""
     try:
-        return _request_decoder.decode(frame)
+        request: Request = _request_decoder.decode(frame)
     except msgspec.MsgspecError as e:
         raise ProtocolError(f"bad request: {_describe(e)}") from None
+    return request
 
 
 def decode_reply(frame: bytes) -> Reply:
     """Decode one daemon frame; unknown fields are ignored for forward compatibility."""
     try:
-        return _reply_decoder.decode(frame)
+        reply: Reply = _reply_decoder.decode(frame)
     except msgspec.MsgspecError as e:
         raise ProtocolError(f"bad message from daemon: {_describe(e)}") from None
+    return reply
 
 
 class FrameBuffer:

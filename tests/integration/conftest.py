@@ -108,7 +108,16 @@ def test_user() -> Iterator[pwd.struct_passwd]:
         pwd.getpwnam(TEST_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "-G", TEST_GROUP, "-s", "/bin/sh", TEST_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "-G",
+                TEST_GROUP,
+                "-s",
+                "/bin/sh",
+                TEST_USER,
+            ],
             check=True,
         )
         made_user = True
@@ -123,7 +132,7 @@ def test_user() -> Iterator[pwd.struct_passwd]:
 def daemon_base() -> Iterator[str]:
     # Under /run, mode 0755, so an unprivileged test client can reach the socket.
     base = tempfile.mkdtemp(prefix="netjail-test-", dir="/run")
-    os.chmod(base, 0o755)
+    os.chmod(base, 0o755)  # noqa: S103 - the unprivileged test client must reach the socket
     yield base
     shutil.rmtree(base, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -10,13 +11,14 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from netjail import Client
-from netjail.errors import NetjailError, PermissionDeniedError, ProtocolError
+from netjail.errors import NetjailError, PermissionDeniedError, ProtocolError, error_for_code
 
 from .conftest import Daemon
 
@@ -58,11 +60,25 @@ def cli(daemon: Daemon, *args: str, **kwargs: object) -> subprocess.CompletedPro
     )
 
 
-def raw_as_user(daemon: Daemon, user: pwd.struct_passwd, *messages: dict[str, object]) -> list[dict[str, object]]:
+def raw_as_user(
+    daemon: Daemon, user: pwd.struct_passwd, *messages: dict[str, object]
+) -> list[dict[str, object]]:
     out = subprocess.run(
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
-         PY, "-c", RAW_CLIENT, daemon.socket, *(json.dumps(m) for m in messages)],
-        capture_output=True, timeout=60, check=True, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--init-groups",
+            PY,
+            "-c",
+            RAW_CLIENT,
+            daemon.socket,
+            *(json.dumps(m) for m in messages),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+        cwd="/",
     )
     return [json.loads(line) for line in out.stdout.decode().splitlines() if line]
 
@@ -82,8 +98,18 @@ def test_cli_signal_exit_status_is_128_plus_n(daemon: Daemon) -> None:
 def test_cli_prints_blocked_attempts_and_writes_the_report(daemon: Daemon, tmp_path: Path) -> None:
     """Each blocked attempt is a stderr line; --report writes the JSON report."""
     report = tmp_path / "report.json"
-    done = cli(daemon, "run", "--cwd", "/", "--report", str(report), "--",
-               "curl", "-sS", "https://203.0.113.9/")
+    done = cli(
+        daemon,
+        "run",
+        "--cwd",
+        "/",
+        "--report",
+        str(report),
+        "--",
+        "curl",
+        "-sS",
+        "https://203.0.113.9/",
+    )
     assert done.returncode == 7
     assert b"netjail: blocked tcp 203.0.113.9:443 uid=65534\n" in done.stderr
     data = json.loads(report.read_text())
@@ -91,7 +117,9 @@ def test_cli_prints_blocked_attempts_and_writes_the_report(daemon: Daemon, tmp_p
         assert key in data
     assert data["argv"] == ["curl", "-sS", "https://203.0.113.9/"]
     assert data["exit_code"] == 7
-    assert [(e["proto"], e["dst"], e["port"]) for e in data["events"]] == [("tcp", "203.0.113.9", 443)]
+    assert [(e["proto"], e["dst"], e["port"]) for e in data["events"]] == [
+        ("tcp", "203.0.113.9", 443)
+    ]
 
 
 def test_cli_quiet_prints_no_events(daemon: Daemon) -> None:
@@ -105,20 +133,32 @@ def test_cli_stdio_pipes_and_redirects_work(daemon: Daemon, tmp_path: Path) -> N
     """`netjail run -- cat < f > g` works: the CLI's own fds are the job's stdio."""
     src, dst = tmp_path / "in", tmp_path / "out"
     src.write_bytes(b"line one\nline two\n")
-    os.chmod(tmp_path, 0o755)
+    os.chmod(tmp_path, 0o755)  # noqa: S103 - the job (uid 65534) reads the input file
     with open(src, "rb") as stdin, open(dst, "wb") as stdout:
-        done = subprocess.run([*NETJAIL, "--socket", daemon.socket, "run", "--cwd", "/", "--", "cat"],
-                              stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=60, check=False)
+        done = subprocess.run(
+            [*NETJAIL, "--socket", daemon.socket, "run", "--cwd", "/", "--", "cat"],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
     assert done.returncode == 0, done.stderr
     assert dst.read_bytes() == b"line one\nline two\n"
-    piped = cli(daemon, "run", "--cwd", "/", "--", "sh", "-c", "tr a-z A-Z; echo err >&2", input=b"abc\n")
+    piped = cli(
+        daemon, "run", "--cwd", "/", "--", "sh", "-c", "tr a-z A-Z; echo err >&2", input=b"abc\n"
+    )
     assert (piped.stdout, piped.stderr) == (b"ABC\n", b"err\n")
 
 
 def test_cli_reports_netjail_failures_with_125(tmp_path: Path) -> None:
     """An unreachable daemon is a one-line error and exit 125, no traceback."""
-    done = subprocess.run([*NETJAIL, "--socket", str(tmp_path / "none.sock"), "run", "--", "true"],
-                          capture_output=True, timeout=60, check=False)
+    done = subprocess.run(
+        [*NETJAIL, "--socket", str(tmp_path / "none.sock"), "run", "--", "true"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 125
     assert done.stderr.startswith(b"netjail: cannot connect to ")
     assert len(done.stderr.splitlines()) == 1
@@ -128,7 +168,9 @@ def test_cli_command_not_found_is_127(daemon: Daemon) -> None:
     """A command that does not exist: exit 127 and a one-line message."""
     done = cli(daemon, "run", "--cwd", "/", "--", "no-such-command-xyz")
     assert done.returncode == 127
-    assert done.stderr == b"netjail: cannot execute no-such-command-xyz: No such file or directory\n"
+    assert (
+        done.stderr == b"netjail: cannot execute no-such-command-xyz: No such file or directory\n"
+    )
 
 
 def test_inaccessible_cwd_is_a_clear_error(client: Client) -> None:
@@ -154,7 +196,9 @@ def test_job_runs_as_nobody_without_capabilities(client: Client) -> None:
 
 def test_root_asking_for_uid_0_still_gets_no_capabilities(client: Client) -> None:
     """A job run as uid 0 holds no capability and cannot gain one."""
-    code = "s = dict(l.split(':', 1) for l in open('/proc/self/status')); print(s['CapEff'].strip())"
+    code = (
+        "s = dict(l.split(':', 1) for l in open('/proc/self/status')); print(s['CapEff'].strip())"
+    )
     result = client.run([PY, "-c", code], uid=0, gid=0, stdio="capture", cwd="/")
     assert result.stdout == b"0000000000000000\n"
     flush = client.run(["ip", "link", "set", "lo", "down"], uid=0, gid=0, stdio="capture", cwd="/")
@@ -178,8 +222,6 @@ def test_job_cannot_reach_the_daemon_socket(client: Client, daemon: Daemon) -> N
 def test_connections_from_inside_a_jail_are_refused(client: Client, daemon: Daemon) -> None:
     """A process in a jail's netns that still reaches the socket is refused by the daemon."""
     job: list[str] = []
-    import threading
-
     runner = threading.Thread(
         target=lambda: client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
     )
@@ -190,7 +232,9 @@ def test_connections_from_inside_a_jail_are_refused(client: Client, daemon: Daem
             time.sleep(0.01)
         out = subprocess.run(
             ["ip", "netns", "exec", f"netjail-{job[0]}", PY, "-c", RAW_CLIENT, daemon.socket],
-            capture_output=True, timeout=30, check=False,
+            capture_output=True,
+            timeout=30,
+            check=False,
         )
         reply = json.loads(out.stdout.decode().splitlines()[0])
         assert reply["op"] == "error"
@@ -200,20 +244,28 @@ def test_connections_from_inside_a_jail_are_refused(client: Client, daemon: Daem
         runner.join(30)
 
 
-def test_non_root_client_job_runs_as_that_user(daemon: Daemon, test_user: pwd.struct_passwd) -> None:
+def test_non_root_client_job_runs_as_that_user(
+    daemon: Daemon, test_user: pwd.struct_passwd
+) -> None:
     """A non-root client in the netjail group runs jobs as itself and sees only its own jobs."""
     replies = raw_as_user(
-        daemon, test_user,
-        {"op": "run", "argv": [PY, "-c", "import os; print(os.getuid(), os.getgid())"],
-         "stdio": "capture", "cwd": "/"},
+        daemon,
+        test_user,
+        {
+            "op": "run",
+            "argv": [PY, "-c", "import os; print(os.getuid(), os.getgid())"],
+            "stdio": "capture",
+            "cwd": "/",
+        },
         {"op": "run", "argv": ["true"], "uid": 0},
         {"op": "ps"},
     )
     assert replies[0]["op"] == "hello"
     exit_report = next(r for r in replies if r["op"] == "exit")["report"]
-    import base64
-
-    assert base64.b64decode(exit_report["stdout"]).decode() == f"{test_user.pw_uid} {test_user.pw_gid}\n"
+    assert (
+        base64.b64decode(exit_report["stdout"]).decode()
+        == f"{test_user.pw_uid} {test_user.pw_gid}\n"
+    )
     assert exit_report["uid"] == test_user.pw_uid
     denied = [r for r in replies if r["op"] == "error"]
     assert denied[0]["code"] == "permission"
@@ -224,8 +276,6 @@ def test_non_root_client_cannot_see_or_kill_others_jobs(
     client: Client, daemon: Daemon, test_user: pwd.struct_passwd
 ) -> None:
     """Another user's jobs are invisible: ps omits them and kill says no such job."""
-    import threading
-
     job: list[str] = []
     runner = threading.Thread(
         target=lambda: client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
@@ -247,8 +297,6 @@ def test_non_root_client_cannot_see_or_kill_others_jobs(
 
 def test_kill_ends_a_running_job(client: Client) -> None:
     """`kill` with SIGTERM ends the job; the report shows the signal."""
-    import threading
-
     job: list[str] = []
     results = []
     runner = threading.Thread(
@@ -267,8 +315,9 @@ def test_kill_ends_a_running_job(client: Client) -> None:
 
 def test_capture_is_bounded_and_flags_truncation(client: Client) -> None:
     """Captured output stops at the asked size and says it was truncated."""
-    result = client.run(["sh", "-c", "head -c 100000 /dev/zero"], stdio="capture",
-                        capture_bytes=1000, cwd="/")
+    result = client.run(
+        ["sh", "-c", "head -c 100000 /dev/zero"], stdio="capture", capture_bytes=1000, cwd="/"
+    )
     assert result.stdout == b"\0" * 1000
     assert result.report.stdout_truncated is True
     assert result.report.stderr_truncated is False
@@ -285,8 +334,10 @@ def test_events_command_lists_past_events(daemon: Daemon, client: Client) -> Non
 
 def test_events_follow_streams_new_events(client: Client, daemon: Daemon) -> None:
     """A follower sees events of jobs started after it subscribed."""
-    follower = subprocess.Popen([*NETJAIL, "--socket", daemon.socket, "events", "--follow", "--json"],
-                                stdout=subprocess.PIPE)
+    follower = subprocess.Popen(
+        [*NETJAIL, "--socket", daemon.socket, "events", "--follow", "--json"],
+        stdout=subprocess.PIPE,
+    )
     try:
         time.sleep(0.5)
         result = client.run(["curl", "-sS", "http://203.0.113.9:8444/"], cwd="/")
@@ -315,10 +366,9 @@ def raw_frames(path: str, payload: bytes, read: bool = True) -> bytes:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
     s.connect(path)
-    try:
+    # The daemon may hang up on an oversize frame before reading it all.
+    with contextlib.suppress(BrokenPipeError):
         s.sendall(payload)
-    except BrokenPipeError:
-        pass  # the daemon may hang up on an oversize frame before reading it all
     data = b""
     if read:
         with contextlib.suppress(OSError):
@@ -338,7 +388,10 @@ def raw_frames(path: str, payload: bytes, read: bool = True) -> bytes:
         (b'{"op":"hello","version":1}\n{"op":"run","argv":["true"],"bogus":1}\n', b"unknown field"),
         (b'{"op":"hello","version":1}\n{"op":"run","argv":"true"}\n', b"Expected `array`"),
         (b'{"op":"hello","version":1}\n{"op":"explode"}\n', b"unknown or missing op"),
-        (b'{"op":"hello","version":1}\n{"op":"run","argv":[]}\n', b"Expected `array` of length >= 1"),
+        (
+            b'{"op":"hello","version":1}\n{"op":"run","argv":[]}\n',
+            b"Expected `array` of length >= 1",
+        ),
         (b'{"op":"hello","version":1}\n' + b"x" * (2 << 20), b"frame larger than"),
     ],
 )
@@ -389,7 +442,5 @@ def test_unknown_job_kill_is_not_found(client: Client) -> None:
 
 def test_root_only_uid_choice_is_enforced_via_library_errors() -> None:
     """The error classes map back from wire codes (sanity of the client error mapping)."""
-    from netjail.errors import error_for_code
-
     assert isinstance(error_for_code("permission", "x"), PermissionDeniedError)
     assert isinstance(error_for_code("protocol", "x"), ProtocolError)

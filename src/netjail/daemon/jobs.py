@@ -21,34 +21,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from netjail.daemon.config import Limits
 from netjail.daemon.events import JobEvents, rfc3339
-from netjail.errors import JailError, NetjailError, NotFoundError
+from netjail.errors import JailError, NetjailError, NotFoundError, RequestError
+from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, netns, nflog
-from netjail.kernel.cgroup import CgroupManager, JobCgroup, Limits
+from netjail.kernel.cgroup import CgroupManager, JobCgroup
 from netjail.kernel.peer import PeerCred, pids_in_netns
 from netjail.kernel.spawn import ExitStatus, ForkServer, SpawnedJob, SpawnRequest
 from netjail.protocol import AppliedLimits, Event, Report
+from netjail.units import format_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NOBODY = 65534
 #: Recent events across all jobs kept for ``netjail events`` without --follow.
 HISTORY_EVENTS = 10_000
 _NFLOG_RECV = 65536
-
-
-@dataclass(frozen=True)
-class LimitSettings:
-    """Daemon-wide defaults and maxima for job limits (None = unlimited)."""
-
-    default_memory: int | None = None
-    max_memory: int | None = None
-    default_cpus: float | None = None
-    max_cpus: float | None = None
-    default_pids: int | None = None
-    max_pids: int | None = None
-    default_timeout: float | None = None
-    max_timeout: float | None = None
-    kill_grace: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +97,7 @@ class JobManager:
         cgroups: CgroupManager,
         state_dir: str,
         hide_paths: list[str],
-        limits: LimitSettings,
+        limits: Limits,
         log: Callable[..., None],
     ) -> None:
         self._forkserver = forkserver
@@ -129,11 +117,11 @@ class JobManager:
     # ------------------------------------------------------------------ lookup
 
     def visible_jobs(self, peer: PeerCred) -> list[Job]:
-        return [j for j in self.jobs.values() if peer.uid == 0 or j.spec.owner.uid == peer.uid]
+        return [j for j in self.jobs.values() if peer.uid in (0, j.spec.owner.uid)]
 
     def find(self, job_id: str, peer: PeerCred) -> Job:
         job = self.jobs.get(job_id)
-        if job is None or not (peer.uid == 0 or job.spec.owner.uid == peer.uid):
+        if job is None or peer.uid not in (0, job.spec.owner.uid):
             raise NotFoundError(f"no such job: {job_id}")
         return job
 
@@ -181,7 +169,7 @@ class JobManager:
             job.cgroup = await asyncio.to_thread(
                 self._cgroups.create_job,
                 job_id,
-                Limits(
+                cgroups.Limits(
                     memory_bytes=spec.limits.memory_bytes,
                     cpus=spec.limits.cpus,
                     pids=spec.limits.pids,
@@ -324,7 +312,8 @@ class JobManager:
     # ------------------------------------------------------------------ end
 
     async def _supervise(self, job: Job) -> None:
-        assert job.process is not None and job.finished is not None
+        if job.process is None or job.finished is None:
+            raise JailError(f"job {job.id} supervised before it started")
         status: ExitStatus | None = None
         try:
             wait = asyncio.ensure_future(self._forkserver.wait(job.process.pid))
@@ -531,7 +520,7 @@ def _build_jail(job_id: str) -> socket.socket:
 
 
 def applied_limits(
-    settings: LimitSettings,
+    settings: Limits,
     *,
     memory: int | None,
     cpus: float | None,
@@ -540,10 +529,10 @@ def applied_limits(
     kill_grace: float | None,
 ) -> AppliedLimits:
     """Fill in defaults and enforce the daemon's maxima (RequestError above a maximum)."""
-    from netjail.errors import RequestError
-    from netjail.units import format_size
 
-    def pick(name: str, asked: float | None, default: float | None, maximum: float | None) -> float | None:
+    def pick(
+        name: str, asked: float | None, default: float | None, maximum: float | None
+    ) -> float | None:
         value = asked if asked is not None else default
         if maximum is not None:
             if value is None:

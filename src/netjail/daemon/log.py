@@ -24,7 +24,10 @@ class Logger:
             line = json.dumps({"time": now, "level": level, "msg": message, **clean})
         else:
             parts = [now, level.upper(), message]
-            parts += [f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in clean.items()]
+            parts += [
+                f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}"
+                for k, v in clean.items()
+            ]
             line = " ".join(str(x) for x in parts)
         try:
             self.stream.write(line + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import grp
 import os
 import socket
 import time
@@ -22,9 +23,11 @@ import msgspec
 
 from netjail import protocol as p
 from netjail._version import __version__
+from netjail.daemon.config import Config
+from netjail.daemon.events import rfc3339
 from netjail.daemon.jobs import DEFAULT_PATH, NOBODY, Job, JobManager, JobSpec, applied_limits
 from netjail.errors import NetjailError, PermissionDeniedError, ProtocolError, RequestError
-from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials
+from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
 from netjail.kernel.spawn import ExecError
 
 #: Streamed events queued for one client before further ones are dropped (and counted).
@@ -32,6 +35,33 @@ MAX_QUEUED_EVENTS = 1000
 _RECV_BYTES = 65536
 _LINGER_S = 1.0
 _LINGER_BYTES = 4 << 20
+
+
+async def close_gracefully(sock: socket.socket) -> None:
+    """Half-close, discard what the peer still sends (bounded in time and bytes), close.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy our
+    last message (the error explaining why we hang up) before the peer reads it.
+    """
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    budget = _LINGER_BYTES
+    deadline = loop.time() + _LINGER_S
+    while budget > 0:
+        try:
+            chunk = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        budget -= len(chunk)
+    sock.close()
 
 
 class Outbox:
@@ -111,32 +141,7 @@ class Connection:
             writer.cancel()
             for task in self._tasks:
                 task.cancel()
-            await self._linger()
-            self.sock.close()
-
-    async def _linger(self) -> None:
-        """Half-close, then discard what the peer still sends, bounded in time and bytes.
-
-        Closing a socket with unread input makes the kernel send a reset, which can destroy our
-        last message (the error explaining why we hang up) before the peer reads it.
-        """
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-        budget = _LINGER_BYTES
-        deadline = self._loop.time() + _LINGER_S
-        while budget > 0:
-            try:
-                chunk = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                if self._loop.time() >= deadline:
-                    return
-                await asyncio.sleep(0.01)
-                continue
-            except OSError:
-                return
-            if not chunk:
-                return
-            budget -= len(chunk)
+            await close_gracefully(self.sock)
 
     async def _write_loop(self) -> None:
         while (frame := await self.outbox.get()) is not None:
@@ -217,7 +222,9 @@ class Connection:
                 await self.server.jobs.kill(job, request.signal)
                 self.send(p.Killed(job=job.id))
             case p.PsRequest():
-                self.send(p.PsReply(jobs=[_job_info(j) for j in self.server.jobs.visible_jobs(self.peer)]))
+                self.send(
+                    p.PsReply(jobs=[_job_info(j) for j in self.server.jobs.visible_jobs(self.peer)])
+                )
             case p.StatusRequest():
                 self.send(self.server.status())
             case p.EventsRequest():
@@ -280,9 +287,9 @@ class Connection:
         job = await self.server.jobs.start(spec, stdio, sink if request.events else None)
         self.server.job_owner[job.id] = self.peer.uid
         self._runs.add(job)
-        assert job.process is not None and job.finished is not None
-        self.send(p.Started(job=job.id, pid=job.process.pid))
-        held, early = early, None
+        pid = job.process.pid if job.process is not None else 0
+        self.send(p.Started(job=job.id, pid=pid))
+        held, early = early or [], None
         for event in held:
             self.send(p.EventMessage(event=event), droppable=True)
         task = asyncio.ensure_future(self._report_when_done(job))
@@ -290,7 +297,8 @@ class Connection:
         task.add_done_callback(self._tasks.discard)
 
     async def _report_when_done(self, job: Job) -> None:
-        assert job.finished is not None
+        if job.finished is None:
+            return
         try:
             # shield: this task is cancelled when the client goes; the job's future is shared.
             report = await asyncio.shield(job.finished)
@@ -310,15 +318,9 @@ def _job_info(job: Job) -> p.JobInfo:
         gid=job.spec.gid,
         pid=job.process.pid if job.process else None,
         owner_uid=job.spec.owner.uid,
-        started=_rfc3339(job.started_wall),
+        started=rfc3339(job.started_wall),
         events=len(job.events.events),
     )
-
-
-def _rfc3339(t: float) -> str:
-    from netjail.daemon.events import rfc3339
-
-    return rfc3339(t)
 
 
 class Server:
@@ -331,8 +333,10 @@ class Server:
         jobs: JobManager,
         log: Callable[..., None],
         cgroup_mode: str | None,
+        config: Config,
     ) -> None:
         self.listener = listener
+        self.config = config
         self.jobs = jobs
         self.log = log
         self.cgroup_mode = cgroup_mode
@@ -341,7 +345,8 @@ class Server:
         #: job id → uid of the client that ran it, kept after the job ends for `events`.
         self.job_owner: dict[str, int] = {}
         self.connections: set[Connection] = set()
-        self._accepting: asyncio.Task[None] | None = None
+        # Strong references: the loop keeps only weak ones to running tasks.
+        self._connection_tasks: set[asyncio.Task[None]] = set()
 
     def status(self) -> p.StatusReply:
         return p.StatusReply(
@@ -359,7 +364,11 @@ class Server:
         """Validate a run request against who is asking; RequestError says what is wrong."""
         if peer.uid == 0:
             uid = request.uid if request.uid is not None else NOBODY
-            gid = request.gid if request.gid is not None else (uid if request.uid is not None else NOBODY)
+            gid = (
+                request.gid
+                if request.gid is not None
+                else (uid if request.uid is not None else NOBODY)
+            )
         else:
             if request.uid not in (None, peer.uid) or request.gid not in (None, peer.gid):
                 raise PermissionDeniedError("only root may choose the job's uid or gid")
@@ -398,7 +407,27 @@ class Server:
         self.listener.setblocking(False)
         while True:
             sock, _ = await loop.sock_accept(self.listener)
-            loop.create_task(self._serve_connection(sock))
+            task = loop.create_task(self._serve_connection(sock))
+            self._connection_tasks.add(task)
+            task.add_done_callback(self._connection_tasks.discard)
+
+    def allowed(self, peer: PeerCred) -> bool:
+        """Root always; others when no allow-list is set, or when their uid or a group is on it."""
+        if peer.uid == 0 or not (self.config.allowed_uids or self.config.allowed_groups):
+            return True
+        if peer.uid in self.config.allowed_uids:
+            return True
+        wanted = set()
+        for name in self.config.allowed_groups:
+            with contextlib.suppress(KeyError):
+                wanted.add(grp.getgrnam(name).gr_gid)
+        return bool(wanted & peer_groups(peer.pid, peer.gid))
+
+    @staticmethod
+    async def _refuse(sock: socket.socket, code: str, message: str) -> None:
+        with contextlib.suppress(OSError):
+            sock.send(p.encode_message(p.ErrorMessage(code=code, message=message)))
+        await close_gracefully(sock)
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -407,26 +436,28 @@ class Server:
         except OSError:
             sock.close()
             return
+        if not self.allowed(peer):
+            self.log("warning", "refused a client not in allowed_uids/allowed_groups", uid=peer.uid)
+            await self._refuse(
+                sock, "permission", "this user may not use netjail (allowed_uids/allowed_groups)"
+            )
+            return
         netns_inode = namespace_inode(peer.pid, "net")
         if netns_inode == self.own_netns:
             jailed = False  # the common case: a client on the host, in our own netns
         else:
             jailed = self.jobs.is_jailed(peer.pid, netns_inode)
         if jailed:
-            self.log("warning", "refused a connection from inside a jail", pid=peer.pid, uid=peer.uid)
-            with contextlib.suppress(OSError):
-                sock.send(
-                    p.encode_message(
-                        p.ErrorMessage(code="permission", message="connections from inside a jail are refused")
-                    )
-                )
-            sock.close()
+            self.log(
+                "warning", "refused a connection from inside a jail", pid=peer.pid, uid=peer.uid
+            )
+            await self._refuse(sock, "permission", "connections from inside a jail are refused")
             return
         connection = Connection(self, sock, peer)
         self.connections.add(connection)
         try:
             await connection.serve()
-        except Exception as e:  # noqa: BLE001 - one connection's failure must not reach others
+        except Exception as e:
             self.log("error", "connection failed", pid=peer.pid, error=repr(e))
         finally:
             self.connections.discard(connection)

@@ -21,7 +21,7 @@ NFLOG_GROUP = 1
 #: Bytes of each logged packet copied to the daemon: enough for IPv6 + TCP/UDP/ICMP headers.
 NFLOG_SNAPLEN = 128
 
-_JOB_ID = re.compile(r"^[a-z0-9-]{1,32}$")
+_JOB_ID = re.compile(r"[a-z0-9-]{1,32}")
 
 # IPv6 neighbour discovery and multicast listener reports are the kernel's own traffic on the
 # jail's veth link; the only other end of that link is inside the jail, so nothing leaves.
@@ -50,7 +50,7 @@ def build_ruleset(rules: JailRules) -> str:
     REJECT, never DROP: a dropped SYN makes the job's client hang until its own timeout, a
     reset fails it in milliseconds. The chain policy is drop only as a backstop.
     """
-    if not _JOB_ID.match(rules.job_id):
+    if not _JOB_ID.fullmatch(rules.job_id):
         raise FirewallError(f"invalid job id for a log prefix: {rules.job_id!r}")
     prefix = log_prefix(rules.job_id)
     return (

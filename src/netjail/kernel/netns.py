@@ -72,7 +72,7 @@ def run_in_new_netns(name: str, work: Callable[[], T]) -> Future[T]:
                 syscalls.MS_BIND,
             )
             result = work()
-        except BaseException as e:  # noqa: BLE001 - every failure must reach the future
+        except BaseException as e:
             if created:
                 delete_netns(name)
             future.set_exception(e if isinstance(e, Exception) else NetnsError(str(e)))

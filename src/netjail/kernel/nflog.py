@@ -186,7 +186,9 @@ def build_config_message(group: int, seq: int, attrs: list[tuple[int, bytes]]) -
         length = _NLATTR.size + len(value)
         body += _NLATTR.pack(length, kind) + value + b"\0" * (-length % 4)
     kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return (
+        _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    )
 
 
 def open_nflog_socket(group: int, copy_range: int, rcvbuf: int = 1 << 20) -> socket.socket:
@@ -199,7 +201,9 @@ def open_nflog_socket(group: int, copy_range: int, rcvbuf: int = 1 << 20) -> soc
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE: root may exceed rmem_max
+            sock.setsockopt(
+                socket.SOL_SOCKET, 33, rcvbuf
+            )  # SO_RCVBUFFORCE: root may exceed rmem_max
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((0, 0))

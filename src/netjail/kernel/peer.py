@@ -39,3 +39,16 @@ def pids_in_netns(inode: int) -> list[int]:
         if entry.isdigit() and namespace_inode(int(entry), "net") == inode:
             found.append(int(entry))
     return found
+
+
+def peer_groups(pid: int, gid: int) -> set[int]:
+    """The primary and supplementary groups of process ``pid`` (just ``gid`` if it is gone)."""
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return groups

@@ -99,71 +99,83 @@ def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 # ---------------------------------------------------------------- the fork server process
 
 
+def _enter_jail(request: dict[str, Any], stage: list[str]) -> None:
+    """Join the jail's netns, a private mount namespace (daemon paths hidden) and the cgroups."""
+    stage[0] = "network namespace"
+    ns_fd = os.open(request["netns_path"], os.O_RDONLY | os.O_CLOEXEC)
+    syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
+    os.close(ns_fd)
+    stage[0] = "mount namespace"
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    # Private first, so nothing we mount propagates back to the host.
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    for path in request["hide_paths"]:
+        stage[0] = f"hiding {path}"
+        syscalls.mount(
+            "netjail",
+            path,
+            "tmpfs",
+            syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+            "size=4k,mode=755",
+        )
+    for source, target in request["bind_files"]:
+        stage[0] = f"mounting {target}"
+        syscalls.mount(source, target, None, syscalls.MS_BIND)
+        syscalls.mount(
+            None, target, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+        )
+    stage[0] = "cgroup"
+    for procs in request["cgroup_procs"]:
+        with open(procs, "w") as f:
+            f.write("0")
+
+
+def _drop_privileges(request: dict[str, Any]) -> None:
+    """No capabilities, no supplementary groups, the job's uid/gid, no_new_privs."""
+    syscalls.lock_out_capabilities()
+    os.setgroups([])
+    os.setresgid(request["gid"], request["gid"], request["gid"])
+    os.setresuid(request["uid"], request["uid"], request["uid"])
+    syscalls.clear_capability_sets()
+    syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+
+
 def _child(request: dict[str, Any], stdio: list[int], report_fd: int) -> None:
     """Runs in the forked job process: set up the jail side, then exec. Never returns."""
-    stage = "signals"
+    stage = ["signals"]
     try:
         for sig in _RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        stage = "session"
+        stage[0] = "session"
         os.setsid()
-        stage = "network namespace"
-        ns_fd = os.open(request["netns_path"], os.O_RDONLY | os.O_CLOEXEC)
-        syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
-        os.close(ns_fd)
-        stage = "mount namespace"
-        syscalls.unshare(syscalls.CLONE_NEWNS)
-        # Private first, so nothing we mount propagates back to the host.
-        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-        for path in request["hide_paths"]:
-            stage = f"hiding {path}"
-            syscalls.mount(
-                "netjail",
-                path,
-                "tmpfs",
-                syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
-                "size=4k,mode=755",
-            )
-        for source, target in request["bind_files"]:
-            stage = f"mounting {target}"
-            syscalls.mount(source, target, None, syscalls.MS_BIND)
-            syscalls.mount(
-                None, target, None, syscalls.MS_BIND | 0x20 | syscalls.MS_RDONLY  # MS_REMOUNT
-            )
-        stage = "cgroup"
-        for procs in request["cgroup_procs"]:
-            with open(procs, "w") as f:
-                f.write("0")
-        stage = "stdio"
+        _enter_jail(request, stage)
+        stage[0] = "stdio"
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        stage = "privileges"
-        syscalls.lock_out_capabilities()
-        os.setgroups([])
-        os.setresgid(request["gid"], request["gid"], request["gid"])
-        os.setresuid(request["uid"], request["uid"], request["uid"])
-        syscalls.clear_capability_sets()
-        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-        stage = "working directory"
+        stage[0] = "privileges"
+        _drop_privileges(request)
+        stage[0] = "working directory"
         # After the privilege drop, so the job user's own permissions decide.
         os.chdir(request["cwd"])
-        stage = "exec"
+        stage[0] = "exec"
         os.closerange(3, report_fd)
         os.closerange(report_fd + 1, 65536)
-        os.execvpe(request["argv"][0], request["argv"], request["env"])
+        os.execvpe(request["argv"][0], request["argv"], request["env"])  # noqa: S606 - exec is the point
     except OSError as e:
         detail = e.strerror or str(e)
-        if stage == "working directory":
+        if stage[0] == "working directory":
             detail = f"{request['cwd']}: {detail}"
-        elif stage == "exec":
+        elif stage[0] == "exec":
             detail = f"{request['argv'][0]}: {detail}"
-        message = json.dumps({"stage": stage, "errno": e.errno or 0, "detail": detail})
+        message = json.dumps({"stage": stage[0], "errno": e.errno or 0, "detail": detail})
         with contextlib.suppress(OSError):
             os.write(report_fd, message.encode()[:4000])
-    except BaseException as e:  # noqa: BLE001 - anything else must still be reported, not raised
+    # Anything else must still be reported, not raised.
+    except BaseException as e:
+        failure = {"stage": stage[0], "errno": 0, "detail": repr(e)}
         with contextlib.suppress(OSError):
-            os.write(report_fd, json.dumps({"stage": stage, "errno": 0, "detail": repr(e)}).encode())
+            os.write(report_fd, json.dumps(failure).encode()[:4000])
     os._exit(127)
 
 
