@@ -33,16 +33,32 @@ def _fail(message: str, code: int = EXIT_NETJAIL) -> NoReturn:
 
 
 def format_event(event: p.Event) -> str:
-    """One human line for an event, e.g. ``blocked tcp 203.0.113.9:443 uid=65534``."""
+    """One human line for an event.
+
+    ``blocked tcp 203.0.113.9:443 uid=65534``, ``blocked tcp api.stripe.com (198.18.0.3):443
+    uid=65534``, ``blocked dns api.stripe.com A``, ``allowed tcp pypi.org (198.18.0.2):443
+    uid=65534 out=517 in=6120``, ``redirected udp 8.8.8.8:53 uid=65534 (foreign_resolver)``.
+    """
+    if event.kind == "dns" and event.via == "dns":
+        text = f"{event.verdict} dns {sanitize(event.domain or '?')} {event.qtype or '?'}"
+        if event.reason and event.reason != "not-allowed" and event.verdict == "blocked":
+            text += f" ({event.reason})"
+        return text + (f" x{event.count}" if event.count > 1 else "")
     dst = event.dst or "?"
-    if event.family == 6 and event.port is not None:
-        dst = f"[{dst}]"
-    where = f"{dst}:{event.port}" if event.port is not None else dst
+    port = f":{event.port}" if event.port is not None else ""
     if event.domain:
-        where = f"{sanitize(event.domain)} ({where})"
+        where = f"{sanitize(event.domain)} ({dst}){port}"
+    elif event.family == 6 and port:
+        where = f"[{dst}]{port}"
+    else:
+        where = f"{dst}{port}"
     text = f"{event.verdict} {event.proto} {where}"
     if event.uid is not None:
         text += f" uid={event.uid}"
+    if event.verdict == "allowed" and event.bytes_out is not None:
+        text += f" out={event.bytes_out} in={event.bytes_in}"
+    if event.reason and event.verdict != "allowed":
+        text += f" ({event.reason})"
     if event.count > 1:
         text += f" x{event.count}"
     return text
@@ -182,6 +198,22 @@ def _stdio_fds() -> list[int]:
     help="Time between SIGTERM and SIGKILL on timeout [default 2s].",
 )
 @click.option(
+    "--allow",
+    multiple=True,
+    metavar="RULE",
+    help="Allow a destination: NAME, *.NAME, NAME:PORT[,PORT], CIDR:PORT (repeatable).",
+)
+@click.option(
+    "--deny", multiple=True, metavar="RULE", help="Deny a destination; beats --allow (repeatable)."
+)
+@click.option(
+    "--add-host",
+    "add_hosts",
+    multiple=True,
+    metavar="NAME:IP",
+    help="Connect NAME to IP instead of resolving it (may be private) (repeatable).",
+)
+@click.option(
     "--report",
     "report_path",
     type=click.Path(dir_okay=False, writable=True),
@@ -189,6 +221,9 @@ def _stdio_fds() -> list[int]:
     help="Write the job report as JSON to FILE.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Do not print events on stderr.")
+@click.option(
+    "--verbose", "-v", is_flag=True, help="Also print allowed connections and DNS answers."
+)
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def run(
@@ -203,8 +238,12 @@ def run(
     pids: int | None,
     timeout: float | None,
     kill_grace: float | None,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
+    add_hosts: tuple[str, ...],
     report_path: str | None,
     quiet: bool,
+    verbose: bool,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a jail; its exit status is passed through.
@@ -223,8 +262,9 @@ def run(
                 client.kill(job_id[0], signum)
 
     def on_event(event: p.Event) -> None:
-        if not quiet:
-            click.echo(f"netjail: {format_event(event)}", err=True)
+        if quiet or (event.verdict == "allowed" and not verbose):
+            return
+        click.echo(f"netjail: {format_event(event)}", err=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
@@ -242,6 +282,9 @@ def run(
             pids=pids,
             timeout_s=timeout,
             kill_grace_s=kill_grace,
+            allow=list(allow),
+            deny=list(deny),
+            add_hosts=list(add_hosts),
             on_event=on_event,
             on_start=lambda job, _pid: job_id.append(job),
         )

@@ -157,6 +157,9 @@ class Client:
         pids: int | None = None,
         timeout_s: float | None = None,
         kill_grace_s: float | None = None,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        add_hosts: Sequence[str] = (),
         on_event: Callable[[p.Event], None] | None = None,
         on_start: Callable[[str, int], None] | None = None,
     ) -> JobResult:
@@ -165,7 +168,9 @@ class Client:
         ``stdio``: "null" (default: /dev/null), "capture" (stdout/stderr returned in the result,
         at most ``capture_bytes`` each, with a truncated flag in the report), or "fds" (the job
         uses ``fds`` as its stdin, stdout, stderr). ``on_event`` is called for each event as it
-        happens; ``on_start`` with the job id and pid once the job runs.
+        happens; ``on_start`` with the job id and pid once the job runs. ``allow``/``deny`` are
+        policy rules ("pypi.org", "*.github.com:443", "10.0.0.0/8:5432"); with none, nothing
+        goes out. ``add_hosts`` are "NAME:IP" pairs the proxy uses instead of DNS.
         """
         request = p.RunRequest(
             argv=list(argv),
@@ -181,6 +186,9 @@ class Client:
             pids=pids,
             timeout_s=timeout_s,
             kill_grace_s=kill_grace_s,
+            allow=list(allow),
+            deny=list(deny),
+            add_hosts=list(add_hosts),
         )
         conn = self._connect()
         try:

@@ -32,6 +32,7 @@ _Arg = Annotated[str, msgspec.Meta(max_length=65536)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFE)]
 _Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
+_Rule = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
 
 class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
@@ -60,6 +61,11 @@ class RunRequest(_Request, tag="run"):
     pids: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)] | None = None
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)] | None = None
     kill_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
+    #: Domain policy: rules such as "pypi.org", "*.github.com:443", "10.0.0.0/8:5432".
+    allow: Annotated[list[_Rule], msgspec.Meta(max_length=1024)] = []
+    deny: Annotated[list[_Rule], msgspec.Meta(max_length=1024)] = []
+    #: "NAME:IP" pairs the proxy uses instead of DNS for this job (and may reach even if private).
+    add_hosts: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
 
 
 class KillRequest(_Request, tag="kill"):
@@ -118,6 +124,15 @@ class AppliedLimits(msgspec.Struct, kw_only=True):
     kill_grace_s: float
 
 
+class DomainSummary(msgspec.Struct, kw_only=True):
+    """What a job did with one domain name."""
+
+    allowed: int = 0
+    blocked: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+
 class Report(msgspec.Struct, kw_only=True):
     """The final report of a job."""
 
@@ -142,6 +157,8 @@ class Report(msgspec.Struct, kw_only=True):
     memory_peak_bytes: int | None = None
     pids_peak: int | None = None
     limits: AppliedLimits | None = None
+    #: Per domain name: connections allowed and blocked (DNS queries included), bytes relayed.
+    domains: dict[str, DomainSummary] = {}
 
 
 class JobInfo(msgspec.Struct, kw_only=True):

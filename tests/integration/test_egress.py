@@ -81,20 +81,45 @@ def test_bash_dev_tcp_is_refused_and_reported(client: Client) -> None:
     assert_blocked(only_event(result), "tcp", TARGET, 25)
 
 
-def test_udp_dns_to_public_resolver_is_rejected_in_the_jail(client: Client) -> None:
-    """A UDP datagram to 8.8.8.8:53 never leaves: sendto fails with EPERM, and it is logged."""
+def test_hard_coded_resolver_is_answered_by_the_stub_and_logged(client: Client) -> None:
+    """A DNS query sent to 8.8.8.8:53 never leaves: the stub answers NXDOMAIN, both are logged."""
     code = (
         "import socket\n"
+        "query = bytes.fromhex('abcd01000001000000000000') + "
+        "b'\\x03api\\x06stripe\\x03com\\x00' + bytes.fromhex('00010001')\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "try:\n"
-        "    s.sendto(b'x' * 12, ('8.8.8.8', 53))\n"
-        "    print('sent')\n"
-        "except PermissionError:\n"
-        "    print('rejected')\n"
+        "s.settimeout(20)\n"
+        "s.sendto(query, ('8.8.8.8', 53))\n"
+        "reply, peer = s.recvfrom(512)\n"
+        "print(peer[0], reply[:2].hex(), reply[3] & 0x0F)\n"
     )
     result = run(client, [PY, "-c", code])
-    assert result.stdout == b"rejected\n"
-    assert_blocked(only_event(result), "udp", "8.8.8.8", 53)
+    assert result.stdout == b"8.8.8.8 abcd 3\n"  # the reply seems to come from 8.8.8.8; rcode 3
+    redirected, query = result.events
+    assert (redirected.kind, redirected.verdict, redirected.reason) == (
+        "dns",
+        "redirected",
+        "foreign_resolver",
+    )
+    assert (redirected.proto, redirected.dst, redirected.port, redirected.uid) == (
+        "udp",
+        "8.8.8.8",
+        53,
+        65534,
+    )
+    assert (query.kind, query.verdict, query.domain, query.qtype) == (
+        "dns",
+        "blocked",
+        "api.stripe.com",
+        "A",
+    )
+
+
+def test_dns_over_tls_is_rejected_and_reported(client: Client) -> None:
+    """DNS over TLS (853) is not DNS to the stub: it is refused and logged like any TCP."""
+    result = run(client, ["curl", "-sS", "--max-time", "20", "telnet://8.8.8.8:853"])
+    assert result.exit_code == 7
+    assert_blocked(only_event(result), "tcp", "8.8.8.8", 853)
 
 
 def test_ipv6_connect_is_refused_and_reported(client: Client) -> None:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from netjail.errors import FirewallError
-from netjail.kernel.firewall import NFLOG_GROUP, JailRules, build_ruleset, log_prefix
+from netjail.kernel.firewall import (
+    NFLOG_GROUP,
+    JailRules,
+    ProxiedRange,
+    build_ruleset,
+    log_prefix,
+)
 
 EXPECTED_RULESET = """\
 table inet netjail {
 \tchain output {
 \t\ttype filter hook output priority filter; policy drop;
 \t\toif "lo" accept
+\t\tfib daddr type local accept
 \t\ticmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, \
 mld-listener-report, mld2-listener-report } accept
 \t\tlog prefix "netjail j-0123abcd " group 1 snaplen 128
@@ -23,8 +32,38 @@ mld-listener-report, mld2-listener-report } accept
 
 
 def test_build_ruleset_exact_text() -> None:
-    """The ruleset is exactly: allow lo and kernel ICMPv6, log, reset TCP, reject the rest."""
+    """The ruleset is exactly: allow local and kernel ICMPv6, log, reset TCP, reject the rest."""
     assert build_ruleset(JailRules("j-0123abcd")) == EXPECTED_RULESET
+
+
+EXPECTED_DIVERT = """\
+\tchain divert {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tmeta l4proto { tcp, udp } th dport 53 ip daddr != 127.0.0.1 \
+log prefix "netjail j-0123abcd dns " group 1 snaplen 128
+\t\tmeta l4proto { tcp, udp } th dport 53 ip6 daddr != ::1 \
+log prefix "netjail j-0123abcd dns " group 1 snaplen 128
+\t\tmeta l4proto { tcp, udp } th dport 53 redirect to :53
+\t\tip daddr 198.18.0.0/15 meta l4proto tcp redirect to :999
+\t\tip6 daddr 2001:db8::/32 tcp dport { 80, 443 } redirect to :999
+\t}
+"""
+
+
+def test_build_ruleset_with_dns_stub_and_proxy_exact_text() -> None:
+    """DNS (any resolver) is logged then redirected to the stub; proxied TCP to the proxy."""
+    rules = JailRules(
+        "j-0123abcd",
+        dns_stub=True,
+        proxied=(
+            ProxiedRange(ipaddress.ip_network("198.18.0.0/15"), None),
+            ProxiedRange(ipaddress.ip_network("2001:db8::/32"), frozenset({443, 80})),
+        ),
+    )
+    expected = EXPECTED_RULESET.replace(
+        "table inet netjail {\n", "table inet netjail {\n" + EXPECTED_DIVERT
+    )
+    assert build_ruleset(rules) == expected
 
 
 def test_build_ruleset_uses_the_given_nflog_group() -> None:

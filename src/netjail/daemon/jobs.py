@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import os
 import secrets
@@ -18,18 +19,22 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from netjail.daemon.config import Limits
+from netjail.daemon.dnsstub import DnsStub
 from netjail.daemon.events import JobEvents, rfc3339
+from netjail.daemon.proxy import IPAddress, Proxy
+from netjail.dnsanswer import SYNTHETIC_NETWORK, BlockedRcode, SyntheticPool
 from netjail.errors import JailError, NetjailError, NotFoundError, RequestError
 from netjail.kernel import cgroup as cgroups
-from netjail.kernel import firewall, netns, nflog
+from netjail.kernel import firewall, listeners, netns, nflog
 from netjail.kernel.cgroup import CgroupManager, JobCgroup
 from netjail.kernel.peer import PeerCred, pids_in_netns
 from netjail.kernel.spawn import ExitStatus, ForkServer, SpawnedJob, SpawnRequest
-from netjail.protocol import AppliedLimits, Event, Report
+from netjail.policy import CidrRule, Policy
+from netjail.protocol import AppliedLimits, DomainSummary, Event, Report
 from netjail.units import format_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -51,6 +56,24 @@ class JobSpec:
     owner: PeerCred
     limits: AppliedLimits
     capture_bytes: int | None  # None: stdio is given as fds
+    policy: Policy = field(default_factory=lambda: Policy([]))
+    #: The job's --add-host entries: resolved without DNS, reachable even if not global.
+    job_hosts: Mapping[str, IPAddress] = field(default_factory=dict)
+    blocked_dns_answer: BlockedRcode = "NXDOMAIN"
+
+
+@dataclass
+class JailSockets:
+    """The daemon's sockets inside one jail, made by the netns thread."""
+
+    nflog: socket.socket
+    dns_udp: list[socket.socket]
+    dns_tcp: list[socket.socket]
+    proxy: list[socket.socket]
+
+    def close(self) -> None:
+        for sock in [self.nflog, *self.dns_udp, *self.dns_tcp, *self.proxy]:
+            sock.close()
 
 
 EventSink = Callable[[Event], None]
@@ -78,6 +101,10 @@ class Job:
     cgroup: JobCgroup | None = None
     process: SpawnedJob | None = None
     nflog_sock: socket.socket | None = None
+    sockets: JailSockets | None = None
+    pool: SyntheticPool = field(default_factory=SyntheticPool)
+    dns_stub: DnsStub | None = None
+    proxy: Proxy | None = None
     events: JobEvents = field(default_factory=JobEvents)
     sinks: list[EventSink] = field(default_factory=list)
     captures: list[_Capture] = field(default_factory=list)
@@ -99,6 +126,7 @@ class JobManager:
         hide_paths: list[str],
         limits: Limits,
         log: Callable[..., None],
+        daemon_hosts: Mapping[str, IPAddress] | None = None,
     ) -> None:
         self._forkserver = forkserver
         self._cgroups = cgroups
@@ -112,7 +140,13 @@ class JobManager:
         self.jobs_total = 0
         self.events_seen = 0
         self.events_lost = 0
+        self._daemon_hosts: Mapping[str, IPAddress] = daemon_hosts or {}
         os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+        # Every job's /etc/resolv.conf: the stub, on both loopbacks. Bind-mounted read-only.
+        self._resolv_conf = os.path.join(state_dir, "resolv.conf")
+        with open(self._resolv_conf, "w") as f:
+            f.write("nameserver 127.0.0.1\nnameserver ::1\noptions edns0 timeout:2 attempts:2\n")
+        os.chmod(self._resolv_conf, 0o644)
 
     # ------------------------------------------------------------------ lookup
 
@@ -176,12 +210,15 @@ class JobManager:
                 ),
             )
             marks.append(time.perf_counter())
-            job.nflog_sock = await asyncio.wrap_future(
-                netns.run_in_new_netns(job.netns_name, lambda: _build_jail(job_id))
+            rules = firewall.JailRules(job_id, dns_stub=True, proxied=_proxied_ranges(spec.policy))
+            job.sockets = await asyncio.wrap_future(
+                netns.run_in_new_netns(job.netns_name, lambda: _build_jail(rules))
             )
+            job.nflog_sock = job.sockets.nflog
             job.netns_inode = netns.netns_inode(netns.netns_path(job.netns_name))
             loop = asyncio.get_running_loop()
             loop.add_reader(job.nflog_sock.fileno(), self._on_nflog, job)
+            await self._start_services(job)
             if spec.capture_bytes is None:
                 child_stdio = stdio
             else:
@@ -195,6 +232,7 @@ class JobManager:
                 netns_path=netns.netns_path(job.netns_name),
                 hide_paths=self._hide_paths,
                 cgroup_procs=list(job.cgroup.procs_files),
+                bind_files=[(self._resolv_conf, "/etc/resolv.conf")],
             )
             marks.append(time.perf_counter())
             job.process = await self._forkserver.spawn(request, child_stdio)
@@ -226,6 +264,34 @@ class JobManager:
             spawn_ms=round((marks[3] - marks[2]) * 1000, 2),
         )
         return job
+
+    async def _start_services(self, job: Job) -> None:
+        """The job's DNS stub and proxy, serving the sockets made inside its jail."""
+        assert job.sockets is not None  # noqa: S101 - set by start() just before
+        spec = job.spec
+
+        def record(event: Event) -> None:
+            self._record(job, event, time.monotonic())
+
+        job.dns_stub = DnsStub(
+            job_id=job.id,
+            uid=spec.uid,
+            policy=spec.policy,
+            pool=job.pool,
+            blocked_rcode=spec.blocked_dns_answer,
+            record=record,
+        )
+        await job.dns_stub.start(job.sockets.dns_udp, job.sockets.dns_tcp)
+        job.proxy = Proxy(
+            job_id=job.id,
+            uid=spec.uid,
+            policy=spec.policy,
+            pool=job.pool,
+            job_hosts=spec.job_hosts,
+            daemon_hosts=self._daemon_hosts,
+            record=record,
+        )
+        await job.proxy.start(job.sockets.proxy)
 
     def _make_captures(self, job: Job, limit: int, child_fds: list[int]) -> list[int]:
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -282,13 +348,18 @@ class JobManager:
             summary = nflog.parse_ip_packet(packet.payload)
             if summary is None:
                 continue
+            # A DNS packet to a foreign resolver, logged by the redirect chain on its way to the
+            # stub: it never left, and the stub reports the query itself.
+            redirected = packet.prefix.endswith(f" {firewall.DNS_REDIRECT_MARK} ")
             self._record(
                 job,
                 Event(
                     job=job.id,
                     time=rfc3339(time.time()),
-                    kind="egress",
-                    verdict="blocked",
+                    kind="dns" if redirected else "egress",
+                    verdict="redirected" if redirected else "blocked",
+                    domain=_synthetic_name(job.pool, summary.dst),
+                    reason="foreign_resolver" if redirected else None,
                     proto=summary.proto,
                     family=summary.family,
                     dst=summary.dst,
@@ -394,6 +465,7 @@ class JobManager:
             pids_peak=usage.pids_peak if usage else None,
             limits=job.spec.limits,
         )
+        report.domains = summarize_domains(job.events.events)
         if len(job.captures) == 2:
             out, err = job.captures
             report.stdout, report.stdout_truncated = bytes(out.data), out.truncated
@@ -416,11 +488,17 @@ class JobManager:
     async def _teardown(self, job: Job) -> None:
         """Remove everything the job had; safe to call on a half-built job."""
         loop = asyncio.get_running_loop()
+        if job.dns_stub is not None:
+            job.dns_stub.close()
+        if job.proxy is not None:
+            job.proxy.close()
         if job.nflog_sock is not None:
             with contextlib.suppress(Exception):
                 loop.remove_reader(job.nflog_sock.fileno())
-            job.nflog_sock.close()
             job.nflog_sock = None
+        if job.sockets is not None:
+            job.sockets.close()
+            job.sockets = None
         for capture in job.captures:
             if not capture.closed:
                 with contextlib.suppress(Exception):
@@ -506,17 +584,61 @@ def _allow_ping_sockets() -> None:
         f.write("0 2147483647")
 
 
-def _build_jail(job_id: str) -> socket.socket:
-    """Runs on the netns thread, inside the new jail: interfaces, ruleset, NFLOG socket."""
+def _build_jail(rules: firewall.JailRules) -> JailSockets:
+    """Runs on the netns thread, inside the new jail: interfaces, ruleset, the daemon's sockets."""
     netns.configure_jail_interfaces()
     _allow_ping_sockets()
-    firewall.apply_ruleset(firewall.build_ruleset(firewall.JailRules(job_id)))
+    firewall.apply_ruleset(firewall.build_ruleset(rules))
     try:
-        return nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
+        nflog_sock = nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
     except OSError as e:
         raise JailError(
             f"cannot receive NFLOG events ({e.strerror}): is nfnetlink_log available?"
         ) from None
+    try:
+        dns_udp, dns_tcp = listeners.open_dns_sockets()
+        try:
+            proxy = listeners.open_proxy_listeners()
+        except BaseException:
+            for sock in dns_udp + dns_tcp:
+                sock.close()
+            raise
+    except OSError as e:
+        nflog_sock.close()
+        raise JailError(f"cannot open the jail's DNS stub or proxy sockets: {e.strerror}") from None
+    return JailSockets(nflog=nflog_sock, dns_udp=dns_udp, dns_tcp=dns_tcp, proxy=proxy)
+
+
+def _proxied_ranges(policy: Policy) -> tuple[firewall.ProxiedRange, ...]:
+    """TCP the firewall must send to the proxy: the synthetic pool, and every CIDR allow rule."""
+    ranges = [firewall.ProxiedRange(SYNTHETIC_NETWORK, None)]
+    for rule in policy.allow:
+        if isinstance(rule, CidrRule):
+            ranges.append(firewall.ProxiedRange(rule.network, rule.ports))
+    return tuple(ranges)
+
+
+def _synthetic_name(pool: SyntheticPool, dst: str) -> str | None:
+    try:
+        return pool.name_for(ipaddress.ip_address(dst))
+    except ValueError:
+        return None
+
+
+def summarize_domains(events: list[Event]) -> dict[str, DomainSummary]:
+    """Per domain: allowed and blocked attempts (connections and DNS queries), bytes relayed."""
+    summary: dict[str, DomainSummary] = {}
+    for event in events:
+        if event.domain is None or event.verdict not in ("allowed", "blocked"):
+            continue
+        entry = summary.setdefault(event.domain, DomainSummary())
+        if event.verdict == "allowed":
+            entry.allowed += event.count
+        else:
+            entry.blocked += event.count
+        entry.bytes_out += event.bytes_out or 0
+        entry.bytes_in += event.bytes_in or 0
+    return summary
 
 
 def applied_limits(

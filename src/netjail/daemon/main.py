@@ -204,6 +204,7 @@ def main(
             ],
             limits=config.limits,
             log=log,
+            daemon_hosts=config.hosts,
         )
         sdnotify.notify_status("removing leftovers of a previous run")
         for item in jobs.recover():
@@ -233,5 +234,3 @@ def _refuse_unbuilt(config: Config) -> None:
         raise ConfigError(f'log_backend = {config.log_backend!r} is not supported yet; use "nflog"')
     if config.firewall != "nftables":
         raise ConfigError(f'firewall = {config.firewall!r} is not supported yet; use "nftables"')
-    if config.policy.default_allow or config.policy.default_deny:
-        raise ConfigError("policy.default_allow/default_deny are not supported yet")

@@ -12,6 +12,7 @@ import array
 import asyncio
 import contextlib
 import grp
+import ipaddress
 import os
 import socket
 import time
@@ -26,9 +27,12 @@ from netjail._version import __version__
 from netjail.daemon.config import Config
 from netjail.daemon.events import rfc3339
 from netjail.daemon.jobs import DEFAULT_PATH, NOBODY, Job, JobManager, JobSpec, applied_limits
+from netjail.daemon.proxy import IPAddress
 from netjail.errors import NetjailError, PermissionDeniedError, ProtocolError, RequestError
 from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
 from netjail.kernel.spawn import ExecError
+from netjail.policy import Policy, canonical_name
+from netjail.text import sanitize
 
 #: Streamed events queued for one client before further ones are dropped (and counted).
 MAX_QUEUED_EVENTS = 1000
@@ -383,6 +387,7 @@ class Server:
             raise RequestError("cwd must be an absolute path")
         env = {"PATH": DEFAULT_PATH, "HOME": "/", "LANG": "C.UTF-8"}
         env.update(request.env)
+        policy, job_hosts = self._policy(request)
         limits = applied_limits(
             self.jobs.limits,
             memory=request.memory_bytes,
@@ -400,7 +405,34 @@ class Server:
             owner=peer,
             limits=limits,
             capture_bytes=request.capture_bytes if request.stdio == "capture" else None,
+            policy=policy,
+            job_hosts=job_hosts,
+            blocked_dns_answer=self.config.policy.blocked_dns_answer,
         )
+
+    def _policy(self, request: p.RunRequest) -> tuple[Policy, dict[str, IPAddress]]:
+        """The job's rules: its own allow rules (else the daemon's default), plus every deny.
+
+        The operator's default_deny always applies, so a client cannot allow it back.
+        """
+        allow = request.allow or list(self.config.policy.default_allow)
+        deny = [*request.deny, *self.config.policy.default_deny]
+        policy = Policy.parse(allow, deny)
+        job_hosts: dict[str, IPAddress] = {}
+        for entry in request.add_hosts:
+            name, sep, address = entry.rpartition(":")
+            canonical = canonical_name(name) if sep else None
+            try:
+                ip = ipaddress.ip_address(address.strip("[]"))
+            except ValueError:
+                ip = None
+            if canonical is None or ip is None:
+                raise RequestError(
+                    f"invalid --add-host {sanitize(entry)!r}: use NAME:IP, "
+                    "e.g. api.example.test:192.0.2.10"
+                )
+            job_hosts[canonical] = ip
+        return policy, job_hosts
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -9,8 +9,9 @@ socket, and so the table, belong to the netns the calling thread is in.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netjail.errors import FirewallError
 
@@ -31,12 +32,35 @@ _KERNEL_ICMPV6 = (
 )
 
 
+#: The daemon's in-jail transparent proxy port. Below 1024, so no unprivileged job can bind it
+#: first, and the daemon binds it before the job exists anyway.
+PROXY_PORT = 999
+#: The DNS stub's port (on 127.0.0.1 and ::1 inside the jail).
+DNS_PORT = 53
+#: Suffix of the log prefix marking a DNS packet to a foreign resolver, redirected to the stub.
+DNS_REDIRECT_MARK = "dns"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ProxiedRange:
+    """A CIDR rule's traffic: TCP to ``network`` (on ``ports``; None = all) goes to the proxy."""
+
+    network: IPNetwork
+    ports: frozenset[int] | None
+
+
 @dataclass(frozen=True)
 class JailRules:
     """What a jail's ruleset is made of."""
 
     job_id: str
     nflog_group: int = NFLOG_GROUP
+    #: Redirect every DNS packet (any destination, UDP and TCP) to the in-jail stub.
+    dns_stub: bool = False
+    #: TCP to these networks is redirected to the in-jail proxy (the synthetic pool, CIDR rules).
+    proxied: tuple[ProxiedRange, ...] = field(default_factory=tuple)
 
 
 def log_prefix(job_id: str) -> str:
@@ -49,15 +73,20 @@ def build_ruleset(rules: JailRules) -> str:
 
     REJECT, never DROP: a dropped SYN makes the job's client hang until its own timeout, a
     reset fails it in milliseconds. The chain policy is drop only as a backstop.
+
+    Local traffic is matched twice: ``oif "lo"`` for what was sent to a local address, and
+    ``fib daddr type local`` for what the divert chain redirected to the stub or proxy — the
+    output device a hook reports is fixed when the hook starts, so after the redirect's
+    re-route the packet still shows the original device while it is going to lo.
     """
     if not _JOB_ID.fullmatch(rules.job_id):
         raise FirewallError(f"invalid job id for a log prefix: {rules.job_id!r}")
     prefix = log_prefix(rules.job_id)
     return (
-        f"table inet {TABLE} {{\n"
-        "\tchain output {\n"
+        f"table inet {TABLE} {{\n" + _nat_chain(rules, prefix) + "\tchain output {\n"
         "\t\ttype filter hook output priority filter; policy drop;\n"
         '\t\toif "lo" accept\n'
+        "\t\tfib daddr type local accept\n"
         f"\t\ticmpv6 type {{ {_KERNEL_ICMPV6} }} accept\n"
         f'\t\tlog prefix "{prefix}" group {rules.nflog_group} snaplen {NFLOG_SNAPLEN}\n'
         "\t\tmeta l4proto tcp reject with tcp reset\n"
@@ -65,6 +94,36 @@ def build_ruleset(rules: JailRules) -> str:
         "\t}\n"
         "}\n"
     )
+
+
+def _nat_chain(rules: JailRules, prefix: str) -> str:
+    """Redirects, evaluated before the filter chain: DNS to the stub, proxied TCP to the proxy.
+
+    A redirected packet leaves on lo, so the filter chain's ``oif "lo" accept`` lets it through;
+    nothing redirected can leave the jail. DNS to a foreign resolver is logged first (with a
+    distinct prefix) so the report can say which resolver the job tried.
+    """
+    if not rules.dns_stub and not rules.proxied:
+        return ""
+    lines = ["\tchain divert {", "\t\ttype nat hook output priority -100; policy accept;"]
+    if rules.dns_stub:
+        mark = (
+            f'log prefix "{prefix}{DNS_REDIRECT_MARK} " '
+            f"group {rules.nflog_group} snaplen {NFLOG_SNAPLEN}"
+        )
+        lines += [
+            f"\t\tmeta l4proto {{ tcp, udp }} th dport {DNS_PORT} ip daddr != 127.0.0.1 {mark}",
+            f"\t\tmeta l4proto {{ tcp, udp }} th dport {DNS_PORT} ip6 daddr != ::1 {mark}",
+            f"\t\tmeta l4proto {{ tcp, udp }} th dport {DNS_PORT} redirect to :{DNS_PORT}",
+        ]
+    for item in rules.proxied:
+        family = "ip" if item.network.version == 4 else "ip6"
+        match = "meta l4proto tcp"
+        if item.ports is not None:
+            match = "tcp dport { " + ", ".join(str(p) for p in sorted(item.ports)) + " }"
+        lines.append(f"\t\t{family} daddr {item.network} {match} redirect to :{PROXY_PORT}")
+    lines.append("\t}")
+    return "\n".join(lines) + "\n"
 
 
 class _Libnftables:

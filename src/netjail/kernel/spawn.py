@@ -109,6 +109,13 @@ def _enter_jail(request: dict[str, Any], stage: list[str]) -> None:
     syscalls.unshare(syscalls.CLONE_NEWNS)
     # Private first, so nothing we mount propagates back to the host.
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    # Bind first: a source may live in a directory that is hidden next.
+    for source, target in request["bind_files"]:
+        stage[0] = f"mounting {target}"
+        syscalls.mount(source, target, None, syscalls.MS_BIND)
+        syscalls.mount(
+            None, target, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+        )
     for path in request["hide_paths"]:
         stage[0] = f"hiding {path}"
         syscalls.mount(
@@ -117,12 +124,6 @@ def _enter_jail(request: dict[str, Any], stage: list[str]) -> None:
             "tmpfs",
             syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
             "size=4k,mode=755",
-        )
-    for source, target in request["bind_files"]:
-        stage[0] = f"mounting {target}"
-        syscalls.mount(source, target, None, syscalls.MS_BIND)
-        syscalls.mount(
-            None, target, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
         )
     stage[0] = "cgroup"
     for procs in request["cgroup_procs"]:

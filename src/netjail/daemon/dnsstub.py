@@ -1,0 +1,136 @@
+"""A job's DNS stub: answers every query the job makes (UDP and TCP, 127.0.0.1 and ::1).
+
+The answers come from ``netjail.dnsanswer`` (pure); this module only moves bytes, within
+bounds: datagrams of at most 64 KiB, TCP messages length-prefixed, a few TCP connections at a
+time, each idle-limited. Nothing here ever sends a query anywhere: allowed names get synthetic
+addresses, and the proxy resolves the real ones on the host side when a connection comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+
+from netjail.daemon.events import rfc3339
+from netjail.dnsanswer import BlockedRcode, DnsOutcome, SyntheticPool, answer_query
+from netjail.policy import Policy
+from netjail.protocol import Event
+
+_MAX_DATAGRAM = 65535
+#: Datagrams handled per wake-up, so a flooding job cannot starve the loop.
+_BURST = 64
+_TCP_IDLE_S = 10.0
+_TCP_MAX_CONNECTIONS = 32
+_TCP_MAX_QUERIES = 100
+
+
+class DnsStub:
+    """Serves one job's DNS sockets on the running loop."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        uid: int,
+        policy: Policy,
+        pool: SyntheticPool,
+        blocked_rcode: BlockedRcode,
+        record: Callable[[Event], None],
+    ) -> None:
+        self._job_id = job_id
+        self._uid = uid
+        self._policy = policy
+        self._pool = pool
+        self._blocked_rcode: BlockedRcode = blocked_rcode
+        self._record = record
+        self._udp: list[socket.socket] = []
+        self._servers: list[asyncio.Server] = []
+        self._tcp_tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, udp: list[socket.socket], tcp: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in udp:
+            self._udp.append(sock)
+            loop.add_reader(sock.fileno(), self._on_datagram, sock)
+        for listener in tcp:
+            self._servers.append(await asyncio.start_server(self._on_tcp, sock=listener))
+
+    def close(self) -> None:
+        """Stop serving; close every socket (the jail is going away)."""
+        loop = asyncio.get_running_loop()
+        for sock in self._udp:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        self._udp.clear()
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for task in self._tcp_tasks:
+            task.cancel()
+
+    def _answer(self, query: bytes, proto: str, family: int) -> bytes | None:
+        outcome = answer_query(query, self._policy, self._pool, blocked_rcode=self._blocked_rcode)
+        self._report(outcome, proto, family)
+        return outcome.reply
+
+    def _report(self, outcome: DnsOutcome, proto: str, family: int) -> None:
+        self._record(
+            Event(
+                job=self._job_id,
+                time=rfc3339(time.time()),
+                kind="dns",
+                verdict=outcome.verdict,
+                proto=proto,
+                family=family,
+                dst=None,
+                port=53,
+                uid=self._uid,
+                count=1,
+                via="dns",
+                domain=outcome.domain,
+                qtype=outcome.qtype,
+                reason=outcome.reason,
+            )
+        )
+
+    def _on_datagram(self, sock: socket.socket) -> None:
+        family = 4 if sock.family == socket.AF_INET else 6
+        for _ in range(_BURST):
+            try:
+                query, peer = sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # e.g. ECONNREFUSED from an earlier reply's ICMP: nothing to do
+            reply = self._answer(query, "udp", family)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(reply, peer)
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self._tcp_tasks) >= _TCP_MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._tcp_tasks.add(task)
+        sock = writer.get_extra_info("socket")
+        family = 4 if sock is not None and sock.family == socket.AF_INET else 6
+        try:
+            for _ in range(_TCP_MAX_QUERIES):
+                header = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_S)
+                length = int.from_bytes(header, "big")
+                query = await asyncio.wait_for(reader.readexactly(length), _TCP_IDLE_S)
+                reply = self._answer(query, "tcp", family)
+                if reply is None:
+                    break
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            self._tcp_tasks.discard(task)
+            writer.close()

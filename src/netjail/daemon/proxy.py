@@ -1,0 +1,289 @@
+"""A job's transparent proxy: the only way a jailed TCP connection reaches anything.
+
+The jail's firewall redirects TCP to the synthetic pool (and to CIDR-rule ranges) to this
+proxy's in-jail listener. For each connection it finds where the job was going
+(SO_ORIGINAL_DST), hence which *name* (the synthetic address stands for exactly one), checks
+the port, and for TLS checks that the ClientHello's SNI is that same name (HTTP: the Host
+header). Then it resolves the real name on the host side, refuses non-global upstream
+addresses (loopback, link-local/metadata, private, ULA…) unless the job's --add-host or a CIDR
+rule names them, connects from the daemon's own netns and relays both ways with backpressure.
+
+What the first-bytes check cannot see: later requests on a kept-alive HTTP connection, and the
+inner name of an Encrypted Client Hello. A server-speaks-first protocol (SSH, SMTP) sends
+nothing to check; after a short wait the connection is relayed on the port check alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from netjail import sniff
+from netjail.daemon.events import rfc3339
+from netjail.dnsanswer import SyntheticPool
+from netjail.kernel.listeners import original_destination
+from netjail.policy import Policy
+from netjail.protocol import Event
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: How long to wait for a client's first bytes before treating it as server-speaks-first.
+FIRST_BYTES_WAIT_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+_CHUNK = 256 * 1024
+_MAX_CONNECTIONS = 256
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where an allowed connection goes."""
+
+    addresses: list[IPAddress]
+    #: Named by the job's --add-host or a CIDR rule: the non-global guard does not apply.
+    explicit: bool
+
+
+class Blocked(Exception):  # noqa: N818 - a verdict carried up the call stack, not an error
+    """The connection is refused; ``reason`` is a fixed token for the event."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def forbidden_upstream(address: IPAddress) -> bool:
+    """Loopback, link-local (cloud metadata), private, ULA, shared, reserved: not global."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global
+
+
+def check_first_bytes(data: bytes, domain: str) -> None:
+    """Raise Blocked unless the TLS SNI / HTTP Host in ``data`` names ``domain``.
+
+    Bytes that are neither TLS nor HTTP pass: the port was allowed explicitly for that name.
+    """
+    tls = sniff.parse_tls_sni(data)
+    if isinstance(tls, sniff.ServerName):
+        if tls.host != domain:
+            raise Blocked("sni_mismatch")
+        return
+    if isinstance(tls, sniff.NoSni | sniff.Malformed | sniff.TooLarge):
+        raise Blocked("sni_mismatch")
+    if isinstance(tls, sniff.NeedMore):
+        raise Blocked("sni_mismatch")  # the caller only asks once the data stopped coming
+    http = sniff.parse_http_host(data)
+    if isinstance(http, sniff.HttpHost):
+        if http.host != domain:
+            raise Blocked("host_mismatch")
+        return
+    if isinstance(http, sniff.NoHost | sniff.Malformed | sniff.TooLarge | sniff.NeedMore):
+        raise Blocked("host_mismatch")
+
+
+class Proxy:
+    """Serves one job's proxy listeners on the running loop."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        uid: int,
+        policy: Policy,
+        pool: SyntheticPool,
+        job_hosts: Mapping[str, IPAddress],
+        daemon_hosts: Mapping[str, IPAddress],
+        record: Callable[[Event], None],
+    ) -> None:
+        self._job_id = job_id
+        self._uid = uid
+        self._policy = policy
+        self._pool = pool
+        self._job_hosts = job_hosts
+        self._daemon_hosts = daemon_hosts
+        self._record = record
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, listeners: list[socket.socket]) -> None:
+        for listener in listeners:
+            self._servers.append(await asyncio.start_server(self._on_connection, sock=listener))
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for task in self._tasks:
+            task.cancel()
+
+    def _event(
+        self, verdict: str, dst: IPAddress, port: int, domain: str | None, **extra: object
+    ) -> None:
+        self._record(
+            Event(
+                job=self._job_id,
+                time=rfc3339(time.time()),
+                kind="egress",
+                verdict=verdict,
+                proto="tcp",
+                family=dst.version,
+                dst=str(dst),
+                port=port,
+                uid=self._uid,
+                count=1,
+                via="proxy",
+                domain=domain,
+                **extra,  # type: ignore[arg-type]
+            )
+        )
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self._tasks) >= _MAX_CONNECTIONS:
+            _reset(writer)
+            return
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            dst, port = original_destination(sock)
+        except OSError:
+            _reset(writer)
+            return
+        domain = self._pool.name_for(dst)
+        try:
+            first, upstream = await self._decide(reader, dst, port, domain)
+            up_reader, up_writer = await self._connect(upstream, port)
+        except Blocked as blocked:
+            self._event("blocked", dst, port, domain, reason=blocked.reason)
+            _reset(writer)
+            return
+        sent, received = await _relay(first, reader, writer, up_reader, up_writer)
+        self._event("allowed", dst, port, domain, bytes_out=sent, bytes_in=received)
+
+    async def _decide(
+        self, reader: asyncio.StreamReader, dst: IPAddress, port: int, domain: str | None
+    ) -> tuple[bytes, Upstream]:
+        if domain is None:
+            # Not a synthetic address: a CIDR rule's range, redirected here by the firewall.
+            if not self._policy.allows_address(dst, port):
+                raise Blocked("not_allowed")
+            return b"", Upstream([dst], explicit=True)
+        if not self._policy.allows(domain, port):
+            raise Blocked("port_not_allowed")
+        first = await _first_bytes(reader)
+        if first:
+            check_first_bytes(first, domain)
+        return first, await self._resolve(domain, port)
+
+    async def _resolve(self, domain: str, port: int) -> Upstream:
+        if domain in self._job_hosts:
+            return Upstream([self._job_hosts[domain]], explicit=True)
+        if domain in self._daemon_hosts:
+            addresses = [self._daemon_hosts[domain]]
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(domain, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT_S
+                )
+            except (OSError, TimeoutError):
+                raise Blocked("upstream_unresolvable") from None
+            addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        allowed = [
+            a
+            for a in addresses
+            if not forbidden_upstream(a) or self._policy.explicit_cidr_allows(a)
+        ]
+        if not allowed:
+            raise Blocked("upstream_forbidden")
+        return Upstream(allowed, explicit=False)
+
+    async def _connect(
+        self, upstream: Upstream, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for address in upstream.addresses:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.open_connection(str(address), port, limit=_CHUNK), CONNECT_TIMEOUT_S
+                )
+            except (OSError, TimeoutError):
+                continue
+        raise Blocked("upstream_unreachable")
+
+
+async def _first_bytes(reader: asyncio.StreamReader) -> bytes:
+    """What the client sends first, until it is enough to decide (bounded in size and time)."""
+    data = b""
+    deadline = asyncio.get_running_loop().time() + FIRST_BYTES_WAIT_S
+    while len(data) < sniff.MAX_CLIENT_HELLO:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            break
+        try:
+            chunk = await asyncio.wait_for(reader.read(sniff.MAX_CLIENT_HELLO), remaining)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+        tls = sniff.parse_tls_sni(data)
+        http = sniff.parse_http_host(data)
+        if not isinstance(tls, sniff.NeedMore) or not isinstance(http, sniff.NeedMore):
+            if isinstance(tls, sniff.NotTls) and isinstance(http, sniff.NeedMore):
+                continue  # looks like the start of an HTTP request: wait for the full head
+            break
+    return data
+
+
+async def _relay(
+    first: bytes,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+) -> tuple[int, int]:
+    """Copy both ways until both sides are done; return (bytes to upstream, bytes back)."""
+    counts = [len(first), 0]
+    if first:
+        up_writer.write(first)
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, index: int) -> None:
+        try:
+            while chunk := await src.read(_CHUNK):
+                dst.write(chunk)
+                counts[index] += len(chunk)
+                await dst.drain()  # backpressure: never buffer more than one chunk ahead
+            if dst.can_write_eof():
+                dst.write_eof()
+        except OSError:
+            _reset(dst)
+
+    try:
+        await asyncio.gather(pump(reader, up_writer, 0), pump(up_reader, writer, 1))
+    finally:
+        for w in (writer, up_writer):
+            w.close()
+    return counts[0], counts[1]
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset, so the job's client fails at once instead of waiting."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
