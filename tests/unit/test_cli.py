@@ -349,7 +349,7 @@ def test_run_event_line_shows_count_and_sanitized_domain(daemon: FakeDaemon) -> 
     event = {**_event("203.0.113.9", 443, count=4), "domain": "evil\n.example"}
     daemon.script["run"] = _run_script(_report(), [event])
     result = _netjail(daemon.path, "run", "--", "echo", "hi")
-    assert result.stderr == ("netjail: blocked tcp evil?.example (203.0.113.9:443) uid=65534 x4\n")
+    assert result.stderr == ("netjail: blocked tcp evil?.example (203.0.113.9):443 uid=65534 x4\n")
 
 
 def test_run_quiet_suppresses_events(daemon: FakeDaemon) -> None:
