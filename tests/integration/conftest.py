@@ -64,13 +64,30 @@ class Daemon:
             return f.read()
 
 
+#: The suite's daemon config: hosts-table entries whose addresses the proxy must refuse (not
+#: named by the job, and loopback / the cloud metadata address).
+TEST_CONFIG = """\
+[hosts]
+"metadata.example.test" = "169.254.169.254"
+"loopback.example.test" = "127.0.0.1"
+"""
+
+
 def start_daemon(base: str, *extra: str) -> Daemon:
     sock = os.path.join(base, "sock", "netjail.sock")
     state = os.path.join(base, "state")
     log_path = os.path.join(base, "netjaild.log")
+    config = os.path.join(base, "netjaild.toml")
+    with open(config, "w") as f:
+        f.write(TEST_CONFIG)
+    os.chmod(config, 0o644)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when the test ends
     process = subprocess.Popen(
-        [sys.executable, "-m", "netjail.daemon", "--socket", sock, "--state-dir", state, *extra],
+        [
+            sys.executable,
+            *("-m", "netjail.daemon", "--config", config),
+            *("--socket", sock, "--state-dir", state, *extra),
+        ],
         stdout=log,
         stderr=log,
     )
