@@ -10,24 +10,18 @@ another through the Python client, and in the same run times the baselines that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 
+from _common import percentile, private_daemon
 from netjail import Client
 from netjail.kernel.cgroup import CgroupManager, Limits, load_cgroup_layout
 
 PACE_S = 0.05
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def time_command(argv: list[str], n: int) -> list[float]:
@@ -90,20 +84,6 @@ def time_cgroup_cost(n: int) -> tuple[list[float], list[float]]:
     return plain, with_cgroup
 
 
-def start_daemon(base: str) -> tuple[subprocess.Popen[bytes], str]:
-    sock = os.path.join(base, "sock", "netjail.sock")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "netjail.daemon", "--socket", sock, "--state-dir", f"{base}/state"],
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 15
-    while not os.path.exists(sock):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("netjaild did not start")
-        time.sleep(0.02)
-    return process, sock
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
@@ -111,12 +91,11 @@ def main() -> None:
     parser.add_argument("--use-running", action="store_true", help="use $NETJAIL_SOCKET's daemon")
     args = parser.parse_args()
 
-    base = tempfile.mkdtemp(prefix="netjail-bench-", dir="/run")
-    daemon = None
-    sock = os.environ.get("NETJAIL_SOCKET", "/run/netjail/netjail.sock")
-    if not args.use_running:
-        daemon, sock = start_daemon(base)
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.use_running:
+            sock = os.environ.get("NETJAIL_SOCKET", "/run/netjail/netjail.sock")
+        else:
+            sock = stack.enter_context(private_daemon())
         client = Client(sock)
         time_netjail(client, args.warmup)
         results: dict[str, list[float]] = {"netjail run /bin/true": time_netjail(client, args.jobs)}
@@ -142,11 +121,6 @@ def main() -> None:
                 print(f"{name}: does not run here, skipped")
                 continue
             results[name] = time_command(argv, args.jobs)
-    finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
-        shutil.rmtree(base, ignore_errors=True)
 
     plain, with_cgroup = time_cgroup_cost(min(args.jobs, 100))
     results["fork+exec true"] = plain

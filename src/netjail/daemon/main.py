@@ -69,16 +69,28 @@ def _bind(path: str, group: str) -> socket.socket:
             raise NetjailError(f"another netjaild is already serving {path}")
         finally:
             probe.close()
+    # Bound under a temporary name, made ready, then renamed into place: the path never
+    # names a socket that refuses connections or has the wrong permissions.
+    staging = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o117)
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o660)
-    with contextlib.suppress(KeyError):
-        os.chown(path, 0, grp.getgrnam(group).gr_gid)
-    sock.listen(128)
+        old = os.umask(0o117)
+        try:
+            sock.bind(staging)
+        finally:
+            os.umask(old)
+        os.chmod(staging, 0o660)
+        with contextlib.suppress(KeyError):
+            os.chown(staging, 0, grp.getgrnam(group).gr_gid)
+        sock.listen(128)
+        os.rename(staging, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
     return sock
 
 
@@ -97,7 +109,7 @@ def _listener(config: Config) -> tuple[socket.socket, bool]:
     return _bind(config.socket, config.group), False
 
 
-async def _serve(server: Server, forkserver: ForkServer, log: Logger) -> None:
+async def _serve(server: Server, forkserver: ForkServer, log: Logger, path: str) -> None:
     loop = asyncio.get_running_loop()
     forkserver.attach(loop)
     stop = asyncio.Event()
@@ -108,10 +120,10 @@ async def _serve(server: Server, forkserver: ForkServer, log: Logger) -> None:
         "info",
         "netjaild ready",
         version=__version__,
-        socket=server.listener.getsockname(),
+        socket=path,
         pid=os.getpid(),
     )
-    sdnotify.notify_ready(f"serving {server.listener.getsockname()}")
+    sdnotify.notify_ready(f"serving {path}")
     await stop.wait()
     sdnotify.notify_stopping()
     log("info", "stopping: ending running jobs", jobs=len(server.jobs.jobs))
@@ -218,7 +230,7 @@ def main(
         click.echo(f"netjaild: {e}", err=True)
         sys.exit(1)
     try:
-        asyncio.run(_serve(server, forkserver, log))
+        asyncio.run(_serve(server, forkserver, log, config.socket))
     finally:
         forkserver.close()
         if not activated:

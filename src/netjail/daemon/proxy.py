@@ -28,6 +28,7 @@ from netjail import sniff
 from netjail.daemon.events import rfc3339
 from netjail.dnsanswer import SyntheticPool
 from netjail.kernel.listeners import original_destination
+from netjail.kernel.splice import splice_relay
 from netjail.policy import Policy
 from netjail.protocol import Event
 
@@ -36,7 +37,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: How long to wait for a client's first bytes before treating it as server-speaks-first.
 FIRST_BYTES_WAIT_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
-_CHUNK = 256 * 1024
 _MAX_CONNECTIONS = 256
 
 
@@ -108,19 +108,21 @@ class Proxy:
         self._job_hosts = job_hosts
         self._daemon_hosts = daemon_hosts
         self._record = record
-        self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, listeners: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
         for listener in listeners:
-            self._servers.append(await asyncio.start_server(self._on_connection, sock=listener))
+            self._track(loop.create_task(self._accept(listener)))
 
     def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        self._servers.clear()
-        for task in self._tasks:
+        """Stop accepting and end every relay (the jail is going away)."""
+        for task in list(self._tasks):
             task.cancel()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _event(
         self, verdict: str, dst: IPAddress, port: int, domain: str | None, **extra: object
@@ -143,39 +145,48 @@ class Proxy:
             )
         )
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is None or len(self._tasks) >= _MAX_CONNECTIONS:
-            _reset(writer)
-            return
-        self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        finally:
-            self._tasks.discard(task)
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError:
+                return  # the listener was closed with the jail
+            conn.setblocking(False)
+            if len(self._tasks) >= _MAX_CONNECTIONS:
+                _reset(conn)
+                continue
+            self._track(loop.create_task(self._serve(conn)))
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
+    async def _serve(self, conn: socket.socket) -> None:
+        upstream: socket.socket | None = None
         try:
-            dst, port = original_destination(sock)
-        except OSError:
-            _reset(writer)
-            return
-        domain = self._pool.name_for(dst)
-        try:
-            first, upstream = await self._decide(reader, dst, port, domain)
-            up_reader, up_writer = await self._connect(upstream, port)
-        except Blocked as blocked:
-            self._event("blocked", dst, port, domain, reason=blocked.reason)
-            _reset(writer)
-            return
-        sent, received = await _relay(first, reader, writer, up_reader, up_writer)
-        self._event("allowed", dst, port, domain, bytes_out=sent, bytes_in=received)
+            try:
+                dst, port = original_destination(conn)
+            except OSError:
+                _reset(conn)
+                return
+            domain = self._pool.name_for(dst)
+            try:
+                first, target = await self._decide(conn, dst, port, domain)
+                upstream = await self._connect(target, port)
+                if first:
+                    await asyncio.get_running_loop().sock_sendall(upstream, first)
+            except Blocked as blocked:
+                self._event("blocked", dst, port, domain, reason=blocked.reason)
+                _reset(conn)
+                return
+            sent, received = await splice_relay(conn, upstream)
+            self._event(
+                "allowed", dst, port, domain, bytes_out=sent + len(first), bytes_in=received
+            )
+        finally:
+            conn.close()
+            if upstream is not None:
+                upstream.close()
 
     async def _decide(
-        self, reader: asyncio.StreamReader, dst: IPAddress, port: int, domain: str | None
+        self, conn: socket.socket, dst: IPAddress, port: int, domain: str | None
     ) -> tuple[bytes, Upstream]:
         if domain is None:
             # Not a synthetic address: a CIDR rule's range, redirected here by the firewall.
@@ -184,7 +195,7 @@ class Proxy:
             return b"", Upstream([dst], explicit=True)
         if not self._policy.allows(domain, port):
             raise Blocked("port_not_allowed")
-        first = await _first_bytes(reader)
+        first = await _first_bytes(conn)
         if first:
             check_first_bytes(first, domain)
         return first, await self._resolve(domain, port)
@@ -212,78 +223,64 @@ class Proxy:
             raise Blocked("upstream_forbidden")
         return Upstream(allowed, explicit=False)
 
-    async def _connect(
-        self, upstream: Upstream, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self, upstream: Upstream, port: int) -> socket.socket:
+        """A connected non-blocking socket to the first upstream address that answers.
+
+        Made here, on the loop's thread: in the daemon's own network namespace, not the jail's.
+        """
+        loop = asyncio.get_running_loop()
         for address in upstream.addresses:
+            family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                return await asyncio.wait_for(
-                    asyncio.open_connection(str(address), port, limit=_CHUNK), CONNECT_TIMEOUT_S
+                await asyncio.wait_for(
+                    loop.sock_connect(sock, (str(address), port)), CONNECT_TIMEOUT_S
                 )
             except (OSError, TimeoutError):
+                sock.close()
                 continue
+            return sock
         raise Blocked("upstream_unreachable")
 
 
-async def _first_bytes(reader: asyncio.StreamReader) -> bytes:
+async def _first_bytes(conn: socket.socket) -> bytes:
     """What the client sends first, until it is enough to decide (bounded in size and time)."""
+    loop = asyncio.get_running_loop()
     data = b""
-    deadline = asyncio.get_running_loop().time() + FIRST_BYTES_WAIT_S
+    deadline = loop.time() + FIRST_BYTES_WAIT_S
     while len(data) < sniff.MAX_CLIENT_HELLO:
-        remaining = deadline - asyncio.get_running_loop().time()
+        remaining = deadline - loop.time()
         if remaining <= 0:
             break
         try:
-            chunk = await asyncio.wait_for(reader.read(sniff.MAX_CLIENT_HELLO), remaining)
+            chunk = await asyncio.wait_for(
+                loop.sock_recv(conn, sniff.MAX_CLIENT_HELLO - len(data)), remaining
+            )
         except TimeoutError:
             break
         if not chunk:
             break
         data += chunk
-        tls = sniff.parse_tls_sni(data)
-        http = sniff.parse_http_host(data)
-        if not isinstance(tls, sniff.NeedMore) or not isinstance(http, sniff.NeedMore):
-            if isinstance(tls, sniff.NotTls) and isinstance(http, sniff.NeedMore):
-                continue  # looks like the start of an HTTP request: wait for the full head
+        if _decidable(data):
             break
     return data
 
 
-async def _relay(
-    first: bytes,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    up_reader: asyncio.StreamReader,
-    up_writer: asyncio.StreamWriter,
-) -> tuple[int, int]:
-    """Copy both ways until both sides are done; return (bytes to upstream, bytes back)."""
-    counts = [len(first), 0]
-    if first:
-        up_writer.write(first)
-
-    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, index: int) -> None:
-        try:
-            while chunk := await src.read(_CHUNK):
-                dst.write(chunk)
-                counts[index] += len(chunk)
-                await dst.drain()  # backpressure: never buffer more than one chunk ahead
-            if dst.can_write_eof():
-                dst.write_eof()
-        except OSError:
-            _reset(dst)
-
-    try:
-        await asyncio.gather(pump(reader, up_writer, 0), pump(up_reader, writer, 1))
-    finally:
-        for w in (writer, up_writer):
-            w.close()
-    return counts[0], counts[1]
+def _decidable(data: bytes) -> bool:
+    """True once the bytes are a whole ClientHello, a whole HTTP head, or clearly neither."""
+    tls = sniff.parse_tls_sni(data)
+    http = sniff.parse_http_host(data)
+    if not isinstance(tls, sniff.NeedMore | sniff.NotTls):
+        return True  # TLS, decided (a name, no name, or broken)
+    if not isinstance(http, sniff.NeedMore | sniff.NotHttp):
+        return True  # HTTP, decided
+    return isinstance(tls, sniff.NotTls) and isinstance(http, sniff.NotHttp)
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
+def _reset(conn: socket.socket) -> None:
     """Close with a TCP reset, so the job's client fails at once instead of waiting."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.close()
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()

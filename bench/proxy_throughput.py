@@ -1,0 +1,139 @@
+"""Proxy cost: bulk throughput and connection set-up, through the jail's proxy vs direct.
+
+Run as root: ``.venv/bin/python bench/proxy_throughput.py [--mib 256] [--connects 200]``.
+
+An HTTP-ish upstream server runs on this host's loopback. The same client script (system
+Python, sockets only) runs twice in the same run: directly on the host, and as a netjail job
+allowed to reach ``bulk.test`` (``--add-host bulk.test:127.0.0.1``), so every byte goes job →
+in-jail listener → proxy → upstream. Prints MiB/s and connect+request latency p50/p95 for
+both, the throughput ratio (target ≥ 0.5) and the added latency (target < 1 ms p50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import threading
+
+from _common import percentile, private_daemon
+from netjail import Client
+
+PY = "/usr/bin/python3"
+NAME = "bulk.test"
+
+# Resolves the name `connects` times, connects `connects` times to the address (GET 1 byte:
+# connect + request + response), then downloads `size` bytes once.
+CLIENT = r"""
+import json, socket, sys, time
+host, port, size, connects = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+lookups = []
+for _ in range(connects):
+    t = time.perf_counter()
+    address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    lookups.append(time.perf_counter() - t)
+
+def get(n):
+    s = socket.create_connection((address, port), timeout=30)
+    s.sendall(b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (n, host.encode()))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    got = len(head.split(b"\r\n\r\n", 1)[1])
+    buf = bytearray(1 << 20)
+    while got < n:
+        k = s.recv_into(buf)
+        if not k:
+            raise SystemExit("short read")
+        got += k
+    s.close()
+
+latencies = []
+for _ in range(connects):
+    t = time.perf_counter(); get(1); latencies.append(time.perf_counter() - t)
+t = time.perf_counter(); get(size); elapsed = time.perf_counter() - t
+print(json.dumps({"latencies": latencies, "seconds": elapsed, "lookups": lookups}))
+"""
+
+
+def serve(listener: socket.socket) -> None:
+    chunk = b"x" * (1 << 20)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=answer, args=(conn, chunk), daemon=True).start()
+
+
+def answer(conn: socket.socket, chunk: bytes) -> None:
+    with conn:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(4096)
+            if not data:
+                return
+            head += data
+        size = int(head.split(b" ", 2)[1].lstrip(b"/"))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        while size > 0:
+            size -= conn.send(chunk[: min(size, len(chunk))])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="bulk transfer size")
+    parser.add_argument("--connects", type=int, default=200)
+    args = parser.parse_args()
+    size = args.mib << 20
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    threading.Thread(target=serve, args=(listener,), daemon=True).start()
+    client_args = [str(port), str(size), str(args.connects)]
+
+    direct_out = subprocess.run(
+        [PY, "-c", CLIENT, "127.0.0.1", *client_args], capture_output=True, check=True
+    ).stdout
+    with private_daemon() as sock:
+        result = Client(sock).run(
+            [PY, "-c", CLIENT, NAME, *client_args],
+            allow=[f"{NAME}:{port}"],
+            add_hosts=[f"{NAME}:127.0.0.1"],
+            stdio="capture",
+            capture_bytes=1 << 22,
+            cwd="/",
+        )
+    listener.close()
+    if result.exit_code != 0:
+        raise SystemExit(f"job failed: {result.stderr!r}")
+    assert result.stdout is not None
+    runs = {
+        "direct (host loopback)": json.loads(direct_out),
+        "through the proxy": json.loads(result.stdout),
+    }
+
+    print(f"\n{args.mib} MiB bulk transfer and {args.connects} connect+GET round trips each")
+    print(f"{'':24} {'MiB/s':>9} {'conn p50 ms':>12} {'conn p95 ms':>12} {'lookup p50 ms':>14}")
+    for name, run in runs.items():
+        rate = args.mib / run["seconds"]
+        lat = run["latencies"]
+        p50, p95 = statistics.median(lat) * 1e3, percentile(lat, 0.95) * 1e3
+        lookup = statistics.median(run["lookups"]) * 1e3
+        print(f"{name:24} {rate:9.0f} {p50:12.3f} {p95:12.3f} {lookup:14.3f}")
+    direct, proxied = runs["direct (host loopback)"], runs["through the proxy"]
+    ratio = direct["seconds"] / proxied["seconds"]
+    added = statistics.median(proxied["latencies"]) - statistics.median(direct["latencies"])
+    print(f"\nthroughput ratio proxy/direct: {ratio:.2f} (target >= 0.50)")
+    print(f"added connect+request latency p50: {added * 1e3:.3f} ms (target < 1 ms)")
+    print(
+        "name lookup p50 in the jail (DNS stub; the host run reads no DNS for 127.0.0.1): "
+        f"{statistics.median(proxied['lookups']) * 1e3:.3f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
