@@ -12,6 +12,8 @@ write facility LOG_USER (1) unless it names another non-zero one ("it is not pos
 messages from userspace with the facility number LOG_KERN (0)", dev-kmsg ABI; verified here:
 "<0>…" and "<4>…" come back with priorities 8 and 12). A job cannot write /dev/kmsg anyway (root
 only, and it runs unprivileged); this keeps a host process from forging a job's events too.
+Kernel lines that quote job-chosen text (a process name, a path) do not parse either: a line
+must have the exact shape nf_log prints, from the prefix on (see ``_LOG_LINE``).
 
 Costs of this backend (why NFLOG is the default): LOG in a non-initial netns prints nothing
 unless the host-global sysctl net.netfilter.nf_log_all_netns is 1, which exists only in the
@@ -39,7 +41,7 @@ _NF_LOG_DIR = "/proc/sys/net/netfilter/nf_log"
 #: The kernel's syslog facility; userspace writes to /dev/kmsg can never carry it.
 LOG_KERN = 0
 #: One read() returns one whole record; the kernel fails it with EINVAL if the buffer is
-#: smaller than the record (8 KiB was the kernel's own limit before 6.1's 2 KiB).
+#: smaller than the record (at most 8 KiB with headers and properties on any kernel).
 _RECORD_MAX = 16384
 #: Records handled per read_records() call, so a flooded kernel log cannot starve the caller.
 _READ_BATCH = 1024
@@ -72,6 +74,7 @@ class LoggedPacket:
     """A packet the jail's ruleset logged to the kernel log, as the daemon reports it."""
 
     job_id: str
+    prefix: str  # "netjail <job> ", or with a mark: "netjail <job> dns " (see firewall)
     family: int  # 4 or 6
     proto: str | int  # "tcp", "udp", "icmp", "icmpv6" or the protocol number
     dst: str
@@ -87,20 +90,23 @@ class LoggedPacket:
 
 # --------------------------------------------------------------------------- rules
 
+_NFLOG_STATEMENT = re.compile(r'(log prefix "[^"\n]*") group [0-9]+ snaplen [0-9]+')
+_NFLOG_LEFT = re.compile(r"\blog\b[^\n]*\bgroup\b")
 
-def build_log_ruleset(job_id: str) -> str:
-    """The jail's nftables ruleset with the kernel-log LOG statement in place of NFLOG.
 
-    ``flags skuid`` makes the kernel append the sending socket's "UID=… GID=…". Derived from
-    firewall.build_ruleset so both backends always enforce the same policy; raises
-    FirewallError for an invalid job id.
+def build_log_ruleset(rules: firewall.JailRules) -> str:
+    """The jail's nftables ruleset with kernel-log LOG statements in place of NFLOG ones.
+
+    Derived from ``firewall.build_ruleset(rules)``, so both backends always enforce the same
+    policy: every ``log prefix "…" group G snaplen S`` becomes ``log prefix "…" flags skuid``
+    (skuid makes the kernel append the sending socket's "UID=… GID=…"). Raises FirewallError
+    for an invalid job id.
     """
-    ruleset = firewall.build_ruleset(firewall.JailRules(job_id))
-    prefix = firewall.log_prefix(job_id)
-    nflog = f'log prefix "{prefix}" group {firewall.NFLOG_GROUP} snaplen {firewall.NFLOG_SNAPLEN}'
-    if ruleset.count(nflog) != 1:
-        raise FirewallError("cannot derive the kernel-log ruleset: the NFLOG rule changed")
-    return ruleset.replace(nflog, f'log prefix "{prefix}" flags skuid')
+    ruleset = firewall.build_ruleset(rules)
+    converted, count = _NFLOG_STATEMENT.subn(r"\1 flags skuid", ruleset)
+    if count == 0 or _NFLOG_LEFT.search(converted):
+        raise FirewallError("cannot derive the kernel-log ruleset: no NFLOG statement found")
+    return converted
 
 
 # --------------------------------------------------------------------------- parsers
@@ -140,11 +146,14 @@ def parse_kmsg_record(line: bytes) -> KmsgRecord | None:
 
 
 # The kernel writes "<prefix>IN=<if> OUT=<if> " (nf_log_dump_packet_common), then for output
-# packets directly "SRC=… DST=… " (a MAC= only for input). Interface names have no white
-# space, '/' or ':'. Matching this shape, not just the fields, keeps unrelated kernel lines
-# (which may quote process names or paths) from parsing as packets.
+# packets directly "SRC=… DST=… " (a MAC= only for input). The prefix may carry a mark after
+# the job id (firewall.DNS_REDIRECT_MARK: a DNS packet the nat chain redirected to the stub).
+# Interface names have no white space, '/' or ':'. Matching this shape, not just the fields,
+# keeps unrelated kernel lines (which may quote process names or paths) from parsing as
+# packets.
 _LOG_LINE = re.compile(
-    r"netjail (?P<job>[a-z0-9-]{1,32}) IN=[^\s/:]{0,15} OUT=[^\s/:]{0,15} "
+    r"(?P<prefix>netjail (?P<job>[a-z0-9-]{1,32}) (?:[a-z]{1,8} )?)"
+    r"IN=[^\s/:]{0,15} OUT=[^\s/:]{0,15} "
     r"(?:PHYSIN=\S{1,15} )?(?:PHYSOUT=\S{1,15} )?(?:MAC=\S* )?"
     r"SRC=(?P<src>[0-9a-f.:]{2,39}) DST=(?P<dst>[0-9a-f.:]{2,39}) (?P<rest>.*)"
 )
@@ -180,8 +189,11 @@ def _top_level_fields(text: str) -> dict[str, str]:
     return fields
 
 
+_DECIMAL = re.compile(r"[0-9]{1,10}")
+
+
 def _number(value: str | None, maximum: int) -> int | None:
-    if value is None or not value.isdigit() or len(value) > 10:
+    if value is None or not _DECIMAL.fullmatch(value):
         return None
     number = int(value)
     return number if number <= maximum else None
@@ -224,6 +236,7 @@ def parse_log_message(message: str) -> LoggedPacket | None:
     port = _number(fields.get("DPT"), 0xFFFF) if proto in _PORTED else None
     return LoggedPacket(
         job_id=match["job"],
+        prefix=match["prefix"],
         family=dst.version,
         proto=proto,
         dst=str(dst),
