@@ -15,6 +15,7 @@ import msgspec
 
 from netjail import protocol as p
 from netjail.client import DEFAULT_SOCKET, Client, CommandError, default_socket
+from netjail.doctor import doctor
 from netjail.errors import NetjailError
 from netjail.text import sanitize
 from netjail.units import format_size, parse_cpus, parse_duration, parse_size
@@ -391,6 +392,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"jobs: {st.jobs_running} running, {st.jobs_total} run in all")
     click.echo(f"events: {st.events_seen} seen, {st.events_lost} lost")
     click.echo(f"cgroups: {st.cgroup_mode or 'unknown'}")
+
+
+main.add_command(doctor)
 
 
 if __name__ == "__main__":

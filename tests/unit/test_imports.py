@@ -22,6 +22,7 @@ CLIENT_SIDE = [
     "netjail.text",
     "netjail.units",
     "netjail.policy",
+    "netjail.doctor",
 ]
 
 

@@ -528,25 +528,46 @@ class JobManager:
             os.unlink(os.path.join(self._state_dir, f"{job_id}.json"))
 
     def recover(self) -> list[str]:
-        """Remove every leftover of jobs this daemon does not run (after a crash). Blocking."""
+        """Remove what jobs recorded in our state dir left behind (after a crash). Blocking.
+
+        Only jobs this daemon's state dir knows: another daemon's jails on the same machine are
+        not ours to touch. A record is written before anything of its job is built, so every
+        netns, cgroup and process a crashed daemon could leave is found from it.
+        """
         removed: list[str] = []
-        for name in netns.list_netns():
-            path = netns.netns_path(name)
-            with contextlib.suppress(OSError):
-                for pid in pids_in_netns(netns.netns_inode(path)):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            netns.delete_netns(name)
-            removed.append(f"netns {name}")
-        for job_id in self._cgroups.leftover_job_ids():
+        for entry in sorted(os.listdir(self._state_dir)):
+            path = os.path.join(self._state_dir, entry)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                job_id, netns_name = str(record["job"]), str(record["netns"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self._log("warning", "unreadable job state record removed", file=entry)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            if not netns_name.startswith(netns.NETNS_PREFIX) or "/" in netns_name:
+                continue  # not a record of ours: never act on an arbitrary path
+            removed += self._remove_leftovers(job_id, netns_name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return removed
+
+    def _remove_leftovers(self, job_id: str, netns_name: str) -> list[str]:
+        removed = []
+        if job_id in self._cgroups.leftover_job_ids():
             with contextlib.suppress(Exception):
                 leftover = self._cgroups.open_job(job_id)
                 leftover.kill_all()
                 leftover.remove()
-                removed.append(f"cgroup {job_id}")
-        for entry in os.listdir(self._state_dir):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self._state_dir, entry))
+                removed.append(f"cgroup of {job_id}")
+        if netns_name in netns.list_netns():
+            with contextlib.suppress(OSError):
+                for pid in pids_in_netns(netns.netns_inode(netns.netns_path(netns_name))):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            netns.delete_netns(netns_name)
+            removed.append(f"netns {netns_name}")
         return removed
 
     async def shutdown(self) -> None:
