@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import grp
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -55,6 +56,7 @@ class Daemon:
     state_dir: str
     process: subprocess.Popen[bytes]
     log_path: str
+    known_jobs: set[str] = field(default_factory=set)
 
     def client(self) -> Client:
         return Client(self.socket, timeout=10)
@@ -62,6 +64,30 @@ class Daemon:
     def log(self) -> str:
         with open(self.log_path) as f:
             return f.read()
+
+    def job_ids(self) -> set[str]:
+        """Every job this daemon started, from its log (kept once the log is removed)."""
+        if os.path.exists(self.log_path):
+            self.known_jobs = set(re.findall(r"job started job=(j-[0-9a-f]+)", self.log()))
+        return self.known_jobs
+
+
+#: Every daemon the suite started, for the leak check at the end.
+STARTED: list[Daemon] = []
+
+
+def processes_of_jobs(job_ids: set[str]) -> list[str]:
+    """Processes still in the cgroup of one of these jobs (exactly ours, whoever else runs)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                groups = f.read()
+        except OSError:
+            continue
+        if any(f"/{job}\n" in groups or groups.endswith(f"/{job}") for job in job_ids):
+            found.append(pid)
+    return found
 
 
 #: The suite's daemon config: hosts-table entries whose addresses the proxy must refuse (not
@@ -73,13 +99,13 @@ TEST_CONFIG = """\
 """
 
 
-def start_daemon(base: str, *extra: str) -> Daemon:
+def start_daemon(base: str, *extra: str, config_extra: str = "") -> Daemon:
     sock = os.path.join(base, "sock", "netjail.sock")
     state = os.path.join(base, "state")
     log_path = os.path.join(base, "netjaild.log")
     config = os.path.join(base, "netjaild.toml")
     with open(config, "w") as f:
-        f.write(TEST_CONFIG)
+        f.write(config_extra + TEST_CONFIG)
     os.chmod(config, 0o644)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when the test ends
     process = subprocess.Popen(
@@ -92,6 +118,10 @@ def start_daemon(base: str, *extra: str) -> Daemon:
         stderr=log,
     )
     log.close()
+    daemon = Daemon(sock, state, process, log_path)
+    STARTED.append(daemon)
+    # If pytest itself dies (e.g. its output pipe closes), fixtures never finalise: stop it then.
+    atexit.register(stop_daemon, daemon)
     deadline = time.monotonic() + 15
     while not os.path.exists(sock):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -99,7 +129,7 @@ def start_daemon(base: str, *extra: str) -> Daemon:
             with open(log_path) as f:
                 raise RuntimeError(f"netjaild did not start:\n{f.read()}")
         time.sleep(0.02)
-    return Daemon(sock, state, process, log_path)
+    return daemon
 
 
 def stop_daemon(daemon: Daemon) -> None:
@@ -166,15 +196,46 @@ def daemon(test_user: pwd.struct_passwd, daemon_base: str) -> Iterator[Daemon]:
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks_after_suite() -> Iterator[None]:
     """After the whole suite: no jail netns, no job cgroup, no job process is left."""
-    before = set(netjail_netns())
     yield
     time.sleep(0.2)
-    assert set(netjail_netns()) - before == set()
-    assert netjail_job_cgroups() == []
-    leftover = subprocess.run(
-        ["pgrep", "-u", "65534,netjail-test"], capture_output=True, text=True, check=False
-    ).stdout.split()
-    assert leftover == []
+    ours = set().union(*(d.job_ids() for d in STARTED)) if STARTED else set()
+    assert ours, "the suite started no job: the leak check would prove nothing"
+    assert {n.removeprefix("netjail-") for n in netjail_netns()} & ours == set()
+    assert [c for c in netjail_job_cgroups() if os.path.basename(c) in ours] == []
+    assert processes_of_jobs(ours) == []
+
+
+NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
+#: The backend combinations the egress and policy suites run against.
+BACKENDS = {
+    "nftables-nflog": 'firewall = "nftables"\nlog_backend = "nflog"\n',
+    "iptables-nflog": 'firewall = "iptables"\nlog_backend = "nflog"\n',
+    "nftables-kmsg": 'firewall = "nftables"\nlog_backend = "kmsg"\n',
+}
+
+
+@pytest.fixture(scope="session", params=list(BACKENDS))
+def backend_daemon(
+    request: pytest.FixtureRequest, test_user: pwd.struct_passwd, daemon: Daemon
+) -> Iterator[Daemon]:
+    """A daemon per firewall/log backend (the default one is the suite's own daemon)."""
+    if request.param == "nftables-nflog":
+        yield daemon
+        return
+    with open(NF_LOG_ALL_NETNS) as f:
+        saved = f.read().strip()  # the kmsg backend turns it on; put it back as it was
+    base = tempfile.mkdtemp(prefix=f"netjail-test-{request.param}-", dir="/run")
+    os.chmod(base, 0o755)  # noqa: S103 - as daemon_base
+    d = start_daemon(base, config_extra=BACKENDS[request.param])
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+        d.job_ids()  # read before the log goes with the directory
+        with open(NF_LOG_ALL_NETNS, "w") as f:
+            f.write(saved)
+        shutil.rmtree(base, ignore_errors=True)
+    assert d.process.returncode == 0, d.log()
 
 
 @pytest.fixture
@@ -183,13 +244,13 @@ def client(daemon: Daemon) -> Client:
 
 
 @pytest.fixture
-def no_leaks(daemon: Daemon) -> Iterator[None]:
+def no_leaks(client: Client) -> Iterator[None]:
     """After one test: its jobs are gone from the daemon and the kernel."""
     yield
     deadline = time.monotonic() + 5
-    while daemon.client().ps() and time.monotonic() < deadline:
+    while client.ps() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert daemon.client().ps() == []
-    assert netjail_netns() == []
-    with contextlib.suppress(Exception):
-        assert netjail_job_cgroups() == []
+    assert client.ps() == []
+    ours = set().union(*(d.job_ids() for d in STARTED))
+    assert {n.removeprefix("netjail-") for n in netjail_netns()} & ours == set()
+    assert [c for c in netjail_job_cgroups() if os.path.basename(c) in ours] == []

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from netjail import Client
 
-from .conftest import Daemon
+from .conftest import Daemon, processes_of_jobs
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -17,11 +19,9 @@ PY = "/usr/bin/python3"
 NETJAIL = [sys.executable, "-m", "netjail.cli"]
 
 
-def job_processes() -> list[str]:
-    out = subprocess.run(
-        ["pgrep", "-u", "65534", "-a"], capture_output=True, text=True, check=False
-    )
-    return out.stdout.splitlines()
+def job_processes(job: str) -> list[str]:
+    """Processes left in a finished job's cgroup (there must be none)."""
+    return processes_of_jobs({job})
 
 
 def test_memory_hog_is_oom_killed_and_reported(client: Client) -> None:
@@ -82,7 +82,7 @@ def test_fork_bomb_hits_the_pids_limit_and_the_host_stays_fine(client: Client) -
     assert result.report.pids_peak is None or result.report.pids_peak == 32
     # The host still forks happily, and the 31 sleepers died with the job.
     assert subprocess.run(["true"], check=False).returncode == 0
-    assert job_processes() == []
+    assert job_processes(result.job) == []
 
 
 def test_cpu_quota_limits_a_spinner_to_about_a_fifth(client: Client) -> None:
@@ -97,14 +97,17 @@ def test_cpu_quota_limits_a_spinner_to_about_a_fifth(client: Client) -> None:
     assert 0.1 < used < 1.0, used
 
 
-def test_timeout_kills_the_job_and_its_orphans(daemon: Daemon) -> None:
+def test_timeout_kills_the_job_and_its_orphans(daemon: Daemon, tmp_path: Path) -> None:
     """`sleep 1000` with --timeout 1s ends with exit 124, its background children gone too."""
+    report = tmp_path / "report.json"
     done = subprocess.run(
         [
             *NETJAIL,
             "--socket",
             daemon.socket,
             "run",
+            "--report",
+            str(report),
             "--timeout",
             "1s",
             "--kill-grace",
@@ -122,7 +125,8 @@ def test_timeout_kills_the_job_and_its_orphans(daemon: Daemon) -> None:
     )
     assert done.returncode == 124
     assert done.stderr.decode().endswith("killed: timeout 1s reached\n")
-    assert job_processes() == []
+    job = json.loads(report.read_text())["job"]
+    assert job_processes(job) == []
 
 
 def test_job_that_double_forks_a_daemon_leaves_nothing_running(client: Client) -> None:
@@ -140,7 +144,7 @@ def test_job_that_double_forks_a_daemon_leaves_nothing_running(client: Client) -
     result = client.run([PY, "-c", code], stdio="capture", cwd="/")
     assert result.exit_code == 0
     assert result.stdout == b"parent done\n"
-    assert job_processes() == []
+    assert job_processes(result.job) == []
 
 
 def test_sigterm_ignoring_job_is_killed_after_the_grace(client: Client) -> None:

@@ -22,14 +22,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from netjail.daemon.config import Limits
+from netjail.daemon.config import Firewall as FirewallBackend
+from netjail.daemon.config import Limits, LogBackend
 from netjail.daemon.dnsstub import DnsStub
 from netjail.daemon.events import JobEvents, rfc3339
 from netjail.daemon.proxy import IPAddress, Proxy
 from netjail.dnsanswer import SYNTHETIC_NETWORK, BlockedRcode, SyntheticPool
 from netjail.errors import JailError, NetjailError, NotFoundError, RequestError
 from netjail.kernel import cgroup as cgroups
-from netjail.kernel import firewall, listeners, netns, nflog
+from netjail.kernel import firewall, iptables, kmsg, listeners, netns, nflog
 from netjail.kernel.cgroup import CgroupManager, JobCgroup
 from netjail.kernel.peer import PeerCred, pids_in_netns
 from netjail.kernel.spawn import ExitStatus, ForkServer, SpawnedJob, SpawnRequest
@@ -66,14 +67,16 @@ class JobSpec:
 class JailSockets:
     """The daemon's sockets inside one jail, made by the netns thread."""
 
-    nflog: socket.socket
+    nflog: socket.socket | None  # None with log_backend = "kmsg"
     dns_udp: list[socket.socket]
     dns_tcp: list[socket.socket]
     proxy: list[socket.socket]
 
     def close(self) -> None:
-        for sock in [self.nflog, *self.dns_udp, *self.dns_tcp, *self.proxy]:
+        for sock in [*self.dns_udp, *self.dns_tcp, *self.proxy]:
             sock.close()
+        if self.nflog is not None:
+            self.nflog.close()
 
 
 EventSink = Callable[[Event], None]
@@ -127,6 +130,8 @@ class JobManager:
         limits: Limits,
         log: Callable[..., None],
         daemon_hosts: Mapping[str, IPAddress] | None = None,
+        firewall_backend: FirewallBackend = "nftables",
+        log_backend: LogBackend = "nflog",
     ) -> None:
         self._forkserver = forkserver
         self._cgroups = cgroups
@@ -141,6 +146,9 @@ class JobManager:
         self.events_seen = 0
         self.events_lost = 0
         self._daemon_hosts: Mapping[str, IPAddress] = daemon_hosts or {}
+        self._backends = (firewall_backend, log_backend)
+        self._kmsg: kmsg.KmsgReader | None = None
+        self._routing: dict[str, Job] = {}
         os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
         # Every job's /etc/resolv.conf: the stub, on both loopbacks. Bind-mounted read-only.
         self._resolv_conf = os.path.join(state_dir, "resolv.conf")
@@ -197,6 +205,8 @@ class JobManager:
         if sink is not None:
             job.sinks.append(sink)
         self._write_state(job)
+        # Routed from here on: kernel-log events may arrive before the job is listed.
+        self._routing[job_id] = job
         child_fds: list[int] = []
         marks = [time.perf_counter()]
         try:
@@ -212,12 +222,13 @@ class JobManager:
             marks.append(time.perf_counter())
             rules = firewall.JailRules(job_id, dns_stub=True, proxied=_proxied_ranges(spec.policy))
             job.sockets = await asyncio.wrap_future(
-                netns.run_in_new_netns(job.netns_name, lambda: _build_jail(rules))
+                netns.run_in_new_netns(job.netns_name, lambda: _build_jail(rules, *self._backends))
             )
             job.nflog_sock = job.sockets.nflog
             job.netns_inode = netns.netns_inode(netns.netns_path(job.netns_name))
             loop = asyncio.get_running_loop()
-            loop.add_reader(job.nflog_sock.fileno(), self._on_nflog, job)
+            if job.nflog_sock is not None:
+                loop.add_reader(job.nflog_sock.fileno(), self._on_nflog, job)
             await self._start_services(job)
             if spec.capture_bytes is None:
                 child_stdio = stdio
@@ -343,33 +354,77 @@ class JobManager:
                     job.events.lost += packet.seq - job._next_seq
                     job._overflowed = False
                 job._next_seq = packet.seq + 1
-            if packet.uid is None:
-                continue  # the kernel's own packets (no socket): not the job's attempts
             summary = nflog.parse_ip_packet(packet.payload)
-            if summary is None:
+            if summary is not None:
+                self._record_packet(
+                    job, prefix=packet.prefix, uid=packet.uid, summary=summary, via="nflog", now=now
+                )
+
+    def _record_packet(
+        self,
+        job: Job,
+        *,
+        prefix: str,
+        uid: int | None,
+        summary: nflog.PacketSummary,
+        via: str,
+        now: float,
+    ) -> None:
+        """One packet the jail's ruleset logged (from NFLOG or the kernel log) as an event."""
+        if uid is None:
+            return  # the kernel's own packets (no socket): not the job's attempts
+        # A DNS packet to a foreign resolver, logged by the divert chain on its way to the
+        # stub: it never left, and the stub reports the query itself.
+        redirected = prefix.endswith(f" {firewall.DNS_REDIRECT_MARK} ")
+        self._record(
+            job,
+            Event(
+                job=job.id,
+                time=rfc3339(time.time()),
+                kind="dns" if redirected else "egress",
+                verdict="redirected" if redirected else "blocked",
+                domain=_synthetic_name(job.pool, summary.dst),
+                reason="foreign_resolver" if redirected else None,
+                proto=summary.proto,
+                family=summary.family,
+                dst=summary.dst,
+                port=summary.port,
+                uid=uid,
+                count=1,
+                via=via,
+            ),
+            now,
+        )
+
+    def attach_kmsg(self, reader: kmsg.KmsgReader) -> None:
+        """Take events from the kernel log (log_backend = "kmsg") instead of NFLOG sockets."""
+        self._kmsg = reader
+        asyncio.get_running_loop().add_reader(reader.fileno(), self._on_kmsg)
+
+    def _on_kmsg(self) -> None:
+        if self._kmsg is None:
+            return
+        records, lost = self._kmsg.read_records()
+        if lost:
+            # Lost kernel-log records cannot be attributed to a job: every running job may
+            # have lost events, so each counts them (an upper bound, never an undercount).
+            for running in self._routing.values():
+                running.events.lost += lost
+        now = time.monotonic()
+        for record in records:
+            packet = kmsg.parse_logged_packet(record)
+            if packet is None:
                 continue
-            # A DNS packet to a foreign resolver, logged by the redirect chain on its way to the
-            # stub: it never left, and the stub reports the query itself.
-            redirected = packet.prefix.endswith(f" {firewall.DNS_REDIRECT_MARK} ")
-            self._record(
-                job,
-                Event(
-                    job=job.id,
-                    time=rfc3339(time.time()),
-                    kind="dns" if redirected else "egress",
-                    verdict="redirected" if redirected else "blocked",
-                    domain=_synthetic_name(job.pool, summary.dst),
-                    reason="foreign_resolver" if redirected else None,
-                    proto=summary.proto,
-                    family=summary.family,
-                    dst=summary.dst,
-                    port=summary.port,
+            job = self._routing.get(packet.job_id)
+            if job is not None:
+                self._record_packet(
+                    job,
+                    prefix=packet.prefix,
                     uid=packet.uid,
-                    count=1,
-                    via="nflog",
-                ),
-                now,
-            )
+                    summary=packet.summary,
+                    via="kmsg",
+                    now=now,
+                )
 
     def _record(self, job: Job, event: Event, now: float) -> None:
         self.events_seen += 1
@@ -438,10 +493,11 @@ class JobManager:
             # The main process is gone; whatever it left behind (daemons, setsid, nohup) goes too.
             await asyncio.to_thread(cgroup.kill_all)
             usage = await asyncio.to_thread(cgroup.usage)
+        # Packets are logged synchronously with the send, so all the job's messages are
+        # already queued (NFLOG socket or kernel log): read them before the jail goes.
         if job.nflog_sock is not None:
-            # Packets are logged synchronously with the send, so all the job's messages are
-            # already queued on the socket: read them before the jail goes.
             self._on_nflog(job)
+        self._on_kmsg()
         for capture in job.captures:
             _drain_capture(capture)
         if job._overflowed:
@@ -509,6 +565,7 @@ class JobManager:
             job.process.close()
         await asyncio.to_thread(self._remove_kernel_objects, job.netns_name, job.cgroup)
         self._remove_state(job.id)
+        self._routing.pop(job.id, None)
 
     def _remove_kernel_objects(self, netns_name: str, cgroup: JobCgroup | None) -> None:
         if cgroup is not None:
@@ -605,17 +662,28 @@ def _allow_ping_sockets() -> None:
         f.write("0 2147483647")
 
 
-def _build_jail(rules: firewall.JailRules) -> JailSockets:
+def _build_jail(
+    rules: firewall.JailRules, firewall_backend: FirewallBackend, log_backend: LogBackend
+) -> JailSockets:
     """Runs on the netns thread, inside the new jail: interfaces, ruleset, the daemon's sockets."""
     netns.configure_jail_interfaces()
     _allow_ping_sockets()
-    firewall.apply_ruleset(firewall.build_ruleset(rules))
-    try:
-        nflog_sock = nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
-    except OSError as e:
-        raise JailError(
-            f"cannot receive NFLOG events ({e.strerror}): is nfnetlink_log available?"
-        ) from None
+    if firewall_backend == "iptables":
+        target: iptables.IptablesTarget = "log" if log_backend == "kmsg" else "nflog"
+        # iptables-restore is exec'd from this thread, so it runs in this jail's netns.
+        iptables.apply_iptables_rules(*iptables.build_iptables_rules(rules, target=target))
+    elif log_backend == "kmsg":
+        firewall.apply_ruleset(kmsg.build_log_ruleset(rules))
+    else:
+        firewall.apply_ruleset(firewall.build_ruleset(rules))
+    nflog_sock = None
+    if log_backend == "nflog":
+        try:
+            nflog_sock = nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
+        except OSError as e:
+            raise JailError(
+                f"cannot receive NFLOG events ({e.strerror}): is nfnetlink_log available?"
+            ) from None
     try:
         dns_udp, dns_tcp = listeners.open_dns_sockets()
         try:
@@ -625,7 +693,8 @@ def _build_jail(rules: firewall.JailRules) -> JailSockets:
                 sock.close()
             raise
     except OSError as e:
-        nflog_sock.close()
+        if nflog_sock is not None:
+            nflog_sock.close()
         raise JailError(f"cannot open the jail's DNS stub or proxy sockets: {e.strerror}") from None
     return JailSockets(nflog=nflog_sock, dns_udp=dns_udp, dns_tcp=dns_tcp, proxy=proxy)
 

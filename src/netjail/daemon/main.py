@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import grp
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -21,10 +22,11 @@ import click
 from netjail._version import __version__
 from netjail.daemon import sdnotify
 from netjail.daemon.config import DEFAULT_CONFIG_PATH, Config, check_config, load_config
-from netjail.daemon.jobs import JobManager
+from netjail.daemon.jobs import DEFAULT_PATH, JobManager
 from netjail.daemon.log import Logger
 from netjail.daemon.server import Server
 from netjail.errors import ConfigError, NetjailError
+from netjail.kernel import kmsg
 from netjail.kernel.cgroup import CgroupManager, load_cgroup_layout
 from netjail.kernel.spawn import ForkServer
 
@@ -109,9 +111,17 @@ def _listener(config: Config) -> tuple[socket.socket, bool]:
     return _bind(config.socket, config.group), False
 
 
-async def _serve(server: Server, forkserver: ForkServer, log: Logger, path: str) -> None:
+async def _serve(
+    server: Server,
+    forkserver: ForkServer,
+    log: Logger,
+    path: str,
+    kmsg_reader: kmsg.KmsgReader | None,
+) -> None:
     loop = asyncio.get_running_loop()
     forkserver.attach(loop)
+    if kmsg_reader is not None:
+        server.jobs.attach_kmsg(kmsg_reader)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -202,7 +212,7 @@ def main(
             log_format=log_format or config.log_format,
         )
         log.format = config.log_format
-        _refuse_unbuilt(config)
+        kmsg_reader = _check_backends(config)
         cgroups = CgroupManager(load_cgroup_layout())
         cgroups.setup()
         listener, activated = _listener(config)
@@ -217,6 +227,8 @@ def main(
             limits=config.limits,
             log=log,
             daemon_hosts=config.hosts,
+            firewall_backend=config.firewall,
+            log_backend=config.log_backend,
         )
         sdnotify.notify_status("removing leftovers of a previous run")
         for item in jobs.recover():
@@ -230,7 +242,7 @@ def main(
         click.echo(f"netjaild: {e}", err=True)
         sys.exit(1)
     try:
-        asyncio.run(_serve(server, forkserver, log, config.socket))
+        asyncio.run(_serve(server, forkserver, log, config.socket, kmsg_reader))
     finally:
         forkserver.close()
         if not activated:
@@ -239,10 +251,15 @@ def main(
     log("info", "netjaild stopped")
 
 
-def _refuse_unbuilt(config: Config) -> None:
-    # Fail closed: a configuration asking for something this version does not do yet must not
-    # start a daemon that silently does something else.
-    if config.log_backend != "nflog":
-        raise ConfigError(f'log_backend = {config.log_backend!r} is not supported yet; use "nflog"')
-    if config.firewall != "nftables":
-        raise ConfigError(f'firewall = {config.firewall!r} is not supported yet; use "nftables"')
+def _check_backends(config: Config) -> kmsg.KmsgReader | None:
+    """Fail closed if the configured backends cannot work here; the kmsg reader if used."""
+    if config.firewall == "iptables":
+        for tool in ("iptables-restore", "ip6tables-restore"):
+            if shutil.which(tool, path=DEFAULT_PATH) is None:
+                raise ConfigError(f'firewall = "iptables" needs {tool}: apt-get install iptables')
+    if config.log_backend != "kmsg":
+        return None
+    # LOG inside a jail's netns prints nothing unless this host-wide switch is on; it can only
+    # be set from the initial network namespace (not from a container).
+    kmsg.enable_nf_log_all_netns()
+    return kmsg.KmsgReader()
