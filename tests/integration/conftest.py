@@ -57,13 +57,16 @@ class Daemon:
     process: subprocess.Popen[bytes]
     log_path: str
     known_jobs: set[str] = field(default_factory=set)
+    #: Where this run's lines start in a log file a previous run may have written to.
+    log_offset: int = 0
 
     def client(self) -> Client:
         return Client(self.socket, timeout=10)
 
     def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
 
     def job_ids(self) -> set[str]:
         """Every job this daemon started, from its log (kept once the log is removed)."""
@@ -107,6 +110,7 @@ def start_daemon(base: str, *extra: str, config_extra: str = "") -> Daemon:
     with open(config, "w") as f:
         f.write(config_extra + TEST_CONFIG)
     os.chmod(config, 0o644)
+    offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when the test ends
     process = subprocess.Popen(
         [
@@ -118,18 +122,22 @@ def start_daemon(base: str, *extra: str, config_extra: str = "") -> Daemon:
         stderr=log,
     )
     log.close()
-    daemon = Daemon(sock, state, process, log_path)
+    daemon = Daemon(sock, state, process, log_path, log_offset=offset)
     STARTED.append(daemon)
     # If pytest itself dies (e.g. its output pipe closes), fixtures never finalise: stop it then.
     atexit.register(stop_daemon, daemon)
-    deadline = time.monotonic() + 15
-    while not os.path.exists(sock):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            with open(log_path) as f:
-                raise RuntimeError(f"netjaild did not start:\n{f.read()}")
-        time.sleep(0.02)
+    wait_until_ready(daemon)
     return daemon
+
+
+def wait_until_ready(daemon: Daemon, timeout: float = 30) -> None:
+    """Until the daemon logged `ready` (recovery and self-test done), or fail with its log."""
+    deadline = time.monotonic() + timeout
+    while "netjaild ready" not in (daemon.log() if os.path.exists(daemon.log_path) else ""):
+        if daemon.process.poll() is not None or time.monotonic() > deadline:
+            daemon.process.kill()
+            raise RuntimeError(f"netjaild did not become ready:\n{daemon.log()}")
+        time.sleep(0.02)
 
 
 def stop_daemon(daemon: Daemon) -> None:

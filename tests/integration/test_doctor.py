@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from netjail import Client
 from netjail.doctor import doctor
 
-from .conftest import Daemon, stop_daemon
+from .conftest import STARTED, Daemon, stop_daemon
 
 KERNEL_CHECKS = ("netns", "nf_tables", "nfnetlink_log", "veth")
 START_FIX = "  fix: start netjaild: sudo netjaild & (with systemd: sudo systemctl start netjaild)"
@@ -175,6 +175,7 @@ def contained_daemon() -> Iterator[Daemon]:
             stderr=log,
         )
     daemon = Daemon(sock, os.path.join(base, "state"), process, log_path)
+    STARTED.append(daemon)  # its jobs count in the suite's leak check
     deadline = time.monotonic() + 15
     while not os.path.exists(sock):
         if process.poll() is not None or time.monotonic() > deadline:

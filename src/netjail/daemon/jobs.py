@@ -145,7 +145,7 @@ class JobManager:
         self.jobs_total = 0
         self.events_seen = 0
         self.events_lost = 0
-        self._daemon_hosts: Mapping[str, IPAddress] = daemon_hosts or {}
+        self.daemon_hosts: Mapping[str, IPAddress] = daemon_hosts or {}
         self._backends = (firewall_backend, log_backend)
         self._kmsg: kmsg.KmsgReader | None = None
         self._routing: dict[str, Job] = {}
@@ -299,7 +299,7 @@ class JobManager:
             policy=spec.policy,
             pool=job.pool,
             job_hosts=spec.job_hosts,
-            daemon_hosts=self._daemon_hosts,
+            daemon_hosts=self.daemon_hosts,
             record=record,
         )
         await job.proxy.start(job.sockets.proxy)

@@ -24,6 +24,7 @@ from netjail.daemon import sdnotify
 from netjail.daemon.config import DEFAULT_CONFIG_PATH, Config, check_config, load_config
 from netjail.daemon.jobs import DEFAULT_PATH, JobManager
 from netjail.daemon.log import Logger
+from netjail.daemon.selftest import run_self_test
 from netjail.daemon.server import Server
 from netjail.errors import ConfigError, NetjailError
 from netjail.kernel import kmsg
@@ -115,31 +116,64 @@ async def _serve(
     server: Server,
     forkserver: ForkServer,
     log: Logger,
-    path: str,
+    config_path: str | None,
     kmsg_reader: kmsg.KmsgReader | None,
-) -> None:
+) -> int:
+    """Self-test, serve until SIGTERM/SIGINT, stop gracefully; the exit status."""
     loop = asyncio.get_running_loop()
     forkserver.attach(loop)
+    config = server.config
     if kmsg_reader is not None:
         server.jobs.attach_kmsg(kmsg_reader)
+    sdnotify.notify_status("self-test: a probe job's attempts must be rejected and reported")
+    problems = await run_self_test(server.jobs, config.log_backend)
+    if problems:
+        for problem in problems:
+            log("error", "self-test failed", problem=problem)
+        click.echo(f"netjaild: self-test failed, not serving: {'; '.join(problems)}", err=True)
+        return 1
+    log("info", "self-test passed")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path, log)
     serving = asyncio.ensure_future(server.serve_forever())
-    log(
-        "info",
-        "netjaild ready",
-        version=__version__,
-        socket=path,
-        pid=os.getpid(),
-    )
-    sdnotify.notify_ready(f"serving {path}")
+    log("info", "netjaild ready", version=__version__, socket=config.socket, pid=os.getpid())
+    sdnotify.notify_ready(f"serving {config.socket}")
     await stop.wait()
     sdnotify.notify_stopping()
-    log("info", "stopping: ending running jobs", jobs=len(server.jobs.jobs))
+    log("info", "stopping: no new connections, ending running jobs", jobs=len(server.jobs.jobs))
     serving.cancel()
     server.listener.close()
     await server.jobs.shutdown()
+    await server.close_connections("netjaild is stopping")
+    return 0
+
+
+def _reload(server: Server, config_path: str | None, log: Logger) -> None:
+    """SIGHUP: read the configuration again; it applies to jobs started from now on.
+
+    Settings that only a restart can change (socket, state dir, backends) keep their running
+    values, with a warning. A bad file changes nothing.
+    """
+    current = server.config
+    try:
+        new = load_config(config_path)
+    except ConfigError as e:
+        log("error", "reload failed, keeping the running configuration", error=str(e))
+        return
+    fixed = ("socket", "state_dir", "firewall", "log_backend", "log_format", "group")
+    changed = [name for name in fixed if getattr(new, name) != getattr(current, name)]
+    for name in ("socket", "state_dir", "log_format"):
+        # Command-line overrides of these were applied at start; they stay.
+        new = replace(new, **{name: getattr(current, name)})
+    if changed:
+        log("warning", "reload: these need a restart and keep their running values", keys=changed)
+    new = replace(
+        new, firewall=current.firewall, log_backend=current.log_backend, group=current.group
+    )
+    server.apply_config(new)
+    log("info", "configuration reloaded", path=config_path or DEFAULT_CONFIG_PATH)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -242,13 +276,14 @@ def main(
         click.echo(f"netjaild: {e}", err=True)
         sys.exit(1)
     try:
-        asyncio.run(_serve(server, forkserver, log, config.socket, kmsg_reader))
+        status = asyncio.run(_serve(server, forkserver, log, config_path, kmsg_reader))
     finally:
         forkserver.close()
         if not activated:
             with contextlib.suppress(OSError):
                 os.unlink(config.socket)
     log("info", "netjaild stopped")
+    sys.exit(status)
 
 
 def _check_backends(config: Config) -> kmsg.KmsgReader | None:

@@ -443,6 +443,24 @@ class Server:
             self._connection_tasks.add(task)
             task.add_done_callback(self._connection_tasks.discard)
 
+    def apply_config(self, config: Config) -> None:
+        """Use a reloaded configuration for connections and jobs from now on."""
+        self.config = config
+        self.jobs.limits = config.limits
+        self.jobs.daemon_hosts = config.hosts
+
+    async def close_connections(self, reason: str) -> None:
+        """Tell every connected client why it is being disconnected, then disconnect it."""
+        for connection in list(self.connections):
+            connection.send(p.ErrorMessage(code="shutdown", message=reason))
+            connection.outbox.close()
+        tasks = list(self._connection_tasks)
+        # Cancelled, each connection's own clean-up still flushes its outbox (the message
+        # above included) and half-closes before closing.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def allowed(self, peer: PeerCred) -> bool:
         """Root always; others when no allow-list is set, or when their uid or a group is on it."""
         if peer.uid == 0 or not (self.config.allowed_uids or self.config.allowed_groups):

@@ -703,6 +703,11 @@ class CgroupManager:
         return set(self._read(path).split())
 
 
+def _gone(exc: OSError) -> bool:
+    """The cgroup was removed while we used it: an open control file then gives ENODEV."""
+    return exc.errno in (errno.ENOENT, errno.ENODEV)
+
+
 class JobCgroup:
     """The cgroups of one job, in every hierarchy it joined."""
 
@@ -733,9 +738,9 @@ class JobCgroup:
             for cgroup, _subdirs, _files in os.walk(top):
                 try:
                     found.update(parse_pids(self._fs.read(os.path.join(cgroup, "cgroup.procs"))))
-                except FileNotFoundError:
-                    continue  # removed while we looked: it holds nobody
                 except OSError as exc:
+                    if _gone(exc):
+                        continue  # removed while we looked: it holds nobody
                     raise _cgroup_error("list the processes of", cgroup, exc) from exc
         return sorted(found)
 
@@ -770,10 +775,9 @@ class JobCgroup:
         while True:
             try:
                 self._fs.write(kill_file, "1")
-            except FileNotFoundError:
-                pass  # already removed, so already empty
             except OSError as exc:
-                raise _cgroup_error("kill the processes of", cgroup, exc) from exc
+                if not _gone(exc):  # removed meanwhile means already empty
+                    raise _cgroup_error("kill the processes of", cgroup, exc) from exc
             if not self.pids():
                 return
             # Killed processes leave the cgroup as they finish exiting; writing again also

@@ -1,0 +1,233 @@
+"""Running netjaild for real: self-test, graceful stop, reload, crash recovery, containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from netjail import Client, JobResult
+from netjail.errors import NetjailError
+
+from .conftest import (
+    Daemon,
+    netjail_job_cgroups,
+    netjail_netns,
+    processes_of_jobs,
+    start_daemon,
+    stop_daemon,
+)
+
+
+@pytest.fixture
+def own_base() -> Iterator[str]:
+    base = tempfile.mkdtemp(prefix="netjail-test-ops-", dir="/run")
+    os.chmod(base, 0o755)  # noqa: S103 - clients must reach the socket's directory
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_for(predicate: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_self_test_passes_before_the_daemon_is_ready(daemon: Daemon) -> None:
+    """The probe job's attempts were rejected and reported before `ready` was logged."""
+    log = daemon.log()
+    assert "self-test passed" in log
+    assert log.index("self-test passed") < log.index("netjaild ready")
+
+
+def test_sigterm_ends_jobs_tells_clients_and_exits_cleanly(own_base: str) -> None:
+    """On SIGTERM: running jobs are ended and reported, followers told, nothing left, exit 0."""
+    d = start_daemon(own_base)
+    client = Client(d.socket, timeout=10)
+    results: list[JobResult] = []
+
+    def run() -> None:
+        results.append(client.run(["sleep", "100"], cwd="/"))
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    wait_for(client.ps)
+    follower = socket.socket(socket.AF_UNIX)
+    follower.connect(d.socket)
+    follower.sendall(b'{"op":"hello","version":1}\n{"op":"events","follow":true}\n')
+    time.sleep(0.2)
+    jobs = d.job_ids()
+    d.process.send_signal(signal.SIGTERM)
+    d.process.wait(30)
+    runner.join(30)
+    assert d.process.returncode == 0, d.log()
+    assert results[0].signal == signal.SIGTERM
+    received = b""
+    follower.settimeout(10)
+    while chunk := follower.recv(65536):
+        received += chunk
+    follower.close()
+    last = json.loads(received.splitlines()[-1])
+    assert last == {
+        "op": "error",
+        "code": "shutdown",
+        "message": "netjaild is stopping",
+        "exit_code": None,
+    }
+    assert processes_of_jobs(jobs) == []
+    assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
+    assert os.listdir(os.path.join(d.state_dir, "jobs")) == []
+    assert not os.path.exists(d.socket)
+
+
+def test_sighup_reloads_the_configuration_for_new_jobs(own_base: str) -> None:
+    """After SIGHUP, new jobs get the new defaults; a bad file is refused and changes nothing."""
+    d = start_daemon(own_base)
+    try:
+        client = Client(d.socket, timeout=10)
+        assert client.run(["true"], cwd="/").report.limits.pids is None  # type: ignore[union-attr]
+        config = os.path.join(own_base, "netjaild.toml")
+        with open(config, "a") as f:
+            f.write("\n[limits]\ndefault_pids = 7\n")
+        d.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in d.log())
+        assert client.run(["true"], cwd="/").report.limits.pids == 7  # type: ignore[union-attr]
+        with open(config, "a") as f:
+            f.write("bogus_key = 1\n")
+        d.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in d.log())
+        assert "unknown key 'limits.bogus_key'" in d.log()
+        assert client.run(["true"], cwd="/").report.limits.pids == 7  # type: ignore[union-attr]
+    finally:
+        stop_daemon(d)
+
+
+def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
+    """SIGKILL the daemon with jobs running: the next start removes their netns, cgroups and
+    processes, says so, and serves new jobs."""
+    d = start_daemon(own_base)
+    holders = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(d.socket)
+        s.sendall(b'{"op":"hello","version":1}\n{"op":"run","argv":["sleep","100"],"cwd":"/"}\n')
+        holders.append(s)
+    client = Client(d.socket, timeout=10)
+    wait_for(lambda: len(client.ps()) == 3)
+    jobs = {j.job for j in client.ps()}
+    d.process.send_signal(signal.SIGKILL)
+    d.process.wait(10)
+    for s in holders:
+        s.close()
+    # The crash left the jails behind, processes included.
+    assert {n.removeprefix("netjail-") for n in netjail_netns()} >= jobs
+    assert len(processes_of_jobs(jobs)) == 3
+    os.unlink(d.socket)  # a stale socket, as a crash leaves it
+
+    again = start_daemon(own_base)
+    try:
+        assert again.log().count("removed a leftover of a previous run") >= 6  # netns + cgroup
+        assert processes_of_jobs(jobs) == []
+        assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
+        assert [c for c in netjail_job_cgroups() if os.path.basename(c) in jobs] == []
+        result = Client(again.socket, timeout=10).run(
+            ["sh", "-c", "echo alive"], stdio="capture", cwd="/"
+        )
+        assert result.stdout == b"alive\n"
+    finally:
+        stop_daemon(again)
+
+
+def test_kmsg_backend_in_a_container_refuses_to_start_with_the_reason(own_base: str) -> None:
+    """Outside the initial netns (a container), log_backend = "kmsg" cannot work: said at once."""
+    config = os.path.join(own_base, "kmsg.toml")
+    with open(config, "w") as f:
+        f.write('log_backend = "kmsg"\n')
+    os.chmod(config, 0o644)
+    done = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "--",
+            sys.executable,
+            "-m",
+            "netjail.daemon",
+            "--config",
+            config,
+            "--socket",
+            os.path.join(own_base, "sock", "netjail.sock"),
+            "--state-dir",
+            os.path.join(own_base, "state"),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    message = done.stderr.decode().splitlines()[-1]
+    assert message.startswith("netjaild: ")
+    assert "nf_log_all_netns" in message
+    assert "initial network namespace" in message
+
+
+def test_check_config_reports_every_problem(own_base: str) -> None:
+    """`netjaild --check-config PATH` lists each bad key and exits 1; a good file says OK."""
+    bad = os.path.join(own_base, "bad.toml")
+    with open(bad, "w") as f:
+        f.write('log_format = "xml"\n[limits]\nmax_memry = "1G"\n')
+    os.chmod(bad, 0o644)
+    done = subprocess.run(
+        [sys.executable, "-m", "netjail.daemon", "--check-config", bad],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.decode().splitlines()
+    assert any("log_format" in line for line in lines)
+    assert any("unknown key 'limits.max_memry'" in line for line in lines)
+    good = os.path.join(own_base, "good.toml")
+    with open(good, "w") as f:
+        f.write('[limits]\nmax_memory = "1G"\n')
+    os.chmod(good, 0o644)
+    ok = subprocess.run(
+        [sys.executable, "-m", "netjail.daemon", "--check-config", good],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (ok.returncode, ok.stdout.decode()) == (0, f"{good}: OK\n")
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
+    """Starting netjaild on a socket another one serves fails with a clear message."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "netjail.daemon",
+            "--socket",
+            daemon.socket,
+            "--state-dir",
+            tempfile.mkdtemp(prefix="netjail-test-second-", dir="/run"),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert f"another netjaild is already serving {daemon.socket}" in done.stderr.decode()
+    with pytest.raises(NetjailError):
+        Client("/nonexistent/netjail.sock").status()
