@@ -301,7 +301,7 @@ def test_cli_names_domains_in_event_lines(daemon: Daemon, upstream: Upstream) ->
             "--",
             "sh",
             "-c",
-            f"curl -sS https://{API}/ >/dev/null; curl -sS https://api.stripe.com/",
+            f"curl -sS https://{API}/ >/dev/null 2>&1; curl -sS https://api.stripe.com/ 2>/dev/null",
         ],
         capture_output=True,
         timeout=60,
