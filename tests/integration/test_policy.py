@@ -301,7 +301,8 @@ def test_cli_names_domains_in_event_lines(daemon: Daemon, upstream: Upstream) ->
             "--",
             "sh",
             "-c",
-            f"curl -sS https://{API}/ >/dev/null 2>&1; curl -sS https://api.stripe.com/ 2>/dev/null",
+            f"curl -sS https://{API}/ >/dev/null 2>&1; "
+            "curl -sS https://api.stripe.com/ 2>/dev/null",
         ],
         capture_output=True,
         timeout=60,
