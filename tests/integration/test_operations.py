@@ -20,6 +20,7 @@ from netjail import Client, JobResult
 from netjail.errors import NetjailError
 
 from .conftest import (
+    STARTED,
     Daemon,
     netjail_job_cgroups,
     netjail_netns,
@@ -34,6 +35,8 @@ def own_base() -> Iterator[str]:
     base = tempfile.mkdtemp(prefix="netjail-test-ops-", dir="/run")
     os.chmod(base, 0o755)  # noqa: S103 - clients must reach the socket's directory
     yield base
+    for d in STARTED:
+        d.job_ids()  # remember them for the suite's leak check before the logs go
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -231,3 +234,62 @@ def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
     assert f"another netjaild is already serving {daemon.socket}" in done.stderr.decode()
     with pytest.raises(NetjailError):
         Client("/nonexistent/netjail.sock").status()
+
+
+def test_socket_activation_and_readiness_notification(own_base: str) -> None:
+    """Started as systemd would (listening socket as fd 3, NOTIFY_SOCKET): serves on that
+    socket, READY=1 only after the self-test, STOPPING=1 on SIGTERM, leaves the socket file."""
+    path = os.path.join(own_base, "sock", "netjail.sock")
+    os.makedirs(os.path.dirname(path), mode=0o755)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    notify_path = os.path.join(own_base, "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(30)
+    log_path = os.path.join(own_base, "netjaild.log")
+    fd = listener.fileno()
+    # Put it at fd 3 (unless it is there already: `3<&3 3<&-` would close it).
+    move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+    with open(log_path, "ab") as log:
+        # As systemd does: the socket at fd 3, LISTEN_PID naming the daemon's own pid.
+        process = subprocess.Popen(
+            [
+                "bash",  # dash cannot redirect file descriptors above 9
+                "-c",
+                move + 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"',
+                "sh",
+                sys.executable,
+                "-m",
+                "netjail.daemon",
+                "--socket",
+                path,
+                "--state-dir",
+                os.path.join(own_base, "state"),
+            ],
+            pass_fds=[fd],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        )
+    listener.close()
+    d = Daemon(path, os.path.join(own_base, "state"), process, log_path)
+    STARTED.append(d)
+    try:
+        messages = []
+        while not any(m.startswith(b"READY=1") for m in messages):
+            messages.append(notify.recv(4096))
+        with open(log_path) as f:
+            assert "self-test passed" in f.read()  # READY came after the self-test
+        assert any(m.startswith(b"STATUS=self-test") for m in messages)
+        assert Client(path, timeout=10).status().jobs_running == 0
+        process.send_signal(signal.SIGTERM)
+        assert notify.recv(4096).startswith(b"STOPPING=1")
+        process.wait(30)
+        assert process.returncode == 0, d.log()
+        assert os.path.exists(path)  # the socket is systemd's, not ours to remove
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()

@@ -325,3 +325,25 @@ def test_cli_names_domains_in_event_lines(daemon: Daemon, upstream: Upstream) ->
     assert len(allowed) == 1
     assert allowed[0].startswith(f"netjail: allowed tcp {API} (198.18.")
     assert "):443 uid=65534 out=" in allowed[0]
+
+
+def test_kernel_events_to_a_synthetic_address_name_the_domain(
+    client: Client, upstream: Upstream
+) -> None:
+    """UDP (e.g. QUIC) to an allowed name's address is rejected by the kernel, named by domain."""
+    code = (
+        "import socket\n"
+        f"address = socket.getaddrinfo('{API}', 443, socket.AF_INET)[0][4][0]\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n"
+        "    s.sendto(b'quic?', (address, 443))\n"
+        "except PermissionError:\n"
+        "    print('rejected', address)\n"
+    )
+    result = run(client, upstream, [PY, "-c", code], [API])
+    assert result.stdout is not None
+    assert result.stdout.startswith(b"rejected 198.18."), result.stderr
+    [event] = by_kind(result, "egress")
+    assert (event.verdict, event.proto, event.port, event.domain) == ("blocked", "udp", 443, API)
+    assert event.dst == result.stdout.split()[1].decode()
+    assert event.via in ("nflog", "kmsg")

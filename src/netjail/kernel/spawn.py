@@ -402,7 +402,8 @@ class ForkServer:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 
