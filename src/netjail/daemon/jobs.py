@@ -113,6 +113,8 @@ class Job:
     captures: list[_Capture] = field(default_factory=list)
     timed_out: bool = False
     finished: asyncio.Future[Report] | None = None
+    #: Set once the jail is torn down and the job is no longer listed.
+    removed: asyncio.Event = field(default_factory=asyncio.Event)
     _next_seq: int | None = None
     _overflowed: bool = False
 
@@ -458,10 +460,12 @@ class JobManager:
                 job.finished.set_result(report)
             await self._teardown(job)
             self.jobs.pop(job.id, None)
+            job.removed.set()
         except BaseException as e:
             self._log("error", "job supervision failed", job=job.id, error=repr(e))
             await self._teardown(job)
             self.jobs.pop(job.id, None)
+            job.removed.set()
             if not job.finished.done():
                 job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))
             raise

@@ -106,6 +106,8 @@ async def run_self_test(jobs: JobManager, log_backend: str) -> list[str]:
         job = await jobs.start(spec, [], None)
         assert job.finished is not None  # noqa: S101 - start() sets it
         report = await asyncio.wait_for(asyncio.shield(job.finished), 60)
+        # Ready means nothing of the probe is left: its jail is gone too.
+        await asyncio.wait_for(job.removed.wait(), 60)
     except (NetjailError, TimeoutError) as e:
         return [f"the probe job could not run: {e}"]
     return evaluate(report, log_backend)
