@@ -33,13 +33,14 @@ import sys
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import click
 
 from netjail import protocol as p
 from netjail.client import Client, default_socket
 from netjail.errors import DaemonConnectionError, NetjailError, PermissionDeniedError
+from netjail.mountinfo import CgroupMount, parse_cgroup_mounts
 from netjail.text import sanitize
 
 Status = Literal["ok", "warn", "FAIL"]
@@ -266,58 +267,7 @@ def _is_are(items: Sequence[object]) -> str:
 # Pure: cgroups
 
 
-class CgroupMount(NamedTuple):
-    """One cgroup filesystem mount from /proc/self/mountinfo."""
-
-    fstype: str  # "cgroup" (v1) or "cgroup2"
-    mount_point: str
-    #: The v1 controllers bound to the hierarchy (none for cgroup2).
-    controllers: frozenset[str]
-
-
-# Controllers a v1 mount option may name (as in netjail.kernel.cgroup); any other option
-# (rw, xattr, name=systemd) is not a controller.
-_V1_CONTROLLERS = frozenset(
-    {
-        "blkio",
-        "cpu",
-        "cpuacct",
-        "cpuset",
-        "devices",
-        "freezer",
-        "hugetlb",
-        "memory",
-        "misc",
-        "net_cls",
-        "net_prio",
-        "perf_event",
-        "pids",
-        "rdma",
-    }
-)
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
-#: The controllers behind each per-job limit, and the option that asks for it.
 _LIMIT_CONTROLLERS = {"memory": "--memory", "cpu": "--cpus", "pids": "--pids"}
-
-
-def parse_cgroup_mounts(mountinfo_text: str) -> list[CgroupMount]:
-    """The cgroup and cgroup2 mounts listed in a /proc/<pid>/mountinfo text."""
-    mounts = []
-    for line in mountinfo_text.splitlines():
-        fields = line.split(" ")
-        # Optional fields (shared:, master:) vary in number; a lone "-" ends them.
-        try:
-            sep = fields.index("-", 6)
-            fstype, super_options = fields[sep + 1], fields[sep + 3]
-        except (ValueError, IndexError):
-            continue
-        if fstype not in ("cgroup", "cgroup2"):
-            continue
-        # mountinfo writes space, tab, newline and backslash in paths as octal escapes.
-        mount_point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
-        controllers = frozenset(o for o in super_options.split(",") if o in _V1_CONTROLLERS)
-        mounts.append(CgroupMount(fstype, mount_point, controllers))
-    return mounts
 
 
 def check_cgroups(mounts: Sequence[CgroupMount], unified_controllers: str | None) -> Check:

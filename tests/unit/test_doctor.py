@@ -224,11 +224,11 @@ def test_parse_cgroup_mounts_keeps_cgroup_mounts_and_their_controllers() -> None
     """Only cgroup filesystems; controllers from the super options; escaped paths decoded."""
     text = HYBRID_MOUNTINFO + "50 31 0:40 / /mnt/my\\040cg rw shared:9 master:2 - cgroup2 none rw\n"
     mounts = d.parse_cgroup_mounts(text)
-    assert mounts[0] == d.CgroupMount("cgroup", "/sys/fs/cgroup/cpu", frozenset({"cpu"}))
-    assert d.CgroupMount("cgroup", "/sys/fs/cgroup/systemd", frozenset()) in mounts
+    assert mounts[0] == d.CgroupMount("cgroup", "/", "/sys/fs/cgroup/cpu", frozenset({"cpu"}))
+    assert d.CgroupMount("cgroup", "/", "/sys/fs/cgroup/systemd", frozenset()) in mounts
     assert mounts[-2:] == [
-        d.CgroupMount("cgroup2", "/sys/fs/cgroup/unified", frozenset()),
-        d.CgroupMount("cgroup2", "/mnt/my cg", frozenset()),
+        d.CgroupMount("cgroup2", "/", "/sys/fs/cgroup/unified", frozenset()),
+        d.CgroupMount("cgroup2", "/", "/mnt/my cg", frozenset()),
     ]
     assert len(mounts) == 8  # tmpfs left out
 

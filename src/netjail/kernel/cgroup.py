@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from netjail.errors import CgroupError, RequestError
+from netjail.mountinfo import V1_CONTROLLERS, parse_cgroup_mounts
 
 CgroupMode = Literal["v2", "hybrid", "v1"]
 #: Where a job cgroup lives: the cgroup2 tree, or the v1 hierarchy holding that controller.
@@ -48,33 +49,12 @@ MAX_CPUS = 1024
 #: Name of the leaf the daemon moves itself into on cgroup2 (see ``CgroupManager.setup``).
 DAEMON_LEAF = "daemon"
 
-# Controllers a v1 mount option may name; anything else in the options (rw, xattr, name=…)
-# is not a controller.
-_V1_CONTROLLERS = frozenset(
-    {
-        "blkio",
-        "cpu",
-        "cpuacct",
-        "cpuset",
-        "devices",
-        "freezer",
-        "hugetlb",
-        "memory",
-        "misc",
-        "net_cls",
-        "net_prio",
-        "perf_event",
-        "pids",
-        "rdma",
-    }
-)
 # The cgroup2 controllers a job's limits need, in the order they are enabled.
 _V2_CONTROLLERS = ("memory", "cpu", "pids")
 # v1 hierarchies a job always joins, when mounted, for accounting; "cpu" only for a CPU limit.
 _V1_ACCOUNTING: tuple[Role, ...] = ("memory", "cpuacct", "pids")
 # Job ids and the parent name become directory names: keep them one safe path component.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_MOUNTINFO_ESCAPE_RE = re.compile(r"\\([0-7]{3})")
 # How long remove() keeps retrying rmdir while just-killed processes finish exiting.
 _REMOVE_RETRY_S = 1.0
 # Passes over the daemon's cgroup when moving its processes into the leaf; each pass moves
@@ -159,42 +139,6 @@ class ControlWrite(NamedTuple):
 # Pure: layout detection
 
 
-class _Mount(NamedTuple):
-    fstype: str
-    root: str
-    mount_point: str
-    controllers: frozenset[str]
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash in paths as octal escapes.
-    return _MOUNTINFO_ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _parse_cgroup_mounts(mountinfo_text: str) -> list[_Mount]:
-    mounts = []
-    for line in mountinfo_text.splitlines():
-        fields = line.split(" ")
-        # Optional fields (shared:, master:) vary in number; " - " ends them.
-        try:
-            sep = fields.index("-", 6)
-            fstype, super_options = fields[sep + 1], fields[sep + 3]
-        except (ValueError, IndexError):
-            continue
-        if fstype not in ("cgroup", "cgroup2"):
-            continue
-        controllers = frozenset(o for o in super_options.split(",") if o in _V1_CONTROLLERS)
-        mounts.append(
-            _Mount(
-                fstype,
-                _unescape_mountinfo(fields[3]),
-                _unescape_mountinfo(fields[4]),
-                controllers,
-            )
-        )
-    return mounts
-
-
 def _parse_proc_cgroup(text: str) -> tuple[str | None, dict[frozenset[str], str]]:
     """The cgroup2 path and the v1 paths (keyed by controller set) of /proc/<pid>/cgroup."""
     unified: str | None = None
@@ -207,7 +151,7 @@ def _parse_proc_cgroup(text: str) -> tuple[str | None, dict[frozenset[str], str]
         if hierarchy_id == "0" and not controllers:
             unified = path
             continue
-        key = frozenset(c for c in controllers.split(",") if c in _V1_CONTROLLERS)
+        key = frozenset(c for c in controllers.split(",") if c in V1_CONTROLLERS)
         if key:  # named hierarchies without controllers (name=systemd) are of no use here
             v1[key] = path
     return unified, v1
@@ -231,7 +175,7 @@ def detect_cgroup_layout(mountinfo_text: str, proc_self_cgroup_text: str) -> Cgr
 
     Raises CgroupError if no usable cgroup filesystem is mounted.
     """
-    mounts = _parse_cgroup_mounts(mountinfo_text)
+    mounts = parse_cgroup_mounts(mountinfo_text)
     unified_cgroup, v1_cgroups = _parse_proc_cgroup(proc_self_cgroup_text)
 
     unified_mount: str | None = None
