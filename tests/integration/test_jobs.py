@@ -13,11 +13,12 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from netjail import Client
+from netjail import Client, JobResult
 from netjail.errors import NetjailError, PermissionDeniedError, ProtocolError, error_for_code
 
 from .conftest import Daemon
@@ -48,6 +49,34 @@ RAW_CLIENT = textwrap.dedent(
                 break
     """
 )
+
+
+@contextlib.contextmanager
+def background_job(client: Client) -> Iterator[tuple[str, list[JobResult]]]:
+    """A `sleep 30` job running in a thread: yields its id and (once it ended) its result.
+
+    Whatever the test did, the job is killed at the end and its thread joined.
+    """
+    started: list[str] = []
+    results: list[JobResult] = []
+
+    def run() -> None:
+        results.append(
+            client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: started.append(j))
+        )
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert started, "the background job did not start"
+    try:
+        yield started[0], results
+    finally:
+        with contextlib.suppress(NetjailError):
+            client.kill(started[0], 9)
+        runner.join(30)
 
 
 def cli(daemon: Daemon, *args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
@@ -221,17 +250,9 @@ def test_job_cannot_reach_the_daemon_socket(client: Client, daemon: Daemon) -> N
 
 def test_connections_from_inside_a_jail_are_refused(client: Client, daemon: Daemon) -> None:
     """A process in a jail's netns that still reaches the socket is refused by the daemon."""
-    job: list[str] = []
-    runner = threading.Thread(
-        target=lambda: client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
-    )
-    runner.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not job and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with background_job(client) as (job, _results):
         out = subprocess.run(
-            ["ip", "netns", "exec", f"netjail-{job[0]}", PY, "-c", RAW_CLIENT, daemon.socket],
+            ["ip", "netns", "exec", f"netjail-{job}", PY, "-c", RAW_CLIENT, daemon.socket],
             capture_output=True,
             timeout=30,
             check=False,
@@ -239,9 +260,6 @@ def test_connections_from_inside_a_jail_are_refused(client: Client, daemon: Daem
         reply = json.loads(out.stdout.decode().splitlines()[0])
         assert reply["op"] == "error"
         assert reply["message"] == "connections from inside a jail are refused"
-    finally:
-        client.kill(job[0], 9)
-        runner.join(30)
 
 
 def test_non_root_client_job_runs_as_that_user(
@@ -276,40 +294,18 @@ def test_non_root_client_cannot_see_or_kill_others_jobs(
     client: Client, daemon: Daemon, test_user: pwd.struct_passwd
 ) -> None:
     """Another user's jobs are invisible: ps omits them and kill says no such job."""
-    job: list[str] = []
-    runner = threading.Thread(
-        target=lambda: client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
-    )
-    runner.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not job and time.monotonic() < deadline:
-            time.sleep(0.01)
-        replies = raw_as_user(daemon, test_user, {"op": "ps"}, {"op": "kill", "job": job[0]})
+    with background_job(client) as (job, _results):
+        replies = raw_as_user(daemon, test_user, {"op": "ps"}, {"op": "kill", "job": job})
         assert replies[1] == {"op": "ps", "jobs": []}
         assert replies[2]["op"] == "error"
-        assert replies[2]["message"] == f"no such job: {job[0]}"
-        assert [j.job for j in client.ps()] == job
-    finally:
-        client.kill(job[0], 9)
-        runner.join(30)
+        assert replies[2]["message"] == f"no such job: {job}"
+        assert [j.job for j in client.ps()] == [job]
 
 
 def test_kill_ends_a_running_job(client: Client) -> None:
     """`kill` with SIGTERM ends the job; the report shows the signal."""
-    job: list[str] = []
-    results = []
-    runner = threading.Thread(
-        target=lambda: results.append(
-            client.run(["sleep", "30"], cwd="/", on_start=lambda j, _p: job.append(j))
-        )
-    )
-    runner.start()
-    deadline = time.monotonic() + 10
-    while not job and time.monotonic() < deadline:
-        time.sleep(0.01)
-    client.kill(job[0])
-    runner.join(30)
+    with background_job(client) as (job, results):
+        client.kill(job)
     assert results[0].signal == 15
 
 
