@@ -42,7 +42,7 @@ def format_event(event: p.Event) -> str:
     """
     if event.kind == "dns" and event.via == "dns":
         text = f"{event.verdict} dns {sanitize(event.domain or '?')} {event.qtype or '?'}"
-        if event.reason and event.reason != "not-allowed" and event.verdict == "blocked":
+        if event.reason and event.reason != "not_allowed" and event.verdict == "blocked":
             text += f" ({event.reason})"
         return text + (f" x{event.count}" if event.count > 1 else "")
     dst = event.dst or "?"
@@ -106,31 +106,29 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except NetjailError as e:
-        raise click.BadParameter(str(e)) from None
+def _parsed(
+    parse: Callable[[str], float], *, minimum: float = 0, maximum: float, bounds: str
+) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """A click callback: ``parse`` the text, then hold it to the protocol's bounds."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            parsed = parse(value)
+        except NetjailError as e:
+            raise click.BadParameter(str(e)) from None
+        if not minimum <= parsed <= maximum:
+            raise click.BadParameter(f"{value!r} is out of range: {bounds}")
+        return parsed
+
+    return callback
 
 
-def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except NetjailError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_cpus(value)
-    except NetjailError as e:
-        raise click.BadParameter(str(e)) from None
+_memory = _parsed(parse_size, minimum=p.MIN_MEMORY_BYTES, maximum=2**62, bounds="at least 1M")
+_cpus = _parsed(parse_cpus, maximum=p.MAX_CPUS, bounds=f"at most {p.MAX_CPUS}")
+_timeout = _parsed(parse_duration, maximum=p.MAX_TIMEOUT_S, bounds="at most 30 days (720h)")
+_kill_grace = _parsed(parse_duration, maximum=p.MAX_KILL_GRACE_S, bounds="at most 1h")
 
 
 def _stdio_fds() -> list[int]:
@@ -169,7 +167,7 @@ def _stdio_fds() -> list[int]:
 )
 @click.option(
     "--memory",
-    callback=_size,
+    callback=_memory,
     default=None,
     metavar="SIZE",
     help="Memory limit, swap included, e.g. 512M, 2G.",
@@ -179,21 +177,21 @@ def _stdio_fds() -> list[int]:
 )
 @click.option(
     "--pids",
-    type=click.IntRange(1),
+    type=click.IntRange(1, p.MAX_PIDS),
     default=None,
     metavar="N",
     help="Most processes/threads at once.",
 )
 @click.option(
     "--timeout",
-    callback=_duration,
+    callback=_timeout,
     default=None,
     metavar="DURATION",
     help="Kill the job after this long, e.g. 30s, 5m (exit 124).",
 )
 @click.option(
     "--kill-grace",
-    callback=_duration,
+    callback=_kill_grace,
     default=None,
     metavar="DURATION",
     help="Time between SIGTERM and SIGKILL on timeout [default 2s].",
@@ -250,8 +248,8 @@ def run(
     """Run COMMAND in a jail; its exit status is passed through.
 
     Exit status: the command's; 128+N if killed by signal N; 124 on --timeout; 137 when killed
-    for reaching --memory; 125 when netjail itself failed; 126/127 when the command could not
-    be executed / was not found.
+    for reaching --memory (as for SIGKILL: stderr says which); 125 when netjail itself failed;
+    126/127 when the command could not be executed / was not found; 2 for a usage error.
     """
     client = _client(ctx)
     job_id: list[str] = []

@@ -137,9 +137,9 @@ class DnsOutcome:
     """What the stub sends back and what it reports about one query.
 
     ``reason`` is a fixed token, never job text: ``None`` (A answered), ``"nodata"``,
-    ``"not-allowed"``, ``"invalid-name"``, ``"meta-query"``, ``"pool-exhausted"``,
-    ``"malformed"``, ``"short-header"``, ``"not-a-query"``, ``"opcode"``,
-    ``"question-count"``, ``"class"``, ``"edns-version"`` or ``"internal-error"``.
+    ``"not_allowed"``, ``"invalid_name"``, ``"meta_query"``, ``"pool_exhausted"``,
+    ``"malformed"``, ``"short_header"``, ``"not_a_query"``, ``"opcode"``,
+    ``"question_count"``, ``"class"``, ``"edns_version"`` or ``"internal_error"``.
     """
 
     #: The reply to send; None when the packet cannot or must not be answered.
@@ -171,7 +171,7 @@ def answer_query(
     except Exception:
         # Only a bug gets here. Answer SERVFAIL (no address leaves) rather than let one
         # packet take down the stub.
-        return _header_outcome(bytes(wire[:12]), dns.rcode.SERVFAIL, "internal-error")
+        return _header_outcome(bytes(wire[:12]), dns.rcode.SERVFAIL, "internal_error")
 
 
 def sanitize_name(text: str) -> str:
@@ -206,37 +206,37 @@ def _answer(  # noqa: PLR0911 - one return per answer case, in the module docstr
     domain, canonical = _domain_of(qname)
     reply = _Replier(query, domain, _qtype_text(question.rdtype))
     if query.edns > 0:
-        return reply(dns.rcode.BADVERS, "blocked", "edns-version")
+        return reply(dns.rcode.BADVERS, "blocked", "edns_version")
     if question.rdclass != dns.rdataclass.IN:
         return reply(dns.rcode.REFUSED, "blocked", "class")
     if canonical is None:
-        return reply(blocked, "blocked", "invalid-name")
+        return reply(blocked, "blocked", "invalid_name")
     if not policy.name_verdict(canonical):
-        return reply(blocked, "blocked", "not-allowed")
+        return reply(blocked, "blocked", "not_allowed")
     if dns.rdatatype.is_metatype(question.rdtype):
-        return reply(dns.rcode.REFUSED, "blocked", "meta-query")
+        return reply(dns.rcode.REFUSED, "blocked", "meta_query")
     if question.rdtype != dns.rdatatype.A:
         return reply(dns.rcode.NOERROR, "allowed", "nodata")
     try:
         address = pool.address_for(canonical)
     except PoolExhaustedError:
-        return reply(dns.rcode.SERVFAIL, "blocked", "pool-exhausted")
+        return reply(dns.rcode.SERVFAIL, "blocked", "pool_exhausted")
     return reply(dns.rcode.NOERROR, "allowed", None, address=address)
 
 
 def _check_header(wire: bytes) -> DnsOutcome | None:
     """The outcome for a packet refused on its header alone, or None to parse it."""
     if len(wire) < _HEADER.size or len(wire) > _MAX_MESSAGE:
-        return _silent("short-header")
+        return _silent("short_header")
     _, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
     if flags & _QR:
-        return _silent("not-a-query")
+        return _silent("not_a_query")
     if flags & _OPCODE_MASK:
         return _header_outcome(wire, dns.rcode.NOTIMP, "opcode")
     # Exactly one question (RFC 9619), and nothing a query has no use for: a stub never sends
     # answer or authority records, and one additional record is room for EDNS's OPT.
     if qdcount != 1:
-        return _header_outcome(wire, dns.rcode.FORMERR, "question-count")
+        return _header_outcome(wire, dns.rcode.FORMERR, "question_count")
     if ancount or nscount or arcount > 1:
         return _header_outcome(wire, dns.rcode.FORMERR, "malformed")
     return None

@@ -27,6 +27,12 @@ MAX_FDS = 3
 #: Most captured bytes per stream a library client may ask for.
 MAX_CAPTURE_BYTES = 16 << 20
 DEFAULT_CAPTURE_BYTES = 1 << 20
+#: Bounds of a run request's limits (the CLI checks the same ones before sending).
+MIN_MEMORY_BYTES = 1 << 20
+MAX_CPUS = 1024
+MAX_PIDS = 1 << 22
+MAX_TIMEOUT_S = 30 * 86400
+MAX_KILL_GRACE_S = 3600
 
 _Arg = Annotated[str, msgspec.Meta(max_length=65536)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -56,11 +62,11 @@ class RunRequest(_Request, tag="run"):
     #: Stream events to this connection while the job runs.
     events: bool = True
     #: Resource limits; None = the daemon's default.
-    memory_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] | None = None
-    cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] | None = None
-    pids: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)] | None = None
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)] | None = None
-    kill_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
+    memory_bytes: Annotated[int, msgspec.Meta(ge=MIN_MEMORY_BYTES)] | None = None
+    cpus: Annotated[float, msgspec.Meta(gt=0, le=MAX_CPUS)] | None = None
+    pids: Annotated[int, msgspec.Meta(ge=1, le=MAX_PIDS)] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_S)] | None = None
+    kill_grace_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_KILL_GRACE_S)] | None = None
     #: Domain policy: rules such as "pypi.org", "*.github.com:443", "10.0.0.0/8:5432".
     allow: Annotated[list[_Rule], msgspec.Meta(max_length=1024)] = []
     deny: Annotated[list[_Rule], msgspec.Meta(max_length=1024)] = []

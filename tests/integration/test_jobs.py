@@ -295,10 +295,19 @@ def test_non_root_client_cannot_see_or_kill_others_jobs(
 ) -> None:
     """Another user's jobs are invisible: ps omits them and kill says no such job."""
     with background_job(client) as (job, _results):
-        replies = raw_as_user(daemon, test_user, {"op": "ps"}, {"op": "kill", "job": job})
+        replies = raw_as_user(
+            daemon,
+            test_user,
+            {"op": "ps"},
+            {"op": "kill", "job": job},
+            {"op": "events", "job": job},
+            {"op": "events", "job": "j-00000000"},
+        )
         assert replies[1] == {"op": "ps", "jobs": []}
-        assert replies[2]["op"] == "error"
-        assert replies[2]["message"] == f"no such job: {job}"
+        # Another user's job and no job at all get the same answer: ids are not disclosed.
+        for reply in replies[2:5]:
+            assert (reply["op"], reply["code"]) == ("error", "not_found")
+        assert replies[2]["message"] == replies[3]["message"] == f"no such job: {job}"
         assert [j.job for j in client.ps()] == [job]
 
 

@@ -158,6 +158,11 @@ class JobManager:
             f.write("nameserver 127.0.0.1\nnameserver ::1\noptions edns0 timeout:2 attempts:2\n")
         os.chmod(self._resolv_conf, 0o644)
 
+    def forget_history(self) -> None:
+        """Clear counters and event history (after the start-up self-test)."""
+        self.history.clear()
+        self.jobs_total = self.events_seen = self.events_lost = 0
+
     # ------------------------------------------------------------------ lookup
 
     def visible_jobs(self, peer: PeerCred) -> list[Job]:

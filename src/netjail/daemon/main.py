@@ -125,6 +125,11 @@ async def _serve(
     config = server.config
     if kmsg_reader is not None:
         server.jobs.attach_kmsg(kmsg_reader)
+    # Handlers first: a SIGTERM during the self-test must still end in a clean stop.
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path, log)
     sdnotify.notify_status("self-test: a probe job's attempts must be rejected and reported")
     problems = await run_self_test(server.jobs, config.log_backend)
     if problems:
@@ -133,10 +138,10 @@ async def _serve(
         click.echo(f"netjaild: self-test failed, not serving: {'; '.join(problems)}", err=True)
         return 1
     log("info", "self-test passed")
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path, log)
+    # Counters and history are about clients' jobs; the probe's are not among them.
+    server.jobs.forget_history()
+    if stop.is_set():
+        return 0  # asked to stop while starting: nothing was served, nothing is left
     serving = asyncio.ensure_future(server.serve_forever())
     log("info", "netjaild ready", version=__version__, socket=config.socket, pid=os.getpid())
     sdnotify.notify_ready(f"serving {config.socket}")
@@ -162,17 +167,14 @@ def _reload(server: Server, config_path: str | None, log: Logger) -> None:
     except ConfigError as e:
         log("error", "reload failed, keeping the running configuration", error=str(e))
         return
+    # Compared with what the file said at start (command-line options override the file, and
+    # an overridden value is no change of the file's).
     fixed = ("socket", "state_dir", "firewall", "log_backend", "log_format", "group")
-    changed = [name for name in fixed if getattr(new, name) != getattr(current, name)]
-    for name in ("socket", "state_dir", "log_format"):
-        # Command-line overrides of these were applied at start; they stay.
-        new = replace(new, **{name: getattr(current, name)})
+    changed = [name for name in fixed if getattr(new, name) != getattr(server.file_config, name)]
     if changed:
         log("warning", "reload: these need a restart and keep their running values", keys=changed)
-    new = replace(
-        new, firewall=current.firewall, log_backend=current.log_backend, group=current.group
-    )
-    server.apply_config(new)
+    server.file_config = new
+    server.apply_config(replace(new, **{name: getattr(current, name) for name in fixed}))
     log("info", "configuration reloaded", path=config_path or DEFAULT_CONFIG_PATH)
 
 
@@ -238,12 +240,12 @@ def main(
     forkserver = ForkServer.start()
     log = Logger(log_format or "text")
     try:
-        config = load_config(config_path)
+        file_config = load_config(config_path)
         config = replace(
-            config,
-            socket=socket_path or config.socket,
-            state_dir=state_dir or config.state_dir,
-            log_format=log_format or config.log_format,
+            file_config,
+            socket=socket_path or file_config.socket,
+            state_dir=state_dir or file_config.state_dir,
+            log_format=log_format or file_config.log_format,
         )
         log.format = config.log_format
         kmsg_reader = _check_backends(config)
@@ -270,6 +272,7 @@ def main(
         server = Server(
             listener=listener, jobs=jobs, log=log, cgroup_mode=cgroups.mode, config=config
         )
+        server.file_config = file_config
     except (NetjailError, OSError) as e:
         forkserver.close()
         log("error", "cannot start", error=str(e))

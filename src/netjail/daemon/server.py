@@ -28,7 +28,13 @@ from netjail.daemon.config import Config
 from netjail.daemon.events import rfc3339
 from netjail.daemon.jobs import DEFAULT_PATH, NOBODY, Job, JobManager, JobSpec, applied_limits
 from netjail.daemon.proxy import IPAddress
-from netjail.errors import NetjailError, PermissionDeniedError, ProtocolError, RequestError
+from netjail.errors import (
+    NetjailError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProtocolError,
+    RequestError,
+)
 from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
 from netjail.kernel.spawn import ExecError
 from netjail.policy import Policy, canonical_name
@@ -240,8 +246,10 @@ class Connection:
         return self.peer.uid == 0 or self.server.job_owner.get(event.job) == self.peer.uid
 
     def _events(self, request: p.EventsRequest) -> None:
-        if request.job is not None and request.job not in self.server.job_owner:
-            raise RequestError(f"no such job: {request.job}")
+        owner = self.server.job_owner.get(request.job) if request.job is not None else None
+        if request.job is not None and (owner is None or self.peer.uid not in (0, owner)):
+            # The same answer for another user's job as for none: ids are not disclosed.
+            raise NotFoundError(f"no such job: {request.job}")
         for event in list(self.server.jobs.history):
             if self._visible(event, request.job):
                 self.send(p.EventMessage(event=event), droppable=True)
@@ -341,6 +349,8 @@ class Server:
     ) -> None:
         self.listener = listener
         self.config = config
+        #: The configuration file's own values, before command-line overrides (for reloads).
+        self.file_config = config
         self.jobs = jobs
         self.log = log
         self.cgroup_mode = cgroup_mode

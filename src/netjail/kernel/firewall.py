@@ -64,7 +64,8 @@ class JailRules:
 
 
 def log_prefix(job_id: str) -> str:
-    """The NFLOG prefix naming a job; parsed back by the event receiver."""
+    """The log prefix naming a job: the kmsg reader routes events by it; NFLOG needs it only
+    for its ``dns`` mark (an NFLOG socket is per jail already)."""
     return f"netjail {job_id} "
 
 
