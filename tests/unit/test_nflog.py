@@ -13,6 +13,7 @@ from netjail.kernel import nflog
 from netjail.kernel.nflog import (
     NflogPacket,
     PacketSummary,
+    SequenceTracker,
     build_config_message,
     parse_ip_packet,
     parse_netlink_messages,
@@ -361,3 +362,29 @@ def test_build_config_message_without_attributes() -> None:
     message = build_config_message(group=1, seq=1, attrs=[])
     assert len(message) == 20
     assert struct.unpack_from("=I", message)[0] == 20
+
+
+def _sequence_numbers(datagrams: list[bytes]) -> list[int]:
+    seqs = []
+    for datagram in datagrams:
+        for packet in parse_netlink_messages(datagram).packets:
+            assert packet.seq is not None
+            seqs.append(packet.seq)
+    return seqs
+
+
+def test_a_datagram_missing_from_the_capture_is_counted_as_lost() -> None:
+    """Real NFLOG sequence numbers with the second datagram dropped: exactly one lost."""
+    datagrams = _captured()
+    tracker = SequenceTracker()
+    lost = [tracker.record(seq) for seq in _sequence_numbers(datagrams[:1] + datagrams[2:])]
+    assert lost == [0, 1, 0, 0]
+
+
+def test_an_overrun_counts_at_once_and_is_not_counted_twice() -> None:
+    """ENOBUFS counts one lost message at once; the gap that follows adds only the rest."""
+    tracker = SequenceTracker()
+    assert tracker.record(0) == 0
+    assert tracker.overrun() == 1
+    assert tracker.record(4) == 2  # messages 1, 2 and 3 were lost: one already counted
+    assert tracker.record(5) == 0

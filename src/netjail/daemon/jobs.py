@@ -115,8 +115,8 @@ class Job:
     finished: asyncio.Future[Report] | None = None
     #: Set once the jail is torn down and the job is no longer listed.
     removed: asyncio.Event = field(default_factory=asyncio.Event)
-    _next_seq: int | None = None
-    _overflowed: bool = False
+    #: Counts NFLOG messages lost before they reached us (sequence gaps, ENOBUFS).
+    nflog_seq: nflog.SequenceTracker = field(default_factory=nflog.SequenceTracker)
 
 
 class JobManager:
@@ -345,9 +345,8 @@ class JobManager:
                 return
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
-                    # The kernel dropped messages; the sequence gap at the next message says
-                    # how many. If none comes, at least one was lost (counted at the end).
-                    job._overflowed = True
+                    # The kernel dropped messages for us (socket buffer full).
+                    job.events.lost += job.nflog_seq.overrun()
                     continue
                 raise
             self._handle_nflog(job, data)
@@ -357,10 +356,7 @@ class JobManager:
         now = time.monotonic()
         for packet in batch.packets:
             if packet.seq is not None:
-                if job._next_seq is not None and packet.seq > job._next_seq:
-                    job.events.lost += packet.seq - job._next_seq
-                    job._overflowed = False
-                job._next_seq = packet.seq + 1
+                job.events.lost += job.nflog_seq.record(packet.seq)
             summary = nflog.parse_ip_packet(packet.payload)
             if summary is not None:
                 self._record_packet(
@@ -509,8 +505,6 @@ class JobManager:
         self._on_kmsg()
         for capture in job.captures:
             _drain_capture(capture)
-        if job._overflowed:
-            job.events.lost += 1
         wall = time.monotonic() - job.started
         report = Report(
             job=job.id,

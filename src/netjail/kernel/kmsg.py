@@ -32,7 +32,7 @@ from types import TracebackType
 
 from netjail.errors import FirewallError, JailError
 from netjail.kernel import firewall
-from netjail.kernel.nflog import PacketSummary
+from netjail.kernel.nflog import PacketSummary, SequenceTracker
 
 KMSG_PATH = "/dev/kmsg"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
@@ -258,36 +258,6 @@ def parse_logged_packet(record: KmsgRecord) -> LoggedPacket | None:
 
 
 # --------------------------------------------------------------------------- reader
-
-
-@dataclass
-class SequenceTracker:
-    """Counts kernel-log records a reader never saw, from EPIPE and sequence-number gaps.
-
-    /dev/kmsg numbers every record; the ring buffer overwrites old ones, and a reader that
-    fell behind gets one EPIPE and then continues at the oldest record still there. One
-    overrun is counted at once (at least one record was lost), and the gap at the next record
-    says how many; it is not counted twice. The count is of all kernel-log records, so it is
-    an upper bound of the jail events lost.
-    """
-
-    next_seq: int | None = None
-    _counted_overrun: int = 0
-
-    def overrun(self) -> int:
-        """An EPIPE from read(): returns the records to count as lost now."""
-        self._counted_overrun += 1
-        return 1
-
-    def record(self, seq: int) -> int:
-        """A record numbered ``seq`` arrived: returns the records to count as lost now."""
-        lost = 0
-        if self.next_seq is not None and seq > self.next_seq:
-            lost = max(0, seq - self.next_seq - self._counted_overrun)
-        self._counted_overrun = 0
-        if self.next_seq is None or seq >= self.next_seq:
-            self.next_seq = seq + 1
-        return lost
 
 
 class KmsgReader:

@@ -179,6 +179,37 @@ def _port(payload: bytes, l4: int | None, proto: int) -> int | None:
     return int(struct.unpack_from(">H", payload, l4 + 2)[0])
 
 
+@dataclass
+class SequenceTracker:
+    """Counts numbered kernel messages a reader never saw, from overruns and sequence gaps.
+
+    Both logging backends number their messages: NFLOG (per instance, NFULA_SEQ) and
+    /dev/kmsg (per record). A reader that fell behind learns it once — ENOBUFS from an NFLOG
+    socket, EPIPE from /dev/kmsg — and then continues with later messages. One overrun is
+    counted at once (at least one message was lost), and the gap at the next message says how
+    many; it is not counted twice. For /dev/kmsg the count is of all kernel-log records, so an
+    upper bound of the jail events lost.
+    """
+
+    next_seq: int | None = None
+    _counted_overrun: int = 0
+
+    def overrun(self) -> int:
+        """An EPIPE from read(): returns the records to count as lost now."""
+        self._counted_overrun += 1
+        return 1
+
+    def record(self, seq: int) -> int:
+        """A record numbered ``seq`` arrived: returns the records to count as lost now."""
+        lost = 0
+        if self.next_seq is not None and seq > self.next_seq:
+            lost = max(0, seq - self.next_seq - self._counted_overrun)
+        self._counted_overrun = 0
+        if self.next_seq is None or seq >= self.next_seq:
+            self.next_seq = seq + 1
+        return lost
+
+
 def build_config_message(group: int, seq: int, attrs: list[tuple[int, bytes]]) -> bytes:
     """An NFULNL_MSG_CONFIG request for ``group`` with the given attributes, asking for an ack."""
     body = struct.pack(">BBH", socket.AF_UNSPEC, 0, group)
