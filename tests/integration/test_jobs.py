@@ -449,3 +449,24 @@ def test_root_only_uid_choice_is_enforced_via_library_errors() -> None:
     """The error classes map back from wire codes (sanity of the client error mapping)."""
     assert isinstance(error_for_code("permission", "x"), PermissionDeniedError)
     assert isinstance(error_for_code("protocol", "x"), ProtocolError)
+
+
+def test_many_jobs_started_at_once_all_work(client: Client) -> None:
+    """Twelve jobs submitted together are jailed, report their blocked attempt, and the daemon
+    lives on (jails are built on threads in parallel: shared native state must not race)."""
+    results: list[JobResult] = []
+    lock = threading.Lock()
+
+    def one(port: int) -> None:
+        result = client.run(["curl", "-sS", f"http://203.0.113.9:{port}/"], cwd="/")
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=one, args=(9000 + i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(r.events[0].port for r in results) == list(range(9000, 9012))
+    assert all(r.exit_code == 7 for r in results)
+    assert client.status().jobs_total >= 12  # still answering: it survived the burst

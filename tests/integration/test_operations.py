@@ -136,12 +136,14 @@ def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
     d.process.wait(10)
     for s in holders:
         s.close()
-    # The crash left the jails behind, processes included.
-    assert {n.removeprefix("netjail-") for n in netjail_netns()} >= jobs
-    assert len(processes_of_jobs(jobs)) == 3
     os.unlink(d.socket)  # a stale socket, as a crash leaves it
-
-    again = start_daemon(own_base)
+    try:
+        # The crash left the jails behind, processes included.
+        assert {n.removeprefix("netjail-") for n in netjail_netns()} >= jobs
+        assert len(processes_of_jobs(jobs)) == 3
+    finally:
+        # Whatever failed above, the restart is what removes the crashed daemon's jails.
+        again = start_daemon(own_base)
     try:
         assert again.log().count("removed a leftover of a previous run") >= 6  # netns + cgroup
         assert processes_of_jobs(jobs) == []
@@ -216,7 +218,7 @@ def test_check_config_reports_every_problem(own_base: str) -> None:
     assert (ok.returncode, ok.stdout.decode()) == (0, f"{good}: OK\n")
 
 
-def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
+def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, own_base: str) -> None:
     """Starting netjaild on a socket another one serves fails with a clear message."""
     done = subprocess.run(
         [
@@ -226,7 +228,7 @@ def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
             "--socket",
             daemon.socket,
             "--state-dir",
-            tempfile.mkdtemp(prefix="netjail-test-second-", dir="/run"),
+            os.path.join(own_base, "state"),
         ],
         capture_output=True,
         timeout=60,
@@ -295,3 +297,40 @@ def test_socket_activation_and_readiness_notification(own_base: str) -> None:
         if process.poll() is None:
             process.kill()
         notify.close()
+
+
+def test_sigterm_during_start_up_is_a_clean_stop(own_base: str) -> None:
+    """A stop asked for while netjaild starts (its self-test running) waits, then exits 0 with
+    nothing left: start-up is never cut in half."""
+    sock = os.path.join(own_base, "sock", "netjail.sock")
+    log_path = os.path.join(own_base, "netjaild.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "netjail.daemon",
+                "--socket",
+                sock,
+                "--state-dir",
+                os.path.join(own_base, "state"),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    d = Daemon(sock, os.path.join(own_base, "state"), process, log_path)
+    STARTED.append(d)
+    try:
+        wait_for(lambda: os.path.exists(log_path) and "job started" in d.log())  # the probe
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, d.log()
+        assert "netjaild ready" not in d.log()
+        assert "netjaild stopped" in d.log()
+        jobs = d.job_ids()
+        assert jobs  # the probe ran
+        assert processes_of_jobs(jobs) == []
+        assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
+        assert os.listdir(os.path.join(own_base, "state", "jobs")) == []
+    finally:
+        if process.poll() is None:
+            process.kill()

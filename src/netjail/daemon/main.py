@@ -47,6 +47,9 @@ _SHARED_DIRS = {
 }
 
 
+_CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _check_socket_dir(path: str) -> str:
     parent = os.path.dirname(os.path.abspath(path))
     if parent in _SHARED_DIRS:
@@ -130,6 +133,7 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path, log)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
     sdnotify.notify_status("self-test: a probe job's attempts must be rejected and reported")
     problems = await run_self_test(server.jobs, config.log_backend)
     if problems:
@@ -238,6 +242,9 @@ def main(
         sys.exit(1)
     # First, while this process has one thread: every job is forked from this helper.
     forkserver = ForkServer.start()
+    # Until the loop's handlers exist, a stop or reload request waits (blocked, pending) rather
+    # than killing the daemon half-way through recovery or start-up; _serve unblocks them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
     log = Logger(log_format or "text")
     try:
         file_config = load_config(config_path)

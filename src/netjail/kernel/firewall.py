@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import re
+import threading
 from dataclasses import dataclass, field
 
 from netjail.errors import FirewallError
@@ -149,9 +150,18 @@ class _Libnftables:
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
         self.lib = lib
+        self.lock = threading.Lock()
 
     def run(self, commands: str) -> str:
         """Run nft commands in the calling thread's netns; return output or raise."""
+        # libnftables is not thread-safe when linked against libxtables, as Debian's is: its
+        # maintainers say so (netfilter-devel, 2023: "libxtables is full of global variables").
+        # Jails are built on threads of their own; without this lock the daemon once died of
+        # "double free or corruption" when three jails were built at once. Held ~1 ms.
+        with self.lock:
+            return self._run(commands)
+
+    def _run(self, commands: str) -> str:
         ctx = self.lib.nft_ctx_new(0)
         if not ctx:
             raise FirewallError("nft_ctx_new failed")
@@ -171,11 +181,15 @@ class _Libnftables:
 _nft: _Libnftables | None = None
 
 
+_nft_loading = threading.Lock()
+
+
 def _libnftables() -> _Libnftables:
     global _nft  # noqa: PLW0603 - one library handle per process, loaded on first use
-    if _nft is None:
-        _nft = _Libnftables()
-    return _nft
+    with _nft_loading:  # first use may come from several jail threads at once
+        if _nft is None:
+            _nft = _Libnftables()
+        return _nft
 
 
 def apply_ruleset(ruleset: str) -> None:
