@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -103,6 +103,24 @@ TEST_CONFIG = """\
 
 
 def start_daemon(base: str, *extra: str, config_extra: str = "") -> Daemon:
+    """A netjaild with its socket, state and log under ``base``, once it is ready to serve."""
+    daemon = launch_daemon(base, *extra, config_extra=config_extra)
+    wait_until_ready(daemon)
+    return daemon
+
+
+def launch_daemon(
+    base: str,
+    *extra: str,
+    config_extra: str = "",
+    prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+) -> Daemon:
+    """Start netjaild (``prefix`` runs before it, e.g. ``unshare --net --``) without waiting.
+
+    Registered for the suite's leak check, and stopped at exit even if pytest dies first.
+    """
     sock = os.path.join(base, "sock", "netjail.sock")
     state = os.path.join(base, "state")
     log_path = os.path.join(base, "netjaild.log")
@@ -114,19 +132,21 @@ def start_daemon(base: str, *extra: str, config_extra: str = "") -> Daemon:
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when the test ends
     process = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             *("-m", "netjail.daemon", "--config", config),
             *("--socket", sock, "--state-dir", state, *extra),
         ],
         stdout=log,
         stderr=log,
+        env=env,
+        pass_fds=pass_fds,
     )
     log.close()
     daemon = Daemon(sock, state, process, log_path, log_offset=offset)
     STARTED.append(daemon)
     # If pytest itself dies (e.g. its output pipe closes), fixtures never finalise: stop it then.
     atexit.register(stop_daemon, daemon)
-    wait_until_ready(daemon)
     return daemon
 
 

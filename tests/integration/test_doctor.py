@@ -11,11 +11,9 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from click.testing import CliRunner
 from netjail import Client
 from netjail.doctor import doctor
 
-from .conftest import STARTED, Daemon, stop_daemon
+from .conftest import Daemon, launch_daemon, stop_daemon, wait_until_ready
 
 KERNEL_CHECKS = ("netns", "nf_tables", "nfnetlink_log", "veth")
 START_FIX = "  fix: start netjaild: sudo netjaild & (with systemd: sudo systemctl start netjaild)"
@@ -154,38 +152,13 @@ def contained_daemon() -> Iterator[Daemon]:
     """A netjaild started in a fresh network namespace of its own, as a container's would be."""
     base = tempfile.mkdtemp(prefix="netjail-test-netns-", dir="/run")
     os.chmod(base, 0o755)  # noqa: S103 - the socket's directory must be reachable
-    sock = os.path.join(base, "sock", "netjail.sock")
-    log_path = os.path.join(base, "netjaild.log")
-    with open(log_path, "ab") as log:
-        # unshare execs netjaild (no --fork), so the process is the daemon itself.
-        process = subprocess.Popen(
-            [
-                "unshare",
-                "--net",
-                "--",
-                sys.executable,
-                "-m",
-                "netjail.daemon",
-                "--socket",
-                sock,
-                "--state-dir",
-                os.path.join(base, "state"),
-            ],
-            stdout=log,
-            stderr=log,
-        )
-    daemon = Daemon(sock, os.path.join(base, "state"), process, log_path)
-    STARTED.append(daemon)  # its jobs count in the suite's leak check
-    deadline = time.monotonic() + 15
-    while not os.path.exists(sock):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            pytest.fail(f"netjaild did not start in its own netns:\n{daemon.log()}")
-        time.sleep(0.02)
+    # unshare execs netjaild (no --fork), so the process is the daemon itself.
+    daemon = launch_daemon(base, prefix=["unshare", "--net", "--"])
+    wait_until_ready(daemon)
     yield daemon
     stop_daemon(daemon)
-    assert process.returncode == 0, daemon.log()
+    daemon.job_ids()  # read before the log goes with the directory
+    assert daemon.process.returncode == 0, daemon.log()
     shutil.rmtree(base, ignore_errors=True)
 
 

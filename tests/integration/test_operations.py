@@ -22,6 +22,7 @@ from netjail.errors import NetjailError
 from .conftest import (
     STARTED,
     Daemon,
+    launch_daemon,
     netjail_job_cgroups,
     netjail_netns,
     processes_of_jobs,
@@ -252,34 +253,19 @@ def test_socket_activation_and_readiness_notification(own_base: str) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     notify.settimeout(30)
-    log_path = os.path.join(own_base, "netjaild.log")
     fd = listener.fileno()
     # Put it at fd 3 (unless it is there already: `3<&3 3<&-` would close it).
     move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
-    with open(log_path, "ab") as log:
-        # As systemd does: the socket at fd 3, LISTEN_PID naming the daemon's own pid.
-        process = subprocess.Popen(
-            [
-                "bash",  # dash cannot redirect file descriptors above 9
-                "-c",
-                move + 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"',
-                "sh",
-                sys.executable,
-                "-m",
-                "netjail.daemon",
-                "--socket",
-                path,
-                "--state-dir",
-                os.path.join(own_base, "state"),
-            ],
-            pass_fds=[fd],
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "NOTIFY_SOCKET": notify_path},
-        )
+    # As systemd does: the socket at fd 3, LISTEN_PID naming the daemon's own pid.
+    d = launch_daemon(
+        own_base,
+        # bash: dash cannot redirect file descriptors above 9.
+        prefix=["bash", "-c", move + 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh"],
+        env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        pass_fds=[fd],
+    )
+    process, log_path = d.process, d.log_path
     listener.close()
-    d = Daemon(path, os.path.join(own_base, "state"), process, log_path)
-    STARTED.append(d)
     try:
         messages = []
         while not any(m.startswith(b"READY=1") for m in messages):
@@ -302,26 +288,10 @@ def test_socket_activation_and_readiness_notification(own_base: str) -> None:
 def test_sigterm_during_start_up_is_a_clean_stop(own_base: str) -> None:
     """A stop asked for while netjaild starts (its self-test running) waits, then exits 0 with
     nothing left: start-up is never cut in half."""
-    sock = os.path.join(own_base, "sock", "netjail.sock")
-    log_path = os.path.join(own_base, "netjaild.log")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "netjail.daemon",
-                "--socket",
-                sock,
-                "--state-dir",
-                os.path.join(own_base, "state"),
-            ],
-            stdout=log,
-            stderr=log,
-        )
-    d = Daemon(sock, os.path.join(own_base, "state"), process, log_path)
-    STARTED.append(d)
+    d = launch_daemon(own_base)
+    process = d.process
     try:
-        wait_for(lambda: os.path.exists(log_path) and "job started" in d.log())  # the probe
+        wait_for(lambda: os.path.exists(d.log_path) and "job started" in d.log())  # the probe
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, d.log()
         assert "netjaild ready" not in d.log()
