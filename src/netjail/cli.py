@@ -17,7 +17,7 @@ from netjail import protocol as p
 from netjail.client import DEFAULT_SOCKET, Client, CommandError, default_socket
 from netjail.doctor import doctor
 from netjail.errors import NetjailError
-from netjail.text import sanitize
+from netjail.text import sanitize, sanitize_argv
 from netjail.units import format_size, parse_cpus, parse_duration, parse_size
 
 #: Exit status for netjail's own failures (daemon unreachable, bad request), as docker run.
@@ -350,7 +350,7 @@ def ps(ctx: click.Context, as_json: bool) -> None:
         f"{'JOB':<12} {'PID':>7} {'UID':>6} {'EVENTS':>6}  STARTED                   COMMAND"
     )
     for j in jobs:
-        command = sanitize(" ".join(j.argv), 60)
+        command = sanitize_argv(j.argv, 60)
         click.echo(
             f"{j.job:<12} {j.pid or '-':>7} {j.uid:>6} {j.events:>6}  {j.started:<24}  {command}"
         )

@@ -22,7 +22,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from netjail import sniff
 from netjail.daemon.events import rfc3339
@@ -38,15 +37,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 FIRST_BYTES_WAIT_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
 _MAX_CONNECTIONS = 256
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where an allowed connection goes."""
-
-    addresses: list[IPAddress]
-    #: Named by the job's --add-host or a CIDR rule: the non-global guard does not apply.
-    explicit: bool
 
 
 class Blocked(Exception):  # noqa: N818 - a verdict carried up the call stack, not an error
@@ -187,12 +177,18 @@ class Proxy:
 
     async def _decide(
         self, conn: socket.socket, dst: IPAddress, port: int, domain: str | None
-    ) -> tuple[bytes, Upstream]:
+    ) -> tuple[bytes, list[IPAddress]]:
+        """The first bytes read (to forward) and the upstream addresses to try, or Blocked.
+
+        Non-global upstreams are refused unless named explicitly: by a CIDR rule (the redirect
+        that brought a non-synthetic address here, or ``explicit_cidr_allows``) or by the job's
+        --add-host.
+        """
         if domain is None:
             # Not a synthetic address: a CIDR rule's range, redirected here by the firewall.
             if not self._policy.allows_address(dst, port):
                 raise Blocked("not_allowed")
-            return b"", Upstream([dst], explicit=True)
+            return b"", [dst]
         if not self._policy.allows(domain, port):
             raise Blocked("port_not_allowed")
         first = await _first_bytes(conn)
@@ -200,9 +196,9 @@ class Proxy:
             check_first_bytes(first, domain)
         return first, await self._resolve(domain, port)
 
-    async def _resolve(self, domain: str, port: int) -> Upstream:
+    async def _resolve(self, domain: str, port: int) -> list[IPAddress]:
         if domain in self._job_hosts:
-            return Upstream([self._job_hosts[domain]], explicit=True)
+            return [self._job_hosts[domain]]
         if domain in self._daemon_hosts:
             addresses = [self._daemon_hosts[domain]]
         else:
@@ -221,15 +217,15 @@ class Proxy:
         ]
         if not allowed:
             raise Blocked("upstream_forbidden")
-        return Upstream(allowed, explicit=False)
+        return allowed
 
-    async def _connect(self, upstream: Upstream, port: int) -> socket.socket:
+    async def _connect(self, addresses: list[IPAddress], port: int) -> socket.socket:
         """A connected non-blocking socket to the first upstream address that answers.
 
         Made here, on the loop's thread: in the daemon's own network namespace, not the jail's.
         """
         loop = asyncio.get_running_loop()
-        for address in upstream.addresses:
+        for address in addresses:
             family = socket.AF_INET if address.version == 4 else socket.AF_INET6
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)

@@ -195,8 +195,3 @@ def _libnftables() -> _Libnftables:
 def apply_ruleset(ruleset: str) -> None:
     """Load ``ruleset`` atomically into the calling thread's netns (FirewallError on failure)."""
     _libnftables().run(ruleset)
-
-
-def list_ruleset() -> str:
-    """The calling thread's netns ruleset, as nft prints it (for tests and diagnostics)."""
-    return _libnftables().run("list ruleset")
