@@ -82,6 +82,11 @@ class JailSockets:
 EventSink = Callable[[Event], None]
 
 
+def may_see(peer: PeerCred, owner_uid: int | None) -> bool:
+    """Who may see, follow and kill a job: root, and the uid that ran it (None: nobody knows)."""
+    return peer.uid == 0 or (owner_uid is not None and peer.uid == owner_uid)
+
+
 @dataclass
 class _Capture:
     fd: int
@@ -103,7 +108,6 @@ class Job:
     netns_inode: int | None = None
     cgroup: JobCgroup | None = None
     process: SpawnedJob | None = None
-    nflog_sock: socket.socket | None = None
     sockets: JailSockets | None = None
     pool: SyntheticPool = field(default_factory=SyntheticPool)
     dns_stub: DnsStub | None = None
@@ -117,6 +121,11 @@ class Job:
     removed: asyncio.Event = field(default_factory=asyncio.Event)
     #: Counts NFLOG messages lost before they reached us (sequence gaps, ENOBUFS).
     nflog_seq: nflog.SequenceTracker = field(default_factory=nflog.SequenceTracker)
+
+    @property
+    def nflog_sock(self) -> socket.socket | None:
+        """The jail's NFLOG socket (None with log_backend = "kmsg", or once torn down)."""
+        return self.sockets.nflog if self.sockets is not None else None
 
 
 class JobManager:
@@ -166,11 +175,11 @@ class JobManager:
     # ------------------------------------------------------------------ lookup
 
     def visible_jobs(self, peer: PeerCred) -> list[Job]:
-        return [j for j in self.jobs.values() if peer.uid in (0, j.spec.owner.uid)]
+        return [j for j in self.jobs.values() if may_see(peer, j.spec.owner.uid)]
 
     def find(self, job_id: str, peer: PeerCred) -> Job:
         job = self.jobs.get(job_id)
-        if job is None or peer.uid not in (0, job.spec.owner.uid):
+        if job is None or not may_see(peer, job.spec.owner.uid):
             raise NotFoundError(f"no such job: {job_id}")
         return job
 
@@ -231,7 +240,6 @@ class JobManager:
             job.sockets = await asyncio.wrap_future(
                 netns.run_in_new_netns(job.netns_name, lambda: _build_jail(rules, *self._backends))
             )
-            job.nflog_sock = job.sockets.nflog
             job.netns_inode = netns.netns_inode(netns.netns_path(job.netns_name))
             loop = asyncio.get_running_loop()
             if job.nflog_sock is not None:
@@ -554,7 +562,6 @@ class JobManager:
         if job.nflog_sock is not None:
             with contextlib.suppress(Exception):
                 loop.remove_reader(job.nflog_sock.fileno())
-            job.nflog_sock = None
         if job.sockets is not None:
             job.sockets.close()
             job.sockets = None

@@ -26,7 +26,15 @@ from netjail import protocol as p
 from netjail._version import __version__
 from netjail.daemon.config import Config
 from netjail.daemon.events import rfc3339
-from netjail.daemon.jobs import DEFAULT_PATH, NOBODY, Job, JobManager, JobSpec, applied_limits
+from netjail.daemon.jobs import (
+    DEFAULT_PATH,
+    NOBODY,
+    Job,
+    JobManager,
+    JobSpec,
+    applied_limits,
+    may_see,
+)
 from netjail.daemon.proxy import IPAddress
 from netjail.errors import (
     NetjailError,
@@ -124,6 +132,8 @@ class Connection:
         self._greeted = False
         self._runs: set[Job] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: This connection's `events --follow` subscriptions, dropped when it closes.
+        self._follows: list[Callable[[p.Event], None]] = []
         self._loop = asyncio.get_running_loop()
 
     def send(self, message: msgspec.Struct, *, droppable: bool = False) -> None:
@@ -151,6 +161,8 @@ class Connection:
             writer.cancel()
             for task in self._tasks:
                 task.cancel()
+            for follow in self._follows:
+                self.server.jobs.followers.remove(follow)
             await close_gracefully(self.sock)
 
     async def _write_loop(self) -> None:
@@ -243,11 +255,11 @@ class Connection:
     def _visible(self, event: p.Event, job_filter: str | None) -> bool:
         if job_filter is not None and event.job != job_filter:
             return False
-        return self.peer.uid == 0 or self.server.job_owner.get(event.job) == self.peer.uid
+        return may_see(self.peer, self.server.job_owner.get(event.job))
 
     def _events(self, request: p.EventsRequest) -> None:
         owner = self.server.job_owner.get(request.job) if request.job is not None else None
-        if request.job is not None and (owner is None or self.peer.uid not in (0, owner)):
+        if request.job is not None and (owner is None or not may_see(self.peer, owner)):
             # The same answer for another user's job as for none: ids are not disclosed.
             raise NotFoundError(f"no such job: {request.job}")
         for event in list(self.server.jobs.history):
@@ -262,15 +274,7 @@ class Connection:
                 self.send(p.EventMessage(event=event), droppable=True)
 
         self.server.jobs.followers.append(follow)
-        self._tasks.add(asyncio.ensure_future(self._unfollow_at_close(follow)))
-
-    async def _unfollow_at_close(self, follow: Callable[[p.Event], None]) -> None:
-        try:
-            while not self.outbox.closed:
-                await asyncio.sleep(0.5)
-        finally:
-            with contextlib.suppress(ValueError):
-                self.server.jobs.followers.remove(follow)
+        self._follows.append(follow)
 
     async def _run(self, request: p.RunRequest, fds: list[int]) -> None:
         spec = self.server.job_spec(request, self.peer)
