@@ -41,20 +41,47 @@ class CommandError(NetjailError):
 
 @dataclass(frozen=True)
 class JobResult:
-    """What a finished job did."""
+    """What a finished job did: its report, with its main facts at hand."""
 
-    job: str
-    exit_code: int | None
-    signal: int | None
-    events: list[p.Event]
-    lost_events: int
-    stdout: bytes | None
-    stderr: bytes | None
-    timed_out: bool
-    oom_killed: bool
     report: p.Report
     #: Events not streamed live because this client read too slowly (all are in ``events``).
     dropped_events: int = 0
+
+    @property
+    def job(self) -> str:
+        return self.report.job
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.report.exit_code
+
+    @property
+    def signal(self) -> int | None:
+        return self.report.signal
+
+    @property
+    def events(self) -> list[p.Event]:
+        return self.report.events
+
+    @property
+    def lost_events(self) -> int:
+        return self.report.lost_events
+
+    @property
+    def stdout(self) -> bytes | None:
+        return self.report.stdout
+
+    @property
+    def stderr(self) -> bytes | None:
+        return self.report.stderr
+
+    @property
+    def timed_out(self) -> bool:
+        return self.report.timed_out
+
+    @property
+    def oom_killed(self) -> bool:
+        return self.report.oom_killed
 
     @property
     def returncode(self) -> int:
@@ -206,20 +233,7 @@ class Client:
                     if on_event is not None:
                         on_event(message.event)
                 elif isinstance(message, p.Exit):
-                    report = message.report
-                    return JobResult(
-                        job=report.job,
-                        exit_code=report.exit_code,
-                        signal=report.signal,
-                        events=report.events,
-                        lost_events=report.lost_events,
-                        stdout=report.stdout,
-                        stderr=report.stderr,
-                        timed_out=report.timed_out,
-                        oom_killed=report.oom_killed,
-                        report=report,
-                        dropped_events=message.dropped_events,
-                    )
+                    return JobResult(message.report, message.dropped_events)
         finally:
             conn.close()
 
