@@ -103,6 +103,22 @@ def test_allowed_name_works_over_plain_http(client: Client, upstream: Upstream) 
     assert (conn.verdict, conn.port) == ("allowed", 80)
 
 
+def test_tcp_inside_the_jail_is_not_paced(client: Client, upstream: Upstream) -> None:
+    """The jail's TCP default is reno, whatever the host's: pacing (bbr) would halve the
+    local hop to the proxy. The job's socket to the proxy shows it, and the relay still works."""
+    code = (
+        "import socket\n"
+        f"s = socket.create_connection(('{API}', 80), timeout=20)\n"
+        "cc = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)\n"
+        "print(cc.rstrip(b'\\0').decode())\n"
+        "print(open('/proc/sys/net/ipv4/tcp_congestion_control').read().strip())\n"
+        f"s.sendall(b'GET / HTTP/1.0\\r\\nHost: {API}\\r\\n\\r\\n')\n"
+        "print(b'hello from' in s.makefile('rb').read())\n"
+    )
+    result = run(client, upstream, [PY, "-c", code], [API])
+    assert result.stdout == b"reno\nreno\nTrue\n", result.stderr
+
+
 def test_name_not_allowed_fails_fast_and_is_reported_by_name(
     client: Client, upstream: Upstream
 ) -> None:

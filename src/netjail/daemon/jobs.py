@@ -672,12 +672,24 @@ def _allow_ping_sockets() -> None:
         f.write("0 2147483647")
 
 
+def _unpaced_tcp() -> None:
+    # Every TCP connection in a jail is local: the job's own loopback traffic, or the hop to the
+    # proxy's in-jail listener (the real upstream leg is made in the daemon's netns and keeps
+    # the host's default). A new netns inherits the host's default congestion control; if that
+    # is bbr, its pacing throttles this hop to about half of what loopback carries. Reno is
+    # always built in and may be any netns's default. Set before the listeners are made, so
+    # the sockets they accept inherit it, as do the job's own sockets.
+    with open("/proc/sys/net/ipv4/tcp_congestion_control", "w") as f:
+        f.write("reno")
+
+
 def _build_jail(
     rules: firewall.JailRules, firewall_backend: FirewallBackend, log_backend: LogBackend
 ) -> JailSockets:
     """Runs on the netns thread, inside the new jail: interfaces, ruleset, the daemon's sockets."""
     netns.configure_jail_interfaces()
     _allow_ping_sockets()
+    _unpaced_tcp()
     if firewall_backend == "iptables":
         target: iptables.IptablesTarget = "log" if log_backend == "kmsg" else "nflog"
         # iptables-restore is exec'd from this thread, so it runs in this jail's netns.
