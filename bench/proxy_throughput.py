@@ -6,9 +6,10 @@ Run as root: ``.venv/bin/python bench/proxy_throughput.py [--mib 1024] [--connec
 An HTTP-ish upstream server runs on this host's loopback. The same client script (system
 Python, sockets only) runs in alternating rounds: directly on the host, and as a netjail job
 allowed to reach ``bulk.test`` (``--add-host bulk.test:127.0.0.1``), so every byte goes job →
-in-jail listener → proxy → upstream. Prints the median MiB/s and connect+request latency
-p50/p95 of each, the ratio of the median throughputs (target ≥ 0.5) and the added latency
-(target < 1 ms p50).
+in-jail listener → proxy → upstream. Each round downloads and uploads --mib MiB and makes
+--connects connect+GET round trips. Prints the median MiB/s each way and connect+request
+latency p50/p95 of each, the ratios of the median throughputs (target ≥ 0.5) and the added
+latency (target < 1 ms p50).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ PY = "/usr/bin/python3"
 NAME = "bulk.test"
 
 # Resolves the name `connects` times, connects `connects` times to the address (GET 1 byte:
-# connect + request + response), then downloads `size` bytes once.
+# connect + request + response), then downloads `size` bytes once and uploads `size` once.
 CLIENT = r"""
 import json, socket, sys, time
 host, port, size, connects = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -54,11 +55,23 @@ def get(n):
         got += k
     s.close()
 
+def put(n):
+    s = socket.create_connection((address, port), timeout=30)
+    s.sendall(b"PUT /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (n, host.encode()))
+    chunk = b"y" * (1 << 20)
+    while n > 0:
+        n -= s.send(chunk[: min(n, len(chunk))])
+    if not s.recv(4096).startswith(b"HTTP/1.1 200"):
+        raise SystemExit("upload not acknowledged")
+    s.close()
+
 latencies = []
 for _ in range(connects):
     t = time.perf_counter(); get(1); latencies.append(time.perf_counter() - t)
 t = time.perf_counter(); get(size); elapsed = time.perf_counter() - t
-print(json.dumps({"latencies": latencies, "seconds": elapsed, "lookups": lookups}))
+t = time.perf_counter(); put(size); upload = time.perf_counter() - t
+result = {"latencies": latencies, "seconds": elapsed, "upload": upload, "lookups": lookups}
+print(json.dumps(result))
 """
 
 
@@ -80,7 +93,19 @@ def answer(conn: socket.socket, chunk: bytes) -> None:
             if not data:
                 return
             head += data
-        size = int(head.split(b" ", 2)[1].lstrip(b"/"))
+        method, target, _ = head.split(b" ", 2)
+        size = int(target.lstrip(b"/"))
+        if method == b"PUT":
+            # Count the body (after the head) until `size` bytes arrived, then acknowledge.
+            size -= len(head.split(b"\r\n\r\n", 1)[1])
+            buf = bytearray(1 << 20)
+            while size > 0:
+                got = conn.recv_into(buf)
+                if not got:
+                    return
+                size -= got
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            return
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
         while size > 0:
             size -= conn.send(chunk[: min(size, len(chunk))])
@@ -128,33 +153,38 @@ def main() -> None:
     listener.close()
 
     print(
-        f"\n{args.rounds} rounds, alternating; each: {args.mib} MiB bulk transfer and"
+        f"\n{args.rounds} rounds, alternating; each: {args.mib} MiB down, {args.mib} MiB up and"
         f" {args.connects} connect+GET round trips"
     )
-    print(f"{'':24} {'MiB/s p50':>10} {'(min-max)':>12} {'conn p50 ms':>12} {'conn p95 ms':>12}")
+    header = ("down MiB/s", "(min-max)", "up MiB/s", "(min-max)", "conn p50 ms", "conn p95 ms")
+    print(f"{'':24}" + "".join(f"{h:>12}" for h in header))
     for name, runs in (("direct (host loopback)", direct), ("through the proxy", proxied)):
-        rates = [args.mib / run["seconds"] for run in runs]
+        cells = []
+        for key in ("seconds", "upload"):
+            rates = [args.mib / run[key] for run in runs]
+            cells += [f"{statistics.median(rates):.0f}", f"{min(rates):.0f}-{max(rates):.0f}"]
         lat = [x for run in runs for x in run["latencies"]]
-        p50, p95 = statistics.median(lat) * 1e3, percentile(lat, 0.95) * 1e3
-        spread = f"{min(rates):.0f}-{max(rates):.0f}"
-        print(f"{name:24} {statistics.median(rates):10.0f} {spread:>12} {p50:12.3f} {p95:12.3f}")
-    ratios = [d["seconds"] / p["seconds"] for d, p in zip(direct, proxied, strict=True)]
-    ratio = statistics.median(d["seconds"] for d in direct) / statistics.median(
-        p["seconds"] for p in proxied
-    )
+        cells += [f"{statistics.median(lat) * 1e3:.3f}", f"{percentile(lat, 0.95) * 1e3:.3f}"]
+        print(f"{name:24}" + "".join(f"{c:>12}" for c in cells))
+    print()
+    for key, direction in (("seconds", "download"), ("upload", "upload")):
+        ratios = [d[key] / p[key] for d, p in zip(direct, proxied, strict=True)]
+        ratio = statistics.median(d[key] for d in direct) / statistics.median(
+            p[key] for p in proxied
+        )
+        print(
+            f"{direction} throughput ratio proxy/direct, medians: {ratio:.2f} (target >= 0.50);"
+            f" per round {min(ratios):.2f}-{max(ratios):.2f}"
+        )
     added = statistics.median(x for p in proxied for x in p["latencies"]) - statistics.median(
         x for d in direct for x in d["latencies"]
-    )
-    print(
-        f"\nthroughput ratio proxy/direct, medians: {ratio:.2f} (target >= 0.50);"
-        f" per round {min(ratios):.2f}-{max(ratios):.2f}"
     )
     print(f"added connect+request latency p50: {added * 1e3:.3f} ms (target < 1 ms)")
     with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
         host_cc = f.read().strip()
     print(
-        f"TCP congestion control: {host_cc} on the host (the direct run, the proxy's upstream"
-        " leg), reno in the jail (the job's hop to the proxy)"
+        f"TCP congestion control: {host_cc} on the host (the direct run, the server);"
+        " reno in the jail and on the proxy's loopback upstream socket"
     )
     lookups = [x for p in proxied for x in p["lookups"]]
     print(

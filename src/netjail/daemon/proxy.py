@@ -226,10 +226,7 @@ class Proxy:
         """
         loop = asyncio.get_running_loop()
         for address in addresses:
-            family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = upstream_socket(address)
             try:
                 await asyncio.wait_for(
                     loop.sock_connect(sock, (str(address), port)), CONNECT_TIMEOUT_S
@@ -239,6 +236,22 @@ class Proxy:
                 continue
             return sock
         raise Blocked("upstream_unreachable")
+
+
+def upstream_socket(address: IPAddress) -> socket.socket:
+    """A non-blocking TCP socket for connecting to ``address``, in the caller's netns.
+
+    An upstream on loopback (named by --add-host or a CIDR rule) is a local hop like the job's
+    hop to the proxy, so it gets reno as the jail does (see jobs._unpaced_tcp): a pacing
+    default such as bbr would halve it. Any other upstream keeps the host's default.
+    """
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if address.is_loopback:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+    return sock
 
 
 async def _first_bytes(conn: socket.socket) -> bytes:
