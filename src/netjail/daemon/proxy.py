@@ -161,7 +161,11 @@ class Proxy:
                 first, target = await self._decide(conn, dst, port, domain)
                 upstream = await self._connect(target, port)
                 if first:
-                    await asyncio.get_running_loop().sock_sendall(upstream, first)
+                    try:
+                        await asyncio.get_running_loop().sock_sendall(upstream, first)
+                    except OSError:
+                        # Reset or closed by the upstream before taking the first bytes.
+                        raise Blocked("upstream_unreachable") from None
             except Blocked as blocked:
                 self._event("blocked", dst, port, domain, reason=blocked.reason)
                 _reset(conn)
@@ -226,7 +230,10 @@ class Proxy:
         """
         loop = asyncio.get_running_loop()
         for address in addresses:
-            sock = upstream_socket(address)
+            try:
+                sock = upstream_socket(address)
+            except OSError:
+                continue  # no socket (out of descriptors…): counts as unreachable, like a refusal
             try:
                 await asyncio.wait_for(
                     loop.sock_connect(sock, (str(address), port)), CONNECT_TIMEOUT_S
@@ -247,10 +254,14 @@ def upstream_socket(address: IPAddress) -> socket.socket:
     """
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if address.is_loopback:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if address.is_loopback:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
