@@ -160,6 +160,28 @@ def test_explicit_port_rule_allows_that_port(client: Client, upstream: Upstream)
     assert result.stdout == f"hello from {API}:8443\n".encode(), result.stderr
 
 
+def test_client_reset_before_the_check_is_reported(client: Client, upstream: Upstream) -> None:
+    """A job that sends half a ClientHello and resets gets a client_reset event, nothing else."""
+    code = (
+        "import socket, struct, time\n"
+        f"s = socket.create_connection(('{API}', 443), timeout=20)\n"
+        "s.sendall(bytes([0x16, 3, 1, 0, 200]))\n"
+        "time.sleep(1)\n"  # the proxy is now waiting for the rest of the hello
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
+        "s.close()\n"
+        "time.sleep(0.5)\n"
+    )
+    result = run(client, upstream, [PY, "-c", code], [API])
+    assert result.exit_code == 0, result.stderr
+    [conn] = by_kind(result, "egress", "proxy")
+    assert (conn.verdict, conn.domain, conn.port, conn.reason) == (
+        "blocked",
+        API,
+        443,
+        "client_reset",
+    )
+
+
 def test_sni_of_another_name_is_blocked(client: Client, upstream: Upstream) -> None:
     """Connecting to api's synthetic address with SNI other.example.test: sni_mismatch."""
     argv = [

@@ -280,6 +280,9 @@ async def _first_bytes(conn: socket.socket) -> bytes:
             )
         except TimeoutError:
             break
+        except OSError:
+            # The job reset the connection before it could be checked: nothing to relay.
+            raise Blocked("client_reset") from None
         if not chunk:
             break
         data += chunk
