@@ -38,10 +38,14 @@ def format_event(event: p.Event) -> str:
 
     ``blocked tcp 203.0.113.9:443 uid=65534``, ``blocked tcp api.stripe.com (198.18.0.3):443
     uid=65534``, ``blocked dns api.stripe.com A``, ``allowed tcp pypi.org (198.18.0.2):443
-    uid=65534 out=517 in=6120``, ``redirected udp 8.8.8.8:53 uid=65534 (foreign_resolver)``.
+    uid=65534 out=517 in=6120``, ``redirected udp 8.8.8.8:53 uid=65534 (foreign_resolver)``,
+    ``blocked dns query (short_header)``.
     """
     if event.kind == "dns" and event.via == "dns":
-        text = f"{event.verdict} dns {sanitize(event.domain or '?')} {event.qtype or '?'}"
+        # A query too broken to have a name (or a type) reads "blocked dns query (malformed)".
+        text = f"{event.verdict} dns {sanitize(event.domain) if event.domain else 'query'}"
+        if event.qtype:
+            text += f" {sanitize(event.qtype)}"
         if event.reason and event.reason != "not_allowed" and event.verdict == "blocked":
             text += f" ({event.reason})"
         return text + (f" x{event.count}" if event.count > 1 else "")
