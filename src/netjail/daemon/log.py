@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
 from netjail.text import sanitize
@@ -44,3 +48,29 @@ def _clean(value: Any) -> Any:
     if isinstance(value, int | float | bool) or value is None:
         return value
     return sanitize(str(value), 512)
+
+
+def loop_error_handler(
+    log: Logger,
+) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """An asyncio exception handler that logs one line instead of a multi-line traceback.
+
+    It catches what no task handled (a bug, or a job finding an unforeseen path): the line
+    names the error and the innermost frame, so a job cannot flood the log with tracebacks.
+    """
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        where = ""
+        if isinstance(error, BaseException) and error.__traceback__ is not None:
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+        log(
+            "error",
+            "unhandled error in the event loop",
+            detail=str(context.get("message", "")),
+            error=repr(error) if error is not None else "",
+            where=where,
+        )
+
+    return handle

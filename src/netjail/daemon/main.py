@@ -23,7 +23,7 @@ from netjail._version import __version__
 from netjail.daemon import sdnotify
 from netjail.daemon.config import DEFAULT_CONFIG_PATH, Config, check_config, load_config
 from netjail.daemon.jobs import DEFAULT_PATH, JobManager
-from netjail.daemon.log import Logger
+from netjail.daemon.log import Logger, loop_error_handler
 from netjail.daemon.selftest import run_self_test
 from netjail.daemon.server import Server
 from netjail.errors import ConfigError, NetjailError
@@ -124,6 +124,7 @@ async def _serve(
 ) -> int:
     """Self-test, serve until SIGTERM/SIGINT, stop gracefully; the exit status."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_error_handler(log))
     forkserver.attach(loop)
     config = server.config
     if kmsg_reader is not None:

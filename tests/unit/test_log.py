@@ -1,0 +1,50 @@
+"""The daemon's log lines, and the event loop's last-resort error handler."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+from netjail.daemon.log import Logger, loop_error_handler
+
+
+def test_text_lines_are_one_line_and_sanitised() -> None:
+    out = io.StringIO()
+    Logger("text", out)("info", "job started", cmd="evil\n\x1b[2Jline", uid=7)
+    [line] = out.getvalue().splitlines()
+    assert " INFO job started " in line
+    assert "\x1b" not in line
+    assert line.endswith("uid=7")
+
+
+def test_json_lines_parse() -> None:
+    out = io.StringIO()
+    Logger("json", out)("warning", "slow", ms=12.5)
+    record = json.loads(out.getvalue())
+    assert (record["level"], record["msg"], record["ms"]) == ("warning", "slow", 12.5)
+
+
+def test_an_unhandled_task_error_becomes_one_line_naming_where() -> None:
+    out = io.StringIO()
+    log = Logger("json", out)
+
+    async def broken() -> None:
+        raise ConnectionResetError(104, "Connection reset by peer\nspoofed line")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(loop_error_handler(log))
+        task = loop.create_task(broken())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert task.done()
+        del task  # never retrieved: asyncio hands it to the handler when it is collected
+
+    asyncio.run(main())
+    [line] = out.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["msg"] == "unhandled error in the event loop"
+    assert record["detail"] == "Task exception was never retrieved"
+    assert record["error"].startswith("ConnectionResetError(104,")
+    assert record["where"] == f"test_log.py:{broken.__code__.co_firstlineno + 1}"
