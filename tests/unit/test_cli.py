@@ -3,7 +3,8 @@
 The fake speaks the wire protocol from a thread: it answers hello, records each request (and how
 many file descriptors came with it, which it closes), and replies with a scripted list of
 messages. The CLI runs as a real process because ``run`` passes its fds 0-2 and installs signal
-handlers, which an in-process runner would share with pytest.
+handlers, which an in-process runner would share with pytest. Only ``format_event``, which is
+pure, is also called in-process, at the end, for every line shape it produces.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from netjail import protocol as p
+from netjail.cli import format_event
 
 JOB = "j-0123abcd"
 NOBODY = 65534
@@ -548,3 +550,78 @@ def test_events_text(daemon: FakeDaemon) -> None:
     assert result.stdout == (
         f"2026-01-01T00:00:00.000Z {JOB} blocked tcp [2001:db8::1]:443 uid=65534\n"
     )
+
+
+# format_event, called in-process: every line shape the CLI prints (pure).
+
+
+def _as_event(**fields: Any) -> p.Event:
+    """EV_TCP4 with ``fields`` replaced, as the Event the client decodes."""
+    return p.Event(**(EV_TCP4 | fields))
+
+
+@pytest.mark.parametrize(
+    ("fields", "line"),
+    [
+        ({}, "blocked tcp 203.0.113.9:443 uid=65534"),
+        ({"family": 6, "dst": "2001:db8::1", "port": 22}, "blocked tcp [2001:db8::1]:22 uid=65534"),
+        ({"proto": "icmp", "port": None}, "blocked icmp 203.0.113.9 uid=65534"),
+        ({"count": 3}, "blocked tcp 203.0.113.9:443 uid=65534 x3"),
+        (
+            {"dst": "198.18.0.3", "domain": "api.stripe.com"},
+            "blocked tcp api.stripe.com (198.18.0.3):443 uid=65534",
+        ),
+        (
+            {"via": "proxy", "dst": "198.18.0.3", "domain": "a.test", "reason": "sni_mismatch"},
+            "blocked tcp a.test (198.18.0.3):443 uid=65534 (sni_mismatch)",
+        ),
+        (
+            {
+                "via": "proxy",
+                "verdict": "allowed",
+                "dst": "198.18.0.2",
+                "domain": "pypi.org",
+                "bytes_out": 517,
+                "bytes_in": 6120,
+            },
+            "allowed tcp pypi.org (198.18.0.2):443 uid=65534 out=517 in=6120",
+        ),
+        (
+            {
+                "verdict": "redirected",
+                "proto": "udp",
+                "dst": "8.8.8.8",
+                "port": 53,
+                "reason": "foreign_resolver",
+            },
+            "redirected udp 8.8.8.8:53 uid=65534 (foreign_resolver)",
+        ),
+    ],
+)
+def test_egress_lines(fields: dict[str, Any], line: str) -> None:
+    assert format_event(_as_event(**fields)) == line
+
+
+def _dns(**fields: Any) -> p.Event:
+    return _as_event(kind="dns", via="dns", proto="udp", dst="127.0.0.1", port=53, **fields)
+
+
+def test_dns_lines_name_the_query() -> None:
+    assert format_event(_dns(domain="api.stripe.com", qtype="A")) == "blocked dns api.stripe.com A"
+    # not_allowed is what "blocked" already says; other reasons are shown, counts folded.
+    blocked = _dns(domain="x.test", qtype="TXT", reason="not_allowed", count=4)
+    assert format_event(blocked) == "blocked dns x.test TXT x4"
+    assert (
+        format_event(_dns(domain="a.test", qtype="A", verdict="allowed")) == "allowed dns a.test A"
+    )
+
+
+def test_a_query_without_a_name_reads_as_a_query() -> None:
+    assert format_event(_dns(reason="short_header")) == "blocked dns query (short_header)"
+
+
+def test_hostile_names_are_sanitised() -> None:
+    line = format_event(_dns(domain="evil\x1b[31m.test\nnetjail: allowed", qtype="A\r"))
+    assert "\x1b" not in line
+    assert "\n" not in line
+    assert "\r" not in line
