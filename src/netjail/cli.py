@@ -14,9 +14,9 @@ import click
 import msgspec
 
 from netjail import protocol as p
-from netjail.client import DEFAULT_SOCKET, Client, CommandError, default_socket
+from netjail.client import DEFAULT_SOCKET, Client, default_socket
 from netjail.doctor import doctor
-from netjail.errors import NetjailError
+from netjail.errors import ExecError, NetjailError
 from netjail.text import sanitize, sanitize_argv
 from netjail.units import format_size, parse_cpus, parse_duration, parse_size
 
@@ -78,7 +78,7 @@ def _handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except CommandError as e:
+        except ExecError as e:
             _fail(str(e), e.exit_code)
         except NetjailError as e:
             _fail(str(e))
@@ -291,7 +291,7 @@ def run(
             on_event=on_event,
             on_start=lambda job, _pid: job_id.append(job),
         )
-    except CommandError as e:
+    except ExecError as e:
         _fail(str(e), e.exit_code)
     except NetjailError as e:
         _fail(str(e))

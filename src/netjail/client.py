@@ -21,22 +21,16 @@ from typing import Literal
 import msgspec
 
 from netjail import protocol as p
-from netjail.errors import DaemonConnectionError, NetjailError, ProtocolError, error_for_code
+from netjail.errors import (
+    DaemonConnectionError,
+    ProtocolError,
+    error_for_code,
+)
 
 DEFAULT_SOCKET = "/run/netjail/netjail.sock"
 SOCKET_ENV = "NETJAIL_SOCKET"
 #: Daemon frames can be large (a report with captured output and many events).
 MAX_REPLY_BYTES = 64 << 20
-
-
-class CommandError(NetjailError):
-    """The daemon could not execute the job's command; ``exit_code`` is the shell's (127/126)."""
-
-    code = "exec"
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -148,9 +142,7 @@ class _Connection:
             self.pending.extend(self.frames.feed(data))
         reply = p.decode_reply(self.pending.pop(0))
         if isinstance(reply, p.ErrorMessage):
-            if reply.exit_code is not None:
-                raise CommandError(reply.message, reply.exit_code)
-            raise error_for_code(reply.code, reply.message)
+            raise error_for_code(reply.code, reply.message, reply.exit_code)
         return reply
 
     def close(self) -> None:

@@ -46,7 +46,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from netjail.errors import NetjailError
+from netjail.errors import PoolExhaustedError
 from netjail.policy import MAX_NAME_LENGTH, Policy, canonical_name
 
 #: Where synthetic addresses come from (RFC 2544; routed nowhere).
@@ -70,12 +70,6 @@ _MAX_MESSAGE: Final = 65535
 _ELLIPSIS: Final = "\u2026"
 # Bytes a label may hold to be treated as a host name; anything else is blocked unread.
 _LABEL_BYTES: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
-
-
-class PoolExhaustedError(NetjailError):
-    """The job resolved more distinct names than its synthetic pool holds."""
-
-    code = "pool_exhausted"
 
 
 class SyntheticPool:

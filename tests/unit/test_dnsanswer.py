@@ -17,11 +17,11 @@ import pytest
 from netjail.dnsanswer import (
     ANSWER_TTL,
     DnsOutcome,
-    PoolExhaustedError,
     SyntheticPool,
     answer_query,
     sanitize_name,
 )
+from netjail.errors import PoolExhaustedError
 from netjail.policy import Policy
 
 POLICY = Policy.parse(["api.example.test", "*.cdn.example.test"], ["bad.cdn.example.test"])

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from netjail.errors import FirewallError
+from netjail.errors import FirewallError, KmsgError
 from netjail.kernel import kmsg
 from netjail.kernel.firewall import JailRules, ProxiedRange, build_ruleset
 from netjail.kernel.kmsg import (
-    KmsgError,
     KmsgReader,
     KmsgRecord,
     LoggedPacket,

@@ -37,6 +37,7 @@ from netjail.daemon.jobs import (
 )
 from netjail.daemon.proxy import IPAddress
 from netjail.errors import (
+    ExecError,
     NetjailError,
     NotFoundError,
     PermissionDeniedError,
@@ -44,7 +45,6 @@ from netjail.errors import (
     RequestError,
 )
 from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
-from netjail.kernel.spawn import ExecError
 from netjail.policy import Policy, canonical_name
 from netjail.text import sanitize
 

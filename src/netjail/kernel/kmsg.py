@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from netjail.errors import FirewallError, JailError
+from netjail.errors import FirewallError, KmsgError
 from netjail.kernel import firewall
 from netjail.kernel.nflog import PacketSummary, SequenceTracker
 
@@ -45,10 +45,6 @@ LOG_KERN = 0
 _RECORD_MAX = 16384
 #: Records handled per read_records() call, so a flooded kernel log cannot starve the caller.
 _READ_BATCH = 1024
-
-
-class KmsgError(JailError):
-    """The kernel-log backend cannot work here (sysctl not settable, /dev/kmsg unreadable)."""
 
 
 @dataclass(frozen=True)

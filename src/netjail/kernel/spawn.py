@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from netjail.errors import SpawnError
+from netjail.errors import ExecError, SpawnError
 from netjail.kernel import syscalls
 
 _MAX_MESSAGE = 1 << 21
@@ -406,16 +406,6 @@ class ForkServer:
             self._sock.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-
-
-class ExecError(SpawnError):
-    """The job's command could not be executed; carries the shell's exit status for it."""
-
-    code = "exec"
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _spawn_error(failure: dict[str, Any]) -> SpawnError:
