@@ -66,9 +66,9 @@ def test_messages_are_one_line() -> None:
 
 def test_map_os_errors_names_the_step_and_the_reason() -> None:
     """An OSError inside the block becomes the given class: 'what: strerror; hint'."""
-    with pytest.raises(FirewallError) as caught:
-        with map_os_errors(FirewallError, "cannot apply the ruleset", "is nf_tables loaded?"):
-            raise OSError(errno.EPERM, "Operation not permitted")
+    mapped = map_os_errors(FirewallError, "cannot apply the ruleset", "is nf_tables loaded?")
+    with pytest.raises(FirewallError) as caught, mapped:
+        raise OSError(errno.EPERM, "Operation not permitted")
     assert str(caught.value) == (
         "cannot apply the ruleset: Operation not permitted; is nf_tables loaded?"
     )
