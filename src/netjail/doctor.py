@@ -40,6 +40,7 @@ import click
 from netjail import protocol as p
 from netjail.client import Client, default_socket
 from netjail.errors import DaemonConnectionError, NetjailError, PermissionDeniedError
+from netjail.hostns import in_initial_netns
 from netjail.mountinfo import CgroupMount, parse_cgroup_mounts
 from netjail.text import sanitize
 
@@ -402,45 +403,6 @@ def check_capabilities(sets: Mapping[str, int], euid: int) -> Check:
 # Pure: network namespace and the kernel log
 
 
-#: Inode numbers of the initial namespaces. Linux 6.18 gave the initial network namespace a
-#: fixed one; the initial PID namespace has had its fixed number since 3.8. Namespaces created
-#: later get numbers from 0xF0000000 up, so these never match anything else.
-NET_NS_INIT_INO = 0xEFFFFFF9
-PID_NS_INIT_INO = 0xEFFFFFFC
-
-_NS_LINK = re.compile(r"[a-z_]+:\[(\d+)\]")
-
-
-def _ns_inode(link: str | None) -> int | None:
-    match = _NS_LINK.fullmatch(link) if link is not None else None
-    return int(match.group(1)) if match else None
-
-
-def detect_initial_netns(
-    own_net: str | None,
-    own_pid: str | None,
-    init_net: str | None,
-    all_netns_sysctl: bool | None,
-) -> bool | None:
-    """Whether we run in the initial network namespace (not a container's); None if unknown.
-
-    Arguments: the links /proc/self/ns/net, /proc/self/ns/pid and /proc/1/ns/net (None when
-    unreadable), and whether /proc/sys/net/netfilter/nf_log_all_netns exists (None when
-    /proc/sys/net/netfilter itself does not): the kernel registers that sysctl in the initial
-    network namespace only.
-    """
-    own = _ns_inode(own_net)
-    if own == NET_NS_INIT_INO:
-        return True
-    # PID 1's namespace is the initial one only if PID 1 is the real init: inside a container
-    # (a PID namespace of its own) it is the container's init, which shares our namespace.
-    if own is not None and _ns_inode(own_pid) == PID_NS_INIT_INO:
-        init = _ns_inode(init_net)
-        if init is not None:
-            return own == init
-    return all_netns_sysctl
-
-
 def check_initial_netns(initial: bool | None) -> Check:
     """Say whether this is the host's network namespace, and what that means for logging."""
     name = "initial netns"
@@ -650,13 +612,6 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def _read_link(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
 def _read_module_list(path: str) -> frozenset[str] | None:
     text = _read_text(path)
     return parse_module_names(text) if text is not None else None
@@ -710,22 +665,6 @@ def probe_cgroups() -> Check:
     if unified is not None:
         controllers = _read_text(os.path.join(unified.mount_point, "cgroup.controllers"))
     return check_cgroups(mounts, controllers)
-
-
-def probe_initial_netns() -> bool | None:
-    """Whether this process is in the initial network namespace (None: cannot tell)."""
-    netfilter = "/proc/sys/net/netfilter"
-    all_netns = (
-        os.path.exists(os.path.join(netfilter, "nf_log_all_netns"))
-        if os.path.isdir(netfilter)
-        else None
-    )
-    return detect_initial_netns(
-        _read_link("/proc/self/ns/net"),
-        _read_link("/proc/self/ns/pid"),
-        _read_link("/proc/1/ns/net"),
-        all_netns,
-    )
 
 
 def probe_libnftables() -> str | None:
@@ -844,7 +783,7 @@ def run_checks(socket_path: str) -> list[Check]:
             parse_capability_sets(_read_text("/proc/self/status") or ""), os.geteuid()
         )
     )
-    initial = probe_initial_netns()
+    initial = in_initial_netns()
     checks.append(check_initial_netns(initial))
     all_netns = _read_text("/proc/sys/net/netfilter/nf_log_all_netns")
     checks.append(

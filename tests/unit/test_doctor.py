@@ -367,29 +367,6 @@ def test_capabilities_unreadable() -> None:
 # --------------------------------------------------------------------------------------------
 # Initial network namespace and nf_log_all_netns
 
-INIT_PID = f"pid:[{d.PID_NS_INIT_INO}]"
-CONTAINER_PID = "pid:[4026532301]"
-
-
-def test_detect_initial_netns_by_the_fixed_inode_number() -> None:
-    """Linux 6.18+: the initial netns has a fixed inode number; nothing else is needed."""
-    assert d.detect_initial_netns(f"net:[{d.NET_NS_INIT_INO}]", None, None, None) is True
-
-
-def test_detect_initial_netns_by_comparing_with_the_real_init() -> None:
-    """In the initial PID namespace, PID 1 is the real init: compare network namespaces."""
-    assert d.detect_initial_netns("net:[4026531992]", INIT_PID, "net:[4026531992]", None) is True
-    assert d.detect_initial_netns("net:[4026532500]", INIT_PID, "net:[4026531992]", True) is False
-
-
-def test_detect_initial_netns_in_a_container_ignores_its_pid_1() -> None:
-    """A container's PID 1 shares the container's netns: the sysctl's presence decides."""
-    same = "net:[4026532500]"
-    assert d.detect_initial_netns(same, CONTAINER_PID, same, False) is False
-    assert d.detect_initial_netns(same, CONTAINER_PID, same, None) is None
-    # Not root: PID 1's namespace is unreadable even on the host.
-    assert d.detect_initial_netns("net:[4026531992]", INIT_PID, None, True) is True
-
 
 def test_check_initial_netns_lines() -> None:
     """yes is ok; no (a container) warns that only the kmsg backend is affected; unknown warns."""

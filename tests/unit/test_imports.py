@@ -23,6 +23,7 @@ CLIENT_SIDE = [
     "netjail.units",
     "netjail.policy",
     "netjail.doctor",
+    "netjail.hostns",
     "netjail.mountinfo",
 ]
 
