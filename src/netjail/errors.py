@@ -8,7 +8,8 @@ is one line, says what failed and, where there is one, what to do::
     ├── RequestError           a well-formed request that cannot be honoured (bad argv, cwd, uid…)
     │   ├── PermissionDeniedError   the caller may not do this (other user's job, --uid as non-root)
     │   ├── NotFoundError           no such job (or not one of the caller's)
-    │   └── BusyError               the daemon is at a limit (jobs, connections); try again later
+    │   ├── BusyError               the daemon is at a limit (jobs, connections, uids); retry later
+    │   └── BindSourceError         a --bind/--ro-bind source the client may not, or cannot, use
     ├── DaemonConnectionError  the daemon could not be reached or went away (client side)
     ├── ShutdownError          the daemon is stopping; what was running was ended
     ├── JailError              the jail could not be built; the job did not start (fail closed)
@@ -72,9 +73,14 @@ class NotFoundError(RequestError):
 
 
 class BusyError(RequestError):
-    """The daemon is at one of its limits (running jobs, connections); retry later."""
+    """The daemon is at one of its limits (running jobs, connections, job uids); retry later."""
 
     code = "busy"
+
+
+class BindSourceError(RequestError):
+    """A bind source is missing, not the client's to open, or reached through a symlink that
+    someone other than root or the client controls."""
 
 
 class DaemonConnectionError(NetjailError):
