@@ -95,24 +95,34 @@ class EventsRequest(_Request, tag="events"):
 Request = Hello | RunRequest | KillRequest | PsRequest | StatusRequest | EventsRequest
 
 
+#: What an event is about: a packet or connection leaving the jail, or a DNS query.
+EventKind = Literal["egress", "dns"]
+#: What became of it. "redirected": a DNS packet to a foreign resolver, answered by the stub.
+Verdict = Literal["allowed", "blocked", "redirected"]
+#: Who saw it: the kernel (NFLOG or the kernel log), the DNS stub, or the proxy.
+Via = Literal["nflog", "kmsg", "dns", "proxy"]
+
+
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One egress attempt (or, later, DNS query / proxied connection) seen for a job.
+    """One egress attempt (a packet, a DNS query or a proxied connection) seen for a job.
 
     The fields without defaults are always present (``port`` is null where there is none);
-    fields with defaults appear only when they apply.
+    fields with defaults appear only when they apply. ``reason`` is a short snake_case word
+    (``foreign_resolver``, ``not_allowed``, ``sni_mismatch``…): an open set, kept a string so
+    that a newer daemon's reasons reach older clients intact.
     """
 
     job: str
     time: str
-    kind: str
-    verdict: str
+    kind: EventKind
+    verdict: Verdict
     proto: str | int | None
     family: int | None
     dst: str | None
     port: int | None
     uid: int | None
     count: int
-    via: str
+    via: Via
     domain: str | None = None
     qtype: str | None = None
     reason: str | None = None

@@ -112,8 +112,8 @@ def test_walker_sees_the_package() -> None:
     """The import walker finds the package's modules and their known imports."""
     modules = _modules()
     assert {"netjail", "netjail.cli", "netjail.daemon.jobs", "netjail.kernel.nflog"} <= set(modules)
-    assert {"netjail.kernel.firewall", "netjail.daemon.events"} <= _internal_edges(
-        "netjail.daemon.jobs"
+    assert {"netjail.kernel.firewall", "netjail.daemon.intake"} <= _internal_edges(
+        "netjail.daemon.pipeline"
     )
     assert "netjail.protocol" in _internal_edges("netjail.cli")
     # Lazy imports inside functions count as well.

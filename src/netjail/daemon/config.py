@@ -26,15 +26,15 @@ from typing import Literal, TypeVar, cast, get_args
 from netjail import policy as rules
 from netjail import units
 from netjail.errors import ConfigError, RequestError
+from netjail.ipaddr import IPAddress
+from netjail.kernel.backends import FirewallBackend as Firewall
+from netjail.kernel.backends import LogBackend
 
 DEFAULT_CONFIG_PATH = "/etc/netjail/netjaild.toml"
 DEFAULT_SOCKET = "/run/netjail/netjail.sock"
 
 LogFormat = Literal["text", "json"]
-LogBackend = Literal["nflog", "kmsg"]
-Firewall = Literal["nftables", "iptables"]
 BlockedDnsAnswer = Literal["NXDOMAIN", "REFUSED"]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107

@@ -22,13 +22,18 @@ import click
 from netjail._version import __version__
 from netjail.daemon import sdnotify
 from netjail.daemon.config import DEFAULT_CONFIG_PATH, Config, check_config, load_config
-from netjail.daemon.jobs import DEFAULT_PATH, JobManager
+from netjail.daemon.intake import EventIntake
+from netjail.daemon.jobs import JobManager
 from netjail.daemon.log import Logger, loop_error_handler
+from netjail.daemon.pipeline import JailContext
+from netjail.daemon.recovery import StateRecords, recover
 from netjail.daemon.selftest import run_self_test
 from netjail.daemon.server import Server
+from netjail.daemon.spec import DEFAULT_PATH
 from netjail.errors import ConfigError, NetjailError
 from netjail.kernel import kmsg
 from netjail.kernel.cgroup import CgroupManager, load_cgroup_layout
+from netjail.kernel.host import KernelJailHost
 from netjail.kernel.spawn import ForkServer
 
 # Jobs get the socket's directory hidden (an empty tmpfs over it), so it must not be a directory
@@ -128,7 +133,8 @@ async def _serve(
     forkserver.attach(loop)
     config = server.config
     if kmsg_reader is not None:
-        server.jobs.attach_kmsg(kmsg_reader)
+        server.intake.attach_kmsg(kmsg_reader)
+        loop.add_reader(kmsg_reader.fileno(), server.intake.read_kmsg)
     # Handlers first: a SIGTERM during the self-test must still end in a clean stop.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,7 +142,7 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path, log)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
     sdnotify.notify_status("self-test: a probe job's attempts must be rejected and reported")
-    problems = await run_self_test(server.jobs, config.log_backend)
+    problems = await run_self_test(server.jobs, config)
     if problems:
         for problem in problems:
             log("error", "self-test failed", problem=problem)
@@ -144,7 +150,7 @@ async def _serve(
         return 1
     log("info", "self-test passed")
     # Counters and history are about clients' jobs; the probe's are not among them.
-    server.jobs.forget_history()
+    server.intake.forget_history()
     if stop.is_set():
         return 0  # asked to stop while starting: nothing was served, nothing is left
     serving = asyncio.ensure_future(server.serve_forever())
@@ -178,8 +184,7 @@ def _reload(server: Server, config_path: str | None, log: Logger) -> None:
     changed = [name for name in fixed if getattr(new, name) != getattr(server.file_config, name)]
     if changed:
         log("warning", "reload: these need a restart and keep their running values", keys=changed)
-    server.file_config = new
-    server.apply_config(replace(new, **{name: getattr(current, name) for name in fixed}))
+    server.apply(replace(new, **{name: getattr(current, name) for name in fixed}), new)
     log("info", "configuration reloaded", path=config_path or DEFAULT_CONFIG_PATH)
 
 
@@ -260,27 +265,36 @@ def main(
         cgroups = CgroupManager(load_cgroup_layout())
         cgroups.setup()
         listener, activated = _listener(config)
-        jobs = JobManager(
+        host = KernelJailHost(
             forkserver=forkserver,
             cgroups=cgroups,
-            state_dir=config.state_dir,
-            hide_paths=[
-                os.path.dirname(os.path.abspath(config.socket)),
-                os.path.abspath(config.state_dir),
-            ],
-            limits=config.limits,
-            log=log,
-            daemon_hosts=config.hosts,
             firewall_backend=config.firewall,
             log_backend=config.log_backend,
         )
+        records = StateRecords(config.state_dir)
+        ctx = JailContext(
+            host=host,
+            intake=EventIntake(),
+            records=records,
+            log=log,
+            log_backend=config.log_backend,
+            hide_paths=(
+                os.path.dirname(os.path.abspath(config.socket)),
+                os.path.abspath(config.state_dir),
+            ),
+            resolv_conf=write_resolv_conf(config.state_dir),
+        )
         sdnotify.notify_status("removing leftovers of a previous run")
-        for item in jobs.recover():
+        for item in recover(host, records, log):
             log("warning", "removed a leftover of a previous run", item=item)
         server = Server(
-            listener=listener, jobs=jobs, log=log, cgroup_mode=cgroups.mode, config=config
+            listener=listener,
+            jobs=JobManager(ctx),
+            log=log,
+            cgroup_mode=cgroups.mode,
+            config=config,
         )
-        server.file_config = file_config
+        server.apply(config, file_config)
     except (NetjailError, OSError) as e:
         forkserver.close()
         log("error", "cannot start", error=str(e))
@@ -309,3 +323,12 @@ def _check_backends(config: Config) -> kmsg.KmsgReader | None:
     # be set from the initial network namespace (not from a container).
     kmsg.enable_nf_log_all_netns()
     return kmsg.KmsgReader()
+
+
+def write_resolv_conf(state_dir: str) -> str:
+    """Every job's /etc/resolv.conf: the stub, on both loopbacks (bind-mounted read-only)."""
+    path = os.path.join(state_dir, "resolv.conf")
+    with open(path, "w") as f:
+        f.write("nameserver 127.0.0.1\nnameserver ::1\noptions edns0 timeout:2 attempts:2\n")
+    os.chmod(path, 0o644)
+    return path

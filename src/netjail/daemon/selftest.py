@@ -12,7 +12,9 @@ import asyncio
 import os
 import sys
 
-from netjail.daemon.jobs import DEFAULT_PATH, JobManager, JobSpec, applied_limits
+from netjail.daemon.config import Config
+from netjail.daemon.jobs import JobManager
+from netjail.daemon.spec import DEFAULT_PATH, CapturedStdio, JobSpec, applied_limits
 from netjail.errors import NetjailError
 from netjail.kernel.peer import PeerCred
 from netjail.protocol import Report
@@ -87,10 +89,10 @@ def evaluate(report: Report, log_backend: str) -> list[str]:
     return problems
 
 
-async def run_self_test(jobs: JobManager, log_backend: str) -> list[str]:
+async def run_self_test(jobs: JobManager, config: Config) -> list[str]:
     """Run the probe job through the normal job path; return the problems found."""
     limits = applied_limits(
-        jobs.limits, memory=None, cpus=None, pids=None, timeout=20.0, kill_grace=0.5
+        config.limits, memory=None, cpus=None, pids=None, timeout=20.0, kill_grace=0.5
     )
     spec = JobSpec(
         argv=probe_argv(),
@@ -100,14 +102,14 @@ async def run_self_test(jobs: JobManager, log_backend: str) -> list[str]:
         gid=0,
         owner=PeerCred(pid=os.getpid(), uid=0, gid=0),
         limits=limits,
-        capture_bytes=4096,
+        stdio=CapturedStdio(4096),
+        blocked_dns_answer=config.policy.blocked_dns_answer,
     )
     try:
         job = await jobs.start(spec, [], None)
-        assert job.finished is not None  # noqa: S101 - start() sets it
         report = await asyncio.wait_for(asyncio.shield(job.finished), 60)
         # Ready means nothing of the probe is left: its jail is gone too.
         await asyncio.wait_for(job.removed.wait(), 60)
     except (NetjailError, TimeoutError) as e:
         return [f"the probe job could not run: {e}"]
-    return evaluate(report, log_backend)
+    return evaluate(report, config.log_backend)

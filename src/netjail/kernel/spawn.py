@@ -12,8 +12,9 @@ The helper is also a child subreaper, so processes a job orphans (double fork, s
 re-parented to it and reaped: zombies never pile up. It reports every job exit with its
 rusage; the daemon holds a pidfd per job, so signals never reach a recycled pid.
 
-Messages are JSON over a SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with
-SCM_RIGHTS). Both ends are ours: the daemon validated everything before it got here.
+Messages are typed msgspec structs (``_ToServer``, ``_FromServer``), one per datagram of a
+SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with SCM_RIGHTS). Both ends are
+ours: the daemon validated everything before it got here.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import array
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import selectors
 import signal
 import socket
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+
+import msgspec
 
 from netjail.errors import ExecError, SpawnError
 from netjail.kernel import syscalls
@@ -49,8 +50,7 @@ _RESET_SIGNALS = (
 )
 
 
-@dataclass(frozen=True)
-class SpawnRequest:
+class SpawnRequest(msgspec.Struct, frozen=True):
     """Everything the fork server needs to start one job."""
 
     argv: list[str]
@@ -59,14 +59,13 @@ class SpawnRequest:
     uid: int
     gid: int
     netns_path: str
-    hide_paths: list[str] = field(default_factory=list)
+    hide_paths: list[str] = []
     #: (source file, target path) read-only bind mounts, e.g. a per-job resolv.conf.
-    bind_files: list[tuple[str, str]] = field(default_factory=list)
-    cgroup_procs: list[str] = field(default_factory=list)
+    bind_files: list[tuple[str, str]] = []
+    cgroup_procs: list[str] = []
 
 
-@dataclass(frozen=True)
-class ExitStatus:
+class ExitStatus(msgspec.Struct, frozen=True):
     """How a job's main process ended, and its resource usage (its reaped children included)."""
 
     exit_code: int | None
@@ -76,33 +75,70 @@ class ExitStatus:
     max_rss_bytes: int
 
 
-def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(message).encode()
+class SpawnFailure(msgspec.Struct, frozen=True):
+    """Which step of a job child's set-up failed, and why (written by the child before exit)."""
+
+    stage: str
+    errno: int
+    detail: str
+
+
+class _Spawn(msgspec.Struct, frozen=True, tag="spawn"):
+    id: int
+    request: SpawnRequest
+
+
+class _Spawned(msgspec.Struct, frozen=True, tag="spawned"):
+    """The job runs; its pidfd comes with this message (SCM_RIGHTS)."""
+
+    id: int
+    pid: int
+
+
+class _SpawnFailed(msgspec.Struct, frozen=True, tag="failed"):
+    id: int
+    failure: SpawnFailure
+
+
+class _Exited(msgspec.Struct, frozen=True, tag="exited"):
+    pid: int
+    status: ExitStatus
+
+
+_ToServer = _Spawn
+_FromServer = _Spawned | _SpawnFailed | _Exited
+_to_server = msgspec.msgpack.Decoder(_ToServer)
+_from_server = msgspec.msgpack.Decoder(_FromServer)
+_failure = msgspec.msgpack.Decoder(SpawnFailure)
+_encode = msgspec.msgpack.encode
+
+
+def _send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = None) -> None:
+    data = _encode(message)
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
         sock.send(data)
 
 
-def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One datagram and the fds that came with it; b"" when the other end closed."""
     fds = array.array("i")
     data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(8 * fds.itemsize))
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % fds.itemsize
             fds.frombytes(payload[:usable])
-    if not data:
-        return None, list(fds)
-    return json.loads(data), list(fds)
+    return data, list(fds)
 
 
 # ---------------------------------------------------------------- the fork server process
 
 
-def _enter_jail(request: dict[str, Any], stage: list[str]) -> None:
+def _enter_jail(request: SpawnRequest, stage: list[str]) -> None:
     """Join the jail's netns, a private mount namespace (daemon paths hidden) and the cgroups."""
     stage[0] = "network namespace"
-    ns_fd = os.open(request["netns_path"], os.O_RDONLY | os.O_CLOEXEC)
+    ns_fd = os.open(request.netns_path, os.O_RDONLY | os.O_CLOEXEC)
     syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
     os.close(ns_fd)
     stage[0] = "mount namespace"
@@ -110,13 +146,13 @@ def _enter_jail(request: dict[str, Any], stage: list[str]) -> None:
     # Private first, so nothing we mount propagates back to the host.
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     # Bind first: a source may live in a directory that is hidden next.
-    for source, target in request["bind_files"]:
+    for source, target in request.bind_files:
         stage[0] = f"mounting {target}"
         syscalls.mount(source, target, None, syscalls.MS_BIND)
         syscalls.mount(
             None, target, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
         )
-    for path in request["hide_paths"]:
+    for path in request.hide_paths:
         stage[0] = f"hiding {path}"
         syscalls.mount(
             "netjail",
@@ -126,22 +162,22 @@ def _enter_jail(request: dict[str, Any], stage: list[str]) -> None:
             "size=4k,mode=755",
         )
     stage[0] = "cgroup"
-    for procs in request["cgroup_procs"]:
+    for procs in request.cgroup_procs:
         with open(procs, "w") as f:
             f.write("0")
 
 
-def _drop_privileges(request: dict[str, Any]) -> None:
+def _drop_privileges(request: SpawnRequest) -> None:
     """No capabilities, no supplementary groups, the job's uid/gid, no_new_privs."""
     syscalls.lock_out_capabilities()
     os.setgroups([])
-    os.setresgid(request["gid"], request["gid"], request["gid"])
-    os.setresuid(request["uid"], request["uid"], request["uid"])
+    os.setresgid(request.gid, request.gid, request.gid)
+    os.setresuid(request.uid, request.uid, request.uid)
     syscalls.clear_capability_sets()
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _child(request: dict[str, Any], stdio: list[int], report_fd: int) -> None:
+def _child(request: SpawnRequest, stdio: list[int], report_fd: int) -> None:
     """Runs in the forked job process: set up the jail side, then exec. Never returns."""
     stage = ["signals"]
     try:
@@ -158,30 +194,35 @@ def _child(request: dict[str, Any], stdio: list[int], report_fd: int) -> None:
         _drop_privileges(request)
         stage[0] = "working directory"
         # After the privilege drop, so the job user's own permissions decide.
-        os.chdir(request["cwd"])
+        os.chdir(request.cwd)
         stage[0] = "exec"
         os.closerange(3, report_fd)
         os.closerange(report_fd + 1, 65536)
-        os.execvpe(request["argv"][0], request["argv"], request["env"])  # noqa: S606 - exec is the point
+        os.execvpe(request.argv[0], request.argv, request.env)  # noqa: S606 - exec is the point
     except OSError as e:
         detail = e.strerror or str(e)
         if stage[0] == "working directory":
-            detail = f"{request['cwd']}: {detail}"
+            detail = f"{request.cwd}: {detail}"
         elif stage[0] == "exec":
-            detail = f"{request['argv'][0]}: {detail}"
-        message = json.dumps({"stage": stage[0], "errno": e.errno or 0, "detail": detail})
-        with contextlib.suppress(OSError):
-            os.write(report_fd, message.encode()[:4000])
+            detail = f"{request.argv[0]}: {detail}"
+        _report_failure(report_fd, SpawnFailure(stage=stage[0], errno=e.errno or 0, detail=detail))
     # Anything else must still be reported, not raised.
     except BaseException as e:
-        failure = {"stage": stage[0], "errno": 0, "detail": repr(e)}
-        with contextlib.suppress(OSError):
-            os.write(report_fd, json.dumps(failure).encode()[:4000])
+        _report_failure(report_fd, SpawnFailure(stage=stage[0], errno=0, detail=repr(e)))
     os._exit(127)
 
 
-def _spawn_one(request: dict[str, Any], stdio: list[int]) -> tuple[int, int]:
-    """Fork a job; wait until it exec'd; return (pid, pidfd) or raise SpawnError."""
+def _report_failure(report_fd: int, failure: SpawnFailure) -> None:
+    # One write of at most PIPE_BUF bytes is atomic; the detail is cut to keep it under.
+    bounded = SpawnFailure(
+        stage=failure.stage[:200], errno=failure.errno, detail=failure.detail[:3000]
+    )
+    with contextlib.suppress(OSError):
+        os.write(report_fd, _encode(bounded))
+
+
+def _spawn_one(request: SpawnRequest, stdio: list[int]) -> tuple[int, int] | SpawnFailure:
+    """Fork a job; wait until it exec'd; (pid, pidfd), or the failure the child reported."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -198,8 +239,10 @@ def _spawn_one(request: dict[str, Any], stdio: list[int]) -> tuple[int, int]:
     if chunks:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        failure = json.loads(b"".join(chunks))
-        raise SpawnError(json.dumps(failure))
+        try:
+            return _failure.decode(b"".join(chunks))
+        except msgspec.DecodeError:
+            return SpawnFailure(stage="set-up", errno=0, detail="unreadable failure report")
     return pid, os.pidfd_open(pid)
 
 
@@ -214,17 +257,14 @@ def _reap(sock: socket.socket, jobs: set[int]) -> None:
         if pid not in jobs:
             continue  # an orphan a job left behind, re-parented to us: reaped, nothing to report
         jobs.discard(pid)
-        _send(
-            sock,
-            {
-                "exit": pid,
-                "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                "utime": usage.ru_utime,
-                "stime": usage.ru_stime,
-                "maxrss": usage.ru_maxrss * 1024,
-            },
+        exit_status = ExitStatus(
+            exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            cpu_user_s=usage.ru_utime,
+            cpu_system_s=usage.ru_stime,
+            max_rss_bytes=usage.ru_maxrss * 1024,
         )
+        _send(sock, _Exited(pid=pid, status=exit_status))
 
 
 def _serve(sock: socket.socket) -> None:
@@ -248,22 +288,24 @@ def _serve(sock: socket.socket) -> None:
                 _reap(sock, jobs)
                 continue
             try:
-                message, fds = _recv(sock)
+                data, fds = _recv(sock)
             except InterruptedError:
                 continue
-            if message is None:
+            if not data:
                 os._exit(0)
             try:
-                pid, pidfd = _spawn_one(message, fds)
-            except SpawnError as e:
-                _send(sock, {"id": message["id"], "error": json.loads(str(e))})
-            else:
-                jobs.add(pid)
-                _send(sock, {"id": message["id"], "pid": pid}, [pidfd])
-                os.close(pidfd)
+                message = _to_server.decode(data)
+                outcome = _spawn_one(message.request, fds)
             finally:
                 for fd in fds:
                     os.close(fd)
+            if isinstance(outcome, SpawnFailure):
+                _send(sock, _SpawnFailed(id=message.id, failure=outcome))
+            else:
+                pid, pidfd = outcome
+                jobs.add(pid)
+                _send(sock, _Spawned(id=message.id, pid=pid), [pidfd])
+                os.close(pidfd)
             _reap(sock, jobs)
 
 
@@ -328,40 +370,36 @@ class ForkServer:
     def _on_readable(self) -> None:
         while True:
             try:
-                message, fds = _recv(self._sock)
+                data, fds = _recv(self._sock)
             except (BlockingIOError, InterruptedError):
                 return
-            if message is None:
+            except OSError as e:
+                data, fds = b"", []
+                self._fail_all(SpawnError(f"lost the fork server: {e.strerror}"))
+            if not data:
                 self._fail_all(SpawnError("the fork server exited"))
                 if self._loop is not None:
                     self._loop.remove_reader(self._sock.fileno())
                 return
-            self._dispatch(message, fds)
+            self._dispatch(_from_server.decode(data), fds)
 
-    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
-        if "exit" in message:
-            status = ExitStatus(
-                exit_code=message["exit_code"],
-                signal=message["signal"],
-                cpu_user_s=message["utime"],
-                cpu_system_s=message["stime"],
-                max_rss_bytes=message["maxrss"],
-            )
-            waiter = self._waiters.pop(message["exit"], None)
+    def _dispatch(self, message: _FromServer, fds: list[int]) -> None:
+        if isinstance(message, _Exited):
+            waiter = self._waiters.pop(message.pid, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(status)
+                waiter.set_result(message.status)
             else:
-                self._exits[message["exit"]] = status
+                self._exits[message.pid] = message.status
             return
-        future = self._pending.pop(message["id"], None)
+        future = self._pending.pop(message.id, None)
         if future is None or future.done():
             for fd in fds:
                 os.close(fd)
             return
-        if "error" in message:
-            future.set_exception(_spawn_error(message["error"]))
+        if isinstance(message, _SpawnFailed):
+            future.set_exception(spawn_error(message.failure))
         elif fds:
-            future.set_result(SpawnedJob(pid=message["pid"], pidfd=fds[0]))
+            future.set_result(SpawnedJob(pid=message.pid, pidfd=fds[0]))
         else:
             future.set_exception(SpawnError("fork server sent no pidfd"))
 
@@ -379,7 +417,7 @@ class ForkServer:
         self._next_id += 1
         future: asyncio.Future[SpawnedJob] = self._loop.create_future()
         self._pending[self._next_id] = future
-        message = {"id": self._next_id, **request.__dict__}
+        message = _Spawn(id=self._next_id, request=request)
         try:
             _send(self._sock, message, stdio)
         except OSError as e:
@@ -408,10 +446,10 @@ class ForkServer:
             os.waitpid(self.pid, 0)
 
 
-def _spawn_error(failure: dict[str, Any]) -> SpawnError:
-    stage, detail = failure.get("stage"), failure.get("detail")
-    if stage == "exec":
+def spawn_error(failure: SpawnFailure) -> SpawnError:
+    """The error a client gets for a job child's failed set-up step."""
+    if failure.stage == "exec":
         # As a shell reports it: 127 command not found, 126 found but not executable.
-        code = 127 if failure.get("errno") == errno.ENOENT else 126
-        return ExecError(f"cannot execute {detail}", code)
-    return SpawnError(f"cannot start the job ({stage}): {detail}")
+        code = 127 if failure.errno == errno.ENOENT else 126
+        return ExecError(f"cannot execute {failure.detail}", code)
+    return SpawnError(f"cannot start the job ({failure.stage}): {failure.detail}")

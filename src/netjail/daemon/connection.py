@@ -1,0 +1,341 @@
+"""One client connection: framing in, a bounded outbox out, and the requests it serves.
+
+Reading uses ``recvmsg`` directly (asyncio streams cannot carry SCM_RIGHTS). Writing goes
+through the connection's outbox, drained by its own task: a client that stops reading only
+fills its own bounded queue — streamed events beyond the bound are dropped and counted for
+that client (they all stay in the job's report), replies are never dropped.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from netjail import protocol as p
+from netjail._version import __version__
+from netjail.daemon.events import rfc3339
+from netjail.daemon.jobs import may_see
+from netjail.daemon.pipeline import Job
+from netjail.daemon.spec import job_spec
+from netjail.errors import ExecError, NetjailError, NotFoundError, ProtocolError
+from netjail.kernel.peer import PeerCred
+
+if TYPE_CHECKING:
+    from netjail.daemon.server import Server
+
+#: Streamed events queued for one client before further ones are dropped (and counted).
+MAX_QUEUED_EVENTS = 1000
+_RECV_BYTES = 65536
+_LINGER_S = 1.0
+_LINGER_BYTES = 4 << 20
+
+
+async def close_gracefully(sock: socket.socket) -> None:
+    """Half-close, discard what the peer still sends (bounded in time and bytes), close.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy our
+    last message (the error explaining why we hang up) before the peer reads it.
+    """
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    budget = _LINGER_BYTES
+    deadline = loop.time() + _LINGER_S
+    while budget > 0:
+        try:
+            chunk = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        budget -= len(chunk)
+    sock.close()
+
+
+class Outbox:
+    """A connection's queue of frames to send, bounded for droppable frames."""
+
+    def __init__(self) -> None:
+        self._frames: deque[tuple[bytes, bool]] = deque()
+        self._droppable = 0
+        self.dropped = 0
+        self._wake = asyncio.Event()
+        self.closed = False
+
+    def put(self, frame: bytes, *, droppable: bool = False) -> None:
+        if self.closed:
+            return
+        if droppable:
+            if self._droppable >= MAX_QUEUED_EVENTS:
+                self.dropped += 1
+                return
+            self._droppable += 1
+        self._frames.append((frame, droppable))
+        self._wake.set()
+
+    async def get(self) -> bytes | None:
+        while not self._frames:
+            if self.closed:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        frame, droppable = self._frames.popleft()
+        if droppable:
+            self._droppable -= 1
+        return frame
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+
+class HeldEvents:
+    """A job's event stream to its client, held until ``release``.
+
+    Events can come before ``started`` is sent (the job runs as soon as it is spawned); they
+    wait here, so that ``started`` is always the first reply, and then go out in order.
+    """
+
+    def __init__(self, send: Callable[[p.Event], None]) -> None:
+        self._send = send
+        self._held: list[p.Event] = []
+        self._released = False
+
+    def __call__(self, event: p.Event) -> None:
+        if self._released:
+            self._send(event)
+        else:
+            self._held.append(event)
+
+    def release(self) -> None:
+        self._released = True
+        held, self._held = self._held, []
+        for event in held:
+            self._send(event)
+
+
+class Connection:
+    """One client connection."""
+
+    def __init__(self, server: Server, sock: socket.socket, peer: PeerCred) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.outbox = Outbox()
+        self._frames = p.FrameBuffer()
+        self._fds: list[int] = []
+        self._greeted = False
+        self._runs: set[Job] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: This connection's `events --follow` subscriptions, dropped when it closes.
+        self._follows: list[Callable[[p.Event], None]] = []
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, message: msgspec.Struct, *, droppable: bool = False) -> None:
+        self.outbox.put(p.encode_message(message), droppable=droppable)
+
+    def send_error(self, error: NetjailError) -> None:
+        exit_code = error.exit_code if isinstance(error, ExecError) else None
+        self.send(p.ErrorMessage(code=error.code, message=str(error), exit_code=exit_code))
+
+    async def serve(self) -> None:
+        writer = asyncio.ensure_future(self._write_loop())
+        try:
+            await self._read_loop()
+        finally:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+            for job in list(self._runs):
+                # The client that ran the job went away: nobody is left to report to.
+                self.server.log("info", "client gone, killing its job", job=job.id)
+                await self.server.jobs.kill(job, 9)
+            self.outbox.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer, 5)
+            writer.cancel()
+            for task in self._tasks:
+                task.cancel()
+            for follow in self._follows:
+                self.server.intake.followers.remove(follow)
+            await close_gracefully(self.sock)
+
+    async def _write_loop(self) -> None:
+        while (frame := await self.outbox.get()) is not None:
+            try:
+                await self._loop.sock_sendall(self.sock, frame)
+            except OSError:
+                self.outbox.close()
+                return
+
+    async def _recv(self) -> tuple[bytes, list[int]]:
+        while True:
+            try:
+                fds = array.array("i")
+                data, ancdata, _flags, _addr = self.sock.recvmsg(
+                    _RECV_BYTES, socket.CMSG_SPACE(p.MAX_FDS * fds.itemsize)
+                )
+            except (BlockingIOError, InterruptedError):
+                ready: asyncio.Future[None] = self._loop.create_future()
+                self._loop.add_reader(self.sock.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    self._loop.remove_reader(self.sock.fileno())
+                continue
+            except OSError:
+                return b"", []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % fds.itemsize
+                    fds.frombytes(payload[:usable])
+            return data, list(fds)
+
+    async def _read_loop(self) -> None:
+        while True:
+            data, fds = await self._recv()
+            self._fds.extend(fds)
+            if len(self._fds) > p.MAX_FDS:
+                self.send_error(ProtocolError(f"more than {p.MAX_FDS} file descriptors sent"))
+                return
+            if not data:
+                return
+            try:
+                frames = self._frames.feed(data)
+            except ProtocolError as e:
+                self.send_error(e)
+                return
+            for frame in frames:
+                fds_for_frame, self._fds = self._fds, []
+                try:
+                    await self._handle(frame, fds_for_frame)
+                except NetjailError as e:
+                    self.send_error(e)
+                finally:
+                    for fd in fds_for_frame:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+
+    async def _handle(self, frame: bytes, fds: list[int]) -> None:
+        request = p.decode_request(frame)
+        if not self._greeted:
+            if not isinstance(request, p.Hello):
+                raise ProtocolError("the first message must be hello")
+            if request.version != p.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"unsupported protocol version {request.version}; "
+                    f"this daemon speaks {p.PROTOCOL_VERSION}"
+                )
+            self._greeted = True
+            self.send(p.HelloReply(version=p.PROTOCOL_VERSION, daemon=__version__))
+            return
+        match request:
+            case p.Hello():
+                raise ProtocolError("hello was already sent")
+            case p.RunRequest():
+                await self._run(request, fds)
+            case p.KillRequest():
+                job = self.server.jobs.find(request.job, self.peer)
+                await self.server.jobs.kill(job, request.signal)
+                self.send(p.Killed(job=job.id))
+            case p.PsRequest():
+                self.send(
+                    p.PsReply(jobs=[_job_info(j) for j in self.server.jobs.visible_jobs(self.peer)])
+                )
+            case p.StatusRequest():
+                self.send(self.server.status())
+            case p.EventsRequest():
+                self._events(request)
+
+    def _events(self, request: p.EventsRequest) -> None:
+        intake = self.server.intake
+        if request.job is not None and not may_see(self.peer, intake.owner_of(request.job)):
+            # The same answer for another user's job as for none: ids are not disclosed.
+            raise NotFoundError(f"no such job: {request.job}")
+
+        def wanted(owner_uid: int, event: p.Event) -> bool:
+            if request.job is not None and event.job != request.job:
+                return False
+            return may_see(self.peer, owner_uid)
+
+        for seen in list(intake.history):
+            if wanted(seen.owner_uid, seen.event):
+                self.send(p.EventMessage(event=seen.event), droppable=True)
+        if not request.follow:
+            self.send(p.EventsEnd(lost_events=self.outbox.dropped))
+            return
+
+        def follow(event: p.Event) -> None:
+            owner = intake.owner_of(event.job)
+            if owner is not None and wanted(owner, event):
+                self.send(p.EventMessage(event=event), droppable=True)
+
+        intake.followers.append(follow)
+        self._follows.append(follow)
+
+    async def _run(self, request: p.RunRequest, fds: list[int]) -> None:
+        spec = job_spec(request, self.peer, self.server.config)
+        if request.stdio == "fds":
+            if len(fds) != 3:
+                raise ProtocolError(
+                    f'stdio "fds" needs exactly 3 file descriptors with the frame, got {len(fds)}'
+                )
+            stdio = list(fds)
+        elif request.stdio == "null":
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            fds.append(null)  # closed by the caller with the others
+            stdio = [null, null, null]
+        else:
+            stdio = []
+        stream = HeldEvents(self.send_event)
+        job = await self.server.jobs.start(spec, stdio, stream if request.events else None)
+        self._runs.add(job)
+        self.send(p.Started(job=job.id, pid=job.process.pid))
+        stream.release()
+        task = asyncio.ensure_future(self._report_when_done(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def send_event(self, event: p.Event) -> None:
+        self.send(p.EventMessage(event=event), droppable=True)
+
+    async def wait_for_reports(self) -> None:
+        """Until every report this connection is owed has been queued (or failed)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _report_when_done(self, job: Job) -> None:
+        try:
+            # shield: this task is cancelled when the client goes; the job's future is shared.
+            report = await asyncio.shield(job.finished)
+        except NetjailError as e:
+            self.send_error(e)
+        else:
+            self.send(p.Exit(report=report, dropped_events=self.outbox.dropped))
+        finally:
+            self._runs.discard(job)
+
+
+def _job_info(job: Job) -> p.JobInfo:
+    return p.JobInfo(
+        job=job.id,
+        argv=job.spec.argv,
+        uid=job.spec.uid,
+        gid=job.spec.gid,
+        pid=job.process.pid,
+        owner_uid=job.spec.owner.uid,
+        started=rfc3339(job.started_wall),
+        events=len(job.feed.events.events),
+    )

@@ -1,0 +1,201 @@
+"""Request → job spec: decode what a client asked for into what the pipeline builds (pure).
+
+Everything a job's build depends on is decided here, once, from the request, who asked
+(SO_PEERCRED) and the configuration in force when it was asked: the uid and gid, the
+environment, the limits after defaults and maxima, the policy, the hosts tables, the stdio
+mode. The pipeline then reads only the spec, so a reload half-way through a build changes
+nothing of that job.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from netjail import protocol as p
+from netjail.daemon.config import BlockedDnsAnswer, Config, Limits
+from netjail.errors import PermissionDeniedError, RequestError
+from netjail.ipaddr import IPAddress
+from netjail.kernel.peer import PeerCred
+from netjail.policy import Policy, canonical_name
+from netjail.text import sanitize
+from netjail.units import format_size
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The uid and gid of root's jobs unless it asks for others (nobody/nogroup).
+NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class PassedStdio:
+    """The job's fds 0-2 are the client's own, passed with the request (SCM_RIGHTS)."""
+
+
+@dataclass(frozen=True)
+class CapturedStdio:
+    """The job's stdout and stderr are captured, up to ``limit`` bytes each, into the report;
+    its stdin is /dev/null."""
+
+    limit: int
+
+
+#: How the job's stdio is wired ("null" requests arrive as passed /dev/null fds).
+StdioMode = PassedStdio | CapturedStdio
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated request to run one job."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    owner: PeerCred
+    limits: p.AppliedLimits
+    stdio: StdioMode
+    policy: Policy = field(default_factory=lambda: Policy([]))
+    #: The job's --add-host entries: resolved without DNS, reachable even if not global.
+    job_hosts: Mapping[str, IPAddress] = field(default_factory=dict)
+    #: The daemon's hosts table, as configured when the job was asked for.
+    daemon_hosts: Mapping[str, IPAddress] = field(default_factory=dict)
+    blocked_dns_answer: BlockedDnsAnswer = "NXDOMAIN"
+
+
+def job_uid_gid(request: p.RunRequest, peer: PeerCred) -> tuple[int, int]:
+    """Who the job runs as: root chooses (default nobody); anyone else runs as themselves.
+
+    ``--uid N`` alone also sets the gid to N. A non-root client asking for any other uid or
+    gid than its own gets PermissionDeniedError.
+    """
+    if peer.uid == 0:
+        uid = request.uid if request.uid is not None else NOBODY
+        if request.gid is not None:
+            return uid, request.gid
+        return uid, uid if request.uid is not None else NOBODY
+    if request.uid not in (None, peer.uid) or request.gid not in (None, peer.gid):
+        raise PermissionDeniedError("only root may choose the job's uid or gid")
+    return peer.uid, peer.gid
+
+
+def job_env(request: p.RunRequest) -> dict[str, str]:
+    """The job's environment: safe defaults, overridden by what the client sent."""
+    env = {"PATH": DEFAULT_PATH, "HOME": "/", "LANG": "C.UTF-8"}
+    env.update(request.env)
+    return env
+
+
+def check_strings(request: p.RunRequest) -> None:
+    """argv, env and cwd as exec and chdir can take them; RequestError otherwise."""
+    for text in [*request.argv, *request.env, *request.env.values(), request.cwd or ""]:
+        if "\0" in text:
+            raise RequestError("argv, env and cwd must not contain NUL bytes")
+    for key in request.env:
+        if "=" in key:
+            raise RequestError(f"invalid environment variable name {sanitize(key)!r}")
+    if request.cwd is not None and not request.cwd.startswith("/"):
+        raise RequestError("cwd must be an absolute path")
+
+
+def job_policy(request: p.RunRequest, config: Config) -> Policy:
+    """The job's rules: its own allow rules (else the daemon's default), plus every deny.
+
+    The operator's default_deny always applies, so a client cannot allow it back.
+    """
+    allow = request.allow or list(config.policy.default_allow)
+    deny = [*request.deny, *config.policy.default_deny]
+    return Policy.parse(allow, deny)
+
+
+def job_hosts(entries: list[str]) -> dict[str, IPAddress]:
+    """The job's ``--add-host NAME:IP`` table; RequestError naming a bad entry."""
+    hosts: dict[str, IPAddress] = {}
+    for entry in entries:
+        name, sep, address = entry.rpartition(":")
+        canonical = canonical_name(name) if sep else None
+        try:
+            ip: IPAddress | None = ipaddress.ip_address(address.strip("[]"))
+        except ValueError:
+            ip = None
+        if canonical is None or ip is None:
+            raise RequestError(
+                f"invalid --add-host {sanitize(entry)!r}: use NAME:IP, "
+                "e.g. api.example.test:192.0.2.10"
+            )
+        hosts[canonical] = ip
+    return hosts
+
+
+def applied_limits(
+    settings: Limits,
+    *,
+    memory: int | None,
+    cpus: float | None,
+    pids: int | None,
+    timeout: float | None,
+    kill_grace: float | None,
+) -> p.AppliedLimits:
+    """Fill in defaults and enforce the daemon's maxima (RequestError above a maximum)."""
+
+    def pick(
+        name: str, asked: float | None, default: float | None, maximum: float | None
+    ) -> float | None:
+        value = asked if asked is not None else default
+        if maximum is not None:
+            if value is None:
+                value = maximum
+            elif value > maximum:
+                shown = format_size(int(maximum)) if name == "memory" else f"{maximum:g}"
+                raise RequestError(f"--{name} above the daemon's maximum of {shown}")
+        return value
+
+    mem = pick("memory", memory, settings.default_memory, settings.max_memory)
+    cpu = pick("cpus", cpus, settings.default_cpus, settings.max_cpus)
+    pid = pick("pids", pids, settings.default_pids, settings.max_pids)
+    tmo = pick("timeout", timeout, settings.default_timeout, settings.max_timeout)
+    return p.AppliedLimits(
+        memory_bytes=int(mem) if mem is not None else None,
+        cpus=cpu,
+        pids=int(pid) if pid is not None else None,
+        timeout_s=tmo,
+        kill_grace_s=kill_grace if kill_grace is not None else settings.kill_grace,
+    )
+
+
+def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
+    """Validate a run request against who is asking; RequestError says what is wrong.
+
+    A ``stdio: "fds"`` or ``"null"`` request becomes ``PassedStdio`` (the connection passes
+    the fds, /dev/null ones for "null"); ``"capture"`` becomes ``CapturedStdio``.
+    """
+    uid, gid = job_uid_gid(request, peer)
+    check_strings(request)
+    policy = job_policy(request, config)
+    hosts = job_hosts(request.add_hosts)
+    limits = applied_limits(
+        config.limits,
+        memory=request.memory_bytes,
+        cpus=request.cpus,
+        pids=request.pids,
+        timeout=request.timeout_s,
+        kill_grace=request.kill_grace_s,
+    )
+    stdio: StdioMode = (
+        CapturedStdio(request.capture_bytes) if request.stdio == "capture" else PassedStdio()
+    )
+    return JobSpec(
+        argv=list(request.argv),
+        env=job_env(request),
+        cwd=request.cwd or "/",
+        uid=uid,
+        gid=gid,
+        owner=peer,
+        limits=limits,
+        stdio=stdio,
+        policy=policy,
+        job_hosts=hosts,
+        daemon_hosts=config.hosts,
+        blocked_dns_answer=config.policy.blocked_dns_answer,
+    )

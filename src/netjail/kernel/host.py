@@ -1,0 +1,227 @@
+"""The seam under the job pipeline: everything a job needs from the kernel, behind one protocol.
+
+``JailHost`` is what the daemon's orchestration (netjail.daemon.pipeline, .jobs, .recovery)
+talks to. ``KernelJailHost`` is the real thing, a thin layer over the facility modules in this
+package. The unit tests drive the orchestration over a fake of the same protocol
+(tests/unit/fakehost.py), the way httpcore tests its connection logic over ``_backends/mock``.
+
+Calls fall in three groups:
+- cgroups and namespaces, blocking (the pipeline runs them on worker threads);
+- *in-jail* calls (``configure_jail``, ``apply_rules``, ``open_*``), which must run on the
+  thread ``in_new_netns`` gives its work: a socket keeps the netns it was made in for ever,
+  and libnftables' netlink socket, too, belongs to the calling thread's netns;
+- the job's process, through the fork server (async).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from netjail.errors import JailError, map_os_errors
+from netjail.jobid import JOB_ID_PREFIX
+from netjail.kernel import cgroup as cgroups
+from netjail.kernel import firewall, iptables, kmsg, listeners, netns, nflog
+from netjail.kernel.backends import FirewallBackend, LogBackend
+from netjail.kernel.peer import pids_in_netns
+from netjail.kernel.spawn import ExitStatus, ForkServer, SpawnRequest
+
+T = TypeVar("T")
+
+
+class JobCgroupHandle(Protocol):
+    """A job's cgroup, as the pipeline uses it."""
+
+    @property
+    def procs_files(self) -> tuple[str, ...]: ...
+
+    def pids(self) -> list[int]: ...
+
+    def kill_all(self, timeout: float = 2.0) -> None: ...
+
+    def usage(self) -> cgroups.ResourceUsage: ...
+
+    def remove(self) -> None: ...
+
+
+class JobProcess(Protocol):
+    """A running job's main process."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def send_signal(self, sig: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class JailListeners:
+    """The daemon's per-job sockets made inside the jail: DNS stub (UDP, TCP) and proxy."""
+
+    dns_udp: tuple[socket.socket, ...]
+    dns_tcp: tuple[socket.socket, ...]
+    proxy: tuple[socket.socket, ...]
+
+    def close(self) -> None:
+        for sock in (*self.dns_udp, *self.dns_tcp, *self.proxy):
+            sock.close()
+
+
+class JailHost(Protocol):
+    """Everything the job pipeline needs from the kernel."""
+
+    # cgroups (blocking)
+    def create_cgroup(self, job_id: str, limits: cgroups.Limits) -> JobCgroupHandle: ...
+
+    def leftover_cgroups(self) -> list[str]: ...
+
+    def remove_leftover_cgroup(self, job_id: str) -> None: ...
+
+    def cgroup_marker(self) -> str: ...
+
+    # network namespaces
+    def in_new_netns(self, name: str, work: Callable[[], T]) -> Future[T]: ...
+
+    def netns_inode(self, name: str) -> int: ...
+
+    def delete_netns(self, name: str) -> None: ...
+
+    def leftover_netns(self) -> list[str]: ...
+
+    def kill_netns_processes(self, name: str) -> None: ...
+
+    # in-jail (call only from the work given to in_new_netns)
+    def configure_jail(self) -> None: ...
+
+    def apply_rules(self, rules: firewall.JailRules) -> None: ...
+
+    def open_log_socket(self) -> socket.socket: ...
+
+    def open_listeners(self) -> JailListeners: ...
+
+    # the job's process
+    async def spawn(self, request: SpawnRequest, stdio: list[int]) -> JobProcess: ...
+
+    async def wait(self, pid: int) -> ExitStatus: ...
+
+
+class KernelJailHost:
+    """``JailHost`` on the real kernel: cgroup manager, netns threads, rules, fork server."""
+
+    def __init__(
+        self,
+        *,
+        forkserver: ForkServer,
+        cgroups: cgroups.CgroupManager,
+        firewall_backend: FirewallBackend,
+        log_backend: LogBackend,
+    ) -> None:
+        self._forkserver = forkserver
+        self._cgroups = cgroups
+        self._firewall_backend = firewall_backend
+        self._log_backend = log_backend
+
+    # ------------------------------------------------------------------ cgroups
+
+    def create_cgroup(self, job_id: str, limits: cgroups.Limits) -> JobCgroupHandle:
+        return self._cgroups.create_job(job_id, limits)
+
+    def leftover_cgroups(self) -> list[str]:
+        return self._cgroups.leftover_job_ids()
+
+    def remove_leftover_cgroup(self, job_id: str) -> None:
+        leftover = self._cgroups.open_job(job_id)
+        leftover.kill_all()
+        leftover.remove()
+
+    def cgroup_marker(self) -> str:
+        """What a line of /proc/PID/cgroup contains when PID is in one of our job cgroups."""
+        return f"/{self._cgroups.parent_name}/{JOB_ID_PREFIX}"
+
+    # ------------------------------------------------------------------ netns
+
+    def in_new_netns(self, name: str, work: Callable[[], T]) -> Future[T]:
+        return netns.run_in_new_netns(name, work)
+
+    def netns_inode(self, name: str) -> int:
+        with map_os_errors(JailError, f"cannot stat the jail's netns {name}"):
+            return netns.netns_inode(netns.netns_path(name))
+
+    def delete_netns(self, name: str) -> None:
+        netns.delete_netns(name)
+
+    def leftover_netns(self) -> list[str]:
+        return netns.list_netns()
+
+    def kill_netns_processes(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            for pid in pids_in_netns(netns.netns_inode(netns.netns_path(name))):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------------ in the jail
+
+    def configure_jail(self) -> None:
+        netns.configure_jail_interfaces()
+        with map_os_errors(JailError, "cannot set the jail's sysctls"):
+            _allow_ping_sockets()
+            _unpaced_tcp()
+
+    def apply_rules(self, rules: firewall.JailRules) -> None:
+        if self._firewall_backend == "iptables":
+            target: iptables.IptablesTarget = "log" if self._log_backend == "kmsg" else "nflog"
+            # iptables-restore is exec'd from this thread, so it runs in this jail's netns.
+            iptables.apply_iptables_rules(*iptables.build_iptables_rules(rules, target=target))
+        elif self._log_backend == "kmsg":
+            firewall.apply_ruleset(kmsg.build_log_ruleset(rules))
+        else:
+            firewall.apply_ruleset(firewall.build_ruleset(rules))
+
+    def open_log_socket(self) -> socket.socket:
+        with map_os_errors(JailError, "cannot receive NFLOG events", "is nfnetlink_log available?"):
+            return nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
+
+    def open_listeners(self) -> JailListeners:
+        with map_os_errors(JailError, "cannot open the jail's DNS stub or proxy sockets"):
+            dns_udp, dns_tcp = listeners.open_dns_sockets()
+            try:
+                proxy = listeners.open_proxy_listeners()
+            except BaseException:
+                for sock in dns_udp + dns_tcp:
+                    sock.close()
+                raise
+        return JailListeners(dns_udp=tuple(dns_udp), dns_tcp=tuple(dns_tcp), proxy=tuple(proxy))
+
+    # ------------------------------------------------------------------ processes
+
+    async def spawn(self, request: SpawnRequest, stdio: list[int]) -> JobProcess:
+        return await self._forkserver.spawn(request, stdio)
+
+    async def wait(self, pid: int) -> ExitStatus:
+        return await self._forkserver.wait(pid)
+
+
+def _allow_ping_sockets() -> None:
+    # Unprivileged ICMP echo sockets, per netns: the job has no CAP_NET_RAW (and no_new_privs
+    # voids ping's file capability), so without this `ping` fails before sending anything and
+    # the attempt would go unlogged. With it, the echo is sent, rejected and reported.
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+        f.write("0 2147483647")
+
+
+def _unpaced_tcp() -> None:
+    # Every TCP connection in a jail is local: the job's own loopback traffic, or the hop to the
+    # proxy's in-jail listener (the real upstream leg is made in the daemon's netns and keeps
+    # the host's default). A new netns inherits the host's default congestion control; if that
+    # is bbr, its pacing throttles this hop to about half of what loopback carries. Reno is
+    # always built in and may be any netns's default. Set before the listeners are made, so
+    # the sockets they accept inherit it, as do the job's own sockets.
+    with open("/proc/sys/net/ipv4/tcp_congestion_control", "w") as f:
+        f.write("reno")
