@@ -1,11 +1,11 @@
-"""The iptables firewall backend and the LOG/kmsg log backend against the real kernel (root).
+"""The firewall backends (``JailFirewall``) and the LOG/kmsg log backend against the real kernel.
 
 Each test builds a jail the way the daemon does (a thread unshares a netns and configures it:
-interfaces, rules, NFLOG socket) without the daemon, makes blocked attempts from it as uid
-65534, and checks what the kernel logged. Namespaces are named ``njtest-bk-*``, not
-``netjail-*``, so a daemon started by another test (which removes every leftover
-``netjail-*`` netns) cannot pull one away mid-test; each is deleted in ``finally`` and checked
-gone. The kernel-log tests flip the host-global nf_log_all_netns and always restore it.
+interfaces, ``JailFirewall.apply``, NFLOG socket) without the daemon (so it needs root), makes
+blocked attempts from it as uid 65534, and checks what the kernel logged. Namespaces are named
+``njtest-bk-*``, not ``netjail-*``, so a daemon started by another test (which removes every
+leftover ``netjail-*`` netns) cannot pull one away mid-test; each is deleted in ``finally`` and
+checked gone. The kernel-log tests flip the host-global nf_log_all_netns and always restore it.
 Destinations are documentation ranges only, and nothing leaves the jail anyway.
 """
 
@@ -24,11 +24,14 @@ from typing import TypeVar
 
 import pytest
 
-from netjail.kernel import firewall, kmsg, netns, nflog
-from netjail.kernel.firewall import JailRules, ProxiedRange
-from netjail.kernel.iptables import IptablesTarget, apply_iptables_rules, build_iptables_rules
+from netjail import hostns
+from netjail.kernel import kmsg, netns, nflog
+from netjail.kernel.backends import FirewallBackend, LogBackend
+from netjail.kernel.firewall import JailFirewall
+from netjail.kernel.iptables import render_iptables
 from netjail.kernel.kmsg import KmsgReader, LoggedPacket, parse_logged_packet
 from netjail.kernel.nflog import PacketSummary
+from netjail.kernel.rules import JailRules, ProxiedRange, build_jail_ruleset
 
 pytestmark = [
     pytest.mark.integration,
@@ -160,34 +163,39 @@ def _logged_packets(
 # --------------------------------------------------------------------------- iptables
 
 
-@pytest.mark.parametrize("target", ["nflog", "log"])
-def test_iptables_rules_are_what_the_jail_holds(target: IptablesTarget) -> None:
-    """apply_iptables_rules, run from a thread in the jail, loads exactly the rules built
-    (filter and nat, both families) into the jail, as iptables-save reads them back."""
-    v4, v6 = build_iptables_rules(_domain_rules(_job_id()), target=target)
-    with jail(lambda: apply_iptables_rules(v4, v6)) as (name, _):
+@pytest.mark.parametrize("log_backend", ["nflog", "kmsg"])
+def test_iptables_rules_are_what_the_jail_holds(log_backend: LogBackend) -> None:
+    """JailFirewall for iptables, applied from a thread in the jail, loads exactly the rules
+    rendered (filter and nat, both families) into the jail, as iptables-save reads them back."""
+    chosen = JailFirewall.for_backends("iptables", log_backend)
+    rules = _domain_rules(_job_id())
+    expected = render_iptables(build_jail_ruleset(rules), chosen.log)
+    with jail(lambda: chosen.apply(rules)) as (name, _):
         saved4 = in_jail(name, ["iptables-save"])
         saved6 = in_jail(name, ["ip6tables-save"])
         host4 = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False)
     assert saved4.returncode == saved6.returncode == 0, saved4.stderr + saved6.stderr
-    assert _rule_lines(saved4.stdout) == _rule_lines(v4)
-    assert _rule_lines(saved6.stdout) == _rule_lines(v6)
+    assert _rule_lines(saved4.stdout) == _rule_lines(expected.v4)
+    assert _rule_lines(saved6.stdout) == _rule_lines(expected.v6)
     assert ":OUTPUT DROP [" in saved4.stdout
     assert ":OUTPUT DROP [" in saved6.stdout
     assert "netjail t-" not in host4.stdout  # nothing landed in the host's netns
 
 
-def test_iptables_nflog_reports_blocked_connects_with_uid() -> None:
-    """Under the iptables backend a blocked connect is refused at once (curl exit 7) and
-    NFLOG, bound in the jail, gets it with the job's prefix and uid 65534, both families;
-    DNS to a foreign resolver is logged with the dns mark and redirected, proxied TCP is
-    redirected without a log."""
+@pytest.mark.parametrize("firewall", ["nftables", "iptables"])
+def test_nflog_reports_blocked_connects_with_uid(firewall: FirewallBackend) -> None:
+    """Under either firewall a blocked connect is refused at once (curl exit 7) and NFLOG,
+    bound in the jail, gets it with the job's prefix and uid 65534, both families; DNS to a
+    foreign resolver is logged with the dns mark and redirected, proxied TCP is redirected
+    without a log."""
     job_id = _job_id()
-    v4, v6 = build_iptables_rules(_domain_rules(job_id), target="nflog")
+    chosen = JailFirewall.for_backends(firewall, "nflog")
+    group = chosen.nflog
+    assert group is not None
 
     def build() -> socket.socket:
-        apply_iptables_rules(v4, v6)
-        return nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
+        chosen.apply(_domain_rules(job_id))
+        return nflog.open_nflog_socket(group.group, group.snaplen)
 
     with jail(build) as (name, sock):
         try:
@@ -215,29 +223,17 @@ def test_iptables_nflog_reports_blocked_connects_with_uid() -> None:
 # --------------------------------------------------------------------------- kmsg
 
 
-def _apply_nft_log(job_id: str) -> None:
-    firewall.apply_ruleset(kmsg.build_log_ruleset(_domain_rules(job_id)))
-
-
-def _apply_iptables_log(job_id: str) -> None:
-    apply_iptables_rules(*build_iptables_rules(_domain_rules(job_id), target="log"))
-
-
-@pytest.mark.parametrize(
-    "apply_rules",
-    [pytest.param(_apply_nft_log, id="nftables"), pytest.param(_apply_iptables_log, id="iptables")],
-)
-def test_kmsg_backend_reports_blocked_connects_with_uid(
-    apply_rules: Callable[[str], None],
-) -> None:
+@pytest.mark.parametrize("firewall", ["nftables", "iptables"])
+def test_kmsg_backend_reports_blocked_connects_with_uid(firewall: FirewallBackend) -> None:
     """With nf_log_all_netns=1, LOG rules in the jail put each blocked attempt in the kernel
     log; the reader, opened before, sees it and the parser gives job, destination, port and
     uid 65534, both families, and the dns mark for a foreign resolver."""
     job_id = _job_id()
+    chosen = JailFirewall.for_backends(firewall, "kmsg")
     with (
         KmsgReader() as reader,
         nf_log_all_netns_enabled(),
-        jail(lambda: apply_rules(job_id)) as (name, _),
+        jail(lambda: chosen.apply(_domain_rules(job_id))) as (name, _),
     ):
         refused4 = curl_as_nobody(name, f"http://{BLOCKED4}/")
         refused6 = curl_as_nobody(name, f"http://[{BLOCKED6}]:8443/")
@@ -262,7 +258,8 @@ def test_kmsg_backend_is_silent_without_nf_log_all_netns() -> None:
         if f.read().strip() != "0":
             pytest.skip("nf_log_all_netns is already 1 on this host")
     job_id = _job_id()
-    with KmsgReader() as reader, jail(lambda: _apply_nft_log(job_id)) as (name, _):
+    chosen = JailFirewall.for_backends("nftables", "kmsg")
+    with KmsgReader() as reader, jail(lambda: chosen.apply(JailRules(job_id))) as (name, _):
         refused = curl_as_nobody(name, f"http://{BLOCKED4}/")
         packets = _logged_packets(reader, job_id, want=1, timeout=0.5)
     assert refused.returncode == 7, refused.stderr
@@ -272,7 +269,7 @@ def test_kmsg_backend_is_silent_without_nf_log_all_netns() -> None:
 def test_sysctl_state_is_reported_from_the_initial_netns() -> None:
     """The test host runs in the initial netns: the sysctl is visible and settable there,
     and a new netns does not have it at all."""
-    assert kmsg.in_initial_netns() is True
+    assert hostns.in_initial_netns() is True
 
     def look() -> bool:
         return os.path.exists(kmsg.NF_LOG_ALL_NETNS)

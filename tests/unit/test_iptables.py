@@ -1,4 +1,5 @@
-"""Tests for netjail.kernel.iptables: the exact restore texts, and how applying them fails."""
+"""Tests for netjail.kernel.iptables: the exact restore texts of the jail's ruleset, and how
+applying them fails."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ import pytest
 
 from netjail.errors import FirewallError
 from netjail.kernel import iptables
-from netjail.kernel.firewall import JailRules, ProxiedRange
-from netjail.kernel.iptables import apply_iptables_rules, build_iptables_rules
+from netjail.kernel.firewall import JailFirewall
+from netjail.kernel.iptables import (
+    RestoreInput,
+    apply_iptables_rules,
+    build_iptables_rules,
+    render_iptables,
+)
+from netjail.kernel.rules import JailRules, KernelLog, Nflog, ProxiedRange, build_jail_ruleset
 
 JOB = "j-0123abcd"
 RULES = JailRules(JOB)
@@ -72,14 +79,25 @@ COMMIT
 
 
 def test_nflog_rules_exact_text() -> None:
-    """NFLOG target: local and (IPv6) kernel ICMPv6 accepted, logged to group 1, TCP reset,
+    """NFLOG strategy: local and (IPv6) kernel ICMPv6 accepted, logged to group 1, TCP reset,
     the rest rejected admin-prohibited, chain policy drop; no nat table."""
-    assert build_iptables_rules(RULES, target="nflog") == (NFLOG_V4, NFLOG_V6)
+    assert render_iptables(build_jail_ruleset(RULES), Nflog()) == RestoreInput(NFLOG_V4, NFLOG_V6)
 
 
 def test_log_rules_exact_text() -> None:
-    """LOG target: the same policy, logged to the kernel log with the owner's UID."""
-    assert build_iptables_rules(RULES, target="log") == (LOG_V4, LOG_V6)
+    """Kernel-log strategy: the same policy, logged with LOG and the owner's UID."""
+    assert render_iptables(build_jail_ruleset(RULES), KernelLog()) == RestoreInput(LOG_V4, LOG_V6)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("nflog", (NFLOG_V4, NFLOG_V6)), ("log", (LOG_V4, LOG_V6))],
+)
+def test_build_iptables_rules_is_the_rendering(
+    target: iptables.IptablesTarget, expected: tuple[str, str]
+) -> None:
+    """The old entry point gives the same texts as the model rendered with its strategy."""
+    assert build_iptables_rules(RULES, target=target) == expected
 
 
 NAT_V4 = """\
@@ -147,18 +165,22 @@ def test_proxied_ports_are_split_for_multiport() -> None:
     assert "--dports 16,17 " in v6
 
 
-def test_nflog_group_is_used() -> None:
-    """A non-default NFLOG group replaces 1 in both families and nothing else changes."""
-    v4, v6 = build_iptables_rules(JailRules(JOB, nflog_group=7), target="nflog")
-    assert v4 == NFLOG_V4.replace("--nflog-group 1 ", "--nflog-group 7 ")
-    assert v6 == NFLOG_V6.replace("--nflog-group 1 ", "--nflog-group 7 ")
+def test_nflog_group_and_snaplen_are_used() -> None:
+    """A non-default NFLOG group and snaplen replace 1 and 128 in both families, nothing else."""
+    restore = render_iptables(build_jail_ruleset(RULES), Nflog(group=7, snaplen=64))
+    old, new = "--nflog-group 1 --nflog-size 128", "--nflog-group 7 --nflog-size 64"
+    assert restore == RestoreInput(NFLOG_V4.replace(old, new), NFLOG_V6.replace(old, new))
 
 
-@pytest.mark.parametrize("group", [-1, 65536])
-def test_out_of_range_nflog_group_is_refused(group: int) -> None:
-    """NFLOG groups are 16-bit; anything else is refused."""
-    with pytest.raises(FirewallError, match="invalid NFLOG group"):
-        build_iptables_rules(JailRules(JOB, nflog_group=group), target="nflog")
+def test_a_range_of_one_family_adds_a_nat_table_to_that_family_only() -> None:
+    """Without a DNS stub, an IPv4 proxied range gives IPv4 a nat table and IPv6 none."""
+    rules = JailRules(JOB, proxied=(ProxiedRange(ipaddress.ip_network("198.18.0.0/15"), None),))
+    restore = render_iptables(build_jail_ruleset(rules), Nflog())
+    assert restore.v4 == NFLOG_V4 + (
+        "*nat\n:OUTPUT ACCEPT [0:0]\n"
+        "-A OUTPUT -d 198.18.0.0/15 -p tcp -j REDIRECT --to-ports 999\nCOMMIT\n"
+    )
+    assert restore.v6 == NFLOG_V6
 
 
 @pytest.mark.parametrize(
@@ -199,7 +221,7 @@ def test_log_prefix_limit_counts_the_dns_mark() -> None:
 def test_nflog_accepts_the_longest_job_id() -> None:
     """NFLOG prefixes hold 63 bytes, so a 32-character job id is fine there."""
     v4, _ = build_iptables_rules(JailRules("a" * 32, dns_stub=True), target="nflog")
-    assert f'--nflog-prefix "netjail {"a" * 32} "' in v4
+    assert f'--nflog-prefix "netjail {"a" * 32} dns "' in v4
 
 
 def test_unknown_target_is_refused() -> None:
@@ -269,6 +291,29 @@ def test_apply_without_iptables_installed_says_what_to_install(
     monkeypatch.setattr(subprocess, "run", _FakeRun([FileNotFoundError(2, "No such file")]))
     with pytest.raises(FirewallError, match=r"iptables-restore not found: .*apt-get install"):
         apply_iptables_rules("V4", "V6")
+
+
+def test_apply_that_cannot_exec_the_tool_is_a_firewall_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An OSError other than a missing tool (e.g. EACCES) names the tool and the reason."""
+    monkeypatch.setattr(subprocess, "run", _FakeRun([PermissionError(13, "Permission denied")]))
+    with pytest.raises(FirewallError) as caught:
+        apply_iptables_rules("V4", "V6")
+    assert str(caught.value) == "cannot run iptables-restore: Permission denied"
+
+
+def test_iptables_apply_restores_the_rendered_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JailFirewall for iptables + kmsg restores exactly the LOG texts, IPv4 then IPv6."""
+    fake = _FakeRun([_done(0), _done(0)])
+    monkeypatch.setattr(subprocess, "run", fake)
+    JailFirewall.for_backends("iptables", "kmsg").apply(DOMAIN_RULES)
+    log_dns = '-j LOG --log-prefix "netjail j-0123abcd dns " --log-uid'
+    nflog_dns = '-j NFLOG --nflog-prefix "netjail j-0123abcd dns " --nflog-group 1 --nflog-size 128'
+    assert [(argv[0], kw["input"]) for argv, kw in fake.calls] == [
+        ("iptables-restore", LOG_V4 + NAT_V4.replace(nflog_dns, log_dns)),
+        ("ip6tables-restore", LOG_V6 + NAT_V6.replace(nflog_dns, log_dns)),
+    ]
 
 
 def test_apply_timeout_is_a_firewall_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ import pytest
 
 from netjail.errors import FirewallError, KmsgError
 from netjail.kernel import kmsg
-from netjail.kernel.firewall import JailRules, ProxiedRange, build_ruleset
 from netjail.kernel.kmsg import (
     KmsgReader,
     KmsgRecord,
@@ -24,6 +23,8 @@ from netjail.kernel.kmsg import (
     parse_logged_packet,
 )
 from netjail.kernel.nflog import PacketSummary
+from netjail.kernel.nftables import render_nftables
+from netjail.kernel.rules import JailRules, KernelLog, ProxiedRange, build_jail_ruleset
 
 # Read from /dev/kmsg on kernel 6.18 with nf_log_all_netns=1, build_log_ruleset("j-0123abcd")
 # in a jail, as uid 65534: curl to 203.0.113.9:80 and [2001:db8::9]:8443, a UDP send to
@@ -323,39 +324,16 @@ def test_parse_logged_packet_trusts_only_kernel_records() -> None:
 
 # --------------------------------------------------------------------------- ruleset
 
-EXPECTED_LOG_RULESET = """\
-table inet netjail {
-\tchain output {
-\t\ttype filter hook output priority filter; policy drop;
-\t\toif "lo" accept
-\t\tfib daddr type local accept
-\t\ticmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, \
-mld-listener-report, mld2-listener-report } accept
-\t\tlog prefix "netjail j-0123abcd " flags skuid
-\t\tmeta l4proto tcp reject with tcp reset
-\t\treject with icmpx admin-prohibited
-\t}
-}
-"""
 
-
-def test_build_log_ruleset_exact_text() -> None:
-    """The kernel-log ruleset is the NFLOG one with "log … flags skuid" as its log rule."""
-    assert build_log_ruleset(JailRules("j-0123abcd")) == EXPECTED_LOG_RULESET
-
-
-def test_build_log_ruleset_converts_the_dns_redirect_log_too() -> None:
-    """With a DNS stub and proxy, every NFLOG statement (the dns-marked one too) becomes LOG
-    and nothing else changes."""
+def test_build_log_ruleset_is_the_kernel_log_rendering() -> None:
+    """The old kmsg entry point renders the jail's model with the kernel-log strategy (its
+    exact text is pinned in test_firewall)."""
     rules = JailRules(
         "j-0123abcd",
         dns_stub=True,
         proxied=(ProxiedRange(ipaddress.ip_network("198.18.0.0/15"), None),),
     )
-    expected = build_ruleset(rules).replace(" group 1 snaplen 128", " flags skuid")
-    assert build_log_ruleset(rules) == expected
-    assert expected.count('log prefix "netjail j-0123abcd dns " flags skuid') == 2
-    assert " group " not in expected
+    assert build_log_ruleset(rules) == render_nftables(build_jail_ruleset(rules), KernelLog())
 
 
 def test_build_log_ruleset_rejects_invalid_job_id() -> None:

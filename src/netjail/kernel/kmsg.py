@@ -1,8 +1,8 @@
 """LOG + /dev/kmsg: the operator's alternative to NFLOG, for existing kernel-log pipelines.
 
-The jail's ruleset uses the LOG statement (``build_log_ruleset``, or iptables' LOG target from
-netjail.kernel.iptables) with the job's prefix and the socket owner's UID; the kernel prints one
-line per rejected packet to its log, and ``KmsgReader`` reads those lines from /dev/kmsg.
+The jail's ruleset logs with LOG (the ``KernelLog`` strategy of netjail.kernel.rules, rendered
+by either firewall backend) with the job's prefix and the socket owner's UID; the kernel prints
+one line per rejected packet to its log, and ``KmsgReader`` reads those lines from /dev/kmsg.
 
 Parsers are pure and unit-tested on lines captured from this kernel: ``parse_kmsg_record`` (the
 /dev/kmsg record format, Documentation/ABI/testing/dev-kmsg), ``parse_log_message`` (the text
@@ -30,9 +30,10 @@ import re
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from netjail.errors import FirewallError, KmsgError
-from netjail.kernel import firewall
+from netjail.errors import KmsgError
 from netjail.kernel.nflog import PacketSummary, SequenceTracker
+from netjail.kernel.nftables import render_nftables
+from netjail.kernel.rules import JailRules, KernelLog, build_jail_ruleset
 
 KMSG_PATH = "/dev/kmsg"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
@@ -70,7 +71,7 @@ class LoggedPacket:
     """A packet the jail's ruleset logged to the kernel log, as the daemon reports it."""
 
     job_id: str
-    prefix: str  # "netjail <job> ", or with a mark: "netjail <job> dns " (see firewall)
+    prefix: str  # "netjail <job> ", or with a mark: "netjail <job> dns " (see rules.LogPrefix)
     family: int  # 4 or 6
     proto: str | int  # "tcp", "udp", "icmp", "icmpv6" or the protocol number
     dst: str
@@ -86,23 +87,14 @@ class LoggedPacket:
 
 # --------------------------------------------------------------------------- rules
 
-_NFLOG_STATEMENT = re.compile(r'(log prefix "[^"\n]*") group [0-9]+ snaplen [0-9]+')
-_NFLOG_LEFT = re.compile(r"\blog\b[^\n]*\bgroup\b")
 
+def build_log_ruleset(rules: JailRules) -> str:
+    """The jail's nftables ruleset logging with LOG (``log prefix "…" flags skuid``).
 
-def build_log_ruleset(rules: firewall.JailRules) -> str:
-    """The jail's nftables ruleset with kernel-log LOG statements in place of NFLOG ones.
-
-    Derived from ``firewall.build_ruleset(rules)``, so both backends always enforce the same
-    policy: every ``log prefix "…" group G snaplen S`` becomes ``log prefix "…" flags skuid``
-    (skuid makes the kernel append the sending socket's "UID=… GID=…"). Raises FirewallError
-    for an invalid job id.
+    Kept for callers that predate ``firewall.JailFirewall.for_backends("nftables", "kmsg")``;
+    remove once none is left. Raises FirewallError for an invalid job id.
     """
-    ruleset = firewall.build_ruleset(rules)
-    converted, count = _NFLOG_STATEMENT.subn(r"\1 flags skuid", ruleset)
-    if count == 0 or _NFLOG_LEFT.search(converted):
-        raise FirewallError("cannot derive the kernel-log ruleset: no NFLOG statement found")
-    return converted
+    return render_nftables(build_jail_ruleset(rules), KernelLog())
 
 
 # --------------------------------------------------------------------------- parsers
@@ -143,7 +135,7 @@ def parse_kmsg_record(line: bytes) -> KmsgRecord | None:
 
 # The kernel writes "<prefix>IN=<if> OUT=<if> " (nf_log_dump_packet_common), then for output
 # packets directly "SRC=… DST=… " (a MAC= only for input). The prefix may carry a mark after
-# the job id (firewall.DNS_REDIRECT_MARK: a DNS packet the nat chain redirected to the stub).
+# the job id (rules.DNS_REDIRECT_MARK: a DNS packet the nat chain redirected to the stub).
 # Interface names have no white space, '/' or ':'. Matching this shape, not just the fields,
 # keeps unrelated kernel lines (which may quote process names or paths) from parsing as
 # packets.
