@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
 
+from netjail import hostns
 from netjail.errors import FirewallError, KmsgError
 from netjail.kernel import kmsg
 from netjail.kernel.kmsg import (
     KmsgReader,
     KmsgRecord,
     LoggedPacket,
-    SequenceTracker,
     build_log_ruleset,
     enable_nf_log_all_netns,
     nf_log_all_netns_enabled,
@@ -22,7 +23,7 @@ from netjail.kernel.kmsg import (
     parse_log_message,
     parse_logged_packet,
 )
-from netjail.kernel.nflog import PacketSummary
+from netjail.kernel.nflog import PacketSummary, SequenceTracker
 from netjail.kernel.nftables import render_nftables
 from netjail.kernel.rules import JailRules, KernelLog, ProxiedRange, build_jail_ruleset
 
@@ -405,17 +406,34 @@ def test_read_records_when_nothing_is_there() -> None:
     assert _ScriptedReader([]).read_records() == ([], 0)
 
 
-def test_read_records_propagates_other_errors() -> None:
-    """Errors other than EAGAIN/EPIPE are not swallowed."""
-    reader = _ScriptedReader([OSError(errno.EIO, "io")])
-    with pytest.raises(OSError, match="io"):
+def test_read_records_reports_other_errors() -> None:
+    """Errors other than EAGAIN/EPIPE are not swallowed: they end the read as a KmsgError."""
+    reader = _ScriptedReader([OSError(errno.EIO, "Input/output error")])
+    with pytest.raises(KmsgError, match=r"^cannot read the kernel log: Input/output error$"):
         reader.read_records()
 
 
 def test_reader_on_a_missing_device_is_a_kmsg_error(tmp_path: Path) -> None:
     """A kernel log that cannot be opened is a KmsgError saying what is needed."""
-    with pytest.raises(KmsgError, match="cannot read the kernel log"):
-        KmsgReader(str(tmp_path / "kmsg"))
+    path = tmp_path / "kmsg"
+    with pytest.raises(KmsgError) as caught:
+        KmsgReader(str(path))
+    assert str(caught.value) == (
+        f"cannot read the kernel log {path}: No such file or directory; "
+        "netjaild needs root (CAP_SYSLOG) for the kmsg log backend"
+    )
+
+
+def test_reader_that_cannot_seek_closes_what_it_opened(tmp_path: Path) -> None:
+    """A log that opens but cannot seek to its end (here a FIFO) is a KmsgError, and the
+    descriptor opened for it is closed again."""
+    fifo = tmp_path / "kmsg"
+    os.mkfifo(fifo)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(KmsgError) as caught:
+        KmsgReader(str(fifo))
+    assert str(caught.value) == f"cannot seek to the end of {fifo}: Illegal seek"
+    assert set(os.listdir("/proc/self/fd")) == before
 
 
 # --------------------------------------------------------------------------- sysctl
@@ -443,7 +461,7 @@ def test_enable_outside_the_initial_netns_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Missing sysctl in a non-initial netns: the message says to set it on the host."""
-    monkeypatch.setattr(kmsg, "in_initial_netns", lambda: False)
+    monkeypatch.setattr(hostns, "in_initial_netns", lambda: False)
     with pytest.raises(KmsgError) as caught:
         enable_nf_log_all_netns(str(tmp_path / "missing" / "nf_log_all_netns"))
     assert str(caught.value) == (
@@ -457,7 +475,7 @@ def test_enable_without_netfilter_logging_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Missing sysctl where the netns is not known to be a container's: no LOG support."""
-    monkeypatch.setattr(kmsg, "in_initial_netns", lambda: None)
+    monkeypatch.setattr(hostns, "in_initial_netns", lambda: None)
     with pytest.raises(KmsgError, match="no netfilter LOG support"):
         enable_nf_log_all_netns(str(tmp_path / "missing" / "nf_log_all_netns"))
 
@@ -475,7 +493,7 @@ def test_enable_write_errors_are_explained(
     code: int, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Read-only /proc/sys, permission and other errors each get a one-line explanation."""
-    monkeypatch.setattr(kmsg, "in_initial_netns", lambda: False)
+    monkeypatch.setattr(hostns, "in_initial_netns", lambda: False)
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise OSError(code, "refused")

@@ -30,14 +30,14 @@ import re
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from netjail.errors import KmsgError
+from netjail import hostns
+from netjail.errors import KmsgError, map_os_errors
 from netjail.kernel.nflog import PacketSummary, SequenceTracker
 from netjail.kernel.nftables import render_nftables
 from netjail.kernel.rules import JailRules, KernelLog, build_jail_ruleset
 
 KMSG_PATH = "/dev/kmsg"
-NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
-_NF_LOG_DIR = "/proc/sys/net/netfilter/nf_log"
+NF_LOG_ALL_NETNS = hostns.NF_LOG_ALL_NETNS
 
 #: The kernel's syslog facility; userspace writes to /dev/kmsg can never carry it.
 LOG_KERN = 0
@@ -257,18 +257,18 @@ class KmsgReader:
     """
 
     def __init__(self, path: str = KMSG_PATH) -> None:
-        try:
+        with map_os_errors(
+            KmsgError,
+            f"cannot read the kernel log {path}",
+            "netjaild needs root (CAP_SYSLOG) for the kmsg log backend",
+        ):
             self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise KmsgError(
-                f"cannot read the kernel log {path} ({e.strerror}): "
-                "netjaild needs root (CAP_SYSLOG) for the kmsg log backend"
-            ) from None
         try:
-            os.lseek(self._fd, 0, os.SEEK_END)
-        except OSError as e:
+            with map_os_errors(KmsgError, f"cannot seek to the end of {path}"):
+                os.lseek(self._fd, 0, os.SEEK_END)
+        except KmsgError:
             os.close(self._fd)
-            raise KmsgError(f"cannot seek to the end of {path}: {e.strerror}") from None
+            raise
         self._tracker = SequenceTracker()
 
     def fileno(self) -> int:
@@ -281,9 +281,13 @@ class KmsgReader:
         """Records available now (at most a batch), and how many records were lost.
 
         Never blocks. Returns every parseable record, from any facility: use
-        ``parse_logged_packet`` to keep the kernel's own jail lines. Raises OSError for
+        ``parse_logged_packet`` to keep the kernel's own jail lines. Raises KmsgError for
         errors other than EAGAIN/EPIPE.
         """
+        with map_os_errors(KmsgError, "cannot read the kernel log"):
+            return self._read_batch()
+
+    def _read_batch(self) -> tuple[list[KmsgRecord], int]:
         records: list[KmsgRecord] = []
         lost = 0
         for _ in range(_READ_BATCH):
@@ -352,30 +356,9 @@ def enable_nf_log_all_netns(path: str = NF_LOG_ALL_NETNS) -> None:
         )
 
 
-def in_initial_netns() -> bool | None:
-    """Is this process in the host's initial network namespace? None when it cannot be told.
-
-    The reliable sign is the sysctl itself: the kernel registers nf_log_all_netns only in the
-    initial netns, while the rest of /proc/sys/net/netfilter exists in every netns. Failing
-    that (no netfilter logging at all), a netns other than pid 1's means a separate one; the
-    same as pid 1's proves nothing (pid 1 may be a container's init), and reading
-    /proc/1/ns/net needs ptrace access to pid 1, which may be refused.
-    """
-    if os.path.exists(NF_LOG_ALL_NETNS):
-        return True
-    if os.path.isdir(_NF_LOG_DIR):
-        return False
-    try:
-        if os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino:
-            return False
-    except OSError:
-        pass
-    return None
-
-
 def _explain_sysctl_failure(code: int | None) -> str:
     fix = "set it on the host (sysctl -w net.netfilter.nf_log_all_netns=1) or use NFLOG"
-    initial = in_initial_netns()
+    initial = hostns.in_initial_netns()
     if code == errno.ENOENT and initial is False:
         return (
             "net.netfilter.nf_log_all_netns can only be set from the initial network "
