@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,8 @@ def test_netlink_header_with_impossible_length_stops_parsing(length: int) -> Non
 def test_netlink_header_longer_than_datagram_stops_parsing() -> None:
     """A header claiming more bytes than the datagram has is ignored."""
     data = struct.pack("=IHHII", 1000, nflog.NLMSG_ERROR, 0, 0, 0) + b"\0" * 20
-    assert parse_netlink_messages(data).errors == []
+    batch = parse_netlink_messages(data)
+    assert (batch.packets, batch.errors, batch.overrun) == ([], [], False)
 
 
 def test_nlmsg_error_ack() -> None:
@@ -282,17 +284,18 @@ def test_ipv6_unknown_protocol_is_reported_by_number() -> None:
 def test_ipv6_truncated_extension_header_has_no_port() -> None:
     """An extension header cut short yields a summary without a port, not an exception."""
     packet = _ipv6(0, bytes([6, 4]) + b"\0" * 6)  # claims 40 bytes, has 8
-    summary = parse_ip_packet(packet)
-    assert summary is not None
-    assert (summary.dst, summary.port) == ("2001:db8::1", None)
+    assert parse_ip_packet(packet) == PacketSummary(6, "tcp", "2001:db8::1", None)
 
 
 def test_ipv6_endless_extension_chain_is_bounded() -> None:
-    """A long chain of extension headers ends the walk without a port."""
-    chain = (bytes([0, 0]) + b"\0" * 6) * 20
-    summary = parse_ip_packet(_ipv6(0, chain))
-    assert summary is not None
-    assert summary.port is None
+    """The extension-header walk stops after eight headers: a port behind a ninth is not read."""
+    hop_by_hop = bytes([0, 0]) + b"\0" * 6  # next header: hop-by-hop again
+    last = bytes([6, 0]) + b"\0" * 6  # next header: TCP
+    chain = hop_by_hop * 8 + last + _ports(1, 53)
+    assert parse_ip_packet(_ipv6(0, chain)) == PacketSummary(6, 0, "2001:db8::1", None)
+    assert parse_ip_packet(_ipv6(0, hop_by_hop * 7 + last + _ports(1, 53))) == PacketSummary(
+        6, "tcp", "2001:db8::1", 53
+    )
 
 
 @pytest.mark.parametrize(
@@ -312,12 +315,26 @@ def test_unparseable_payload_is_none(payload: bytes) -> None:
     assert parse_ip_packet(payload) is None
 
 
-def test_parse_ip_packet_never_raises_on_prefixes_of_real_packets() -> None:
-    """Every prefix of every captured packet parses or gives None, without an exception."""
-    for data in _captured():
-        payload = parse_netlink_messages(data).packets[0].payload
-        for cut in range(len(payload) + 1):
-            parse_ip_packet(payload[:cut])
+# What each captured payload needs before the parser can say more, in capture order: (payload
+# length, IP header length, end of the destination port's two bytes or None when the protocol
+# has no port). The UDP datagram is one byte of data; the ICMP echoes carry their usual padding.
+PAYLOAD_SHAPES = [(60, 20, 24), (80, 40, 44), (84, 20, None), (29, 20, 24), (104, 40, None)]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_every_prefix_of_a_captured_payload_parses_to_what_it_holds(index: int) -> None:
+    """A cut payload is None until its IP header is whole, then the summary, port once it fits."""
+    payload = parse_netlink_messages(_captured()[index]).packets[0].payload
+    length, header, port_end = PAYLOAD_SHAPES[index]
+    summary = EXPECTED[index][1]
+    assert len(payload) == length
+    expected = [
+        None
+        if cut < header
+        else replace(summary, port=None if port_end is None or cut < port_end else summary.port)
+        for cut in range(length + 1)
+    ]
+    assert [parse_ip_packet(payload[:cut]) for cut in range(length + 1)] == expected
 
 
 # --- build_config_message ------------------------------------------------------------------
