@@ -160,7 +160,9 @@ def test_decode_request_rejects_with_a_precise_message(frame: bytes, message: st
 
 def test_decode_request_rejects_argv_element_over_64k() -> None:
     """An argv element longer than 65536 characters is refused; exactly 65536 is accepted."""
-    assert p.decode_request(_frame({"op": "run", "argv": ["a" * 65536]}))
+    assert p.decode_request(_frame({"op": "run", "argv": ["a" * 65536]})) == p.RunRequest(
+        argv=["a" * 65536]
+    )
     with pytest.raises(ProtocolError) as info:
         p.decode_request(_frame({"op": "run", "argv": ["true", "a" * 65537]}))
     assert str(info.value) == "bad request: Expected `str` of length <= 65536 - at `$.argv[1]`"
@@ -358,5 +360,5 @@ def test_framebuffer_default_limit_is_max_frame_bytes() -> None:
     """Without an argument the limit is MAX_FRAME_BYTES."""
     buf = p.FrameBuffer()
     assert buf.feed(b"x" * (p.MAX_FRAME_BYTES - 1) + b"\n") == [b"x" * (p.MAX_FRAME_BYTES - 1)]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=f"frame larger than {p.MAX_FRAME_BYTES} bytes"):
         buf.feed(b"x" * (p.MAX_FRAME_BYTES + 1))

@@ -79,15 +79,15 @@ def test_notify_ready_without_status(notify_socket: socket.socket) -> None:
 
 def test_notify_status_and_stopping(notify_socket: socket.socket) -> None:
     """notify_status sends STATUS=…, notify_stopping sends STOPPING=1."""
-    assert sdnotify.notify_status("3 jobs running")
-    assert sdnotify.notify_stopping()
+    assert sdnotify.notify_status("3 jobs running") is True
+    assert sdnotify.notify_stopping() is True
     assert received(notify_socket) == b"STATUS=3 jobs running"
     assert received(notify_socket) == b"STOPPING=1"
 
 
 def test_status_cannot_inject_assignments(notify_socket: socket.socket) -> None:
     """A newline in a status cannot start another assignment such as READY=1 or MAINPID=."""
-    sdnotify.notify_status("bad\nMAINPID=1\rREADY=1")
+    assert sdnotify.notify_status("bad\nMAINPID=1\rREADY=1") is True
     assert received(notify_socket) == b"STATUS=bad MAINPID=1 READY=1"
 
 
@@ -254,7 +254,7 @@ def test_listen_fds_with_malformed_variables_unsets_them(monkeypatch: pytest.Mon
     """Malformed LISTEN_FDS raises ConfigError and the variables are gone afterwards."""
     monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
     monkeypatch.setenv("LISTEN_FDS", "many")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="LISTEN_FDS='many' is not a positive number"):
         sdnotify.listen_fds(first_fd=10_000)
     assert "LISTEN_PID" not in os.environ
 

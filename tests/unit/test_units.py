@@ -55,9 +55,10 @@ def test_parse_size_error_does_not_echo_control_characters_or_long_input() -> No
     """parse_size's error shows a short, printable excerpt of hostile input."""
     with pytest.raises(RequestError) as info:
         parse_size("\x1b[31m" + "A" * 100)
-    message = str(info.value)
-    assert "\x1b" not in message
-    assert "A" * 40 not in message
+    assert str(info.value) == (
+        f"invalid size '?[31m{'A' * 27}…': use a number with an optional K, M, G or T suffix,"
+        " e.g. 512M"
+    )
 
 
 def test_parse_size_rejects_sizes_beyond_the_kernel_counter() -> None:
