@@ -23,6 +23,12 @@ CLIENT_SIDE = [
     "netjail.units",
     "netjail.policy",
     "netjail.doctor",
+    "netjail.doctor.access",
+    "netjail.doctor.features",
+    "netjail.doctor.host",
+    "netjail.doctor.probe",
+    "netjail.doctor.result",
+    "netjail.doctor.tools",
     "netjail.hostns",
     "netjail.mountinfo",
 ]
