@@ -143,7 +143,7 @@ def test_config_is_immutable() -> None:
     config = parse(FULL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.socket = "/tmp/x"  # type: ignore[misc]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="does not support item assignment"):
         config.hosts["evil.example"] = ipaddress.ip_address("1.2.3.4")  # type: ignore[index]
 
 
