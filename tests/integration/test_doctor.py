@@ -27,6 +27,8 @@ from netjail.doctor import doctor
 from .conftest import Daemon, launch_daemon, stop_daemon, wait_until_ready
 
 KERNEL_CHECKS = ("netns", "nf_tables", "nfnetlink_log", "veth")
+#: What the rest of the deep jail needs, all ok on this machine.
+DEEP_JAIL_CHECKS = ("pidns", "ipcns", "utsns", "seccomp", "pivot_root", "libseccomp")
 START_FIX = "  fix: start netjaild: sudo netjaild & (with systemd: sudo systemctl start netjaild)"
 # Runs doctor as a script, for other users and other namespaces than the test's own.
 DOCTOR = (
@@ -75,6 +77,8 @@ def test_doctor_finds_everything_in_order_with_the_daemon_running(daemon: Daemon
         for line in lines
     ), lines
     assert "ok    libnftables: libnftables.so.1 found" in lines
+    for check in DEEP_JAIL_CHECKS:
+        assert any(line.startswith(f"ok    {check}: ") for line in lines), lines
     assert not any(line.startswith("FAIL") for line in lines)
 
 
@@ -120,7 +124,7 @@ def test_doctor_as_a_member_of_the_netjail_group(
     assert checks["socket"]["detail"].endswith("you may connect (group netjail)")
     assert checks["daemon"]["status"] == "ok"
     assert checks["capabilities"]["detail"].startswith("not root (the client needs none)")
-    for check in KERNEL_CHECKS:
+    for check in KERNEL_CHECKS + DEEP_JAIL_CHECKS:
         assert checks[check]["status"] == "ok", checks[check]
 
 
@@ -208,3 +212,54 @@ def test_doctor_in_the_contained_daemons_netns_explains_the_kmsg_limit(
         "absent: only the initial network namespace has it"
     )
     assert checks["daemon"]["status"] == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# The initial network namespace, told apart on the real kernel
+
+HOSTNS = (
+    "import dataclasses, json; from netjail import hostns;"
+    " e = hostns.probe_netns_evidence();"
+    " print(json.dumps([hostns.detect_initial_netns(e), e.nf_log_sysctls,"
+    " hostns.detect_initial_netns(dataclasses.replace(e, kernel_release=''))]))"
+)
+
+
+def hostns_answers(prefix: list[str]) -> list[object]:
+    """detect_initial_netns in a process started through *prefix*: as probed, and as if the
+    kernel were older than 6.18 (so that the sysctls decide, not the fixed inode number)."""
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", HOSTNS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd="/",
+    )
+    answers: list[object] = json.loads(done.stdout)
+    return answers
+
+
+def test_hostns_in_the_initial_netns() -> None:
+    """The test's own netns is the initial one, by every rule."""
+    assert hostns_answers([]) == [True, "all_netns", True]
+
+
+def test_hostns_in_a_fresh_netns() -> None:
+    """A netns of its own: no nf_log_all_netns, so not the initial one, by every rule."""
+    assert hostns_answers(["unshare", "--net", "--"]) == [False, "per_netns_only", False]
+
+
+def test_hostns_in_a_pid_namespace_of_its_own() -> None:
+    """A PID namespace with its own /proc (PID 1 is not init) does not hide the initial netns."""
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+    assert hostns_answers(prefix) == [True, "all_netns", True]
+
+
+def test_doctor_in_pid_and_mount_namespaces_of_its_own(daemon: Daemon) -> None:
+    """Doctor as a jail-like process sees (own PID, mount, IPC, UTS namespaces): all ok still."""
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--ipc", "--uts", "--"]
+    code, checks = doctor_json(prefix, daemon.socket)
+    assert code == 0, checks
+    for check in (*KERNEL_CHECKS, *DEEP_JAIL_CHECKS, "initial netns", "daemon"):
+        assert checks[check]["status"] == "ok", checks[check]
