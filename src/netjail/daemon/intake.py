@@ -27,9 +27,9 @@ HISTORY_EVENTS = 10_000
 #: NFLOG messages read per wake-up, so one busy job cannot starve the loop.
 _NFLOG_BATCH = 64
 _NFLOG_RECV = 65536
-#: Distinct names a job's domain summary holds that were only ever blocked; past it, further
-#: such names are summed under OTHER_NAMES. Allowed names are never folded away: their number
-#: is bounded by the job's synthetic pool.
+#: Once a job's domain summary holds this many names, further names that are only blocked are
+#: summed under OTHER_NAMES. Allowed names always get their own entry: their number is bounded
+#: by the job's synthetic pool.
 MAX_BLOCKED_NAMES = 10_000
 OTHER_NAMES = "(other names)"
 
@@ -93,6 +93,10 @@ class EventIntake:
         """The job is over: its losses join the daemon's count, and it is routed no more."""
         if self._feeds.pop(feed.job_id, None) is not None:
             self.events_lost += feed.lost
+
+    def open_feed_ids(self) -> list[str]:
+        """The jobs whose events are being routed (running, or being built)."""
+        return list(self._feeds)
 
     def owner_of(self, job_id: str) -> int | None:
         """The uid whose job ``job_id`` is or was, if it is running or still in the history."""
@@ -244,7 +248,7 @@ def _count_domain(domains: dict[str, DomainSummary], event: Event) -> None:
     if event.domain is None or event.verdict not in ("allowed", "blocked"):
         return
     name = event.domain
-    if name not in domains and event.verdict == "blocked" and len(domains) >= MAX_BLOCKED_NAMES + 1:
+    if name not in domains and event.verdict == "blocked" and len(domains) >= MAX_BLOCKED_NAMES:
         name = OTHER_NAMES
     entry = domains.setdefault(name, DomainSummary())
     if event.verdict == "allowed":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 
@@ -151,9 +150,7 @@ class JobManager:
 
     async def terminate(self, job: Job, grace: float) -> None:
         """SIGTERM every process of the job, wait ``grace``, then kill what is left."""
-        for pid in job.cgroup.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        self.ctx.host.signal_all(job.cgroup, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while job.cgroup.pids() and time.monotonic() < deadline:
             await asyncio.sleep(_GRACE_POLL_S)

@@ -27,7 +27,7 @@ from typing import Protocol, TypeVar
 from netjail.errors import JailError, map_os_errors
 from netjail.jobid import JOB_ID_PREFIX
 from netjail.kernel import cgroup as cgroups
-from netjail.kernel import firewall, iptables, kmsg, listeners, netns, nflog
+from netjail.kernel import firewall, listeners, netns, nflog
 from netjail.kernel.backends import FirewallBackend, LogBackend
 from netjail.kernel.peer import pids_in_netns
 from netjail.kernel.spawn import ExitStatus, ForkServer, SpawnRequest
@@ -86,6 +86,8 @@ class JailHost(Protocol):
 
     def cgroup_marker(self) -> str: ...
 
+    def signal_all(self, cgroup: JobCgroupHandle, sig: int) -> None: ...
+
     # network namespaces
     def in_new_netns(self, name: str, work: Callable[[], T]) -> Future[T]: ...
 
@@ -125,8 +127,7 @@ class KernelJailHost:
     ) -> None:
         self._forkserver = forkserver
         self._cgroups = cgroups
-        self._firewall_backend = firewall_backend
-        self._log_backend = log_backend
+        self._firewall = firewall.JailFirewall.for_backends(firewall_backend, log_backend)
 
     # ------------------------------------------------------------------ cgroups
 
@@ -144,6 +145,12 @@ class KernelJailHost:
     def cgroup_marker(self) -> str:
         """What a line of /proc/PID/cgroup contains when PID is in one of our job cgroups."""
         return f"/{self._cgroups.parent_name}/{JOB_ID_PREFIX}"
+
+    def signal_all(self, cgroup: JobCgroupHandle, sig: int) -> None:
+        """Send ``sig`` to every process in the job's cgroup (those already gone are skipped)."""
+        for pid in cgroup.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     # ------------------------------------------------------------------ netns
 
@@ -175,18 +182,15 @@ class KernelJailHost:
             _unpaced_tcp()
 
     def apply_rules(self, rules: firewall.JailRules) -> None:
-        if self._firewall_backend == "iptables":
-            target: iptables.IptablesTarget = "log" if self._log_backend == "kmsg" else "nflog"
-            # iptables-restore is exec'd from this thread, so it runs in this jail's netns.
-            iptables.apply_iptables_rules(*iptables.build_iptables_rules(rules, target=target))
-        elif self._log_backend == "kmsg":
-            firewall.apply_ruleset(kmsg.build_log_ruleset(rules))
-        else:
-            firewall.apply_ruleset(firewall.build_ruleset(rules))
+        # libnftables' context, or iptables-restore exec'd from here: either way in this netns.
+        self._firewall.apply(rules)
 
     def open_log_socket(self) -> socket.socket:
+        strategy = self._firewall.nflog
+        if strategy is None:
+            raise JailError('no NFLOG socket with log_backend = "kmsg"')
         with map_os_errors(JailError, "cannot receive NFLOG events", "is nfnetlink_log available?"):
-            return nflog.open_nflog_socket(firewall.NFLOG_GROUP, firewall.NFLOG_SNAPLEN)
+            return nflog.open_nflog_socket(strategy.group, strategy.snaplen)
 
     def open_listeners(self) -> JailListeners:
         with map_os_errors(JailError, "cannot open the jail's DNS stub or proxy sockets"):

@@ -10,13 +10,13 @@ import ipaddress
 import socket
 import struct
 
-from netjail.kernel.firewall import DNS_PORT, PROXY_PORT
+from netjail.kernel.rules import DNS_PORT, DNS_STUB, PROXY_PORT
 
 # linux/netfilter_ipv4.h and linux/netfilter_ipv6/ip6_tables.h: the pre-NAT destination of a
 # redirected TCP connection, from conntrack.
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
-_LOOPBACKS = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
+_LOOPBACKS = ((str(DNS_STUB.v4), socket.AF_INET), (str(DNS_STUB.v6), socket.AF_INET6))
 
 
 def _bound(family: int, kind: int, address: str, port: int) -> socket.socket:
