@@ -69,6 +69,16 @@ def format_event(event: p.Event) -> str:
     return text
 
 
+class _StartedJob:
+    """The job ``netjail run`` started, once the daemon said so (for forwarding signals)."""
+
+    def __init__(self) -> None:
+        self.job: str | None = None
+
+    def record(self, job: str, _pid: int) -> None:
+        self.job = job
+
+
 def _client(ctx: click.Context) -> Client:
     return Client(ctx.obj["socket"])
 
@@ -130,7 +140,7 @@ def _parsed(
 
 
 _memory = _parsed(parse_size, minimum=p.MIN_MEMORY_BYTES, maximum=2**62, bounds="at least 1M")
-_cpus = _parsed(parse_cpus, maximum=p.MAX_CPUS, bounds=f"at most {p.MAX_CPUS}")
+_cpus = _parsed(parse_cpus, maximum=p.MAX_CPUS, bounds=f"at most {p.MAX_CPUS:g}")
 _timeout = _parsed(parse_duration, maximum=p.MAX_TIMEOUT_S, bounds="at most 30 days (720h)")
 _kill_grace = _parsed(parse_duration, maximum=p.MAX_KILL_GRACE_S, bounds="at most 1h")
 
@@ -256,13 +266,13 @@ def run(
     126/127 when the command could not be executed / was not found; 2 for a usage error.
     """
     client = _client(ctx)
-    job_id: list[str] = []
+    started = _StartedJob()
 
     def forward(signum: int, _frame: object) -> None:
         # The job is in its own session, so the terminal's ^C reaches only us: pass it on.
-        if job_id:
+        if started.job is not None:
             with contextlib.suppress(NetjailError):
-                client.kill(job_id[0], signum)
+                client.kill(started.job, signum)
 
     def on_event(event: p.Event) -> None:
         if quiet or (event.verdict == "allowed" and not verbose):
@@ -289,7 +299,7 @@ def run(
             deny=list(deny),
             add_hosts=list(add_hosts),
             on_event=on_event,
-            on_start=lambda job, _pid: job_id.append(job),
+            on_start=started.record,
         )
     except ExecError as e:
         _fail(str(e), e.exit_code)
