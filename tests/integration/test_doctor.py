@@ -28,7 +28,15 @@ from .conftest import Daemon, launch_daemon, stop_daemon, wait_until_ready
 
 KERNEL_CHECKS = ("netns", "nf_tables", "nfnetlink_log", "veth")
 #: What the rest of the deep jail needs, all ok on this machine.
-DEEP_JAIL_CHECKS = ("pidns", "ipcns", "utsns", "seccomp", "pivot_root", "libseccomp")
+DEEP_JAIL_CHECKS = (
+    "pidns",
+    "ipcns",
+    "utsns",
+    "seccomp",
+    "mount API",
+    "pivot_root",
+    "libseccomp",
+)
 START_FIX = "  fix: start netjaild: sudo netjaild & (with systemd: sudo systemctl start netjaild)"
 # Runs doctor as a script, for other users and other namespaces than the test's own.
 DOCTOR = (
@@ -226,8 +234,7 @@ HOSTNS = (
 
 
 def hostns_answers(prefix: list[str]) -> list[object]:
-    """detect_initial_netns in a process started through *prefix*: as probed, and as if the
-    kernel were older than 6.18 (so that the sysctls decide, not the fixed inode number)."""
+    """[detect, nf_log_sysctls, detect as if before 6.18] in a process started via *prefix*."""
     done = subprocess.run(
         [*prefix, sys.executable, "-c", HOSTNS],
         capture_output=True,

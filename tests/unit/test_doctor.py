@@ -139,6 +139,7 @@ ALL_CHECKS = [
     "capabilities",
     "initial netns",
     "nf_log_all_netns",
+    "mount API",
     "pivot_root",
     "libnftables",
     "libseccomp",
@@ -202,6 +203,7 @@ def container(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         "probe_euid": lambda: 0,
         "probe_seccomp_filter": lambda: errno.EFAULT,
         "probe_mountinfo": lambda: CONTAINER_MOUNTINFO,
+        "probe_open_tree": lambda: errno.EPERM,
         "probe_unified_controllers": unified_controllers,
         "probe_nf_log_all_netns": lambda: None,
         "probe_libnftables": lambda: None,
@@ -249,6 +251,9 @@ def test_run_checks_hands_each_check_its_evidence(container: list[object]) -> No
         " be read or set here",
         '  fix: use log_backend = "nflog" (the default); "kmsg" needs it set to 1 on the host:'
         " sysctl -w net.netfilter.nf_log_all_netns=1",
+        "warn  mount API: open_tree is refused here (a seccomp filter over this process?)",
+        "  fix: nothing, if netjaild runs elsewhere; where it runs, open_tree and move_mount must"
+        " not be filtered (docker run --security-opt seccomp=unconfined)",
         "ok    pivot_root: / is on overlay, not the initial ramfs: jails can pivot_root from it",
         "FAIL  libnftables: libnftables.so.1 not found",
         "  fix: apt-get install libnftables1",

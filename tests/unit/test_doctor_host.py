@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+
 from netjail.doctor.host import (
     check_capabilities,
     check_cgroups,
     check_initial_netns,
+    check_mount_api,
     check_nf_log_all_netns,
     check_pivot_root,
     parse_capability_sets,
@@ -225,7 +228,38 @@ def test_nf_log_all_netns_lines() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The root mount
+# The jail's mount namespace: the new mount API and the root mount
+
+
+def test_mount_api_there_whatever_error_but_enosys() -> None:
+    """open_tree without a path fails; any error but ENOSYS shows the call exists."""
+    for code in (errno.EFAULT, errno.EBADF, errno.EINVAL, 0):
+        assert lines(check_mount_api(code)) == [
+            "ok    mount API: open_tree and move_mount are there (Linux 5.2+)"
+        ]
+
+
+def test_mount_api_missing_is_a_blocker() -> None:
+    """ENOSYS: a kernel before 5.2, FAIL with the version to boot."""
+    assert lines(check_mount_api(errno.ENOSYS)) == [
+        "FAIL  mount API: no open_tree in this kernel (ENOSYS): jails bind their directories with"
+        " open_tree and move_mount, Linux 5.2 and later",
+        "  fix: boot Linux 5.2 or later (Debian 11 and Ubuntu 20.04 have it)",
+    ]
+
+
+def test_mount_api_filtered_or_unknown_warns() -> None:
+    """EPERM (a container's seccomp profile) or no call at all: a warning, not a verdict."""
+    assert lines(check_mount_api(errno.EPERM)) == [
+        "warn  mount API: open_tree is refused here (a seccomp filter over this process?)",
+        "  fix: nothing, if netjaild runs elsewhere; where it runs, open_tree and move_mount must"
+        " not be filtered (docker run --security-opt seccomp=unconfined)",
+    ]
+    assert lines(check_mount_api(None)) == [
+        "warn  mount API: cannot tell: open_tree could not be called",
+        "  fix: nothing, if jobs start; otherwise check that the kernel is Linux 5.2 or later",
+    ]
+
 
 INITRAMFS_MOUNTINFO = "1 1 0:2 / / rw - rootfs rootfs rw,size=4017692k,nr_inodes=1004423\n"
 HOST_MOUNTINFO = (

@@ -18,6 +18,13 @@ def test_seccomp_filter_probe_answers_efault_and_loads_nothing() -> None:
     assert parse_seccomp_mode(probe.probe_status() or "") == before
 
 
+def test_open_tree_probe_answers_efault_and_leaks_nothing() -> None:
+    """open_tree with no path gets EFAULT from this kernel (5.2+) and leaves no fd open."""
+    before = sorted(os.listdir("/proc/self/fd"))
+    assert probe.probe_open_tree() == errno.EFAULT
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_libseccomp_probe_loads_the_library_pyseccomp_uses() -> None:
     """find_library names libseccomp.so.2, it loads, says its version, and pyseccomp is there."""
     info = probe.probe_libseccomp()

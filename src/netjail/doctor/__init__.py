@@ -14,16 +14,17 @@ The checks, by what they look at:
   nf_tables, nfnetlink_log, veth) and for the rest of the deep jail (PID, IPC and UTS
   namespaces, seccomp filter mode);
 - :mod:`~netjail.doctor.host`: cgroups, capabilities, the initial network namespace (decided
-  by :mod:`netjail.hostns`), nf_log_all_netns, and the root mount a jail pivot_roots from;
+  by :mod:`netjail.hostns`), nf_log_all_netns, and the jail's mount namespace: the new mount
+  API and the root it pivot_roots from;
 - :mod:`~netjail.doctor.tools`: libnftables, libseccomp (with pyseccomp), iptables;
 - :mod:`~netjail.doctor.access`: the daemon's socket and the daemon.
 
 Each check is ``ok``, ``warn`` or ``FAIL``. Only blockers FAIL, i.e. what stops every job: a
-kernel feature the jail is built from is missing, / is the initial ramfs, libnftables or
-libseccomp is missing, or the daemon cannot be reached. Everything else warns, because it either
-limits what jobs get (cgroup controllers, the kmsg log backend) or only matters where netjaild
-itself runs, which need not be where the client runs (a socket shared into an unprivileged
-container). ``netjail doctor`` exits 1 when anything FAILs.
+kernel feature the jail is built from is missing (the mount API included), / is the initial
+ramfs, libnftables or libseccomp is missing, or the daemon cannot be reached. Everything else
+warns, because it either limits what jobs get (cgroup controllers, the kmsg log backend) or
+only matters where netjaild itself runs, which need not be where the client runs (a socket
+shared into an unprivileged container). ``netjail doctor`` exits 1 when anything FAILs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from netjail.doctor.host import (
     check_capabilities,
     check_cgroups,
     check_initial_netns,
+    check_mount_api,
     check_nf_log_all_netns,
     check_pivot_root,
     parse_capability_sets,
@@ -74,6 +76,7 @@ def run_checks(socket_path: str) -> list[Check]:
     initial = hostns.detect_initial_netns(hostns.probe_netns_evidence())
     checks.append(check_initial_netns(initial))
     checks.append(check_nf_log_all_netns(probe.probe_nf_log_all_netns(), initial))
+    checks.append(check_mount_api(probe.probe_open_tree()))
     checks.append(check_pivot_root(mountinfo))
     checks.append(check_libnftables(probe.probe_libnftables()))
     checks.append(check_libseccomp(probe.probe_libseccomp()))

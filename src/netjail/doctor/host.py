@@ -1,14 +1,16 @@
-"""The host around the jails: cgroups, capabilities, the network namespace, the root mount (pure).
+"""The host around the jails: cgroups, capabilities, the network namespace, mounts (pure).
 
-Each ``check_*`` turns what the probes read (mountinfo, /proc/self/status, sysctls) into a
-:class:`Check`. None of these is a blocker: they limit what jobs get (limits, the kmsg log
-backend), or matter only where netjaild itself runs, which need not be where the client runs
-(a socket shared into an unprivileged container). The root mount is the exception: no jail can
-pivot_root away from the initial ramfs, so that FAILs.
+Each ``check_*`` turns what the probes found (mountinfo, /proc/self/status, sysctls, one
+harmless syscall) into a :class:`Check`. Most only warn: they limit what jobs get (limits, the
+kmsg log backend), or matter only where netjaild itself runs, which need not be where the
+client runs (a socket shared into an unprivileged container). The jail's mount namespace is
+the exception: without open_tree, or with the initial ramfs as /, no jail can be built, so
+those FAIL.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 
 from netjail.doctor.result import Check
@@ -207,11 +209,12 @@ def check_nf_log_all_netns(value: str | None, initial: bool | None) -> Check:
 
 
 # --------------------------------------------------------------------------------------------
-# The root mount, which each jail's mount namespace pivot_roots away from
+# The jail's mount namespace: the new mount API, and the root it pivot_roots away from
 
 
 def root_fstype(mountinfo_text: str) -> str | None:
     """The file system type of the mount this process sees at ``/`` (the last one listed)."""
+    # The same field layout netjail.mountinfo reads for cgroup mounts; it has no general parser.
     fstype = None
     for line in mountinfo_text.splitlines():
         fields = line.split(" ")
@@ -255,3 +258,33 @@ def check_pivot_root(mountinfo_text: str | None) -> Check:
             " (a tmpfs with a copy of it will do)",
         )
     return Check.ok(name, f"/ is on {fstype}, not the initial ramfs: jails can pivot_root from it")
+
+
+def check_mount_api(open_tree_errno: int | None) -> Check:
+    """Whether the kernel has open_tree and move_mount (Linux 5.2), which the jail's binds use.
+
+    *open_tree_errno* is the errno of an open_tree call that cannot succeed (no path): ENOSYS
+    means the kernel lacks the call; any other error, that it has it. None: not made.
+    """
+    name = "mount API"
+    if open_tree_errno == errno.ENOSYS:
+        return Check.fail(
+            name,
+            "no open_tree in this kernel (ENOSYS): jails bind their directories with open_tree"
+            " and move_mount, Linux 5.2 and later",
+            "boot Linux 5.2 or later (Debian 11 and Ubuntu 20.04 have it)",
+        )
+    if open_tree_errno in (errno.EPERM, errno.EACCES):
+        return Check.warn(
+            name,
+            "open_tree is refused here (a seccomp filter over this process?)",
+            "nothing, if netjaild runs elsewhere; where it runs, open_tree and move_mount must"
+            " not be filtered (docker run --security-opt seccomp=unconfined)",
+        )
+    if open_tree_errno is None:
+        return Check.warn(
+            name,
+            "cannot tell: open_tree could not be called",
+            "nothing, if jobs start; otherwise check that the kernel is Linux 5.2 or later",
+        )
+    return Check.ok(name, "open_tree and move_mount are there (Linux 5.2+)")

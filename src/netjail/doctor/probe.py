@@ -39,6 +39,9 @@ from netjail.mountinfo import CgroupMount
 # <linux/prctl.h>, <linux/seccomp.h>
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
+#: open_tree's number in the unified syscall table, the same on every architecture. netjail's
+#: kernel side has it too (netjail.kernel.syscalls), which doctor may not import.
+SYS_OPEN_TREE = 428
 
 
 def _read_text(path: str) -> str | None:
@@ -119,6 +122,24 @@ def probe_seccomp_filter() -> int | None:
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     result = prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, 0, 0, 0)
     return ctypes.get_errno() if result != 0 else 0
+
+
+def probe_open_tree() -> int | None:
+    """The errno of ``open_tree(-1, NULL, 0)``, which fails without touching any mount.
+
+    No path to look up: a kernel with the call fails it with EFAULT (EBADF, EINVAL are as
+    good), one without it with ENOSYS. glibc 2.36 has no wrapper, hence syscall(2).
+    """
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    result = syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(-1), None, ctypes.c_uint(0))
+    if result >= 0:
+        os.close(result)  # not expected without a path; never leak it
+        return 0
+    return ctypes.get_errno()
 
 
 def probe_mountinfo() -> str | None:
