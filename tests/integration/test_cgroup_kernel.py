@@ -6,6 +6,7 @@ netjaild, and the ``manager`` fixture checks that no job cgroup, parent cgroup o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -16,13 +17,15 @@ from pathlib import Path
 import pytest
 
 from netjail.kernel.cgroup import (
+    CgroupFs,
+    CgroupLayout,
     CgroupManager,
     JobCgroup,
     Limits,
     detect_cgroup_layout,
     load_cgroup_layout,
-    parse_keyed_counters,
 )
+from netjail.kernel.cgroup_plan import parse_keyed_counters
 
 pytestmark = [
     pytest.mark.integration,
@@ -45,10 +48,9 @@ needs_v1_controllers = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def manager() -> Iterator[CgroupManager]:
-    """A set-up manager with a private parent; afterwards nothing of it may remain."""
-    manager = CgroupManager(load_cgroup_layout(), parent_name=f"netjail-test-{os.getpid()}")
+@contextlib.contextmanager
+def _managed(manager: CgroupManager) -> Iterator[CgroupManager]:
+    """Set *manager* up; afterwards nothing of it may remain."""
     manager.setup()
     try:
         yield manager
@@ -61,6 +63,32 @@ def manager() -> Iterator[CgroupManager]:
         manager.teardown()
         assert leftovers == [], f"job cgroups left behind: {leftovers}"
         assert not any(os.path.exists(p) for p in manager.parent_dirs)
+
+
+@pytest.fixture
+def manager() -> Iterator[CgroupManager]:
+    """A set-up manager with a private parent; afterwards nothing of it may remain."""
+    parent = f"netjail-test-{os.getpid()}"
+    with _managed(CgroupManager(load_cgroup_layout(), parent_name=parent)) as manager:
+        yield manager
+
+
+class _RecordingFs(CgroupFs):
+    """The real cgroupfs, keeping (file name, value) of every write."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str]] = []
+
+    def write(self, path: str, value: str) -> None:
+        super().write(path, value)
+        self.writes.append((os.path.basename(path), value))
+
+
+class _NoCgroupKillFs(_RecordingFs):
+    """The real cgroupfs as a kernel before 5.14 shows it: without cgroup.kill."""
+
+    def exists(self, path: str) -> bool:
+        return not path.endswith("/cgroup.kill") and super().exists(path)
 
 
 def _spawn_in(job: JobCgroup, then: str = "exec sleep 1000") -> subprocess.Popen[bytes]:
@@ -232,3 +260,48 @@ def test_cpu_quota_throttles_a_busy_job(manager: CgroupManager) -> None:
         child.kill()
         child.wait()
         job.remove()
+
+
+def _kill_a_forking_job(manager: CgroupManager, job_id: str) -> None:
+    job = manager.create_job(job_id, Limits(pids=32))
+    child = _spawn_in(job, "for i in 1 2 3; do sleep 1000 & done; exec sleep 1000")
+    try:
+        deadline = time.monotonic() + 5
+        while len(job.pids()) < 4:
+            assert time.monotonic() < deadline, job.pids()
+            time.sleep(0.01)
+        job.kill_all()
+        assert job.pids() == []
+        assert child.wait(timeout=5) == -9
+    finally:
+        child.kill()
+        child.wait()
+        job.remove()
+
+
+@pytest.mark.skipif(_host_mode() == "v1", reason="needs a cgroup2 tree")
+def test_cgroup2_freezer_kills_where_cgroup_kill_is_missing() -> None:
+    """Without cgroup.kill, kill_all() freezes the job's cgroup2 cgroup, kills and thaws."""
+    parent = f"netjail-test-freeze-{os.getpid()}"
+    fs = _NoCgroupKillFs()
+    with _managed(CgroupManager(load_cgroup_layout(), parent_name=parent, fs=fs)) as manager:
+        _kill_a_forking_job(manager, "j-freeze")
+    freezes = [value for name, value in fs.writes if name == "cgroup.freeze"]
+    assert freezes[:2] == ["1", "0"]
+    assert "cgroup.kill" not in {name for name, _value in fs.writes}
+
+
+@needs_v1_controllers
+def test_v1_strategy_kills_by_the_v1_freezer() -> None:
+    """The v1 strategy on this host's v1 hierarchies freezes, kills and thaws a forking job."""
+    host = load_cgroup_layout()
+    if host.v1_hierarchy("freezer") is None:
+        pytest.skip("no v1 freezer hierarchy on this host")
+    layout = CgroupLayout("v1", None, None, host.v1_hierarchies)
+    parent = f"netjail-test-v1-{os.getpid()}"
+    fs = _RecordingFs()
+    with _managed(CgroupManager(layout, parent_name=parent, fs=fs)) as manager:
+        assert manager.mode == "v1"
+        _kill_a_forking_job(manager, "j-v1")
+    states = [value for name, value in fs.writes if name == "freezer.state"]
+    assert states[:2] == ["FROZEN", "THAWED"]
