@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from netjail import units
 from netjail.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -29,7 +30,7 @@ MAX_CAPTURE_BYTES = 16 << 20
 DEFAULT_CAPTURE_BYTES = 1 << 20
 #: Bounds of a run request's limits (the CLI checks the same ones before sending).
 MIN_MEMORY_BYTES = 1 << 20
-MAX_CPUS = 1024
+MAX_CPUS = units.MAX_CPUS
 MAX_PIDS = 1 << 22
 MAX_TIMEOUT_S = 30 * 86400
 MAX_KILL_GRACE_S = 3600

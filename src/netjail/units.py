@@ -34,7 +34,9 @@ _MAX_TEXT = 32
 MAX_SIZE = (1 << 63) - 1
 #: Longest duration accepted (one year); anything longer is a typo, not a timeout.
 MAX_DURATION_S = 365 * 24 * 3600.0
-MIN_CPUS = 0.01  # the kernel refuses a CFS quota below 1 ms per 100 ms period
+#: The bounds of a CPU limit, wherever one is given (CLI, wire protocol, daemon config, cgroup
+#: limits); the lower one because the kernel refuses a CFS quota below 1 ms per 100 ms period.
+MIN_CPUS = 0.01
 MAX_CPUS = 1024.0
 
 
@@ -93,7 +95,7 @@ def parse_duration(text: str) -> float:
 
 
 def parse_cpus(text: str) -> float:
-    """Parse a CPU count such as "0.5" (half of one CPU) or "2"; from 0.01 to 1024."""
+    """Parse a CPU count such as "0.5" (half of one CPU) or "2"; from MIN_CPUS to MAX_CPUS."""
     hint = (
         f"invalid CPU count '{_excerpt(text)}': use a number of CPUs from {MIN_CPUS:g} to"
         f" {MAX_CPUS:g}, e.g. 0.5"
