@@ -19,13 +19,21 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def private_daemon() -> Iterator[str]:
-    """Start netjaild on a temporary socket (root needed); yield the socket path; stop it."""
+def private_daemon(source: str | None = None) -> Iterator[str]:
+    """Start netjaild on a temporary socket (root needed); yield the socket path; stop it.
+
+    ``source``: a ``src`` directory to run the daemon from instead of the installed package
+    (e.g. a worktree of an older commit, to compare in the same run).
+    """
     base = tempfile.mkdtemp(prefix="netjail-bench-", dir="/run")
     sock = os.path.join(base, "sock", "netjail.sock")
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = source
     process = subprocess.Popen(
         [sys.executable, "-m", "netjail.daemon", "--socket", sock, "--state-dir", f"{base}/state"],
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 15

@@ -3,8 +3,12 @@
 Run as root: ``.venv/bin/python bench/job_latency.py [--jobs 200]``. Starts its own netjaild on
 a temporary socket (or uses $NETJAIL_SOCKET with --use-running), runs the jobs one after
 another through the Python client, and in the same run times the baselines that are installed:
-``unshare -n true``, ``bwrap --unshare-net --ro-bind / / true``, ``firejail --noprofile
+``unshare -n true``, ``bwrap --unshare-net --ro-bind / / true``, bwrap's all-namespace sandbox
+(``--unshare-all --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp``), ``firejail --noprofile
 --net=none true``, and plain ``true``. Prints p50/p95 and the ratio of each to netjail's p50.
+
+``--compare-ref REF`` also runs a daemon from git revision REF (a temporary worktree), in the
+same run, alternating with this tree's in rounds, so a change can be shown to be no slower.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 
 from _common import percentile, private_daemon
 from netjail import Client
@@ -84,11 +90,23 @@ def time_cgroup_cost(n: int) -> tuple[list[float], list[float]]:
     return plain, with_cgroup
 
 
+@contextlib.contextmanager
+def worktree(ref: str) -> Iterator[str]:
+    """A temporary git worktree of ``ref``; yields its ``src`` directory."""
+    path = tempfile.mkdtemp(prefix="netjail-bench-ref-")
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", path, ref], check=True)
+    try:
+        yield os.path.join(path, "src")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", path], check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--use-running", action="store_true", help="use $NETJAIL_SOCKET's daemon")
+    parser.add_argument("--compare-ref", metavar="REF", help="also time a daemon from git REF")
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
@@ -98,11 +116,38 @@ def main() -> None:
             sock = stack.enter_context(private_daemon())
         client = Client(sock)
         time_netjail(client, args.warmup)
-        results: dict[str, list[float]] = {"netjail run /bin/true": time_netjail(client, args.jobs)}
+        results: dict[str, list[float]] = {"netjail run /bin/true": []}
+        clients = {"netjail run /bin/true": client}
+        if args.compare_ref:
+            old_src = stack.enter_context(worktree(args.compare_ref))
+            old = Client(stack.enter_context(private_daemon(old_src)))
+            time_netjail(old, args.warmup)
+            name = f"  same, at {args.compare_ref}"
+            results[name] = []
+            clients[name] = old
+        # Rounds alternate between daemons, so drift on the host affects both alike.
+        rounds = 10
+        for _ in range(rounds):
+            for name, each in clients.items():
+                results[name] += time_netjail(each, max(1, args.jobs // rounds))
         baselines = {
             "true (no isolation)": ["/bin/true"],
             "unshare -n true": ["unshare", "-n", "/bin/true"],
             "bwrap --unshare-net": ["bwrap", "--unshare-net", "--ro-bind", "/", "/", "/bin/true"],
+            "bwrap --unshare-all": [
+                "bwrap",
+                "--unshare-all",
+                "--ro-bind",
+                "/",
+                "/",
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "--tmpfs",
+                "/tmp",
+                "/bin/true",
+            ],
             "firejail --net=none": [
                 "firejail",
                 "--quiet",
