@@ -15,7 +15,6 @@ import msgspec
 
 from netjail import protocol as p
 from netjail.client import DEFAULT_SOCKET, Client, default_socket
-from netjail.doctor import doctor
 from netjail.errors import ExecError, NetjailError
 from netjail.text import sanitize, sanitize_argv
 from netjail.units import format_size, parse_cpus, parse_duration, parse_size
@@ -406,7 +405,27 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"cgroups: {st.cgroup_mode or 'unknown'}")
 
 
-main.add_command(doctor)
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as a JSON list.")
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """Check this machine for what netjail needs, and say how to fix what is missing.
+
+    Exit status: 1 when a blocker FAILs (no job can run here), else 0; warnings do not count.
+    """
+    # Imported here: doctor's probes pull in ctypes, gzip and subprocess, which no other
+    # command needs, and every command pays for what this module imports.
+    from netjail import doctor as checkup  # noqa: PLC0415
+
+    socket_path = ctx.obj["socket"] if isinstance(ctx.obj, dict) else default_socket()
+    checks = checkup.run_checks(socket_path)
+    if as_json:
+        click.echo(checkup.checks_to_json(checks))
+    else:
+        for line in checkup.format_checks(checks):
+            click.echo(line)
+    if checkup.has_blocker(checks):
+        ctx.exit(checkup.EXIT_BLOCKER)
 
 
 if __name__ == "__main__":

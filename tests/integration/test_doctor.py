@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from netjail import Client
-from netjail.doctor import doctor
+from netjail.cli import doctor
 
 from .conftest import Daemon, launch_daemon, stop_daemon, wait_until_ready
 
@@ -40,7 +40,7 @@ DEEP_JAIL_CHECKS = (
 START_FIX = "  fix: start netjaild: sudo netjaild & (with systemd: sudo systemctl start netjaild)"
 # Runs doctor as a script, for other users and other namespaces than the test's own.
 DOCTOR = (
-    "import sys; from netjail.doctor import doctor;"
+    "import sys; from netjail.cli import doctor;"
     " doctor.main(['--json'], obj={'socket': sys.argv[1]})"
 )
 

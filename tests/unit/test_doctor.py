@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 from click.testing import CliRunner
 
+from netjail import cli, hostns
 from netjail import doctor as d
-from netjail import hostns
 from netjail.doctor import probe
 from netjail.doctor.access import SocketInfo
 from netjail.doctor.features import KernelInfo
@@ -99,7 +99,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeProbes:
 
 def test_command_prints_lines_and_exits_0_on_warnings(fake: FakeProbes) -> None:
     """Warnings only: exit 0; the socket comes from the group's context object."""
-    result = CliRunner().invoke(d.doctor, [], obj={"socket": "/tmp/x.sock"})
+    result = CliRunner().invoke(cli.doctor, [], obj={"socket": "/tmp/x.sock"})
     assert result.exit_code == 0
     assert result.output.splitlines() == [
         "ok    netns: built in (CONFIG_NET_NS=y)",
@@ -112,7 +112,7 @@ def test_command_prints_lines_and_exits_0_on_warnings(fake: FakeProbes) -> None:
 def test_command_exits_1_on_a_blocker_and_prints_json(fake: FakeProbes) -> None:
     """A FAIL: exit 1; --json prints the list."""
     fake.checks.append(Check("daemon", "FAIL", "down", "start it"))
-    result = CliRunner().invoke(d.doctor, ["--json"], obj={"socket": SOCK})
+    result = CliRunner().invoke(cli.doctor, ["--json"], obj={"socket": SOCK})
     assert result.exit_code == 1
     assert [c["status"] for c in json.loads(result.output)] == ["ok", "warn", "FAIL"]
 
@@ -122,7 +122,7 @@ def test_command_without_a_context_uses_the_default_socket(
 ) -> None:
     """Run on its own (no netjail group around it), doctor asks about NETJAIL_SOCKET."""
     monkeypatch.setenv("NETJAIL_SOCKET", "/tmp/env.sock")
-    assert CliRunner().invoke(d.doctor, []).exit_code == 0
+    assert CliRunner().invoke(cli.doctor, []).exit_code == 0
     assert fake.sockets == ["/tmp/env.sock"]
 
 
@@ -147,6 +147,27 @@ ALL_CHECKS = [
     "socket",
     "daemon",
 ]
+
+
+def test_command_is_netjails_doctor_subcommand(fake: FakeProbes) -> None:
+    """netjail --socket PATH doctor runs the checks against PATH."""
+    result = CliRunner().invoke(cli.main, ["--socket", "/tmp/main.sock", "doctor"])
+    assert result.exit_code == 0
+    assert fake.sockets == ["/tmp/main.sock"]
+
+
+def test_importing_the_cli_leaves_doctor_unloaded() -> None:
+    """Only the doctor command imports netjail.doctor and its probes' libraries."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, netjail.cli; print('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    loaded = result.stdout.split()
+    assert "netjail.cli" in loaded
+    assert [name for name in loaded if name.startswith("netjail.doctor")] == []
 
 
 def test_run_checks_on_this_machine_covers_every_check() -> None:

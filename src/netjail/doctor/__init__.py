@@ -4,9 +4,10 @@ Two halves, as elsewhere in netjail. Pure ``check_*`` functions turn what was ob
 contents, flags, the daemon's answer) into :class:`~netjail.doctor.result.Check` results; unit
 tests feed them made-up observations. Thin ``probe_*`` functions (:mod:`netjail.doctor.probe`)
 make the observations with plain reads of /proc, /sys and /boot, a few system tools, and one
-status exchange with the daemon. :func:`run_checks` wires the two, in display order. Doctor
-never imports ``netjail.kernel`` or ``netjail.daemon``: the CLI stays light and runs
-unprivileged, and doctor has to work precisely when the kernel side is what is broken.
+status exchange with the daemon. :func:`run_checks` wires the two, in display order, for the
+``netjail doctor`` command in :mod:`netjail.cli`. Doctor never imports ``netjail.kernel`` or
+``netjail.daemon``: the CLI stays light and runs unprivileged, and doctor has to work precisely
+when the kernel side is what is broken.
 
 The checks, by what they look at:
 
@@ -29,10 +30,7 @@ shared into an unprivileged container). ``netjail doctor`` exits 1 when anything
 
 from __future__ import annotations
 
-import click
-
 from netjail import hostns
-from netjail.client import default_socket
 from netjail.doctor import probe
 from netjail.doctor.access import check_daemon, check_socket
 from netjail.doctor.features import (
@@ -55,7 +53,7 @@ from netjail.doctor.result import EXIT_BLOCKER, Check, checks_to_json, format_ch
 from netjail.doctor.tools import check_iptables, check_libnftables, check_libseccomp
 from netjail.mountinfo import parse_cgroup_mounts
 
-__all__ = ["Check", "doctor", "run_checks"]
+__all__ = ["EXIT_BLOCKER", "Check", "checks_to_json", "format_checks", "has_blocker", "run_checks"]
 
 
 def run_checks(socket_path: str) -> list[Check]:
@@ -86,22 +84,3 @@ def run_checks(socket_path: str) -> list[Check]:
     checks.append(check_socket(socket_info))
     checks.append(check_daemon(probe.probe_daemon(socket_path), socket_info))
     return checks
-
-
-@click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the checks as a JSON list.")
-@click.pass_context
-def doctor(ctx: click.Context, as_json: bool) -> None:
-    """Check this machine for what netjail needs, and say how to fix what is missing.
-
-    Exit status: 1 when a blocker FAILs (no job can run here), else 0; warnings do not count.
-    """
-    socket_path = ctx.obj["socket"] if isinstance(ctx.obj, dict) else default_socket()
-    checks = run_checks(socket_path)
-    if as_json:
-        click.echo(checks_to_json(checks))
-    else:
-        for line in format_checks(checks):
-            click.echo(line)
-    if has_blocker(checks):
-        ctx.exit(EXIT_BLOCKER)
