@@ -50,6 +50,18 @@ def test_socket_usable_through_the_group_or_as_root() -> None:
     )
 
 
+def test_socket_usable_as_its_owner_or_by_everyone() -> None:
+    """The socket's owner may connect as such; a 0666 socket is open to any user."""
+    assert lines(check_socket(sock(owner="alice", session_gids=frozenset({USER_GID})))) == [
+        f"ok    socket: {SOCK} (srw-rw---- alice:netjail): you may connect (its owner)"
+    ]
+    open_to_all = sock(mode=stat.S_IFSOCK | 0o666, session_gids=frozenset({USER_GID}))
+    assert lines(check_socket(open_to_all)) == [
+        f"ok    socket: {SOCK} (srw-rw-rw- root:netjail): you may connect (it is open to every"
+        " user)"
+    ]
+
+
 def test_socket_missing_unreachable_or_not_a_socket() -> None:
     """Each says what is wrong with the path and what to do."""
     assert lines(check_socket(sock(kind="missing"))) == [

@@ -62,6 +62,15 @@ def test_cgroups_v2_with_every_controller() -> None:
     assert lines(check) == ["ok    cgroups: v2 (/sys/fs/cgroup): memory, cpu, pids controllers"]
 
 
+def test_cgroups_v2_with_unreadable_controllers_warns() -> None:
+    """cgroup2 whose cgroup.controllers cannot be read: a warning that says so, no guess."""
+    check = check_cgroups(parse_cgroup_mounts(V2_MOUNTINFO), None)
+    assert lines(check) == [
+        "warn  cgroups: v2 at /sys/fs/cgroup, but its cgroup.controllers cannot be read",
+        "  fix: nothing, if jobs with limits start; otherwise run netjail doctor as root",
+    ]
+
+
 def test_cgroups_v2_missing_controllers_warns_with_the_limits_lost() -> None:
     """A cgroup2 without memory and pids: the limits that are refused, and delegation as fix."""
     check = check_cgroups(parse_cgroup_mounts(V2_MOUNTINFO), "cpu io\n")
@@ -142,6 +151,13 @@ def test_parse_capability_sets() -> None:
         "CapEff": 0x1FFFFFFFFFF,
         "CapBnd": 0x1FFFFFFFFFF,
         "CapAmb": 0,
+    }
+
+
+def test_parse_capability_sets_skips_lines_that_are_not_hex() -> None:
+    """A Cap line with a value that is not hexadecimal is left out, not guessed."""
+    assert parse_capability_sets("CapEff:\tzz\nCapBnd:\t000001ffffffffff\n") == {
+        "CapBnd": 0x1FFFFFFFFFF
     }
 
 
