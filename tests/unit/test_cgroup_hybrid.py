@@ -140,8 +140,9 @@ def test_hybrid_kill_all_uses_the_unified_cgroup_kill(tmp_path: Path) -> None:
         for procs in job.procs_files:
             fs.write(procs, str(child.pid))
         fs.writes.clear()
-        job.kill_all(timeout=0.5)
-        assert fs.writes == [(os.path.join(job.directories[0], "cgroup.kill"), "1")]
+        job.kill_all(timeout=5.0)
+        # Written again while the killed process finishes exiting, but only there.
+        assert set(fs.writes) == {(os.path.join(job.directories[0], "cgroup.kill"), "1")}
         assert "/unified/" in job.directories[0]
 
 
@@ -152,12 +153,10 @@ def test_hybrid_kill_all_before_cgroup_kill_uses_the_cgroup2_freezer(tmp_path: P
     with sleeping_child() as child:
         fs.write(job.procs_files[0], str(child.pid))
         fs.writes.clear()
-        job.kill_all(timeout=2.0)
+        job.kill_all(timeout=5.0)
         assert child.wait(timeout=5) == -9
-        assert [os.path.basename(path) for path, _ in fs.writes] == [
-            "cgroup.freeze",
-            "cgroup.freeze",
-        ]
+        assert [value for _path, value in fs.writes][:2] == ["1", "0"]
+        assert {os.path.basename(path) for path, _value in fs.writes} == {"cgroup.freeze"}
 
 
 def test_hybrid_leftover_without_its_unified_cgroup_cannot_be_killed(tmp_path: Path) -> None:

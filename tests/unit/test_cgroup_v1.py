@@ -62,12 +62,14 @@ def test_v1_kill_all_freezes_kills_and_thaws(tmp_path: Path) -> None:
         for procs in job.procs_files:
             fs.write(procs, str(child.pid))
         fs.writes.clear()
-        job.kill_all(timeout=2.0)
+        job.kill_all(timeout=5.0)
         assert job.pids() == []
         assert child.wait(timeout=5) == -9
-        assert fs.killed == [child.pid]
+        assert set(fs.killed) == {child.pid}
+        # A round is freeze, kill, thaw; more rounds only while the process finishes exiting.
         state = os.path.join(job.directories[0], "freezer.state")
-        assert [w for w in fs.writes if w[0] == state] == [(state, "FROZEN"), (state, "THAWED")]
+        assert [w for w in fs.writes if w[0] == state][:2] == [(state, "FROZEN"), (state, "THAWED")]
+        assert {path for path, _value in fs.writes} == {state}
     job.remove()
     assert manager.leftover_job_ids() == []
 
@@ -94,7 +96,7 @@ def test_v1_freeze_refused_is_a_cgroup_error_and_still_thaws(tmp_path: Path) -> 
         with pytest.raises(
             CgroupError, match=r"cannot freeze and kill the processes of .*/freezer/.*j1: "
         ):
-            job.kill_all(timeout=2.0)
+            job.kill_all(timeout=5.0)
         assert [value for _path, value in fs.writes] == ["FROZEN", "THAWED"]
         assert fs.killed == []
 

@@ -224,7 +224,7 @@ def test_v2_kill_all_writes_cgroup_kill_and_waits_until_empty(v2: V2) -> None:
         fs.write(job.procs_files[0], str(child.pid))
         assert job.contains(child.pid)
         fs.writes.clear()
-        job.kill_all(timeout=1.0)
+        job.kill_all(timeout=5.0)
         assert fs.writes[0] == (os.path.join(job.directories[0], "cgroup.kill"), "1")
         assert job.pids() == []
 
@@ -238,7 +238,7 @@ def test_v2_kill_all_lists_cgroups_the_job_made_below_its_own(v2: V2) -> None:
     with sleeping_child() as child:
         fs.write(os.path.join(sub, "cgroup.procs"), str(child.pid))
         assert job.pids() == [child.pid]
-        job.kill_all(timeout=1.0)
+        job.kill_all(timeout=5.0)
         assert job.pids() == []
     job.remove()
     assert not os.path.exists(job.directories[0])
@@ -253,11 +253,12 @@ def test_v2_kill_all_before_cgroup_kill_freezes_kills_and_thaws(tmp_path: Path) 
     with sleeping_child() as child:
         fs.write(job.procs_files[0], str(child.pid))
         fs.writes.clear()
-        job.kill_all(timeout=2.0)
+        job.kill_all(timeout=5.0)
         assert child.wait(timeout=5) == -9
-        assert fs.killed == [child.pid]
+        assert set(fs.killed) == {child.pid}
+        # A round is freeze, kill, thaw; more rounds only while the process finishes exiting.
         freeze = os.path.join(job.directories[0], "cgroup.freeze")
-        assert [w for w in fs.writes if w[0] == freeze] == [(freeze, "1"), (freeze, "0")]
+        assert [w for w in fs.writes if w[0] == freeze][:2] == [(freeze, "1"), (freeze, "0")]
         assert job.pids() == []
 
 
