@@ -7,13 +7,20 @@ import os
 import pwd
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from netjail.errors import BindSourceError
-from netjail.kernel.pathcheck import BindSource, Credentials, open_bind_source
+from netjail.kernel import syscalls
+from netjail.kernel.pathcheck import (
+    BindSource,
+    Credentials,
+    attach_bind_mount,
+    clone_bind_mount,
+    open_bind_source,
+)
 
 from .conftest import TEST_GROUP
 
@@ -216,3 +223,76 @@ def test_checks_leave_the_callers_credentials_and_fds_alone(base: Path, user: Cr
     assert sorted(os.listdir("/proc/self/fd")) == before
     with open("/etc/shadow") as f:  # root-only: the check's credentials stayed on its thread
         assert f.readline()
+
+
+def _in_own_mount_namespace(work: Callable[[], str]) -> str:
+    """What ``work()`` returns in a forked child with a private mount namespace (gone after)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+            result = work()
+        except BaseException as e:
+            result = f"failed: {e!r}"
+        os.write(write_end, result.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        output = f.read().decode()
+    os.waitpid(pid, 0)
+    return output
+
+
+def _try_write(path: Path) -> str:
+    try:
+        path.open("a").close()
+    except OSError as e:
+        return os.strerror(e.errno or 0)
+    return "written"
+
+
+def test_ro_bind_mounts_the_checked_file_read_only(base: Path, user: Credentials) -> None:
+    """--ro-bind: the job child attaches the checked file, read-only, even after a path swap."""
+    public = _file(base / "public", 0o644)
+    target = _file(base / "target", 0o644)
+    source = open_bind_source(str(public), user, "read")
+    public.rename(base / "moved")
+    (base / "public").symlink_to("/etc/shadow")
+    tree = clone_bind_mount(source, "read")
+    source.close()
+
+    def work() -> str:
+        attach_bind_mount(tree, str(target))
+        return f"{target.read_text()}|{_try_write(target)}"
+
+    try:
+        assert _in_own_mount_namespace(work) == "secret\n|Read-only file system"
+    finally:
+        os.close(tree)
+    assert target.read_text() == "secret\n"  # the host's view never had the mount
+
+
+def test_bind_mounts_the_checked_directory_read_write(base: Path, user: Credentials) -> None:
+    """--bind: the job child attaches the client's directory writable; writes land in it."""
+    own = base / "own"
+    own.mkdir()
+    os.chown(own, user.uid, user.gid)
+    target = base / "mnt"
+    target.mkdir()
+    source = open_bind_source(str(own), user, "write")
+    tree = clone_bind_mount(source, "write")
+    source.close()
+
+    def work() -> str:
+        attach_bind_mount(tree, str(target))
+        return _try_write(target / "made-in-job")
+
+    try:
+        assert _in_own_mount_namespace(work) == "written"
+    finally:
+        os.close(tree)
+    assert os.listdir(own) == ["made-in-job"]
+    assert os.listdir(target) == []
