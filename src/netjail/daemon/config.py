@@ -12,20 +12,34 @@ out); :func:`load_config` and :func:`check_config` add the file system around it
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
-import re
 import stat
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Literal, TypeVar, cast, get_args
 
 from netjail import policy as rules
-from netjail import units
-from netjail.errors import ConfigError, RequestError
+from netjail.daemon.configvalues import (
+    BadValueError,
+    Table,
+    read_absolute_path,
+    read_array,
+    read_choice,
+    read_cpus,
+    read_duration,
+    read_group_name,
+    read_host_name,
+    read_pids,
+    read_rules,
+    read_size,
+    read_socket_path,
+    read_string,
+    read_uid,
+)
+from netjail.errors import ConfigError
 from netjail.ipaddr import IPAddress
 from netjail.kernel.backends import FirewallBackend as Firewall
 from netjail.kernel.backends import LogBackend
@@ -35,15 +49,6 @@ DEFAULT_SOCKET = "/run/netjail/netjail.sock"
 
 LogFormat = Literal["text", "json"]
 BlockedDnsAnswer = Literal["NXDOMAIN", "REFUSED"]
-
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-_MAX_SOCKET_PATH = 107
-# The kernel's PID_MAX_LIMIT on 64-bit: no pids limit can usefully exceed it.
-_MAX_PIDS = 4_194_304
-# (uid_t)-1 means "no change" to setresuid() and friends, so it is never a real uid.
-_MAX_UID = 2**32 - 2
-# useradd/groupadd's portable name syntax (plus the trailing '$' of machine accounts).
-_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,31}\$?")
 
 
 @dataclass(frozen=True)
@@ -115,237 +120,7 @@ def config_keys() -> list[str]:
 # Reading a decoded TOML document
 
 
-class _BadValueError(ValueError):
-    """A value of the right key but the wrong shape; the message says what was expected."""
-
-
-_T = TypeVar("_T")
-_D = TypeVar("_D")
-
-
-class _Table:
-    """One TOML table being read: hands out its keys and records problems and unknown keys."""
-
-    def __init__(self, data: Mapping[str, object], prefix: str, problems: list[str]) -> None:
-        self._data = data
-        self._prefix = prefix
-        self._problems = problems
-        self._known: list[str] = []
-
-    def take(self, key: str, convert: Callable[[object], _T], default: _D) -> _T | _D:
-        """The converted value of ``key``, or ``default`` when it is absent or invalid."""
-        self._known.append(key)
-        if key not in self._data:
-            return default
-        try:
-            return convert(self._data[key])
-        except _BadValueError as exc:
-            self.problem(key, str(exc))
-            return default
-
-    def subtable(self, key: str) -> _Table:
-        """The nested table ``key`` (empty when absent)."""
-        self._known.append(key)
-        value = self._data.get(key, {})
-        if not isinstance(value, dict):
-            self.problem(key, f"expected a table ([{self._prefix}{key}]), got {_describe(value)}")
-            value = {}
-        return _Table(cast("dict[str, object]", value), f"{self._prefix}{key}.", self._problems)
-
-    def entries(self) -> Iterator[tuple[str, object]]:
-        """Every key and value, all taken as known: for tables whose keys the operator names."""
-        for key, value in self._data.items():
-            self._known.append(key)
-            yield key, value
-
-    def problem(self, key: str, message: str) -> None:
-        self._problems.append(f"{self._prefix}{key}: {message}")
-
-    def reject_unknown(self) -> None:
-        """Record every key of the table that no ``take``/``subtable`` asked for."""
-        for key in self._data:
-            if key in self._known:
-                continue
-            hint = ""
-            # A near spelling, else a known key that contains it ("allow" -> "default_allow").
-            close = (
-                difflib.get_close_matches(key, self._known, n=1)
-                or [known for known in self._known if key in known][:1]
-            )
-            if close:
-                hint = f" (did you mean '{self._prefix}{close[0]}'?)"
-            self._problems.append(f"unknown key '{self._prefix}{key}'{hint}")
-
-    @property
-    def data(self) -> Mapping[str, object]:
-        return self._data
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
-
-def _describe(value: object) -> str:
-    """How a TOML value is named in messages: its TOML type and, when short, the value."""
-    kinds: dict[type, str] = {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a float",
-        str: "a string",
-        list: "an array",
-        dict: "a table",
-    }
-    kind = kinds.get(type(value), "a date or time")
-    shown = repr(value) if isinstance(value, str | int | float) else ""
-    if shown and len(shown) <= 40:
-        return f"{kind} {shown}"
-    return kind
-
-
-def _string(value: object) -> str:
-    if not isinstance(value, str):
-        raise _BadValueError(f"expected a string, got {_describe(value)}")
-    return value
-
-
-def _absolute_path(value: object) -> str:
-    path = _string(value)
-    if not path.startswith("/") or "\0" in path:
-        raise _BadValueError(f"expected an absolute path, got {path!r}")
-    return os.path.normpath(path)
-
-
-def _socket_path(value: object) -> str:
-    path = _absolute_path(value)
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-        raise _BadValueError(
-            f"path is longer than the {_MAX_SOCKET_PATH} bytes a Unix socket address can hold"
-        )
-    return path
-
-
-def _group_name(value: object) -> str:
-    name = _string(value)
-    if not _GROUP_NAME.fullmatch(name):
-        raise _BadValueError(f"invalid group name {name!r}")
-    return name
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        text = _string(value)
-        if text not in options:
-            listed = ", ".join(repr(option) for option in options)
-            raise _BadValueError(f"expected one of {listed}, got {text!r}")
-        return text
-
-    return convert
-
-
-def _array(item: Callable[[object], _T]) -> Callable[[object], tuple[_T, ...]]:
-    def convert(value: object) -> tuple[_T, ...]:
-        if not isinstance(value, list):
-            raise _BadValueError(f"expected an array, got {_describe(value)}")
-        items: list[_T] = []
-        for index, element in enumerate(value):
-            try:
-                items.append(item(element))
-            except _BadValueError as exc:
-                raise _BadValueError(f"item {index}: {exc}") from None
-        return tuple(items)
-
-    return convert
-
-
-def _uid(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _BadValueError(f"expected an integer uid, got {_describe(value)}")
-    if not 0 <= value <= _MAX_UID:
-        raise _BadValueError(f"uid {value} is out of range 0-{_MAX_UID}")
-    return value
-
-
-def _rules(default_ports: rules.PortSet) -> Callable[[object], tuple[str, ...]]:
-    """Rule texts, each checked by the policy parser (the daemon parses them again per job)."""
-
-    def check(value: object) -> str:
-        text = _string(value)
-        try:
-            rules.parse_rule(text, default_ports=default_ports)
-        except RequestError as exc:
-            raise _BadValueError(str(exc)) from None
-        return text
-
-    parse_all = _array(check)
-
-    def convert(value: object) -> tuple[str, ...]:
-        texts = parse_all(value)
-        if len(texts) > rules.MAX_RULES:
-            raise _BadValueError(f"{len(texts)} rules; at most {rules.MAX_RULES}: use wildcards")
-        return texts
-
-    return convert
-
-
-# Sizes, durations and CPU counts obey the same rules as in a client's request (netjail.units),
-# so that every default the file sets is one a request could also ask for.
-
-
-def _size(value: object) -> int:
-    if isinstance(value, str):
-        try:
-            return units.parse_size(value)
-        except RequestError as exc:
-            raise _BadValueError(str(exc)) from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _BadValueError(f'expected a size such as "512M", got {_describe(value)}')
-    if not 1 <= value <= units.MAX_SIZE:
-        raise _BadValueError(f"a size in bytes must be from 1 to {units.MAX_SIZE}, got {value}")
-    return value
-
-
-def _duration(value: object) -> float:
-    if isinstance(value, str):
-        try:
-            return units.parse_duration(value)
-        except RequestError as exc:
-            raise _BadValueError(str(exc)) from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _BadValueError(f'expected a duration such as "30s", got {_describe(value)}')
-    if not 0 < value <= units.MAX_DURATION_S:  # also false for nan
-        raise _BadValueError(
-            f"a duration in seconds must be more than 0 and at most a year, got {value!r}"
-        )
-    return float(value)
-
-
-def _cpus(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _BadValueError(f"expected a number of CPUs such as 1.5, got {_describe(value)}")
-    if not units.MIN_CPUS <= value <= units.MAX_CPUS:  # also false for nan
-        raise _BadValueError(
-            f"a number of CPUs must be from {units.MIN_CPUS:g} to {units.MAX_CPUS:g}, got {value!r}"
-        )
-    return float(value)
-
-
-def _pids(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _BadValueError(f"expected an integer, got {_describe(value)}")
-    if not 1 <= value <= _MAX_PIDS:
-        raise _BadValueError(f"must be between 1 and {_MAX_PIDS}, got {value}")
-    return value
-
-
-def _host_name(name: str) -> str:
-    """The canonical form of a host name key (as the policy matcher writes names)."""
-    canonical = rules.canonical_name(name)
-    if canonical is None:
-        raise _BadValueError(f"invalid host name {name!r}")
-    return canonical
-
-
-def _read_hosts(table: _Table) -> Mapping[str, IPAddress]:
+def _read_hosts(table: Table) -> Mapping[str, IPAddress]:
     hosts: dict[str, IPAddress] = {}
     for name, value in table.entries():
         if isinstance(value, dict):
@@ -357,13 +132,13 @@ def _read_hosts(table: _Table) -> Mapping[str, IPAddress]:
             )
             continue
         try:
-            host = _host_name(name)
-            text = _string(value)
+            host = read_host_name(name)
+            text = read_string(value)
             try:
                 address = ipaddress.ip_address(text)
             except ValueError:
-                raise _BadValueError(f"invalid IP address {text!r}") from None
-        except _BadValueError as exc:
+                raise BadValueError(f"invalid IP address {text!r}") from None
+        except BadValueError as exc:
             table.problem(name, str(exc))
             continue
         if host in hosts:
@@ -377,7 +152,7 @@ _N = TypeVar("_N", int, float)
 
 
 def _read_limit(
-    table: _Table, name: str, convert: Callable[[object], _N]
+    table: Table, name: str, convert: Callable[[object], _N]
 ) -> tuple[_N | None, _N | None]:
     """``default_<name>`` and ``max_<name>``, the default defaulting to the max (see Limits)."""
     default = table.take(f"default_{name}", convert, None)
@@ -398,11 +173,11 @@ def _read_limit(
     return default, maximum
 
 
-def _read_limits(table: _Table) -> Limits:
-    default_memory, max_memory = _read_limit(table, "memory", _size)
-    default_cpus, max_cpus = _read_limit(table, "cpus", _cpus)
-    default_pids, max_pids = _read_limit(table, "pids", _pids)
-    default_timeout, max_timeout = _read_limit(table, "timeout", _duration)
+def _read_limits(table: Table) -> Limits:
+    default_memory, max_memory = _read_limit(table, "memory", read_size)
+    default_cpus, max_cpus = _read_limit(table, "cpus", read_cpus)
+    default_pids, max_pids = _read_limit(table, "pids", read_pids)
+    default_timeout, max_timeout = _read_limit(table, "timeout", read_duration)
     return Limits(
         default_memory=default_memory,
         max_memory=max_memory,
@@ -412,36 +187,42 @@ def _read_limits(table: _Table) -> Limits:
         max_pids=max_pids,
         default_timeout=default_timeout,
         max_timeout=max_timeout,
-        kill_grace=table.take("kill_grace", _duration, Limits().kill_grace),
+        kill_grace=table.take("kill_grace", read_duration, Limits().kill_grace),
     )
 
 
-def _read_policy(table: _Table) -> Policy:
+def _read_policy(table: Table) -> Policy:
     base = Policy()
-    answer = table.take("blocked_dns_answer", _choice(get_args(BlockedDnsAnswer)), "NXDOMAIN")
+    answer = table.take("blocked_dns_answer", read_choice(get_args(BlockedDnsAnswer)), "NXDOMAIN")
     return Policy(
-        default_allow=table.take("default_allow", _rules(rules.DEFAULT_PORTS), base.default_allow),
+        default_allow=table.take(
+            "default_allow", read_rules(rules.DEFAULT_PORTS), base.default_allow
+        ),
         # As in a request, a deny rule without ports means every port.
-        default_deny=table.take("default_deny", _rules(None), base.default_deny),
+        default_deny=table.take("default_deny", read_rules(None), base.default_deny),
         blocked_dns_answer=cast("BlockedDnsAnswer", answer),
     )
 
 
 def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
-    top = _Table(data, "", problems)
+    top = Table(data, "", problems)
     limits, policy, hosts = top.subtable("limits"), top.subtable("policy"), top.subtable("hosts")
     base = Config()
     config = Config(
-        socket=top.take("socket", _socket_path, base.socket),
-        group=top.take("group", _group_name, base.group),
-        state_dir=top.take("state_dir", _absolute_path, base.state_dir),
-        log_format=cast("LogFormat", top.take("log_format", _choice(get_args(LogFormat)), "text")),
-        allowed_uids=top.take("allowed_uids", _array(_uid), base.allowed_uids),
-        allowed_groups=top.take("allowed_groups", _array(_group_name), base.allowed_groups),
-        log_backend=cast(
-            "LogBackend", top.take("log_backend", _choice(get_args(LogBackend)), "nflog")
+        socket=top.take("socket", read_socket_path, base.socket),
+        group=top.take("group", read_group_name, base.group),
+        state_dir=top.take("state_dir", read_absolute_path, base.state_dir),
+        log_format=cast(
+            "LogFormat", top.take("log_format", read_choice(get_args(LogFormat)), "text")
         ),
-        firewall=cast("Firewall", top.take("firewall", _choice(get_args(Firewall)), "nftables")),
+        allowed_uids=top.take("allowed_uids", read_array(read_uid), base.allowed_uids),
+        allowed_groups=top.take("allowed_groups", read_array(read_group_name), base.allowed_groups),
+        log_backend=cast(
+            "LogBackend", top.take("log_backend", read_choice(get_args(LogBackend)), "nflog")
+        ),
+        firewall=cast(
+            "Firewall", top.take("firewall", read_choice(get_args(Firewall)), "nftables")
+        ),
         limits=_read_limits(limits),
         policy=_read_policy(policy),
         hosts=_read_hosts(hosts),
