@@ -3,23 +3,29 @@
 Pure: the proxy feeds the bytes read so far and gets one result; on :class:`NeedMore` it reads
 more and calls again with everything read. The proxy then checks that the name found is the
 one its synthetic destination address stands for, so that a connection to an allowed name
-cannot be steered to another host behind the same server (domain fronting).
+cannot be steered to another host behind the same server (domain fronting), and blocks the
+connection when nothing here finds that name.
 
 Every byte is hostile: the parsers check every length against the bytes present, never raise,
 and return :class:`Malformed` with a fixed reason (never job text) for anything inconsistent.
+More bytes never change a decision: any result other than :class:`NeedMore` depends only on the
+bytes already read, and from :data:`MAX_FIRST_BYTES` bytes on there always is one.
 
-TLS: the TLS record layer may split a ClientHello over several handshake records; they are
-reassembled, up to :data:`MAX_TLS_RECORDS` records and a ClientHello of at most
-:data:`MAX_CLIENT_HELLO` bytes. Limits of any first-bytes check, which the proxy must own:
-with Encrypted Client Hello the SNI read here is the outer, public name; and inside TLS (or in
-later requests on a kept-alive HTTP connection) the job may name another host to the same
-server. The proxy refuses what it cannot attribute.
+TLS: the ClientHello is reassembled from the handshake records at the start of the stream, up
+to :data:`MAX_TLS_RECORDS` records and a ClientHello of at most :data:`MAX_CLIENT_HELLO` bytes;
+any other record first (application data, an alert, change_cipher_spec) is not TLS here. With
+Encrypted Client Hello the SNI read here is the outer, public name. What no first-bytes check
+sees: a second ClientHello after a HelloRetryRequest or a renegotiation, and later requests on a
+kept-alive HTTP connection, may name another host to the same server.
 
-HTTP/1.x: the request head must end (CRLF CRLF) within :data:`MAX_HTTP_HEAD` bytes. Parsing
-is strict where a lenient reading could differ from the upstream server's: bare LF or CR,
-obsolete line folding, whitespace before a colon and duplicate Host headers are malformed; an
-absolute-form request target is the host that counts (RFC 9112 §3.2.2), and must agree with
-a Host header if there is one; CONNECT is refused.
+HTTP/1.x: the request head must end (CRLF CRLF) within :data:`MAX_HTTP_HEAD` bytes and be
+accepted by h11. What h11 tolerates but a lenient server could read differently is refused
+first: anything but ``METHOD SP target SP HTTP/1.0|HTTP/1.1 CRLF`` as the request line (so no
+leading empty line, double space, tab, ``HTTP/1.2`` or lowercase ``http/1.1``), bare LF or CR,
+obsolete line folding, CONNECT, Transfer-Encoding together with Content-Length. An
+absolute-form request target is the host that counts (RFC 9112 §3.2.2), and must agree with the
+Host header if there is one. HTTP/2 in cleartext (the ``PRI *`` preface, ``Upgrade: h2c``) is
+:class:`H2c`, which the proxy refuses: it would carry requests for other hosts unseen.
 """
 
 from __future__ import annotations
@@ -28,31 +34,43 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+import h11
+
 from netjail.policy import canonical_name
 
 #: Largest TLS plaintext record (RFC 8446 §5.1).
 MAX_TLS_RECORD: Final = 16384
-#: Largest ClientHello accepted, and most records it may be split over.
-MAX_CLIENT_HELLO: Final = 16384
-MAX_TLS_RECORDS: Final = 4
+#: Largest ClientHello accepted (post-quantum key shares make them grow), and most records it
+#: may be split over.
+MAX_CLIENT_HELLO: Final = 32768
+MAX_TLS_RECORDS: Final = 16
 #: Largest HTTP request head (request line and headers) accepted.
 MAX_HTTP_HEAD: Final = 16384
 
 _TLS_HEADER_SIZE: Final = 5
+_HANDSHAKE_HEADER_SIZE: Final = 4
+#: Bytes after which every parser here has decided: the proxy never reads more than this.
+MAX_FIRST_BYTES: Final = max(
+    MAX_HTTP_HEAD,
+    _HANDSHAKE_HEADER_SIZE + MAX_CLIENT_HELLO + _TLS_HEADER_SIZE * MAX_TLS_RECORDS,
+)
 _CONTENT_HANDSHAKE: Final = 22
 _HANDSHAKE_CLIENT_HELLO: Final = 1
 _EXT_SERVER_NAME: Final = 0
 _NAME_TYPE_HOST: Final = 0
 
-_HTTP_VERSIONS: Final = frozenset({b"HTTP/1.0", b"HTTP/1.1"})
-# RFC 9110 token characters: what a method and a field name are made of.
-_TOKEN: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9112 §3: exactly one SP between the parts, an HTTP version that is one of ours, in
+# uppercase. h11 allows any digit.digit version, which is how "HTTP/1.2" and the h2c preface
+# "PRI * HTTP/2.0" would get through.
+_REQUEST_LINE: Final = re.compile(
+    rb"(?P<method>[!#$%&'*+.^_`|~0-9A-Za-z-]+) (?P<target>[\x21-\x7e]+) HTTP/1\.[01]"
+)
 # A method is a token; real ones are short, so a longer "method" is not HTTP.
-_METHOD_PREFIX: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?: |\Z)")
+_METHOD_PREFIX: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?:[ \t]|\Z)")
+_H2C_PREFACE: Final = b"PRI * HTTP/2.0\r\n"
 _BARE_LINE_END: Final = re.compile(rb"(?<!\r)\n|\r(?!\n)")
-# Control characters other than HT, forbidden in field values and request lines.
-_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_ABSOLUTE_TARGET: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
+_FOLDED_LINE: Final = re.compile(rb"\r\n[ \t]")
+_ABSOLUTE_TARGET: Final = re.compile(rb"(?i:https?)://([^/?#]*)")
 _PORT: Final = re.compile(r"[0-9]{1,5}", re.ASCII)
 
 
@@ -100,6 +118,11 @@ class HttpHost:
 
 
 @dataclass(frozen=True, slots=True)
+class H2c:
+    """The request asks for HTTP/2 in cleartext: the ``PRI *`` preface, or ``Upgrade: h2c``."""
+
+
+@dataclass(frozen=True, slots=True)
 class TooLarge:
     """The ClientHello or request head exceeds ``limit`` bytes."""
 
@@ -114,7 +137,7 @@ class Malformed:
 
 
 SniResult = NeedMore | NotTls | NoSni | ServerName | TooLarge | Malformed
-HostResult = NeedMore | NotHttp | NoHost | HttpHost | TooLarge | Malformed
+HostResult = NeedMore | NotHttp | NoHost | HttpHost | H2c | TooLarge | Malformed
 
 
 class _MalformedError(Exception):
@@ -176,20 +199,24 @@ def _reassemble_client_hello(data: bytes) -> bytes | NeedMore | TooLarge:
             raise _MalformedError("a non-handshake record interrupts the ClientHello")
         if length == 0 or length > MAX_TLS_RECORD:
             raise _MalformedError("TLS record length out of range")
-        body = data[pos + _TLS_HEADER_SIZE : pos + _TLS_HEADER_SIZE + length]
+        record_end = pos + _TLS_HEADER_SIZE + length
+        body = data[pos + _TLS_HEADER_SIZE : record_end]
         # Fail fast on the handshake type rather than wait for a whole record of garbage.
         if not handshake and body and body[0] != _HANDSHAKE_CLIENT_HELLO:
             raise _MalformedError("the first handshake message is not a ClientHello")
-        if len(body) < length:
-            return NeedMore(pos + _TLS_HEADER_SIZE + length)
         handshake += body
-        pos += _TLS_HEADER_SIZE + length
-        if len(handshake) >= 4:
+        missing = _HANDSHAKE_HEADER_SIZE - len(handshake)
+        if missing <= 0:
             message_length = int.from_bytes(handshake[1:4], "big")
             if message_length > MAX_CLIENT_HELLO:
                 return TooLarge(MAX_CLIENT_HELLO)
-            if len(handshake) >= 4 + message_length:
-                return bytes(handshake[4 : 4 + message_length])
+            missing = _HANDSHAKE_HEADER_SIZE + message_length - len(handshake)
+            if missing <= 0:
+                # Done, even if the record goes on: the server reads this same message.
+                return bytes(handshake[_HANDSHAKE_HEADER_SIZE:][:message_length])
+        if len(body) < length:
+            return NeedMore(min(record_end, len(data) + missing))
+        pos = record_end
     raise _MalformedError(f"ClientHello spread over more than {MAX_TLS_RECORDS} records")
 
 
@@ -258,49 +285,92 @@ def parse_http_host(data: bytes) -> HostResult:
 def _parse_http_head(data: bytes) -> HostResult:
     if not data:
         return NeedMore(None)
+    if data.startswith(_H2C_PREFACE[: len(data)]):
+        return H2c() if len(data) >= len(_H2C_PREFACE) else NeedMore(None)
     end = data.find(b"\r\n\r\n", 0, MAX_HTTP_HEAD)
     if end < 0:
-        return _classify_partial_head(data)
-    lines = data[:end].split(b"\r\n")
-    target = _parse_request_line(lines[0])
-    if target is None:
+        if _check_head_so_far(data[:MAX_HTTP_HEAD]) is not None:
+            return NotHttp()
+        return TooLarge(MAX_HTTP_HEAD) if len(data) >= MAX_HTTP_HEAD else NeedMore(None)
+    # The same checks on the whole head as on any prefix of it, so that a decision made on a
+    # prefix is the one the whole head would have given.
+    head = data[: end + 4]
+    if _check_head_so_far(head) is not None:
         return NotHttp()
-    if _BARE_LINE_END.search(data, 0, end):
-        raise _MalformedError("bare CR or LF in the request head")
-    target_host = _absolute_target_host(target)
-    header = _host_header(lines[1:])
-    if target_host is not None:
-        if header is not None and header.host != target_host.host:
-            raise _MalformedError("Host header disagrees with the request target")
-        return target_host
-    return NoHost() if header is None else header
+    if _FOLDED_LINE.search(head):
+        raise _MalformedError("obsolete line folding")
+    return _request_host(_parse_with_h11(head))
 
 
-def _classify_partial_head(data: bytes) -> HostResult:
-    """What an incomplete head already shows: not HTTP, broken, too large, or need more."""
-    # Decide early when possible rather than wait for 16 KiB that will never parse.
-    head = data[:MAX_HTTP_HEAD]
+def _check_head_so_far(head: bytes) -> NotHttp | None:
+    """NotHttp, or None if ``head`` may start an HTTP/1.x request; raises _MalformedError."""
+    if head.startswith((b"\r", b"\n")):
+        raise _MalformedError("an empty line before the request line")
     line, newline, _ = head.partition(b"\r\n")
-    if not _METHOD_PREFIX.match(line) or (newline and _parse_request_line(line) is None):
+    if not _METHOD_PREFIX.match(line):
+        return NotHttp()
+    if b"  " in line or b"\t" in line:
+        raise _MalformedError("the request line is not METHOD SP target SP HTTP/1.x")
+    if newline and _check_request_line(line) is not None:
         return NotHttp()
     # A trailing CR may be the first half of a CRLF still to come.
-    checked = head[:-1] if head.endswith(b"\r") else head
-    if _BARE_LINE_END.search(checked):
+    if _BARE_LINE_END.search(head[:-1] if head.endswith(b"\r") else head):
         raise _MalformedError("bare CR or LF in the request head")
-    return TooLarge(MAX_HTTP_HEAD) if len(data) >= MAX_HTTP_HEAD else NeedMore(None)
+    return None
 
 
-def _parse_request_line(line: bytes) -> bytes | None:
-    """The request target, or None if this is not an HTTP/1.x request line."""
+def _check_request_line(line: bytes) -> NotHttp | None:
+    if b"HTTP/" not in line.upper():
+        return NotHttp()  # not even a claim to be HTTP/1.x: HTTP/0.9, SSH, SMTP…
     parts = line.split(b" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or parts[2] not in _HTTP_VERSIONS:
-        return None
-    method, target, _ = parts
-    if not target or _CONTROL.search(target):
-        raise _MalformedError("bad request target")
-    if method == b"CONNECT":
+    if len(parts) != 3 or not all(parts):
+        raise _MalformedError("the request line is not METHOD SP target SP HTTP/1.x")
+    if parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
+        raise _MalformedError("an HTTP version other than HTTP/1.0 or HTTP/1.1")
+    if not _REQUEST_LINE.fullmatch(line):
+        raise _MalformedError("bad request method or target")
+    if parts[0] == b"CONNECT":
         raise _MalformedError("CONNECT is not forwarded")
-    return target
+    return None
+
+
+def _parse_with_h11(head: bytes) -> h11.Request:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HTTP_HEAD)
+    try:
+        connection.receive_data(head)
+        event = connection.next_event()
+    except h11.RemoteProtocolError:
+        # h11's message quotes the job's bytes: keep to a fixed phrase.
+        raise _MalformedError("the request head is not valid HTTP/1.1") from None
+    if not isinstance(event, h11.Request):
+        raise _MalformedError("the request head is not valid HTTP/1.1")
+    return event
+
+
+def _request_host(request: h11.Request) -> HostResult:
+    """The host ``request`` names: its absolute-form target, else its Host header."""
+    hosts: list[bytes] = []
+    has_length = has_encoding = False
+    for name, value in request.headers:
+        if name == b"host":
+            hosts.append(value)
+        elif name == b"upgrade" and b"h2c" in (v.strip().lower() for v in value.split(b",")):
+            return H2c()
+        has_length = has_length or name == b"content-length"
+        has_encoding = has_encoding or name == b"transfer-encoding"
+    if has_length and has_encoding:
+        raise _MalformedError("both Transfer-Encoding and Content-Length")
+    header: HttpHost | None = None
+    if hosts:  # h11 refuses two Host headers
+        header = _parse_authority(hosts[0])
+        if header is None:
+            raise _MalformedError("Host header is not a valid host name")
+    target = _absolute_target_host(request.target)
+    if target is not None:
+        if header is not None and header.host != target.host:
+            raise _MalformedError("Host header disagrees with the request target")
+        return target
+    return NoHost() if header is None else header
 
 
 def _absolute_target_host(target: bytes) -> HttpHost | None:
@@ -317,29 +387,6 @@ def _absolute_target_host(target: bytes) -> HttpHost | None:
     if host is None:
         raise _MalformedError("request target names no valid host")
     return host
-
-
-def _host_header(lines: list[bytes]) -> HttpHost | None:
-    """The one Host header's value, None if there is none."""
-    found: HttpHost | None = None
-    seen = False
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise _MalformedError("obsolete line folding")
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise _MalformedError("bad header field name")
-        if _CONTROL.search(value):
-            raise _MalformedError("control character in a header value")
-        if name.lower() != b"host":
-            continue
-        if seen:
-            raise _MalformedError("more than one Host header")
-        seen = True
-        found = _parse_authority(value.strip(b" \t"))
-        if found is None:
-            raise _MalformedError("Host header is not a valid host name")
-    return found
 
 
 def _parse_authority(authority: bytes) -> HttpHost | None:
