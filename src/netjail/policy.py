@@ -2,11 +2,13 @@
 
 Pure: no I/O. Grammar of one rule::
 
-    rule       = name-rule / cidr-rule
+    rule       = name-rule / tcp-rule / cidr-rule
     name-rule  = ["*."] name [":" ports]      ; "*." = any subdomain, never the name itself
+    tcp-rule   = "tcp://" ["*."] name ":" port-list   ; raw TCP: the name is not verified
     cidr-rule  = ipv4 ["/" prefix] ":" ports
                / "[" ipv6 ["/" prefix] "]" ":" ports
-    ports      = "*" / port *("," port)        ; "*" = every port; port = 1-65535
+    ports      = "*" / port-list               ; "*" = every port
+    port-list  = port *("," port)              ; port = 1-65535
 
 Decisions, each for a reason:
 
@@ -14,6 +16,13 @@ Decisions, each for a reason:
   common case). A *deny* rule without ports means every port, because "deny x" that still let
   x:8443 through would be a trap. CIDR rules must name their ports: an address rule is an
   exception to name-based policy and should say exactly what it opens.
+- **Checked or raw.** A name rule lets through only connections whose first bytes prove the
+  name: a TLS ClientHello whose SNI is it, or an HTTP/1.x request whose Host is it (the proxy
+  blocks everything else). Other protocols (SSH, PostgreSQL, Redis…) prove nothing, so they
+  need a ``tcp://`` rule, which must list its ports and says in its text that the name cannot
+  be verified there: on those ports any bytes go to the name's address.
+  :meth:`Policy.access` tells the two apart; a raw rule wins on its ports. In a deny list,
+  ``tcp://`` changes nothing: a deny rule refuses every protocol.
 - **Names are canonical** before they are stored or compared: lowercase, one trailing dot
   removed, Unicode labels converted to punycode with the stdlib IDNA 2003 codec (``xn--`` input
   is kept as is). IDNA 2003 and 2008 disagree on four "deviation" characters (``ß``, ``ς``,
@@ -45,7 +54,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from netjail.errors import RequestError
 
@@ -112,6 +121,13 @@ _PUBLIC_SUFFIXES: Final = frozenset(
 )
 
 
+#: How a connection to a name on a port may go: refused, relayed once its first bytes name the
+#: name (TLS SNI / HTTP Host), or relayed as raw TCP without a check (a ``tcp://`` rule).
+Access = Literal["denied", "checked", "unverified"]
+
+_RAW_SCHEME: Final = "tcp://"
+
+
 class _BadRuleError(ValueError):
     """Why a rule or name is refused; turned into a RequestError naming the rule."""
 
@@ -145,7 +161,20 @@ class CidrRule:
         return f"{self.network}:{_format_ports(self.ports)}"
 
 
-Rule = NameRule | CidrRule
+@dataclass(frozen=True, slots=True)
+class TcpRule:
+    """A ``tcp://`` rule: the name on these ports as raw TCP, its first bytes unchecked."""
+
+    name: str
+    wildcard: bool
+    ports: frozenset[int]
+
+    def __str__(self) -> str:
+        prefix = "*." if self.wildcard else ""
+        return f"{_RAW_SCHEME}{prefix}{self.name}:{_format_ports(self.ports)}"
+
+
+Rule = NameRule | TcpRule | CidrRule
 
 
 def parse_rule(text: str, *, default_ports: PortSet = DEFAULT_PORTS) -> Rule:
@@ -174,12 +203,14 @@ def canonical_name(text: str) -> str | None:
 class Policy:
     """A job's allow and deny rules, indexed for matching."""
 
-    __slots__ = ("_allow", "_deny", "allow", "deny")
+    __slots__ = ("_allow", "_deny", "_raw", "allow", "deny")
 
     def __init__(self, allow: Sequence[Rule], deny: Sequence[Rule] = ()) -> None:
         self.allow: tuple[Rule, ...] = tuple(allow)
         self.deny: tuple[Rule, ...] = tuple(deny)
-        self._allow = _Index(self.allow)
+        self._allow = _Index(rule for rule in self.allow if not isinstance(rule, TcpRule))
+        self._raw = _Index(rule for rule in self.allow if isinstance(rule, TcpRule))
+        # A deny rule refuses every protocol, tcp:// or not.
         self._deny = _Index(self.deny)
 
     @classmethod
@@ -201,7 +232,7 @@ class Policy:
         canonical = canonical_name(name)
         if canonical is None:
             return False
-        allowed = self._allow.ports_for(canonical)
+        allowed = _union(self._allow.ports_for(canonical), self._raw.ports_for(canonical))
         denied = self._deny.ports_for(canonical)
         if denied is None or allowed == frozenset():
             return False
@@ -211,12 +242,18 @@ class Policy:
 
     def allows(self, name: str, port: int) -> bool:
         """Whether a connection to ``name`` on ``port`` may go out (deny wins over allow)."""
+        return self.access(name, port) != "denied"
+
+    def access(self, name: str, port: int) -> Access:
+        """How a connection to ``name`` on ``port`` may go: deny wins, then a raw rule."""
         canonical = canonical_name(name)
         if canonical is None or not _valid_port(port):
-            return False
+            return "denied"
         if _covers(self._deny.ports_for(canonical), port):
-            return False
-        return _covers(self._allow.ports_for(canonical), port)
+            return "denied"
+        if _covers(self._raw.ports_for(canonical), port):
+            return "unverified"
+        return "checked" if _covers(self._allow.ports_for(canonical), port) else "denied"
 
     def allows_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
         """Whether a connection to ``ip`` on ``port`` may go out, by CIDR rules only."""
@@ -227,17 +264,15 @@ class Policy:
             return False
         return any(_covers(rule.ports, port) for rule in self._allow.cidrs_containing(address))
 
-    def explicit_cidr_allows(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """Whether an allow CIDR rule names ``ip`` and no deny CIDR rule touches it.
+    def denies_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        """Whether a deny CIDR rule covers ``ip`` on ``port`` (true for anything malformed).
 
-        For the proxy's SSRF guard: an allowed name that resolves to a loopback, link-local or
-        private address is only reached if the policy names that address explicitly. Any deny
-        CIDR rule containing the address, whatever its ports, makes this false (fail closed).
+        The proxy asks this of every upstream address, however the name got it: deny wins.
         """
         address = _plain_address(ip)
-        if address is None or self._deny.cidrs_containing(address):
-            return False
-        return bool(self._allow.cidrs_containing(address))
+        if address is None or not _valid_port(port):
+            return True
+        return any(_covers(rule.ports, port) for rule in self._deny.cidrs_containing(address))
 
 
 class _Index:
@@ -291,6 +326,8 @@ def _parse_rule(text: str, default_ports: PortSet) -> Rule:
     text = text.strip()
     if not text:
         raise _BadRuleError("empty rule")
+    if text[: len(_RAW_SCHEME)].lower() == _RAW_SCHEME:
+        return _parse_tcp_rule(text[len(_RAW_SCHEME) :])
     if text.startswith("["):
         return _parse_ipv6_rule(text)
     if text.count(":") > 1:
@@ -304,6 +341,19 @@ def _parse_rule(text: str, default_ports: PortSet) -> Rule:
             raise _BadRuleError("an address rule needs its ports, e.g. 10.0.0.0/8:443")
         return CidrRule(_parse_network(host, 4), ports)
     return _parse_name_rule(host, ports)
+
+
+def _parse_tcp_rule(text: str) -> TcpRule:
+    host, colon, port_text = text.partition(":")
+    if host.startswith("[") or _IPV4ISH.fullmatch(host):
+        raise _BadRuleError(
+            "an address rule is raw TCP already: write it without tcp://, e.g. 10.0.0.7/32:5432"
+        )
+    ports = _parse_ports(port_text) if colon else None
+    if ports is None:
+        raise _BadRuleError("a tcp:// rule must list its ports, e.g. tcp://db.example:5432")
+    rule = _parse_name_rule(host, ports)
+    return TcpRule(rule.name, rule.wildcard, ports)
 
 
 def _parse_ipv6_rule(text: str) -> CidrRule:

@@ -493,14 +493,3 @@ def test_cidr_rules_do_not_allow_names() -> None:
     policy = Policy.parse(["10.0.0.0/8:443"])
     assert not policy.name_verdict("10.0.0.1")
     assert not policy.allows("10.0.0.1", 443)
-
-
-def test_explicit_cidr_allows() -> None:
-    """The SSRF guard's question: does an allow CIDR rule name this address, undenied?"""
-    policy = Policy.parse(["10.0.0.0/8:5432", "db.internal.example:5432"], ["10.66.0.0/16:22"])
-    assert policy.explicit_cidr_allows(ip("10.1.2.3"))
-    assert policy.explicit_cidr_allows(ip("::ffff:10.1.2.3"))
-    assert not policy.explicit_cidr_allows(ip("10.66.0.1"))
-    assert not policy.explicit_cidr_allows(ip("127.0.0.1"))
-    assert not policy.explicit_cidr_allows(ip("169.254.169.254"))
-    assert not policy.explicit_cidr_allows("10.1.2.3")  # type: ignore[arg-type]

@@ -2,15 +2,16 @@
 
 The jail's firewall redirects TCP to the synthetic pool (and to CIDR-rule ranges) to this
 proxy's in-jail listener. For each connection it finds where the job was going
-(SO_ORIGINAL_DST), hence which *name* (the synthetic address stands for exactly one), checks
-the port, and for TLS checks that the ClientHello's SNI is that same name (HTTP: the Host
-header). Then it resolves the real name on the host side, refuses non-global upstream
-addresses (loopback, link-local/metadata, private, ULA…) unless the job's --add-host or a CIDR
-rule names them, connects from the daemon's own netns and relays both ways with backpressure.
+(SO_ORIGINAL_DST), hence which *name* (the synthetic address stands for exactly one), and
+checks the port. Then, unless a ``tcp://`` rule makes the port raw TCP, it reads the first
+bytes and relays only a TLS ClientHello whose SNI is that name or an HTTP/1.x request whose
+Host is (see :func:`check_first_bytes`); anything else, or nothing complete before
+:data:`FIRST_BYTES_WAIT_S`, is blocked. It resolves the real name on the host side, refuses
+special-purpose and daemon-host addresses unless a rule names them (:func:`refuse_upstream`),
+connects from the daemon's own netns and relays both ways with backpressure.
 
-What the first-bytes check cannot see: later requests on a kept-alive HTTP connection, and the
-inner name of an Encrypted Client Hello. A server-speaks-first protocol (SSH, SMTP) sends
-nothing to check; after a short wait the connection is relayed on the port check alone.
+What the first-bytes check cannot see: later requests on a kept-alive HTTP connection, a second
+ClientHello, and the inner name of an Encrypted Client Hello.
 """
 
 from __future__ import annotations
@@ -22,59 +23,122 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import msgspec
 
 from netjail import sniff
 from netjail.daemon.events import rfc3339
+from netjail.daemon.upstream import (
+    Refusal,
+    Upstream,
+    daemon_host_addresses,
+    describe_forbidden,
+    refuse_upstream,
+    upstream_socket,
+)
 from netjail.dnsanswer import SyntheticPool
+from netjail.ipaddr import IPAddress
 from netjail.kernel.listeners import original_destination
 from netjail.kernel.splice import splice_relay
 from netjail.policy import Policy
-from netjail.protocol import Event
+from netjail.protocol import Event, Verdict
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-#: How long to wait for a client's first bytes before treating it as server-speaks-first.
-FIRST_BYTES_WAIT_S = 2.0
+#: How long a job has to send its ClientHello or request head before it is blocked (no_hello).
+FIRST_BYTES_WAIT_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 _MAX_CONNECTIONS = 256
+# Event.detail is asked of protocol.py (issue 11, item 6); until it is there the text is left
+# out of the event, which is otherwise the same.
+_EVENT_HAS_DETAIL: Final = "detail" in Event.__struct_fields__
+
+#: Why the proxy refused a connection: the event's ``reason``.
+BlockReason = Literal[
+    "not_allowed",  # an address no CIDR rule allows on this port
+    "port_not_allowed",  # an allowed name, on a port no rule allows
+    "no_hello",  # no complete ClientHello or request head before the deadline or the close
+    "unparsed",  # the first bytes are not a strict TLS ClientHello or HTTP/1.x request head
+    "sni_mismatch",  # the ClientHello names another host, or none
+    "host_mismatch",  # the request names another host, or none
+    "h2c_refused",  # HTTP/2 in cleartext: the preface or Upgrade: h2c
+    "client_reset",  # the job reset the connection before it was checked
+    "upstream_unresolvable",
+    "upstream_forbidden",  # every address is special-purpose or the daemon host's, unnamed
+    "upstream_unreachable",
+]
 
 
 class Blocked(Exception):  # noqa: N818 - a verdict carried up the call stack, not an error
-    """The connection is refused; ``reason`` is a fixed token for the event."""
+    """The connection is refused: ``reason`` for the event, and ``detail``, one line for
+    the user saying what was seen and, where there is one, the fix."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: BlockReason, detail: str | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason: BlockReason = reason
+        self.detail = detail
 
 
-def forbidden_upstream(address: IPAddress) -> bool:
-    """Loopback, link-local (cloud metadata), private, ULA, shared, reserved: not global."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not address.is_global
+def check_first_bytes(data: bytes, domain: str, port: int) -> sniff.NeedMore | None:
+    """None if ``data`` starts a TLS ClientHello or HTTP/1.x request for ``domain``: relay it.
 
-
-def check_first_bytes(data: bytes, domain: str) -> None:
-    """Raise Blocked unless the TLS SNI / HTTP Host in ``data`` names ``domain``.
-
-    Bytes that are neither TLS nor HTTP pass: the port was allowed explicitly for that name.
+    NeedMore: read more and ask again with everything read. Raises Blocked otherwise.
     """
     tls = sniff.parse_tls_sni(data)
-    if isinstance(tls, sniff.ServerName):
-        if tls.host != domain:
-            raise Blocked("sni_mismatch")
-        return
-    if isinstance(tls, sniff.NoSni | sniff.Malformed | sniff.TooLarge):
-        raise Blocked("sni_mismatch")
-    if isinstance(tls, sniff.NeedMore):
-        raise Blocked("sni_mismatch")  # the caller only asks once the data stopped coming
-    http = sniff.parse_http_host(data)
-    if isinstance(http, sniff.HttpHost):
-        if http.host != domain:
-            raise Blocked("host_mismatch")
-        return
-    if isinstance(http, sniff.NoHost | sniff.Malformed | sniff.TooLarge | sniff.NeedMore):
-        raise Blocked("host_mismatch")
+    match tls:
+        case sniff.NeedMore():
+            return tls
+        case sniff.ServerName(host=host):
+            if host != domain:
+                raise Blocked("sni_mismatch", f"the TLS ClientHello names {host}, not {domain}")
+            return None
+        case sniff.NoSni():
+            raise Blocked("sni_mismatch", f"the TLS ClientHello names no server, not {domain}")
+        case sniff.Malformed(reason=why):
+            raise _unparsed(f"a broken TLS ClientHello ({why})", domain, port)
+        case sniff.TooLarge(limit=limit):
+            raise _unparsed(f"a TLS ClientHello over {limit} bytes", domain, port)
+    return _check_http(sniff.parse_http_host(data), domain, port)
+
+
+def _check_http(http: sniff.HostResult, domain: str, port: int) -> sniff.NeedMore | None:
+    match http:
+        case sniff.NeedMore():
+            return http
+        case sniff.HttpHost(host=host):
+            if host != domain:
+                raise Blocked("host_mismatch", f"the HTTP request is for {host}, not {domain}")
+            return None
+        case sniff.NoHost():
+            raise Blocked("host_mismatch", f"the HTTP request names no host, not {domain}")
+        case sniff.H2c():
+            raise Blocked(
+                "h2c_refused",
+                "HTTP/2 in cleartext (h2c) could carry requests for other hosts;"
+                " use HTTPS, or HTTP/1.1",
+            )
+        case sniff.Malformed(reason=why):
+            raise _unparsed(f"an HTTP request head servers may read two ways ({why})", domain, port)
+        case sniff.TooLarge(limit=limit):
+            raise _unparsed(f"an HTTP request head over {limit} bytes", domain, port)
+    raise _unparsed("neither a TLS ClientHello nor an HTTP/1.x request", domain, port)
+
+
+def _unparsed(what: str, domain: str, port: int) -> Blocked:
+    return Blocked(
+        "unparsed",
+        f"the first bytes to {domain}:{port} are {what}; if that is another protocol"
+        f" (SSH, PostgreSQL…): --allow tcp://{domain}:{port}",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What to relay: the first bytes already read, and where to."""
+
+    first: bytes
+    upstreams: list[Upstream]
+    access: Literal["checked", "unverified", "address"]
 
 
 class Proxy:
@@ -90,6 +154,7 @@ class Proxy:
         job_hosts: Mapping[str, IPAddress],
         daemon_hosts: Mapping[str, IPAddress],
         record: Callable[[Event], None],
+        host_addresses: Callable[[], frozenset[IPAddress]] = daemon_host_addresses,
     ) -> None:
         self._job_id = job_id
         self._uid = uid
@@ -98,6 +163,7 @@ class Proxy:
         self._job_hosts = job_hosts
         self._daemon_hosts = daemon_hosts
         self._record = record
+        self._host_addresses = host_addresses
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, listeners: list[socket.socket]) -> None:
@@ -115,25 +181,37 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
 
     def _event(
-        self, verdict: str, dst: IPAddress, port: int, domain: str | None, **extra: object
+        self,
+        verdict: Verdict,
+        dst: IPAddress,
+        port: int,
+        domain: str | None,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+        bytes_out: int | None = None,
+        bytes_in: int | None = None,
     ) -> None:
-        self._record(
-            Event(
-                job=self._job_id,
-                time=rfc3339(time.time()),
-                kind="egress",
-                verdict=verdict,
-                proto="tcp",
-                family=dst.version,
-                dst=str(dst),
-                port=port,
-                uid=self._uid,
-                count=1,
-                via="proxy",
-                domain=domain,
-                **extra,  # type: ignore[arg-type]
-            )
+        event = Event(
+            job=self._job_id,
+            time=rfc3339(time.time()),
+            kind="egress",
+            verdict=verdict,
+            proto="tcp",
+            family=dst.version,
+            dst=str(dst),
+            port=port,
+            uid=self._uid,
+            count=1,
+            via="proxy",
+            domain=domain,
+            reason=reason,
+            bytes_out=bytes_out,
+            bytes_in=bytes_in,
         )
+        if detail is not None and _EVENT_HAS_DETAIL:
+            event = msgspec.structs.replace(event, detail=detail)
+        self._record(event)
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -158,125 +236,130 @@ class Proxy:
                 return
             domain = self._pool.name_for(dst)
             try:
-                first, target = await self._decide(conn, dst, port, domain)
-                upstream = await self._connect(target, port)
-                if first:
+                route = await self._route(conn, dst, port, domain)
+                upstream = await self._connect(route, port, domain or str(dst))
+                if route.first:
                     try:
-                        await asyncio.get_running_loop().sock_sendall(upstream, first)
+                        await asyncio.get_running_loop().sock_sendall(upstream, route.first)
                     except OSError:
                         # Reset or closed by the upstream before taking the first bytes.
                         raise Blocked("upstream_unreachable") from None
             except Blocked as blocked:
-                self._event("blocked", dst, port, domain, reason=blocked.reason)
+                self._event(
+                    "blocked", dst, port, domain, reason=blocked.reason, detail=blocked.detail
+                )
                 _reset(conn)
                 return
             sent, received = await splice_relay(conn, upstream)
             self._event(
-                "allowed", dst, port, domain, bytes_out=sent + len(first), bytes_in=received
+                "allowed",
+                dst,
+                port,
+                domain,
+                # A tcp:// rule's connection: relayed, but nothing showed it was for the name.
+                reason="unverified" if route.access == "unverified" else None,
+                bytes_out=sent + len(route.first),
+                bytes_in=received,
             )
         finally:
             conn.close()
             if upstream is not None:
                 upstream.close()
 
-    async def _decide(
+    async def _route(
         self, conn: socket.socket, dst: IPAddress, port: int, domain: str | None
-    ) -> tuple[bytes, list[IPAddress]]:
-        """The first bytes read (to forward) and the upstream addresses to try, or Blocked.
-
-        Non-global upstreams are refused unless named explicitly: by a CIDR rule (the redirect
-        that brought a non-synthetic address here, or ``explicit_cidr_allows``) or by the job's
-        --add-host.
-        """
+    ) -> _Route:
+        """The first bytes (checked, to forward) and the upstreams to try, or Blocked."""
         if domain is None:
             # Not a synthetic address: a CIDR rule's range, redirected here by the firewall.
             if not self._policy.allows_address(dst, port):
                 raise Blocked("not_allowed")
-            return b"", [dst]
-        if not self._policy.allows(domain, port):
+            return _Route(b"", [Upstream(dst, "dialled")], "address")
+        access = self._policy.access(domain, port)
+        if access == "denied":
             raise Blocked("port_not_allowed")
-        first = await _first_bytes(conn)
-        if first:
-            check_first_bytes(first, domain)
-        return first, await self._resolve(domain, port)
+        first = b""
+        if access == "checked":
+            first = await read_first_bytes(conn, domain, port, FIRST_BYTES_WAIT_S)
+        return _Route(first, await self._resolve(domain, port), access)
 
-    async def _resolve(self, domain: str, port: int) -> list[IPAddress]:
+    async def _resolve(self, domain: str, port: int) -> list[Upstream]:
         if domain in self._job_hosts:
-            return [self._job_hosts[domain]]
+            return [Upstream(self._job_hosts[domain], "add-host")]
         if domain in self._daemon_hosts:
-            addresses = [self._daemon_hosts[domain]]
-        else:
-            loop = asyncio.get_running_loop()
-            try:
-                infos = await asyncio.wait_for(
-                    loop.getaddrinfo(domain, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT_S
-                )
-            except (OSError, TimeoutError):
-                raise Blocked("upstream_unresolvable") from None
-            addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-        allowed = [
-            a
-            for a in addresses
-            if not forbidden_upstream(a) or self._policy.explicit_cidr_allows(a)
-        ]
-        if not allowed:
-            raise Blocked("upstream_forbidden")
-        return allowed
+            return [Upstream(self._daemon_hosts[domain], "hosts")]
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(domain, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT_S
+            )
+        except (OSError, TimeoutError):
+            raise Blocked("upstream_unresolvable") from None
+        found: dict[IPAddress, None] = {}
+        for info in infos:
+            with contextlib.suppress(ValueError):
+                found[ipaddress.ip_address(info[4][0])] = None
+        return [Upstream(address, "dns") for address in found]
 
-    async def _connect(self, addresses: list[IPAddress], port: int) -> socket.socket:
-        """A connected non-blocking socket to the first upstream address that answers.
+    async def _connect(self, route: _Route, port: int, name: str) -> socket.socket:
+        """A connected non-blocking socket to the first upstream that may be used and answers.
 
         Made here, on the loop's thread: in the daemon's own network namespace, not the jail's.
+        The guard runs now, on the very addresses connected to, with the host's addresses as
+        they are now.
         """
+        try:
+            host_addresses = self._host_addresses()
+        except OSError as exc:
+            raise Blocked(
+                "upstream_forbidden",
+                f"the daemon host's own addresses could not be listed ({exc.strerror or exc})",
+            ) from None
         loop = asyncio.get_running_loop()
-        for address in addresses:
+        refused: list[Refusal] = []
+        tried = False
+        for upstream in route.upstreams:
+            refusal = refuse_upstream(upstream, port, self._policy, host_addresses)
+            if refusal is not None:
+                refused.append(refusal)
+                continue
+            tried = True
             try:
-                sock = upstream_socket(address)
+                sock = upstream_socket(upstream.address)
             except OSError:
                 continue  # no socket (out of descriptors…): counts as unreachable, like a refusal
             try:
                 await asyncio.wait_for(
-                    loop.sock_connect(sock, (str(address), port)), CONNECT_TIMEOUT_S
+                    loop.sock_connect(sock, (str(upstream.address), port)), CONNECT_TIMEOUT_S
                 )
             except (OSError, TimeoutError):
                 sock.close()
                 continue
             return sock
+        if refused and not tried:
+            raise Blocked("upstream_forbidden", describe_forbidden(name, refused))
         raise Blocked("upstream_unreachable")
 
 
-def upstream_socket(address: IPAddress) -> socket.socket:
-    """A non-blocking TCP socket for connecting to ``address``, in the caller's netns.
+async def read_first_bytes(conn: socket.socket, domain: str, port: int, wait_s: float) -> bytes:
+    """What the job sends first, once :func:`check_first_bytes` passes it; Blocked otherwise.
 
-    An upstream on loopback (named by --add-host or a CIDR rule) is a local hop like the job's
-    hop to the proxy, so it gets reno as the jail does (see jobs._unpaced_tcp): a pacing
-    default such as bbr would halve it. Any other upstream keeps the host's default.
+    Bounded in size (:data:`sniff.MAX_FIRST_BYTES`, where every parser has decided) and in time
+    (``wait_s``). The bytes are parsed again only when they can have changed the answer: past
+    the length a TLS parse asked for, or on a new line of an HTTP head, so that a job sending a
+    byte at a time cannot make the daemon parse quadratically.
     """
-    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if address.is_loopback:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-async def _first_bytes(conn: socket.socket) -> bytes:
-    """What the client sends first, until it is enough to decide (bounded in size and time)."""
     loop = asyncio.get_running_loop()
     data = b""
-    deadline = loop.time() + FIRST_BYTES_WAIT_S
-    while len(data) < sniff.MAX_CLIENT_HELLO:
+    need: sniff.NeedMore | None = sniff.NeedMore(1)
+    deadline = loop.time() + wait_s
+    while need is not None:
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
         try:
             chunk = await asyncio.wait_for(
-                loop.sock_recv(conn, sniff.MAX_CLIENT_HELLO - len(data)), remaining
+                loop.sock_recv(conn, sniff.MAX_FIRST_BYTES - len(data)), remaining
             )
         except TimeoutError:
             break
@@ -286,20 +369,20 @@ async def _first_bytes(conn: socket.socket) -> bytes:
         if not chunk:
             break
         data += chunk
-        if _decidable(data):
-            break
+        if (
+            len(data) >= sniff.MAX_FIRST_BYTES
+            or (need.needed is None and b"\n" in chunk)
+            or (need.needed is not None and len(data) >= need.needed)
+        ):
+            need = check_first_bytes(data, domain, port)
+    if need is not None and check_first_bytes(data, domain, port) is not None:
+        raise Blocked(
+            "no_hello",
+            f"no complete TLS ClientHello or HTTP/1.x request head for {domain} arrived"
+            f" within {wait_s:g} s (got {len(data)} bytes); if the server speaks first"
+            f" (SSH, SMTP, MySQL…): --allow tcp://{domain}:{port}",
+        )
     return data
-
-
-def _decidable(data: bytes) -> bool:
-    """True once the bytes are a whole ClientHello, a whole HTTP head, or clearly neither."""
-    tls = sniff.parse_tls_sni(data)
-    http = sniff.parse_http_host(data)
-    if not isinstance(tls, sniff.NeedMore | sniff.NotTls):
-        return True  # TLS, decided (a name, no name, or broken)
-    if not isinstance(http, sniff.NeedMore | sniff.NotHttp):
-        return True  # HTTP, decided
-    return isinstance(tls, sniff.NotTls) and isinstance(http, sniff.NotHttp)
 
 
 def _reset(conn: socket.socket) -> None:
