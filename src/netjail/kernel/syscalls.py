@@ -1,16 +1,21 @@
 """Thin ctypes wrappers for the Linux syscalls Python 3.11's ``os`` lacks.
 
-``os.setns``/``os.unshare`` arrived in Python 3.12; mount, capset and the prctl calls are in no
-stdlib version. Each wrapper raises OSError with errno, exactly as ``os`` functions do.
+``os.setns``/``os.unshare`` arrived in Python 3.12; mount, the new mount API (open_tree,
+move_mount), pivot_root, sethostname, capset and the prctl calls are in no stdlib version. Each
+wrapper raises OSError with errno, exactly as ``os`` functions do.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
 MS_RDONLY = 0x1
@@ -18,12 +23,31 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_SILENT = 0x8000
 MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
 MNT_DETACH = 0x2
 
+# The new mount API (Linux 5.2): a detached copy of a mount, and attaching it elsewhere.
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+
+#: Syscall numbers glibc 2.36 has no wrapper for. open_tree and move_mount come from the
+#: unified table (the same number on every architecture); pivot_root predates it.
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_SECUREBITS = 28
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
@@ -60,6 +84,8 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.syscall.restype = ctypes.c_long
 _libc.prctl.argtypes = [
     ctypes.c_int,
     ctypes.c_ulong,
@@ -116,6 +142,49 @@ def mount(
 def umount2(target: str, flags: int) -> None:
     """umount2(2)."""
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def open_tree(dirfd: int, path: str, flags: int) -> int:
+    """open_tree(2): with OPEN_TREE_CLONE, a detached copy of the mount at ``path``; its fd.
+
+    The copy belongs to no mount namespace until ``move_mount`` attaches it, so a tree taken in
+    one mount namespace can be attached in another, which a plain bind mount refuses.
+    """
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(dirfd), path.encode(), ctypes.c_uint(flags)
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree {path}: {os.strerror(err)}")
+    return int(fd)
+
+
+def move_mount(from_dirfd: int, from_path: str, to_dirfd: int, to_path: str, flags: int) -> None:
+    """move_mount(2): attach (or move) the mount at ``from`` onto ``to``."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOVE_MOUNT),
+        ctypes.c_int(from_dirfd),
+        from_path.encode(),
+        ctypes.c_int(to_dirfd),
+        to_path.encode(),
+        ctypes.c_uint(flags),
+    )
+    _check(int(result), "move_mount")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2)."""
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: no syscall number known for {os.uname().machine}")
+    result = _libc.syscall(ctypes.c_long(number), new_root.encode(), put_old.encode())
+    _check(int(result), "pivot_root")
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2), for the calling process's UTS namespace."""
+    encoded = name.encode()
+    _check(_libc.sethostname(encoded, len(encoded)), "sethostname")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
