@@ -1,0 +1,167 @@
+"""Tests for netjail.kernel.fsplan: the job's file system as an exact list of steps."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from netjail.errors import RequestError
+from netjail.kernel.fsplan import (
+    JOB_HOME,
+    Bind,
+    Cover,
+    Device,
+    Devpts,
+    FdSource,
+    FsPlan,
+    HostDir,
+    HostLayout,
+    HostLink,
+    KiB,
+    MiB,
+    PathSource,
+    Proc,
+    Symlink,
+    Sysfs,
+    Tmpfs,
+    TmpfsSizes,
+    build_fs_plan,
+    check_target,
+)
+
+HOST = HostLayout(
+    (
+        HostDir("/usr"),
+        HostDir("/etc"),
+        HostLink("/bin", "usr/bin"),
+        HostLink("/lib", "usr/lib"),
+        HostDir("/lib64"),
+    )
+)
+HOME = PathSource("/var/lib/netjail/homes/j-1")
+RESOLV = Bind(PathSource("/run/netjail/j-1/resolv.conf"), "/etc/resolv.conf", "ro")
+
+
+def test_the_plan_is_exactly_the_allow_list() -> None:
+    """System binds and links, tmpfs mounts, /dev, /proc, /sys, HOME, client binds, files."""
+    binds = [Bind(FdSource(0), "/src", "rw"), Bind(FdSource(1), "/data/ref", "ro")]
+    plan = build_fs_plan(
+        host=HOST,
+        home=HOME,
+        binds=binds,
+        files=[RESOLV],
+        sizes=TmpfsSizes(tmp=1 * MiB, var_tmp=2 * MiB, run=3 * MiB, dev_shm=4 * MiB),
+    )
+    assert plan == FsPlan(
+        root_size_bytes=1 * MiB,
+        steps=(
+            Bind(PathSource("/usr"), "/usr", "ro"),
+            Bind(PathSource("/etc"), "/etc", "ro"),
+            Symlink("/bin", "usr/bin"),
+            Symlink("/lib", "usr/lib"),
+            Bind(PathSource("/lib64"), "/lib64", "ro"),
+            Tmpfs("/tmp", 1 * MiB, 0o1777),
+            Tmpfs("/var/tmp", 2 * MiB, 0o1777),
+            Tmpfs("/run", 3 * MiB, 0o755),
+            Tmpfs("/dev", 64 * KiB, 0o755),
+            Device("/dev/null", "/dev/null"),
+            Device("/dev/zero", "/dev/zero"),
+            Device("/dev/full", "/dev/full"),
+            Device("/dev/random", "/dev/random"),
+            Device("/dev/urandom", "/dev/urandom"),
+            Device("/dev/tty", "/dev/tty"),
+            Devpts("/dev/pts"),
+            Tmpfs("/dev/shm", 4 * MiB, 0o1777),
+            Symlink("/dev/fd", "/proc/self/fd"),
+            Symlink("/dev/stdin", "/proc/self/fd/0"),
+            Symlink("/dev/stdout", "/proc/self/fd/1"),
+            Symlink("/dev/stderr", "/proc/self/fd/2"),
+            Symlink("/dev/ptmx", "pts/ptmx"),
+            Proc("/proc"),
+            Cover("/proc/sys"),
+            Cover("/proc/sysrq-trigger"),
+            Cover("/proc/irq"),
+            Cover("/proc/bus"),
+            Sysfs("/sys"),
+            Bind(HOME, JOB_HOME, "rw"),
+            Bind(FdSource(0), "/src", "rw"),
+            Bind(FdSource(1), "/data/ref", "ro"),
+            RESOLV,
+        ),
+    )
+
+
+def test_default_tmpfs_sizes() -> None:
+    """The shipped limits: 256 MiB for /tmp, /var/tmp and /dev/shm, 16 MiB for /run."""
+    sizes = {
+        s.target: s.size_bytes
+        for s in build_fs_plan(host=HostLayout(()), home=HOME).steps
+        if isinstance(s, Tmpfs)
+    }
+    assert sizes == {
+        "/tmp": 256 * MiB,
+        "/var/tmp": 256 * MiB,
+        "/run": 16 * MiB,
+        "/dev": 64 * KiB,
+        "/dev/shm": 256 * MiB,
+    }
+
+
+def test_nothing_from_the_host_without_a_layout_entry() -> None:
+    """Only the host paths the layout lists are bound: no /home, /root, /var or /srv."""
+    plan = build_fs_plan(host=HostLayout((HostDir("/usr"),)), home=HOME)
+    sources = [s.source for s in plan.steps if isinstance(s, Bind)]
+    assert sources == [PathSource("/usr"), HOME]
+
+
+def test_the_daemons_files_come_after_client_binds() -> None:
+    """A client's bind over /etc cannot hide the job's resolv.conf: files are mounted last."""
+    over_etc = Bind(FdSource(0), "/etc", "ro")
+    plan = build_fs_plan(host=HOST, home=HOME, binds=[over_etc], files=[RESOLV])
+    assert plan.steps[-2:] == (over_etc, RESOLV)
+
+
+def test_the_plan_crosses_the_fork_servers_socket_intact() -> None:
+    """The plan survives a msgpack round trip, every step's type included."""
+    plan = build_fs_plan(host=HOST, home=HOME, binds=[Bind(FdSource(2), "/x", "rw")])
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(plan), type=FsPlan)
+    assert decoded == plan
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "",
+        "relative",
+        "/",
+        "//etc",
+        "/a/../etc",
+        "/a/./b",
+        "/a//b",
+        "/a/",
+        "/a\0b",
+        "/" + "a" * 5000,
+    ],
+)
+def test_bad_targets_are_refused(target: str) -> None:
+    """A bind target must be absolute and normalised, and not the root itself."""
+    with pytest.raises(RequestError, match="must be an absolute path"):
+        check_target(target)
+    with pytest.raises(RequestError):
+        build_fs_plan(host=HOST, home=HOME, binds=[Bind(FdSource(0), target, "ro")])
+
+
+@pytest.mark.parametrize("target", ["/src", "/home/job/project", "/etc/ssl/certs/ca.pem"])
+def test_good_targets_pass(target: str) -> None:
+    """Absolute, normalised paths are accepted as they are."""
+    check_target(target)
+    plan = build_fs_plan(host=HOST, home=HOME, files=[Bind(PathSource("/f"), target, "ro")])
+    assert plan.steps[-1].target == target
+
+
+def test_a_bad_target_names_itself_safely() -> None:
+    """The refusal quotes the target with control characters escaped."""
+    with pytest.raises(RequestError) as caught:
+        check_target("/a/../\x1b[31m")
+    assert "\x1b" not in str(caught.value)
+    assert "\\x1b" in str(caught.value)
