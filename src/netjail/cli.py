@@ -226,6 +226,21 @@ def _stdio_fds() -> list[int]:
     help="Connect NAME to IP instead of resolving it (may be private) (repeatable).",
 )
 @click.option(
+    "--bind",
+    "binds",
+    multiple=True,
+    metavar="SRC[:DST]",
+    help="Show host path SRC at DST (default: the same path), read-write (repeatable).",
+)
+@click.option(
+    "--ro-bind",
+    "ro_binds",
+    multiple=True,
+    metavar="SRC[:DST]",
+    help="Show host path SRC at DST (default: the same path), read-only (repeatable).",
+)
+@click.option("--hostname", default=None, help="The jail's host name [default: netjail-JOB].")
+@click.option(
     "--report",
     "report_path",
     type=click.Path(dir_okay=False, writable=True),
@@ -253,6 +268,9 @@ def run(
     allow: tuple[str, ...],
     deny: tuple[str, ...],
     add_hosts: tuple[str, ...],
+    binds: tuple[str, ...],
+    ro_binds: tuple[str, ...],
+    hostname: str | None,
     report_path: str | None,
     quiet: bool,
     verbose: bool,
@@ -278,13 +296,26 @@ def run(
             return
         click.echo(f"netjail: {format_event(event)}", err=True)
 
+    def note_cwd(started_in: str) -> None:
+        here = sanitize(os.getcwd())
+        click.echo(
+            f"netjail: {here} is not in the jail's view, so the job runs in {started_in} "
+            f"(--ro-bind {here} or --bind {here} to run it there)",
+            err=True,
+        )
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     try:
+        mounts = [p.parse_bind(b, "rw") for b in binds] + [p.parse_bind(b, "ro") for b in ro_binds]
         result = client.run(
             list(command),
             env=_parse_env(env),
             cwd=cwd or os.getcwd(),
+            cwd_fallback="error" if cwd else "home",
+            binds=mounts,
+            hostname=hostname,
+            on_cwd=note_cwd,
             uid=uid,
             gid=gid,
             stdio="fds",

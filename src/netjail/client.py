@@ -179,8 +179,12 @@ class Client:
         allow: Sequence[str] = (),
         deny: Sequence[str] = (),
         add_hosts: Sequence[str] = (),
+        binds: Sequence[p.BindMount] = (),
+        hostname: str | None = None,
+        cwd_fallback: Literal["error", "home"] = "error",
         on_event: Callable[[p.Event], None] | None = None,
         on_start: Callable[[str, int], None] | None = None,
+        on_cwd: Callable[[str], None] | None = None,
     ) -> JobResult:
         """Run ``argv`` in a jail and wait for it to end.
 
@@ -189,7 +193,10 @@ class Client:
         uses ``fds`` as its stdin, stdout, stderr). ``on_event`` is called for each event as it
         happens; ``on_start`` with the job id and pid once the job runs. ``allow``/``deny`` are
         policy rules ("pypi.org", "*.github.com:443", "10.0.0.0/8:5432"); with none, nothing
-        goes out. ``add_hosts`` are "NAME:IP" pairs the proxy uses instead of DNS.
+        goes out. ``add_hosts`` are "NAME:IP" pairs the proxy uses instead of DNS. ``binds``
+        are host paths the job sees (``BindMount``; read-only unless ``access="rw"``), opened
+        with this client's credentials. ``cwd_fallback="home"`` starts the job in its HOME when
+        ``cwd`` is not in the jail's view, and then calls ``on_cwd`` with where it started.
         """
         request = p.RunRequest(
             argv=list(argv),
@@ -208,6 +215,9 @@ class Client:
             allow=list(allow),
             deny=list(deny),
             add_hosts=list(add_hosts),
+            binds=list(binds),
+            hostname=hostname,
+            cwd_fallback=cwd_fallback,
         )
         conn = self._connect()
         try:
@@ -219,6 +229,8 @@ class Client:
             conn.sock.settimeout(None)
             if on_start is not None:
                 on_start(started.job, started.pid)
+            if on_cwd is not None and started.cwd is not None:
+                on_cwd(started.cwd)
             while True:
                 message = conn.recv()
                 if isinstance(message, p.EventMessage):

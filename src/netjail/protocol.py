@@ -40,6 +40,14 @@ _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFE)]
 _Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
 _Rule = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+_Path = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+#: Most --bind/--ro-bind mounts one request may ask for.
+MAX_BINDS = 64
+#: RFC 1123 host name labels, as sethostname and the jail's /etc/hostname take them.
+_Hostname = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"),
+]
 
 
 class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
@@ -49,6 +57,35 @@ class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_on
 class Hello(_Request, tag="hello"):
     version: int
     client: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+
+#: A bind mount's access inside the jail: read-only or read-write.
+BindAccess = Literal["ro", "rw"]
+
+
+class BindMount(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A host path the job sees: ``source`` at ``target`` (the same path when omitted).
+
+    The daemon opens ``source`` with the client's own credentials, never root's.
+    """
+
+    source: _Path
+    target: _Path | None = None
+    access: BindAccess = "ro"
+
+
+def parse_bind(text: str, access: BindAccess) -> BindMount:
+    """``SRC[:DST]`` (both absolute paths) as a BindMount; ProtocolError when malformed.
+
+    The first ``:`` separates the two, so a source path holding a colon must be bound through
+    the library (``BindMount``), not this form.
+    """
+    source, sep, target = text.partition(":")
+    if not source.startswith("/") or (sep and not target.startswith("/")):
+        raise ProtocolError(
+            f"invalid bind {text[:200]!a}: use SRC[:DST] with absolute paths, e.g. /srv/data:/data"
+        )
+    return BindMount(source=source, target=target or None, access=access)
 
 
 class RunRequest(_Request, tag="run"):
@@ -73,6 +110,13 @@ class RunRequest(_Request, tag="run"):
     deny: Annotated[list[_Rule], msgspec.Meta(max_length=1024)] = []
     #: "NAME:IP" pairs the proxy uses instead of DNS for this job (and may reach even if private).
     add_hosts: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
+    #: Host paths the job sees, checked with the client's credentials.
+    binds: Annotated[list[BindMount], msgspec.Meta(max_length=MAX_BINDS)] = []
+    #: The jail's host name; default ``netjail-<job>``.
+    hostname: _Hostname | None = None
+    #: What to do when ``cwd`` is not in the jail's view: fail ("error"), or start in the job's
+    #: HOME ("home", what the CLI asks for its own working directory).
+    cwd_fallback: Literal["error", "home"] = "error"
 
 
 class KillRequest(_Request, tag="kill"):
@@ -201,6 +245,8 @@ class HelloReply(_Reply, tag="hello"):
 class Started(_Reply, tag="started"):
     job: str
     pid: int
+    #: Where the job started, when that differs from the cwd asked for (cwd_fallback "home").
+    cwd: str | None = None
 
 
 class EventMessage(_Reply, tag="event"):

@@ -15,6 +15,7 @@ from netjail.daemon import config as config_module
 from netjail.daemon.config import (
     DEFAULT_CONFIG_PATH,
     Config,
+    Jail,
     Limits,
     Policy,
     check_config,
@@ -24,6 +25,7 @@ from netjail.daemon.config import (
     parse_config,
 )
 from netjail.errors import ConfigError
+from netjail.protocol import BindMount
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "etc" / "netjaild.toml.example"
@@ -489,10 +491,12 @@ def test_example_file_mentions_every_key() -> None:
 
 
 def test_config_keys_match_the_dataclasses() -> None:
-    """config_keys lists every field of Config, Limits and Policy."""
-    expected = [f.name for f in dataclasses.fields(Config) if f.name not in ("limits", "policy")]
+    """config_keys lists every field of Config, Limits, Policy and Jail."""
+    tables = ("limits", "policy", "jail")
+    expected = [f.name for f in dataclasses.fields(Config) if f.name not in tables]
     expected += [f"limits.{f.name}" for f in dataclasses.fields(Limits)]
     expected += [f"policy.{f.name}" for f in dataclasses.fields(Policy)]
+    expected += [f"jail.{f.name}" for f in dataclasses.fields(Jail)]
     assert sorted(config_keys()) == sorted(expected)
 
 
@@ -520,3 +524,46 @@ def test_docs_state_the_defaults_of_the_code() -> None:
         section, _, name = key.rpartition(".")
         document = {section: {name: value}} if section else {name: value}
         assert parse_config(document) == Config(), key
+
+
+def test_jail_table_is_read_into_typed_values() -> None:
+    """[jail]: the uid range, binds as BindMounts with their access, tmpfs sizes in bytes."""
+    config = parse_config(
+        {
+            "jail": {
+                "job_uids": "70000-70009",
+                "binds": ["/srv/work"],
+                "ro_binds": ["/srv/data:/data"],
+                "tmp_size": "1G",
+                "dev_shm_size": 1024,
+            }
+        }
+    )
+    assert (config.jail.job_uids.first, config.jail.job_uids.last) == (70000, 70009)
+    assert config.jail.binds == (BindMount(source="/srv/work", target=None, access="rw"),)
+    assert config.jail.ro_binds == (BindMount(source="/srv/data", target="/data", access="ro"),)
+    assert (config.jail.tmp_size, config.jail.dev_shm_size) == (1 << 30, 1024)
+    assert config.jail.run_size == Jail().run_size
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ({"job_uids": "5-1"}, "jail.job_uids: range '5-1' ends before it starts"),
+        ({"job_uids": "0-10"}, "jail.job_uids: range '0-10' contains uid 0, which no job may use"),
+        ({"binds": ["relative"]}, "jail.binds: item 0: invalid bind 'relative'"),
+        ({"tmp_size": "12Q"}, "jail.tmp_size: invalid size '12Q'"),
+    ],
+)
+def test_bad_jail_values_name_the_key(table: dict[str, object], problem: str) -> None:
+    """Each bad [jail] value is reported with its dotted key."""
+    problems = find_problems({"jail": table})
+    assert len(problems) == 1
+    assert problems[0].startswith(problem)
+
+
+def test_shipped_pids_default_is_capped_by_a_lower_maximum() -> None:
+    """With max_pids below the shipped default, a job that asks for nothing gets the max."""
+    assert parse_config({"limits": {"max_pids": 64}}).limits.default_pids == 64
+    assert parse_config({"limits": {"max_pids": 100000}}).limits.default_pids == 4096
+    assert parse_config({}).limits.default_pids == 4096

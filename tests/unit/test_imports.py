@@ -153,12 +153,13 @@ def test_client_side_never_reaches_kernel_or_daemon(module: str) -> None:
 
 
 def test_protocol_imports_only_stdlib_msgspec_and_errors() -> None:
-    """netjail.protocol's own imports are the standard library, msgspec and netjail.errors."""
+    """netjail.protocol's own imports are the standard library, msgspec, netjail.errors and the
+    pure netjail.units (the home of the CPU bounds)."""
     imports = _direct_imports("netjail.protocol")
     allowed = {
         name
         for name in imports
-        if name in {"msgspec", "netjail.errors"}
+        if name in {"msgspec", "netjail.errors", "netjail.units"}
         or (not _is_under(name, "netjail") and name.split(".")[0] in sys.stdlib_module_names)
     }
     assert imports - allowed == set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from netjail import protocol as p
@@ -362,3 +363,43 @@ def test_framebuffer_default_limit_is_max_frame_bytes() -> None:
     assert buf.feed(b"x" * (p.MAX_FRAME_BYTES - 1) + b"\n") == [b"x" * (p.MAX_FRAME_BYTES - 1)]
     with pytest.raises(ProtocolError, match=f"frame larger than {p.MAX_FRAME_BYTES} bytes"):
         buf.feed(b"x" * (p.MAX_FRAME_BYTES + 1))
+
+
+@pytest.mark.parametrize(
+    ("text", "access", "expected"),
+    [
+        ("/srv/data", "ro", p.BindMount(source="/srv/data", target=None, access="ro")),
+        ("/srv/data:/data", "rw", p.BindMount(source="/srv/data", target="/data", access="rw")),
+    ],
+)
+def test_parse_bind_reads_src_and_dst(
+    text: str, access: p.BindAccess, expected: p.BindMount
+) -> None:
+    """SRC[:DST]: the same path when DST is left out; the access is the option's."""
+    assert p.parse_bind(text, access) == expected
+
+
+@pytest.mark.parametrize("text", ["data", "/srv:data", "", ":/data"])
+def test_parse_bind_refuses_relative_paths(text: str) -> None:
+    """Both paths must be absolute; the error shows the form to use."""
+    with pytest.raises(ProtocolError, match="use SRC\\[:DST\\] with absolute paths"):
+        p.parse_bind(text, "ro")
+
+
+def test_run_request_carries_binds_hostname_and_cwd_fallback() -> None:
+    """A run request with binds, a hostname and a cwd fallback round-trips strictly."""
+    request = p.RunRequest(
+        argv=["true"],
+        binds=[p.BindMount(source="/a", target="/b", access="rw")],
+        hostname="box-1",
+        cwd_fallback="home",
+    )
+    assert p.decode_request(p.encode_message(request)) == request
+
+
+@pytest.mark.parametrize("hostname", ["-bad", "has space", "a" * 65, ""])
+def test_run_request_refuses_bad_hostnames(hostname: str) -> None:
+    """A host name sethostname would take badly is a protocol error."""
+    frame = b'{"op":"run","argv":["true"],"hostname":' + msgspec.json.encode(hostname) + b"}\n"
+    with pytest.raises(ProtocolError):
+        p.decode_request(frame)

@@ -27,6 +27,7 @@ from netjail.daemon.configvalues import (
     Table,
     read_absolute_path,
     read_array,
+    read_bind,
     read_choice,
     read_cpus,
     read_duration,
@@ -38,11 +39,14 @@ from netjail.daemon.configvalues import (
     read_socket_path,
     read_string,
     read_uid,
+    read_uid_range,
 )
+from netjail.daemon.uids import DEFAULT_JOB_UIDS, UidRange, parse_uid_range
 from netjail.errors import ConfigError
 from netjail.ipaddr import IPAddress
 from netjail.kernel.backends import FirewallBackend as Firewall
 from netjail.kernel.backends import LogBackend
+from netjail.protocol import BindMount
 
 DEFAULT_CONFIG_PATH = "/etc/netjail/netjaild.toml"
 DEFAULT_SOCKET = "/run/netjail/netjail.sock"
@@ -63,11 +67,27 @@ class Limits:
     max_memory: int | None = None  # bytes
     default_cpus: float | None = None
     max_cpus: float | None = None
-    default_pids: int | None = None
+    #: A pids limit even for jobs that ask for none: a fork bomb ends far below pid_max.
+    default_pids: int | None = 4096
     max_pids: int | None = None
     default_timeout: float | None = None  # seconds
     max_timeout: float | None = None  # seconds
     kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL when a job is ended
+
+
+@dataclass(frozen=True)
+class Jail:
+    """The deep jail: who jobs run as, what of the host they see, how big their tmpfs are."""
+
+    #: uids (and gids) leased one per job to root's jobs that ask for no --uid.
+    job_uids: UidRange = field(default_factory=lambda: parse_uid_range(DEFAULT_JOB_UIDS))
+    #: Host paths every job sees, read-write and read-only (a job's own binds come after).
+    binds: tuple[BindMount, ...] = ()
+    ro_binds: tuple[BindMount, ...] = ()
+    tmp_size: int = 256 << 20
+    var_tmp_size: int = 256 << 20
+    run_size: int = 16 << 20
+    dev_shm_size: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,7 @@ class Config:
     firewall: Firewall = "nftables"
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
+    jail: Jail = field(default_factory=Jail)
     # Host name (lower case, no trailing dot) -> address; the proxy uses it instead of DNS.
     hosts: Mapping[str, IPAddress] = field(default_factory=_no_hosts)
 
@@ -106,7 +127,11 @@ def config_keys() -> list[str]:
 
     ``hosts`` is listed as one key: its entries are host names chosen by the operator.
     """
-    tables: dict[str, type[Limits | Policy]] = {"limits": Limits, "policy": Policy}
+    tables: dict[str, type[Limits | Policy | Jail]] = {
+        "limits": Limits,
+        "policy": Policy,
+        "jail": Jail,
+    }
     keys: list[str] = []
     for top in fields(Config):
         if top.name in tables:
@@ -157,11 +182,16 @@ def _read_limit(
     """``default_<name>`` and ``max_<name>``, the default defaulting to the max (see Limits)."""
     default = table.take(f"default_{name}", convert, None)
     maximum = table.take(f"max_{name}", convert, None)
+    given = f"default_{name}" in table.data
+    shipped = getattr(Limits(), f"default_{name}")
     if maximum is None:
-        return default, maximum
+        return (default if given else shipped), maximum
     if default is None:
-        # Absent means "the max"; a default that was given but invalid is reported already.
-        return (None if f"default_{name}" in table.data else maximum), maximum
+        # Absent means the shipped default, capped by the max (the max when there is no
+        # shipped default); a default that was given but invalid is reported already.
+        if given:
+            return None, maximum
+        return (maximum if shipped is None else min(shipped, maximum)), maximum
     if default > maximum:
         # Quote the values as written ("4G"), not as parsed (4294967296).
         table.problem(
@@ -204,9 +234,23 @@ def _read_policy(table: Table) -> Policy:
     )
 
 
+def _read_jail(table: Table) -> Jail:
+    base = Jail()
+    return Jail(
+        job_uids=table.take("job_uids", read_uid_range, base.job_uids),
+        binds=table.take("binds", read_array(read_bind("rw")), base.binds),
+        ro_binds=table.take("ro_binds", read_array(read_bind("ro")), base.ro_binds),
+        tmp_size=table.take("tmp_size", read_size, base.tmp_size),
+        var_tmp_size=table.take("var_tmp_size", read_size, base.var_tmp_size),
+        run_size=table.take("run_size", read_size, base.run_size),
+        dev_shm_size=table.take("dev_shm_size", read_size, base.dev_shm_size),
+    )
+
+
 def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
     top = Table(data, "", problems)
     limits, policy, hosts = top.subtable("limits"), top.subtable("policy"), top.subtable("hosts")
+    jail = top.subtable("jail")
     base = Config()
     config = Config(
         socket=top.take("socket", read_socket_path, base.socket),
@@ -226,8 +270,9 @@ def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
         limits=_read_limits(limits),
         policy=_read_policy(policy),
         hosts=_read_hosts(hosts),
+        jail=_read_jail(jail),
     )
-    for table in (top, limits, policy, hosts):
+    for table in (top, limits, policy, hosts, jail):
         table.reject_unknown()
     return config
 

@@ -15,7 +15,9 @@ from typing import TypeVar, cast
 
 from netjail import policy as rules
 from netjail import units
-from netjail.errors import RequestError
+from netjail.daemon.uids import UidRange, parse_uid_range
+from netjail.errors import ConfigError, ProtocolError, RequestError
+from netjail.protocol import BindAccess, BindMount, parse_bind
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -255,3 +257,21 @@ def read_host_name(name: str) -> str:
     if canonical is None:
         raise BadValueError(f"invalid host name {name!r}")
     return canonical
+
+
+def read_uid_range(value: object) -> UidRange:
+    text = read_string(value)
+    try:
+        return parse_uid_range(text, key="")
+    except ConfigError as exc:
+        raise BadValueError(str(exc).removeprefix(": ")) from None
+
+
+def read_bind(access: BindAccess) -> Callable[[object], BindMount]:
+    def convert(value: object) -> BindMount:
+        try:
+            return parse_bind(read_string(value), access)
+        except ProtocolError as exc:
+            raise BadValueError(str(exc)) from None
+
+    return convert
