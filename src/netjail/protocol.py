@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from netjail import units
+from netjail.units import MAX_CPUS as _UNITS_MAX_CPUS
 from netjail.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -30,7 +30,7 @@ MAX_CAPTURE_BYTES = 16 << 20
 DEFAULT_CAPTURE_BYTES = 1 << 20
 #: Bounds of a run request's limits (the CLI checks the same ones before sending).
 MIN_MEMORY_BYTES = 1 << 20
-MAX_CPUS = units.MAX_CPUS
+MAX_CPUS = _UNITS_MAX_CPUS
 MAX_PIDS = 1 << 22
 MAX_TIMEOUT_S = 30 * 86400
 MAX_KILL_GRACE_S = 3600
