@@ -17,8 +17,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from netjail.units import MAX_CPUS as _UNITS_MAX_CPUS
 from netjail.errors import ProtocolError
+from netjail.units import MAX_CPUS as _UNITS_MAX_CPUS
 
 PROTOCOL_VERSION = 1
 #: Largest frame (one line, newline included) either side accepts.
