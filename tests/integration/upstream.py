@@ -86,7 +86,10 @@ def make_certificates(directory: str) -> tuple[str, str, str]:
     ca_key, ca = f"{directory}/ca.key", f"{directory}/ca.pem"
     key, csr, cert = f"{directory}/server.key", f"{directory}/server.csr", f"{directory}/server.pem"
     ext = f"{directory}/ext.cnf"
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
     run(
         "openssl",
         "req",

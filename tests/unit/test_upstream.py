@@ -83,7 +83,7 @@ GUARD = [
     ("::ffff:8.8.4.4", "hosts", 443, "8.8.4.4, an address of the daemon host"),
     ("2a00:1450::7", "dns", 443, "2a00:1450::7, an address of the daemon host"),
     ("8.8.4.4", "dns", 22, None),
-    ("192.0.2.2", "dns", 443, "192.0.2.2, an address of the daemon host"),
+    ("192.0.2.2", "dns", 443, "192.0.2.2, a documentation address"),  # the more telling name
     # The job's --add-host is the requester's own choice: it goes, whatever it is.
     ("127.0.0.1", "add-host", 8080, None),
     ("8.8.4.4", "add-host", 443, None),

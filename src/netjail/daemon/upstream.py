@@ -63,10 +63,12 @@ def refuse_upstream(
         return Refusal(upstream, f"{address}, which a --deny rule covers on port {port}", "denied")
     if upstream.origin == "add-host" or policy.allows_address(address, port):
         return None
+    special = find_special(address)
+    if special is not None:
+        return Refusal(upstream, special.describe(), "special")
     if address in host_addresses:
         return Refusal(upstream, f"{address}, an address of the daemon host", "daemon_host")
-    special = find_special(address)
-    return None if special is None else Refusal(upstream, special.describe(), "special")
+    return None
 
 
 def describe_forbidden(domain: str, refused: list[Refusal]) -> str:
