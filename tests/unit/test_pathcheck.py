@@ -6,6 +6,8 @@ import os
 import stat
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netjail.errors import BindSourceError, RequestError
 from netjail.kernel.pathcheck import (
@@ -105,3 +107,14 @@ def test_refusals_are_request_errors() -> None:
         open_bind_source("x", Credentials(CLIENT, CLIENT, frozenset()), "write")
     assert caught.value.code == "request"
     assert str(caught.value) == "--bind x: not an absolute path"
+
+
+@given(st.text(max_size=300).filter(lambda text: not text.startswith("/")))
+def test_any_relative_text_is_refused_in_one_printable_line(path: str) -> None:
+    """Any text a client sends that is not absolute is refused in one printable line."""
+    with pytest.raises(BindSourceError) as caught:
+        open_bind_source(path, Credentials(CLIENT, CLIENT, frozenset()), "write")
+    message = str(caught.value)
+    assert message.startswith("--bind ")
+    assert message.endswith(": not an absolute path")
+    assert message.isprintable()
