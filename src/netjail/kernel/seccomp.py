@@ -51,9 +51,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import tempfile
+import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from netjail.errors import SpawnError, map_os_errors
 from netjail.kernel import syscalls
@@ -71,13 +71,13 @@ AF_NETLINK = 16
 NETLINK_ROUTE = 0
 
 CLONE_NEWTIME = 0x00000080
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS = syscalls.CLONE_NEWNS
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
+CLONE_NEWNET = syscalls.CLONE_NEWNET
 #: clone's flags hold the exit signal in their low byte, so CLONE_NEWTIME (0x80) is unshare's.
 CLONE_NAMESPACE_FLAGS = (
     CLONE_NEWNS,
@@ -311,11 +311,16 @@ def _build_filter(arch: JobArch, rules: tuple[SyscallRule, ...]) -> Any:
     return syscall_filter
 
 
+def _scratch_file() -> BinaryIO:
+    """A file in memory for libseccomp to write to (it exports only to an fd)."""
+    return os.fdopen(os.memfd_create("netjail-seccomp", os.MFD_CLOEXEC), "w+b")
+
+
 def compile_job_filter(arch: JobArch) -> CompiledFilter:
     """``JOB_RULES`` as a BPF program for ``arch``; SpawnError naming the step if that fails."""
     with map_os_errors(SpawnError, f"seccomp filter: compiling {PROFILE} for {arch}"):
         syscall_filter = _build_filter(arch, JOB_RULES)
-        with tempfile.TemporaryFile() as out:
+        with _scratch_file() as out:
             syscall_filter.export_bpf(out)
             out.seek(0)
             program = out.read()
@@ -326,7 +331,7 @@ def render_job_filter(arch: JobArch) -> str:
     """libseccomp's pseudo-code for the compiled profile (for tests and for reading)."""
     with map_os_errors(SpawnError, f"seccomp filter: rendering {PROFILE} for {arch}"):
         syscall_filter = _build_filter(arch, JOB_RULES)
-        with tempfile.TemporaryFile() as out:
+        with _scratch_file() as out:
             syscall_filter.export_pfc(out)
             out.seek(0)
             return out.read().decode()
