@@ -7,7 +7,7 @@ turns it into BPF for the native architecture. libseccomp assembles the program,
 
 Where this differs from Docker's default profile (moby/profiles seccomp/default.json), and why:
 
-- **Default allow, not default deny.** Docker allows a list of about 370 syscalls and gates more
+- **Default allow, not default deny.** Docker allows a list of some 350 syscalls and gates more
   on capabilities. A job holds no capability and runs under no_new_privs, so everything Docker
   gates on a capability already fails with EPERM from the kernel itself. What is left to deny is
   what an unprivileged process can reach; a deny list of that keeps new syscalls (``cachestat``,
