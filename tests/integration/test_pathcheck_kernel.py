@@ -61,18 +61,18 @@ def _same_inode(source: BindSource, path: str) -> bool:
 def test_non_root_cannot_bind_root_home(user: Credentials) -> None:
     """A non-root client cannot bind /root, read-only or read-write."""
     with pytest.raises(BindSourceError) as caught:
-        open_bind_source("/root", user, "read")
+        open_bind_source("/root", user, "ro")
     assert str(caught.value) == f"--ro-bind /root: permission denied for uid {user.uid}"
     with pytest.raises(BindSourceError, match=r"^--bind /root: permission denied for uid"):
-        open_bind_source("/root", user, "write")
+        open_bind_source("/root", user, "rw")
 
 
 def test_non_root_cannot_bind_another_users_private_file(base: Path, user: Credentials) -> None:
     """Another user's 0600 file is refused; root may bind it."""
     private = _file(base / "private", 0o600, uid=NOBODY, gid=NOBODY)
     with pytest.raises(BindSourceError, match=r"^--ro-bind .*/private: permission denied for"):
-        open_bind_source(str(private), user, "read")
-    source = open_bind_source(str(private), ROOT, "write")
+        open_bind_source(str(private), user, "ro")
+    source = open_bind_source(str(private), ROOT, "rw")
     try:
         assert _same_inode(source, str(private))
     finally:
@@ -87,7 +87,7 @@ def test_own_symlink_to_shadow_is_checked_as_the_client(base: Path, user: Creden
     (own / "link").symlink_to("/etc/shadow")
     os.lchown(own / "link", user.uid, user.gid)
     with pytest.raises(BindSourceError) as caught:
-        open_bind_source(str(own / "link"), user, "read")
+        open_bind_source(str(own / "link"), user, "ro")
     assert str(caught.value) == f"--ro-bind {own}/link: permission denied for uid {user.uid}"
 
 
@@ -99,7 +99,7 @@ def test_symlink_planted_by_another_user_is_not_followed(base: Path, user: Crede
     (shared / "link").symlink_to("/etc/passwd")
     os.lchown(shared / "link", NOBODY, NOBODY)
     with pytest.raises(BindSourceError) as caught:
-        open_bind_source(str(shared / "link"), user, "read")
+        open_bind_source(str(shared / "link"), user, "ro")
     assert str(caught.value) == (
         f"--ro-bind {shared}/link: {shared}/link is a symlink owned by uid {NOBODY}; "
         "only root's and your own are followed"
@@ -114,7 +114,7 @@ def test_root_does_not_follow_a_users_symlink(base: Path, user: Credentials) -> 
     (own / "data").symlink_to("/etc/shadow")
     os.lchown(own / "data", user.uid, user.gid)
     with pytest.raises(BindSourceError, match=rf"is a symlink owned by uid {user.uid}; only"):
-        open_bind_source(str(own / "data"), ROOT, "write")
+        open_bind_source(str(own / "data"), ROOT, "rw")
 
 
 def test_symlink_in_a_directory_others_can_write_is_refused(base: Path) -> None:
@@ -124,14 +124,14 @@ def test_symlink_in_a_directory_others_can_write_is_refused(base: Path) -> None:
     open_dir.chmod(0o777)
     (open_dir / "link").symlink_to("/etc")
     with pytest.raises(BindSourceError, match=r"is a symlink in a directory others can change"):
-        open_bind_source(str(open_dir / "link"), ROOT, "read")
+        open_bind_source(str(open_dir / "link"), ROOT, "ro")
 
 
 def test_system_symlinks_are_followed(user: Credentials) -> None:
     """Root's links in root's directories are followed: /lib -> usr/lib on merged /usr."""
     if not os.path.islink("/lib"):
         pytest.skip("/lib is not a symlink here")
-    source = open_bind_source("/lib", user, "read")
+    source = open_bind_source("/lib", user, "ro")
     try:
         assert source.kind == "directory"
         assert _same_inode(source, os.path.realpath("/lib"))
@@ -142,7 +142,7 @@ def test_system_symlinks_are_followed(user: Credentials) -> None:
 def test_a_readable_path_opens_as_the_checked_inode(base: Path, user: Credentials) -> None:
     """A readable file opens; the fd stays on that inode when the path is swapped afterwards."""
     public = _file(base / "public", 0o644)
-    source = open_bind_source(str(public), user, "read")
+    source = open_bind_source(str(public), user, "ro")
     try:
         assert (source.path, source.kind) == (str(public), "file")
         assert _same_inode(source, str(public))
@@ -158,11 +158,11 @@ def test_write_access_is_checked_for_bind_and_read_for_ro_bind(
 ) -> None:
     """A file the client may read but not write: --ro-bind works, --bind is refused."""
     readable = _file(base / "readable", 0o644)
-    open_bind_source(str(readable), user, "read").close()
+    open_bind_source(str(readable), user, "ro").close()
     with pytest.raises(BindSourceError, match=r"^--bind .*/readable: permission denied for uid"):
-        open_bind_source(str(readable), user, "write")
+        open_bind_source(str(readable), user, "rw")
     mine = _file(base / "mine", 0o644, uid=user.uid, gid=user.gid)
-    open_bind_source(str(mine), user, "write").close()
+    open_bind_source(str(mine), user, "rw").close()
 
 
 def test_directories_need_search_permission(base: Path, user: Credentials) -> None:
@@ -171,15 +171,15 @@ def test_directories_need_search_permission(base: Path, user: Credentials) -> No
     listable.mkdir()
     listable.chmod(0o744)
     with pytest.raises(BindSourceError, match="permission denied"):
-        open_bind_source(str(listable), user, "read")
+        open_bind_source(str(listable), user, "ro")
     listable.chmod(0o755)
-    source = open_bind_source(str(listable), user, "read")
+    source = open_bind_source(str(listable), user, "ro")
     source.close()
     assert source.kind == "directory"
     with pytest.raises(BindSourceError, match=r"^--bind .*/listable: permission denied"):
-        open_bind_source(str(listable), user, "write")
+        open_bind_source(str(listable), user, "rw")
     os.chown(listable, user.uid, user.gid)
-    open_bind_source(str(listable), user, "write").close()
+    open_bind_source(str(listable), user, "rw").close()
 
 
 def test_supplementary_groups_count(base: Path, user: Credentials) -> None:
@@ -188,26 +188,26 @@ def test_supplementary_groups_count(base: Path, user: Credentials) -> None:
     assert group in user.groups
     assert group != user.gid
     shared = _file(base / "group-readable", 0o640, gid=group)
-    open_bind_source(str(shared), user, "read").close()
+    open_bind_source(str(shared), user, "ro").close()
     without = Credentials(user.uid, user.gid, user.groups - {group})
     with pytest.raises(BindSourceError, match="permission denied"):
-        open_bind_source(str(shared), without, "read")
+        open_bind_source(str(shared), without, "ro")
 
 
 def test_missing_and_non_directory_paths_are_refused(base: Path, user: Credentials) -> None:
     """A missing path and a file named with a trailing slash are refused with the reason."""
     with pytest.raises(BindSourceError) as caught:
-        open_bind_source(str(base / "absent"), user, "read")
+        open_bind_source(str(base / "absent"), user, "ro")
     assert str(caught.value) == f"--ro-bind {base}/absent: no such file or directory"
     _file(base / "plain", 0o644)
     with pytest.raises(BindSourceError, match=r"plain/: not a directory$"):
-        open_bind_source(f"{base}/plain/", user, "read")
+        open_bind_source(f"{base}/plain/", user, "ro")
 
 
 def test_proc_links_are_not_followed() -> None:
     """/proc/self is the daemon's, not the job's: links in /proc are refused, even for root."""
     with pytest.raises(BindSourceError, match=r"/proc/self is a symlink in /proc"):
-        open_bind_source("/proc/self/root/etc", ROOT, "read")
+        open_bind_source("/proc/self/root/etc", ROOT, "ro")
 
 
 def test_checks_leave_the_callers_credentials_and_fds_alone(base: Path, user: Credentials) -> None:
@@ -215,11 +215,11 @@ def test_checks_leave_the_callers_credentials_and_fds_alone(base: Path, user: Cr
     public = _file(base / "public", 0o644)
     before = sorted(os.listdir("/proc/self/fd"))
     for _ in range(20):
-        open_bind_source(str(public), user, "read").close()
+        open_bind_source(str(public), user, "ro").close()
         with pytest.raises(BindSourceError):
-            open_bind_source("/root", user, "read")
+            open_bind_source("/root", user, "ro")
         with pytest.raises(BindSourceError):
-            open_bind_source(str(base / "absent" / "deeper"), user, "read")
+            open_bind_source(str(base / "absent" / "deeper"), user, "ro")
     assert sorted(os.listdir("/proc/self/fd")) == before
     with open("/etc/shadow") as f:  # root-only: the check's credentials stayed on its thread
         assert f.readline()
@@ -258,10 +258,10 @@ def test_ro_bind_mounts_the_checked_file_read_only(base: Path, user: Credentials
     """--ro-bind: the job child attaches the checked file, read-only, even after a path swap."""
     public = _file(base / "public", 0o644)
     target = _file(base / "target", 0o644)
-    source = open_bind_source(str(public), user, "read")
+    source = open_bind_source(str(public), user, "ro")
     public.rename(base / "moved")
     (base / "public").symlink_to("/etc/shadow")
-    tree = clone_bind_mount(source, "read")
+    tree = clone_bind_mount(source, "ro")
     source.close()
 
     def work() -> str:
@@ -282,8 +282,8 @@ def test_bind_mounts_the_checked_directory_read_write(base: Path, user: Credenti
     os.chown(own, user.uid, user.gid)
     target = base / "mnt"
     target.mkdir()
-    source = open_bind_source(str(own), user, "write")
-    tree = clone_bind_mount(source, "write")
+    source = open_bind_source(str(own), user, "rw")
+    tree = clone_bind_mount(source, "rw")
     source.close()
 
     def work() -> str:

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from netjail.errors import BindSourceError, RequestError
 from netjail.kernel.pathcheck import (
-    Access,
     Credentials,
     SourceKind,
     access_mode,
@@ -19,6 +18,7 @@ from netjail.kernel.pathcheck import (
     option_name,
     symlink_trust,
 )
+from netjail.protocol import BindAccess
 
 CLIENT = 1000
 OTHER = 1001
@@ -69,20 +69,20 @@ def test_symlink_trust_for_root_trusts_only_root() -> None:
 @pytest.mark.parametrize(
     ("access", "kind", "mode"),
     [
-        ("read", "file", os.R_OK),
-        ("write", "file", os.R_OK | os.W_OK),
-        ("read", "directory", os.R_OK | os.X_OK),
-        ("write", "directory", os.R_OK | os.W_OK | os.X_OK),
+        ("ro", "file", os.R_OK),
+        ("rw", "file", os.R_OK | os.W_OK),
+        ("ro", "directory", os.R_OK | os.X_OK),
+        ("rw", "directory", os.R_OK | os.W_OK | os.X_OK),
     ],
 )
-def test_access_mode(access: Access, kind: SourceKind, mode: int) -> None:
+def test_access_mode(access: BindAccess, kind: SourceKind, mode: int) -> None:
     """--ro-bind needs read, --bind read and write; a directory needs search as well."""
     assert access_mode(access, kind) == mode
 
 
 def test_option_names() -> None:
-    """Messages name the option the user typed: write access is --bind, read is --ro-bind."""
-    assert (option_name("write"), option_name("read")) == ("--bind", "--ro-bind")
+    """Messages name the option the user typed: "rw" is --bind, "ro" is --ro-bind."""
+    assert (option_name("rw"), option_name("ro")) == ("--bind", "--ro-bind")
 
 
 @pytest.mark.parametrize(
@@ -97,14 +97,14 @@ def test_option_names() -> None:
 def test_paths_that_are_not_absolute_are_refused(path: str, shown: str) -> None:
     """A relative, empty, NUL-bearing or too long path is refused before any lookup."""
     with pytest.raises(BindSourceError) as caught:
-        open_bind_source(path, Credentials(CLIENT, CLIENT, frozenset()), "read")
+        open_bind_source(path, Credentials(CLIENT, CLIENT, frozenset()), "ro")
     assert str(caught.value) == f"--ro-bind {shown}: not an absolute path"
 
 
 def test_refusals_are_request_errors() -> None:
     """A refused bind source is the client's request failing (code "request"), not the jail."""
     with pytest.raises(RequestError) as caught:
-        open_bind_source("x", Credentials(CLIENT, CLIENT, frozenset()), "write")
+        open_bind_source("x", Credentials(CLIENT, CLIENT, frozenset()), "rw")
     assert caught.value.code == "request"
     assert str(caught.value) == "--bind x: not an absolute path"
 
@@ -113,7 +113,7 @@ def test_refusals_are_request_errors() -> None:
 def test_any_relative_text_is_refused_in_one_printable_line(path: str) -> None:
     """Any text a client sends that is not absolute is refused in one printable line."""
     with pytest.raises(BindSourceError) as caught:
-        open_bind_source(path, Credentials(CLIENT, CLIENT, frozenset()), "write")
+        open_bind_source(path, Credentials(CLIENT, CLIENT, frozenset()), "rw")
     message = str(caught.value)
     assert message.startswith("--bind ")
     assert message.endswith(": not an absolute path")

@@ -45,12 +45,15 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from netjail.errors import BindSourceError, JailError, map_os_errors
 from netjail.text import sanitize
 
-Access = Literal["read", "write"]
+if TYPE_CHECKING:
+    # The wire's vocabulary, "ro" (--ro-bind) or "rw" (--bind): one home for it.
+    from netjail.protocol import BindAccess
+
 #: What the mount step needs to know to make the mount point: "file" is any non-directory.
 SourceKind = Literal["directory", "file"]
 SymlinkTrust = Literal["trusted", "foreign-owner", "shared-directory"]
@@ -107,14 +110,14 @@ class BindSource:
         os.close(self.fd)
 
 
-def option_name(access: Access) -> str:
+def option_name(access: BindAccess) -> str:
     """The option a user wrote for this access: --bind (read-write) or --ro-bind."""
-    return "--bind" if access == "write" else "--ro-bind"
+    return "--bind" if access == "rw" else "--ro-bind"
 
 
-def access_mode(access: Access, kind: SourceKind) -> int:
+def access_mode(access: BindAccess, kind: SourceKind) -> int:
     """What the client must be allowed: read (and write for --bind); search too on directories."""
-    mode = os.R_OK | (os.W_OK if access == "write" else 0)
+    mode = os.R_OK | (os.W_OK if access == "rw" else 0)
     return mode | (os.X_OK if kind == "directory" else 0)
 
 
@@ -251,13 +254,13 @@ def _resolve(path: str, uid: int) -> int:
     return current
 
 
-def _check_access(fd: int, access: Access, kind: SourceKind) -> None:
+def _check_access(fd: int, access: BindAccess, kind: SourceKind) -> None:
     flags = _AT_EMPTY_PATH | _AT_EACCESS
     mode = access_mode(access, kind)
     _raw("faccessat2", ctypes.c_long(fd), b"", ctypes.c_long(mode), ctypes.c_long(flags))
 
 
-def _open_checked(path: str, creds: Credentials, access: Access) -> tuple[int, SourceKind]:
+def _open_checked(path: str, creds: Credentials, access: BindAccess) -> tuple[int, SourceKind]:
     fd = _resolve(path, creds.uid)
     try:
         kind: SourceKind = "directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
@@ -276,7 +279,7 @@ def _reason(e: OSError, creds: Credentials) -> str:
     return (e.strerror or str(e)).lower()
 
 
-def open_bind_source(path: str, creds: Credentials, access: Access) -> BindSource:
+def open_bind_source(path: str, creds: Credentials, access: BindAccess) -> BindSource:
     """Open ``path`` as the client ``creds`` for a bind mount with ``access``, or refuse.
 
     ``path`` must be absolute. Raises BindSourceError, one line naming the option and path:
@@ -304,10 +307,10 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def clone_bind_mount(source: BindSource, access: Access) -> int:
+def clone_bind_mount(source: BindSource, access: BindAccess) -> int:
     """A detached mount of the checked ``source`` (with what is mounted below it), for the job.
 
-    Read-only unless ``access`` is "write"; always nosuid; private, so nothing mounted on
+    Read-only unless ``access`` is "rw"; always nosuid; private, so nothing mounted on
     either side propagates to the other. Runs as root in the daemon. The fd (close-on-exec)
     goes to the job child for ``attach_bind_mount``; closed unattached, the mount just goes.
     Raises JailError naming the option and path.
@@ -318,7 +321,7 @@ def clone_bind_mount(source: BindSource, access: Access) -> int:
         tree = _raw("open_tree", ctypes.c_long(source.fd), b"", ctypes.c_long(flags))
         try:
             attributes = _MountAttr(
-                _MOUNT_ATTR_NOSUID | (0 if access == "write" else _MOUNT_ATTR_RDONLY),
+                _MOUNT_ATTR_NOSUID | (0 if access == "rw" else _MOUNT_ATTR_RDONLY),
                 0,
                 _MS_PRIVATE,
                 0,
