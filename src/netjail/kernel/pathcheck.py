@@ -7,11 +7,10 @@ credentials*, then asks the kernel whether the client may read (``--ro-bind``) o
 write (``--bind``) the object it reached (``faccessat2`` on that fd). The result is that O_PATH
 fd, so what is mounted later is the very inode that was checked, whatever happens to the path.
 
-**Mounting it.** ``mount(MS_BIND)`` of ``/proc/self/fd/N`` fails (EINVAL) once the job child
-has its own mount namespace: the fd's mount is in the daemon's namespace. So the daemon turns
-the fd into a detached mount (``clone_bind_mount``: open_tree(OPEN_TREE_CLONE), recursive,
-read-only for --ro-bind, nosuid, private propagation) and passes that fd to the job child,
-which attaches it in its own namespace (``attach_bind_mount``: move_mount).
+**Mounting it** is rootfs's: ``mount(MS_BIND)`` of ``/proc/self/fd/N`` fails (EINVAL) once the
+job child has its own mount namespace, the fd's mount being in the daemon's, so the job child
+takes a detached copy with open_tree(OPEN_TREE_CLONE) before it leaves the daemon's namespace
+(``rootfs.open_bind_trees``) and attaches it with move_mount.
 
 **Whose credentials, and how.** The daemon is one multi-threaded process, so it cannot become
 the client: setuid() in glibc changes every thread. Forking a helper is no better: a fork of a
@@ -68,19 +67,10 @@ _OPEN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 #: Raw syscall numbers (per-thread credentials; glibc's setgroups acts on every thread).
 #: faccessat2 has one number everywhere; it is 5.8's, so older kernels fail closed (ENOSYS).
-#: The mount API calls (5.2, 5.12) share the generic numbers too.
-_GENERIC = {"open_tree": 428, "move_mount": 429, "faccessat2": 439, "mount_setattr": 442}
 _SYSCALLS = {
-    "x86_64": {"setgroups": 116, "setfsuid": 122, "setfsgid": 123, **_GENERIC},
-    "aarch64": {"setgroups": 159, "setfsuid": 151, "setfsgid": 152, **_GENERIC},
+    "x86_64": {"setgroups": 116, "setfsuid": 122, "setfsgid": 123, "faccessat2": 439},
+    "aarch64": {"setgroups": 159, "setfsuid": 151, "setfsgid": 152, "faccessat2": 439},
 }
-_AT_FDCWD = -100
-_AT_RECURSIVE = 0x8000
-_OPEN_TREE_CLONE = 0x1
-_MOUNT_ATTR_RDONLY = 0x1
-_MOUNT_ATTR_NOSUID = 0x2
-_MS_PRIVATE = 1 << 18
-_MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -296,61 +286,3 @@ def open_bind_source(path: str, creds: Credentials, access: BindAccess) -> BindS
     except OSError as e:
         raise BindSourceError(f"{prefix}: {_reason(e, creds)}") from None
     return BindSource(path, fd, kind)
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def clone_bind_mount(source: BindSource, access: BindAccess) -> int:
-    """A detached mount of the checked ``source`` (with what is mounted below it), for the job.
-
-    Read-only unless ``access`` is "rw"; always nosuid; private, so nothing mounted on
-    either side propagates to the other. Runs as root in the daemon. The fd (close-on-exec)
-    goes to the job child for ``attach_bind_mount``; closed unattached, the mount just goes.
-    Raises JailError naming the option and path.
-    """
-    what = f"{option_name(access)} {sanitize(source.path)}: making the bind mount"
-    flags = _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | _AT_RECURSIVE
-    with map_os_errors(JailError, what):
-        tree = _raw("open_tree", ctypes.c_long(source.fd), b"", ctypes.c_long(flags))
-        try:
-            attributes = _MountAttr(
-                _MOUNT_ATTR_NOSUID | (0 if access == "rw" else _MOUNT_ATTR_RDONLY),
-                0,
-                _MS_PRIVATE,
-                0,
-            )
-            _raw(
-                "mount_setattr",
-                ctypes.c_long(tree),
-                b"",
-                ctypes.c_long(_AT_EMPTY_PATH | _AT_RECURSIVE),
-                ctypes.byref(attributes),
-                ctypes.c_long(ctypes.sizeof(attributes)),
-            )
-        except BaseException:
-            os.close(tree)
-            raise
-    return tree
-
-
-def attach_bind_mount(tree: int, target: str) -> None:
-    """Attach the detached mount ``tree`` at ``target`` (which must exist: a directory for a
-    directory source, a file otherwise), in the caller's mount namespace.
-
-    For the job child, while it builds its file system. Raises OSError, as syscalls.py does.
-    """
-    _raw(
-        "move_mount",
-        ctypes.c_long(tree),
-        b"",
-        ctypes.c_long(_AT_FDCWD),
-        os.fsencode(target),
-        ctypes.c_long(_MOVE_MOUNT_F_EMPTY_PATH),
-    )
