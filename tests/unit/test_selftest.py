@@ -1,12 +1,36 @@
-"""The self-test's verdict on a probe job's report (pure)."""
+"""The self-test: its verdict on a probe job's report (pure), and the probe job it runs
+(over a stub JobManager)."""
 
 from __future__ import annotations
 
-from netjail.daemon.selftest import PROBE_ADDRESS, PROBE_NAME, PROBE_PORT, evaluate, probe_argv
-from netjail.protocol import Event, Report
+import asyncio
+import os
+from pathlib import Path
+
+import msgspec
+
+from netjail.daemon.config import Config, Limits
+from netjail.daemon.config import Policy as ConfigPolicy
+from netjail.daemon.pipeline import Job
+from netjail.daemon.selftest import (
+    PROBE_ADDRESS,
+    PROBE_NAME,
+    PROBE_PORT,
+    evaluate,
+    probe_argv,
+    run_self_test,
+)
+from netjail.daemon.spec import DEFAULT_PATH, CapturedStdio
+from netjail.errors import JailError
+from netjail.kernel.peer import PeerCred
+from netjail.protocol import AppliedLimits, Event, EventKind, Report, Via
+
+from .daemonfakes import make_daemon, run
 
 
-def event(kind: str, proto: str | None, domain: str | None = None, via: str = "nflog") -> Event:
+def event(
+    kind: EventKind, proto: str | None, domain: str | None = None, via: Via = "nflog"
+) -> Event:
     return Event(
         job="j-1",
         time="2026-11-22T00:00:00.000Z",
@@ -97,3 +121,166 @@ def test_a_probe_that_crashed_says_what_it_printed() -> None:
         "the probe's attempts were not all rejected (expected tcp refused, udp rejected, "
         "dns failed; got Traceback: boom)"
     ]
+
+
+def test_the_right_output_with_a_failing_exit_status_fails_the_test() -> None:
+    """The output alone is not enough: the probe must also exit 0."""
+    bad = report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS, exit_code=3)
+    assert evaluate(bad, "nflog") == [
+        "the probe's attempts were not all rejected (expected tcp refused, udp rejected, "
+        "dns failed; got tcp refused, udp rejected, dns failed)"
+    ]
+
+
+def test_a_probe_that_left_nothing_names_every_missing_part() -> None:
+    """No output, no stderr and no events: one line for each missing part, in order."""
+    bad = report(b"", [])
+    bad.exit_code = None
+    bad.stdout = None
+    bad.stderr = None
+    assert evaluate(bad, "nflog") == [
+        "the probe's attempts were not all rejected (expected tcp refused, udp rejected, "
+        "dns failed; got nothing)",
+        "NFLOG events not received for the blocked TCP attempt: nfnetlink_log missing?",
+        "NFLOG events not received for the blocked UDP attempt: nfnetlink_log missing?",
+        "the DNS stub did not report the probe's lookup",
+    ]
+
+
+def test_events_about_other_attempts_do_not_count() -> None:
+    """Only blocked egress to the probe's address and port, and a blocked lookup of the
+    probe's name, prove the jail reports."""
+    elsewhere = [
+        msgspec.structs.replace(GOOD_EVENTS[0], port=PROBE_PORT + 1),
+        msgspec.structs.replace(GOOD_EVENTS[1], dst="203.0.113.2"),
+        msgspec.structs.replace(GOOD_EVENTS[1], verdict="allowed"),
+        msgspec.structs.replace(GOOD_EVENTS[2], verdict="allowed"),
+        msgspec.structs.replace(GOOD_EVENTS[2], domain="other.invalid"),
+    ]
+    assert evaluate(report(b"tcp refused\nudp rejected\ndns failed\n", elsewhere), "kmsg") == [
+        "kernel log (LOG/kmsg) events not received for the blocked TCP attempt: "
+        "is nf_log_all_netns=1?",
+        "kernel log (LOG/kmsg) events not received for the blocked UDP attempt: "
+        "is nf_log_all_netns=1?",
+        "the DNS stub did not report the probe's lookup",
+    ]
+
+
+# ---------------------------------------------------------------------- run_self_test
+
+
+def probe_report(job: Job) -> Report:
+    return msgspec.structs.replace(
+        report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS), job=job.id
+    )
+
+
+def test_run_self_test_runs_the_probe_as_root_with_capture_and_the_configs_limits(
+    tmp_path: Path,
+) -> None:
+    """The probe job: this interpreter as uid 0, owned by the daemon, captured, with a 20 s
+    timeout, the config's other limits and DNS answer; a good report means no problem."""
+    config = Config(
+        limits=Limits(max_memory=64 << 20),
+        policy=ConfigPolicy(blocked_dns_answer="REFUSED"),
+    )
+    daemon = make_daemon(str(tmp_path), config)
+    daemon.jobs.on_start = lambda job: daemon.jobs.finish(job, probe_report(job))
+
+    async def main() -> list[str]:
+        return await run_self_test(daemon.jobs, config)
+
+    try:
+        assert run(main()) == []
+    finally:
+        daemon.close()
+    [call] = daemon.jobs.starts
+    assert (call.stdio, call.streamed) == ([], False)
+    spec = call.spec
+    assert (spec.argv, spec.env, spec.cwd, spec.uid, spec.gid) == (
+        probe_argv(),
+        {"PATH": DEFAULT_PATH},
+        "/",
+        0,
+        0,
+    )
+    assert spec.owner == PeerCred(pid=os.getpid(), uid=0, gid=0)
+    assert spec.limits == AppliedLimits(
+        memory_bytes=64 << 20,
+        cpus=None,
+        pids=Limits().default_pids,
+        timeout_s=20.0,
+        kill_grace_s=0.5,
+    )
+    assert spec.stdio == CapturedStdio(4096)
+    assert (spec.policy.allow, spec.policy.deny) == ((), ())
+    assert spec.blocked_dns_answer == "REFUSED"
+
+
+def test_run_self_test_returns_the_problems_of_the_probes_report(tmp_path: Path) -> None:
+    """The report is judged with the configured log backend's wording."""
+    daemon = make_daemon(str(tmp_path))
+    unreported = report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS[2:])
+    daemon.jobs.on_start = lambda job: daemon.jobs.finish(job, unreported)
+    try:
+        assert run(run_self_test(daemon.jobs, Config(log_backend="kmsg"))) == [
+            "kernel log (LOG/kmsg) events not received for the blocked TCP attempt: "
+            "is nf_log_all_netns=1?",
+            "kernel log (LOG/kmsg) events not received for the blocked UDP attempt: "
+            "is nf_log_all_netns=1?",
+        ]
+    finally:
+        daemon.close()
+
+
+def test_run_self_test_reports_a_probe_that_could_not_start(tmp_path: Path) -> None:
+    """A probe job that cannot start is one problem naming the error."""
+    daemon = make_daemon(str(tmp_path))
+    daemon.jobs.start_error = JailError("cannot build the jail: no nftables")
+    try:
+        assert run(run_self_test(daemon.jobs, Config())) == [
+            "the probe job could not run: cannot build the jail: no nftables"
+        ]
+    finally:
+        daemon.close()
+
+
+def test_run_self_test_reports_a_probe_whose_report_failed(tmp_path: Path) -> None:
+    """A probe whose supervision failed is one problem naming the error."""
+    daemon = make_daemon(str(tmp_path))
+
+    def fail(job: Job) -> None:
+        job.finished.set_exception(JailError(f"job {job.id} failed: boom"))
+
+    daemon.jobs.on_start = fail
+    try:
+        assert run(run_self_test(daemon.jobs, Config())) == [
+            "the probe job could not run: job j-00000001 failed: boom"
+        ]
+    finally:
+        daemon.close()
+
+
+def test_run_self_test_waits_until_the_probes_jail_is_gone(tmp_path: Path) -> None:
+    """The verdict comes only once the probe is removed, so nothing of it is left at READY."""
+    daemon = make_daemon(str(tmp_path))
+    started: list[Job] = []
+
+    def report_only(job: Job) -> None:
+        job.finished.set_result(probe_report(job))
+        started.append(job)
+
+    daemon.jobs.on_start = report_only
+
+    async def main() -> list[str]:
+        testing = asyncio.ensure_future(run_self_test(daemon.jobs, Config()))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not testing.done()
+        started[0].removed.set()
+        return await testing
+
+    try:
+        assert run(main()) == []
+    finally:
+        daemon.close()
