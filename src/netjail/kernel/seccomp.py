@@ -39,11 +39,11 @@ or is an attempt to reach calls the filter does not check (i386's socketcall hid
 family behind a pointer). Ending the process at once is unambiguous in the report; an errno
 would let the attempt retry, and would leave a 32-bit program failing later, less clearly.
 
-Cost, per job: compiled in the job child, the filter took 2.6 ms (median, forked children on
-the 2-core VM); a pyseccomp filter built before fork still runs libseccomp's BPF generation in
-``load()``: 0.40 ms. So the program is compiled once per process (``prepare_job_filter``, in the
-fork server before it forks), and the child only hands the ready program to prctl: 0.20 ms, of
-which the kernel's own filter set-up is about 0.09 ms.
+Cost, per job (medians over 300 forked children, 2-core VM, several runs): compiled in the
+job child, the filter took 2.4-3.6 ms; a pyseccomp filter built before fork still runs
+libseccomp's BPF generation in ``load()``: 0.4-0.7 ms. So the program is compiled once per
+process (``prepare_job_filter``, in the fork server before it forks), and the child only hands
+the ready program to prctl: 0.20-0.23 ms, of which the kernel's own set-up is about 0.09 ms.
 """
 
 from __future__ import annotations
