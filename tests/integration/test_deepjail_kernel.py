@@ -37,7 +37,7 @@ from netjail.kernel.fsplan import (
     TmpfsSizes,
     build_fs_plan,
 )
-from netjail.kernel.jailinit import JobExit, JobPlan, SpawnFailure
+from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure
 
 JOB_UID = 65534
 HOSTNAME = "netjail-kerneltest"
@@ -71,14 +71,14 @@ def _set_up_jail() -> socket.socket:
 
 
 def _mount_points() -> set[str]:
+    """The host's mount points that are this suite's (njk-…): a job's own mounts never are."""
     with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f}
+        return {point for line in f if "njk-" in (point := line.split()[4])}
 
 
 @pytest.fixture
 def jail() -> Iterator[Jail]:
     """A fresh jail netns and HOME; afterwards no netns, mount or HOME of it is left."""
-    mounts_before = _mount_points()
     name = f"njk-{secrets.token_hex(4)}"
     listener = netns.run_in_new_netns(name, _set_up_jail).result(TIMEOUT)
     # The netns thread must be gone before anything forks: a fork copies only its caller.
@@ -94,7 +94,7 @@ def jail() -> Iterator[Jail]:
         netns.delete_netns(name)
         shutil.rmtree(home, ignore_errors=True)
     assert not os.path.exists(netns.netns_path(name))
-    assert _mount_points() - mounts_before == set()
+    assert _mount_points() == set()
 
 
 # ---------------------------------------------------------------- running jobs
@@ -539,25 +539,42 @@ def test_the_killing_signal_propagates(jail: Jail) -> None:
     assert run(make_plan(jail, ["sh", "-c", "kill -KILL $$"])).exit == JobExit(None, signal.SIGKILL)
 
 
+#: Starts ``sleep MARKER`` in a session of its own (so not in the command's process group), and
+#: prints "ready" once it runs: a process the command leaves behind.
+LEAVE_A_SLEEPER = (
+    "import os, subprocess, sys\n"
+    "marker = sys.argv[1]\n"
+    "child = subprocess.Popen(['sleep', marker], start_new_session=True)\n"
+    "while marker.encode() not in open(f'/proc/{child.pid}/cmdline', 'rb').read():\n"
+    "    pass\n"
+    "print('ready', flush=True)\n"
+    "if sys.argv[2] == 'stay':\n"
+    "    os.execvp('sleep', ['sleep', marker])\n"
+    "os._exit(3)\n"
+)
+
+
+def _marker() -> str:
+    return f"1000.{secrets.randbelow(10**6):06d}"
+
+
 def test_sigkill_to_init_ends_the_job(jail: Jail) -> None:
     """SIGKILL from outside ends the init and, with it, every process of the job."""
-    marker = f"1000.{secrets.randbelow(10**6):06d}"
-    script = f"setsid sleep {marker} & echo ready; sleep {marker}"
-    with started(make_plan(jail, ["sh", "-c", script])) as job:
+    marker = _marker()
+    with started(make_plan(jail, [*python(LEAVE_A_SLEEPER), marker, "stay"])) as job:
         job.wait_for_output("ready")
         assert job.init_pid is not None
-        assert _processes_with_arg(marker)
+        assert len(_processes_with_arg(marker)) >= 1
         os.kill(job.init_pid, signal.SIGKILL)
         assert job.wait() == JobExit(None, signal.SIGKILL)
     assert _processes_with_arg(marker) == []
 
 
 def test_orphans_end_with_the_command(jail: Jail) -> None:
-    """Processes the command leaves behind are killed when it exits."""
-    marker = f"1000.{secrets.randbelow(10**6):06d}"
-    assert run(make_plan(jail, ["sh", "-c", f"setsid sleep {marker} & exit 3"])).exit == JobExit(
-        3, None
-    )
+    """A process the command leaves running, in a session of its own, ends with the job."""
+    marker = _marker()
+    result = run(make_plan(jail, [*python(LEAVE_A_SLEEPER), marker, "leave"]))
+    assert (result.exit, result.stdout) == (JobExit(3, None), "ready\n")
     assert _processes_with_arg(marker) == []
 
 

@@ -17,16 +17,14 @@ here because it shows the PID namespace of the process that mounts it), sets the
 starts a session, drops privileges, and forks **K**, the command. K sets up stdio and its
 cwd, runs the caller's last steps (the seccomp filter) and execs. I then serves as init.
 
-Reporting. Set-up records go back on one close-on-exec pipe as JSON lines, each written with
-one write() below PIPE_BUF, so C's and I's records cannot interleave: C's ``init`` record with
-I's host pid, and at most one ``failed`` record naming the step. EOF means K exec'd: C has
-exited, I closed its copy after forking K, and K's closed on exec.
+Reporting (formats in ``netjail.kernel.jobplan``). Set-up records go back on one
+close-on-exec pipe: C's with I's host pid, and at most one failure naming the step. EOF means
+K exec'd: C has exited, I closed its copy after forking K, and K's closed on exec.
 
 How the job ended. PID 1 of a namespace ignores every signal sent from inside it for which it
 has no handler, itself included, so I cannot re-raise the signal that killed K. I exits 128+N,
-as a shell reports it, after writing K's raw wait status (4 bytes) to a status pipe; the fork
-server reads it when it reaps I (``read_job_exit``). No record (I was SIGKILLed from outside,
-by the daemon or a cgroup kill) means I's own status is the job's.
+as a shell reports it, after writing K's wait status to a status pipe; the fork server reads
+it when it reaps I (``read_job_exit``).
 
 The seccomp filter is loaded in K only. I runs nothing but this module's loop, its only
 inputs are signals and wait statuses, and it is non-dumpable, so a job cannot ptrace it or
@@ -46,11 +44,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-import msgspec
-
 from netjail.errors import NetjailError
 from netjail.kernel import rootfs, syscalls
-from netjail.kernel.fsplan import FsPlan
+from netjail.kernel.jobplan import (
+    FailureRecord,
+    InitRecord,
+    JobExit,
+    JobPlan,
+    SpawnFailure,
+    decode_job_exit,
+    encode_job_status,
+    encode_record,
+    read_setup_report,
+)
 
 #: What I passes on to the job: to the terminal's foreground process group when the job's
 #: stdin is its controlling terminal, otherwise to every process of the namespace.
@@ -77,35 +83,6 @@ _NAMESPACES = (
 )
 #: close_range's upper bound: above any fd a process can hold.
 _FD_CEILING = 1 << 30
-_MAX_STAGE = 200
-_MAX_DETAIL = 3000
-_MAX_RECORD = 4000
-
-
-class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a job child needs; crosses the fork server's socket as it is.
-
-    ``cwd`` is a path in the job's view (``fsplan.JOB_HOME`` by default), ``cgroup_procs``
-    the cgroup.procs files the job is born in, ``fs`` the file system (``build_fs_plan``).
-    """
-
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    uid: int
-    gid: int
-    netns_path: str
-    cgroup_procs: list[str]
-    hostname: str
-    fs: FsPlan
-
-
-class SpawnFailure(msgspec.Struct, frozen=True):
-    """Which step of a job's set-up failed, and why."""
-
-    stage: str
-    errno: int
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -125,39 +102,6 @@ class StartedJob:
 
     init_pid: int
     status_fd: int
-
-
-@dataclass(frozen=True)
-class SetupReport:
-    """What the set-up pipe said: I's host pid if C forked it, and the failure if any."""
-
-    init_pid: int | None
-    failure: SpawnFailure | None
-
-
-@dataclass(frozen=True)
-class JobExit:
-    """How the job's command ended: an exit code, or the signal that killed it."""
-
-    exit_code: int | None
-    signal: int | None
-
-
-class _InitStarted(msgspec.Struct, frozen=True, tag="init"):
-    pid: int
-
-
-class _Failed(msgspec.Struct, frozen=True, tag="failed"):
-    failure: SpawnFailure
-
-
-_records = msgspec.json.Decoder(_InitStarted | _Failed)
-_encode = msgspec.json.encode
-
-
-def job_hostname(job_id: str) -> str:
-    """The hostname a job gets unless its request names one."""
-    return f"netjail-{job_id}"
 
 
 # ---------------------------------------------------------------- the fork server's side
@@ -206,25 +150,6 @@ def spawn_job(
     return report.failure or SpawnFailure(stage="init", errno=0, detail="the job's init never ran")
 
 
-def read_setup_report(data: bytes) -> SetupReport:
-    """Decode the set-up pipe's records (pure); an unreadable one is a failure."""
-    init_pid: int | None = None
-    failure: SpawnFailure | None = None
-    for line in data.splitlines():
-        try:
-            record = _records.decode(line)
-        except msgspec.DecodeError:
-            failure = failure or SpawnFailure(
-                stage="set-up", errno=0, detail="unreadable set-up report"
-            )
-            continue
-        if isinstance(record, _InitStarted):
-            init_pid = record.pid
-        else:
-            failure = failure or record.failure
-    return SetupReport(init_pid=init_pid, failure=failure)
-
-
 def read_job_exit(status_fd: int, wait_status: int) -> JobExit:
     """How the job ended, once its init (status ``wait_status``) was reaped. Keeps the fd."""
     try:
@@ -232,15 +157,6 @@ def read_job_exit(status_fd: int, wait_status: int) -> JobExit:
     except BlockingIOError:
         record = b""
     return decode_job_exit(record, wait_status)
-
-
-def decode_job_exit(record: bytes, wait_status: int) -> JobExit:
-    """K's wait status from I's record, or I's own ``wait_status`` without one (pure)."""
-    status = int.from_bytes(record, "little", signed=True) if len(record) == 4 else wait_status
-    return JobExit(
-        exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-        signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-    )
 
 
 # ---------------------------------------------------------------- C, the fork server's child
@@ -287,9 +203,9 @@ def run_job_child(
         init_pid = os.fork()
         if init_pid == 0:
             _run_init(plan, stdio, trees, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
-        _report(report_fd, _InitStarted(pid=init_pid))
+        _report(report_fd, InitRecord(pid=init_pid))
     except BaseException as e:
-        _report(report_fd, _Failed(_failure_of(stage, e, plan)))
+        _report(report_fd, FailureRecord(_failure_of(stage, e, plan)))
         os._exit(127)
     os._exit(0)
 
@@ -356,7 +272,7 @@ def _run_init(
         if command == 0:
             _run_command(plan, stdio, report_fd, terminal, hooks)
     except BaseException as e:
-        _report(report_fd, _Failed(_failure_of(stage, e, plan)))
+        _report(report_fd, FailureRecord(_failure_of(stage, e, plan)))
         os._exit(127)
     kept = {stdio[0]} if terminal else set()
     for fd in {report_fd, *stdio} - kept:
@@ -407,7 +323,7 @@ def _forward(sig: int, terminal: int | None) -> None:
 
 def _end(status: int, status_fd: int) -> NoReturn:
     with contextlib.suppress(OSError):
-        os.write(status_fd, status.to_bytes(4, "little", signed=True))
+        os.write(status_fd, encode_job_status(status))
     # When PID 1 exits, the kernel SIGKILLs every process left in its namespace and reaps them
     # before the exit completes: by the time the fork server sees I end, the job's orphans and
     # daemons are gone too.
@@ -444,7 +360,7 @@ def _run_command(
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         os.execvpe(plan.argv[0], plan.argv, plan.env)  # noqa: S606 - exec is the point
     except BaseException as e:
-        _report(report_fd, _Failed(_failure_of(stage, e, plan)))
+        _report(report_fd, FailureRecord(_failure_of(stage, e, plan)))
     os._exit(127)
 
 
@@ -461,21 +377,9 @@ def _failure_of(stage: str, error: BaseException, plan: JobPlan) -> SpawnFailure
         detail = f"{plan.cwd}: {detail}"
     elif stage == "exec":
         detail = f"{plan.argv[0]}: {detail}"
-    return SpawnFailure(stage=stage[:_MAX_STAGE], errno=code, detail=detail[:_MAX_DETAIL])
+    return SpawnFailure(stage=stage, errno=code, detail=detail)
 
 
-def _report(report_fd: int, record: _InitStarted | _Failed) -> None:
-    # One write, below PIPE_BUF: atomic, so records from C and I never interleave.
-    data = _encode(record)
-    while len(data) >= _MAX_RECORD and isinstance(record, _Failed):
-        failure = record.failure
-        record = _Failed(
-            SpawnFailure(
-                stage=failure.stage,
-                errno=failure.errno,
-                detail=failure.detail[: len(failure.detail) // 2],
-            )
-        )
-        data = _encode(record)
+def _report(report_fd: int, record: InitRecord | FailureRecord) -> None:
     with contextlib.suppress(OSError):
-        os.write(report_fd, data + b"\n")
+        os.write(report_fd, encode_record(record))
