@@ -98,7 +98,7 @@ def test_stdio_modes() -> None:
 
 def test_limits_take_defaults_and_maxima() -> None:
     """Unset limits take the defaults, or the maximum when there is no default."""
-    settings = Limits(default_memory=1 << 30, max_pids=64, kill_grace=2.0)
+    settings = Limits(default_memory=1 << 30, default_pids=None, max_pids=64, kill_grace=2.0)
     applied = applied_limits(
         settings, memory=None, cpus=None, pids=None, timeout=None, kill_grace=None
     )
@@ -118,7 +118,9 @@ def test_limits_take_defaults_and_maxima() -> None:
 )
 def test_limits_above_a_maximum_are_refused(asked: dict[str, float], message: str) -> None:
     """Asking for more than the operator allows is an error, never silently capped."""
-    settings = Limits(max_memory=1 << 30, max_cpus=2.0, max_pids=64, max_timeout=60.0)
+    settings = Limits(
+        max_memory=1 << 30, max_cpus=2.0, default_pids=None, max_pids=64, max_timeout=60.0
+    )
     values: dict[str, float | None] = dict.fromkeys(("memory", "cpus", "pids", "timeout"))
     values.update(asked)
     with pytest.raises(RequestError, match=message):

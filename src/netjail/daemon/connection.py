@@ -162,7 +162,14 @@ class Connection:
             for job in list(self._runs):
                 # The client that ran the job went away: nobody is left to report to.
                 self.server.log("info", "client gone, killing its job", job=job.id)
-                await self.server.jobs.kill(job, 9)
+                try:
+                    await self.server.jobs.kill(job, 9)
+                except Exception as e:
+                    # The rest of the clean-up must still happen; the job's own supervisor
+                    # kills its cgroup again when the main process ends.
+                    self.server.log(
+                        "error", "cannot kill a gone client's job", job=job.id, error=str(e)
+                    )
             self.outbox.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, 5)

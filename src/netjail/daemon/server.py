@@ -161,3 +161,4 @@ class Server:
             self.log("error", "connection failed", pid=peer.pid, error=repr(e))
         finally:
             self.connections.discard(connection)
+            sock.close()  # a no-op when the connection closed it itself
