@@ -11,7 +11,7 @@ import pytest
 from netjail.errors import FirewallError
 from netjail.kernel import firewall, iptables, nftables
 from netjail.kernel.backends import FirewallBackend, LogBackend
-from netjail.kernel.firewall import JailFirewall, build_ruleset
+from netjail.kernel.firewall import JailFirewall
 from netjail.kernel.nftables import render_nftables
 from netjail.kernel.rules import (
     DNS_STUB,
@@ -126,8 +126,7 @@ WITH_DIVERT = EXPECTED_RULESET.replace(
 
 
 def test_build_jail_ruleset_exact_data() -> None:
-    """DNS is logged (dns mark) and sent to the stub, proxied TCP to port 999 with sorted ports;
-    the output chain accepts local and kernel ICMPv6, logs, resets TCP, rejects the rest."""
+    """DNS logged (dns mark) and stubbed, TCP proxied on sorted ports; the rest logged, rejected."""
     assert build_jail_ruleset(DOMAIN_RULES) == JailRuleset(
         redirect=Chain(
             "accept",
@@ -164,8 +163,7 @@ def test_log_prefixes_lists_every_logging_rule_in_order() -> None:
 
 
 def test_kernel_icmpv6_names_and_numbers() -> None:
-    """The kernel's ICMPv6 on the jail link: RS, NS, NA, MLD and MLDv2 reports, by name and
-    number."""
+    """The kernel's ICMPv6 on the jail link: RS, NS, NA, MLD, MLDv2 reports, name and number."""
     assert [(t.name, t.number) for t in KERNEL_ICMPV6] == [
         ("nd-router-solicit", 133),
         ("nd-neighbor-solicit", 135),
@@ -185,7 +183,8 @@ def test_a_proxied_range_without_ports_is_refused() -> None:
 @pytest.mark.parametrize("job_id", ["j-0", "0", "a" * 32, "abc-def-123"])
 def test_lowercase_ids_up_to_32_are_accepted(job_id: str) -> None:
     """Job ids of 1 to 32 lowercase letters, digits and dashes make a log prefix."""
-    assert f'log prefix "netjail {job_id} "' in build_ruleset(JailRules(job_id))
+    text = render_nftables(build_jail_ruleset(JailRules(job_id)), Nflog())
+    assert f'\t\tlog prefix "netjail {job_id} " group 1 snaplen 128\n' in text
 
 
 @pytest.mark.parametrize(
@@ -249,8 +248,7 @@ def test_render_nftables_with_dns_stub_and_proxy_exact_text() -> None:
 
 
 def test_render_nftables_with_kernel_log_exact_text() -> None:
-    """The kernel-log strategy logs every statement (the dns-marked one too) with
-    "flags skuid" and changes nothing else."""
+    """Kernel log: every log statement, the dns-marked too, says "flags skuid"; nothing else."""
     ruleset = build_jail_ruleset(DOMAIN_RULES)
     assert render_nftables(ruleset, KernelLog()) == EXPECTED_KERNEL_LOG_RULESET
 
@@ -262,16 +260,9 @@ def test_render_nftables_with_kernel_log_and_no_divert_exact_text() -> None:
 
 
 def test_render_nftables_uses_the_strategys_group_and_snaplen() -> None:
-    """A non-default NFLOG group and snaplen appear in every log statement, nothing else
-    changes."""
+    """A non-default NFLOG group and snaplen appear in every log statement, nothing else."""
     text = render_nftables(build_jail_ruleset(DOMAIN_RULES), Nflog(group=7, snaplen=64))
     assert text == WITH_DIVERT.replace(" group 1 snaplen 128", " group 7 snaplen 64")
-
-
-def test_build_ruleset_is_the_nflog_rendering() -> None:
-    """The old entry point renders the same text as the model with NFLOG group 1."""
-    assert build_ruleset(JailRules(JOB)) == EXPECTED_RULESET
-    assert build_ruleset(DOMAIN_RULES) == WITH_DIVERT
 
 
 def test_missing_libnftables_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,10 +333,11 @@ def test_apply_loads_the_model_with_the_chosen_strategy() -> None:
     assert loaded == [(build_jail_ruleset(DOMAIN_RULES), KernelLog())]
 
 
-def test_apply_with_an_invalid_job_id_loads_nothing() -> None:
+@pytest.mark.parametrize("log", [Nflog(), KernelLog()], ids=["nflog", "kernel-log"])
+def test_apply_with_an_invalid_job_id_loads_nothing(log: LogStrategy) -> None:
     """A job id that cannot be a log prefix fails before anything reaches the kernel."""
     loaded: list[JailRuleset] = []
-    chosen = JailFirewall("nftables", Nflog(), lambda ruleset, _log: loaded.append(ruleset))
+    chosen = JailFirewall("nftables", log, lambda ruleset, _log: loaded.append(ruleset))
     with pytest.raises(FirewallError, match="invalid job id"):
         chosen.apply(JailRules('j-1" accept'))
     assert loaded == []

@@ -10,18 +10,25 @@ from typing import Any
 import pytest
 
 from netjail.errors import FirewallError
-from netjail.kernel import iptables
 from netjail.kernel.firewall import JailFirewall
-from netjail.kernel.iptables import (
-    RestoreInput,
-    apply_iptables_rules,
-    build_iptables_rules,
-    render_iptables,
+from netjail.kernel.iptables import RestoreInput, apply_iptables_rules, render_iptables
+from netjail.kernel.rules import (
+    JailRules,
+    KernelLog,
+    LogStrategy,
+    Nflog,
+    ProxiedRange,
+    build_jail_ruleset,
 )
-from netjail.kernel.rules import JailRules, KernelLog, Nflog, ProxiedRange, build_jail_ruleset
 
 JOB = "j-0123abcd"
 RULES = JailRules(JOB)
+
+
+def render(rules: JailRules, log: LogStrategy) -> RestoreInput:
+    """The restore texts of ``rules``' model, as ``JailFirewall.apply`` renders them."""
+    return render_iptables(build_jail_ruleset(rules), log)
+
 
 NFLOG_V4 = """\
 *filter
@@ -79,25 +86,13 @@ COMMIT
 
 
 def test_nflog_rules_exact_text() -> None:
-    """NFLOG strategy: local and (IPv6) kernel ICMPv6 accepted, logged to group 1, TCP reset,
-    the rest rejected admin-prohibited, chain policy drop; no nat table."""
-    assert render_iptables(build_jail_ruleset(RULES), Nflog()) == RestoreInput(NFLOG_V4, NFLOG_V6)
+    """NFLOG: local and kernel ICMPv6 accepted, the rest logged, then reset or rejected; no nat."""
+    assert render(RULES, Nflog()) == RestoreInput(NFLOG_V4, NFLOG_V6)
 
 
 def test_log_rules_exact_text() -> None:
     """Kernel-log strategy: the same policy, logged with LOG and the owner's UID."""
-    assert render_iptables(build_jail_ruleset(RULES), KernelLog()) == RestoreInput(LOG_V4, LOG_V6)
-
-
-@pytest.mark.parametrize(
-    ("target", "expected"),
-    [("nflog", (NFLOG_V4, NFLOG_V6)), ("log", (LOG_V4, LOG_V6))],
-)
-def test_build_iptables_rules_is_the_rendering(
-    target: iptables.IptablesTarget, expected: tuple[str, str]
-) -> None:
-    """The old entry point gives the same texts as the model rendered with its strategy."""
-    assert build_iptables_rules(RULES, target=target) == expected
+    assert render(RULES, KernelLog()) == RestoreInput(LOG_V4, LOG_V6)
 
 
 NAT_V4 = """\
@@ -141,33 +136,30 @@ DOMAIN_RULES = JailRules(
 
 
 def test_dns_stub_and_proxy_add_a_nat_table_exact_text() -> None:
-    """DNS to a foreign resolver is logged with the dns mark then redirected to the stub;
-    proxied TCP is redirected to the proxy, per family, after the filter table."""
-    assert build_iptables_rules(DOMAIN_RULES, target="nflog") == (
-        NFLOG_V4 + NAT_V4,
-        NFLOG_V6 + NAT_V6,
-    )
+    """Foreign DNS is logged (dns mark) and stubbed, proxied TCP redirected, per family, in nat."""
+    assert render(DOMAIN_RULES, Nflog()) == RestoreInput(NFLOG_V4 + NAT_V4, NFLOG_V6 + NAT_V6)
 
 
 def test_dns_redirect_is_logged_with_log_target() -> None:
     """With the LOG target the DNS redirect is logged to the kernel log too, with UID."""
-    v4, v6 = build_iptables_rules(DOMAIN_RULES, target="log")
+    restore = render(DOMAIN_RULES, KernelLog())
     nflog_dns = '-j NFLOG --nflog-prefix "netjail j-0123abcd dns " --nflog-group 1 --nflog-size 128'
     log_dns = '-j LOG --log-prefix "netjail j-0123abcd dns " --log-uid'
-    assert v4 == LOG_V4 + NAT_V4.replace(nflog_dns, log_dns)
-    assert v6 == LOG_V6 + NAT_V6.replace(nflog_dns, log_dns)
+    assert restore == RestoreInput(
+        LOG_V4 + NAT_V4.replace(nflog_dns, log_dns), LOG_V6 + NAT_V6.replace(nflog_dns, log_dns)
+    )
 
 
 def test_proxied_ports_are_split_for_multiport() -> None:
     """xt_multiport takes 15 ports: 17 ports become a rule of 15 and a rule of 2, sorted."""
-    _, v6 = build_iptables_rules(DOMAIN_RULES, target="nflog")
+    v6 = render(DOMAIN_RULES, Nflog()).v6
     assert "--dports 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 " in v6
     assert "--dports 16,17 " in v6
 
 
 def test_nflog_group_and_snaplen_are_used() -> None:
     """A non-default NFLOG group and snaplen replace 1 and 128 in both families, nothing else."""
-    restore = render_iptables(build_jail_ruleset(RULES), Nflog(group=7, snaplen=64))
+    restore = render(RULES, Nflog(group=7, snaplen=64))
     old, new = "--nflog-group 1 --nflog-size 128", "--nflog-group 7 --nflog-size 64"
     assert restore == RestoreInput(NFLOG_V4.replace(old, new), NFLOG_V6.replace(old, new))
 
@@ -175,7 +167,7 @@ def test_nflog_group_and_snaplen_are_used() -> None:
 def test_a_range_of_one_family_adds_a_nat_table_to_that_family_only() -> None:
     """Without a DNS stub, an IPv4 proxied range gives IPv4 a nat table and IPv6 none."""
     rules = JailRules(JOB, proxied=(ProxiedRange(ipaddress.ip_network("198.18.0.0/15"), None),))
-    restore = render_iptables(build_jail_ruleset(rules), Nflog())
+    restore = render(rules, Nflog())
     assert restore.v4 == NFLOG_V4 + (
         "*nat\n:OUTPUT ACCEPT [0:0]\n"
         "-A OUTPUT -d 198.18.0.0/15 -p tcp -j REDIRECT --to-ports 999\nCOMMIT\n"
@@ -196,38 +188,39 @@ def test_a_range_of_one_family_adds_a_nat_table_to_that_family_only() -> None:
         pytest.param("j-\u0131", id="non-ascii"),
     ],
 )
-@pytest.mark.parametrize("target", ["nflog", "log"])
-def test_invalid_job_ids_are_refused(job_id: str, target: iptables.IptablesTarget) -> None:
+@pytest.mark.parametrize("log", [Nflog(), KernelLog()], ids=["nflog", "kernel-log"])
+def test_invalid_job_ids_are_refused(job_id: str, log: LogStrategy) -> None:
     """A job id that could break out of, or does not fit, the quoted prefix is refused."""
     with pytest.raises(FirewallError, match="invalid job id for a log prefix"):
-        build_iptables_rules(JailRules(job_id), target=target)
+        render(JailRules(job_id), log)
 
 
 def test_log_prefix_limit_refuses_ids_iptables_would_truncate() -> None:
     """LOG keeps 29 prefix bytes and iptables cuts longer ones silently: ids over 20 refused."""
-    v4, _ = build_iptables_rules(JailRules("a" * 20), target="log")
+    v4 = render(JailRules("a" * 20), KernelLog()).v4
     assert f'--log-prefix "netjail {"a" * 20} "' in v4
     with pytest.raises(FirewallError, match=r"too long for an iptables LOG prefix \(at most 20"):
-        build_iptables_rules(JailRules("a" * 21), target="log")
+        render(JailRules("a" * 21), KernelLog())
 
 
 def test_log_prefix_limit_counts_the_dns_mark() -> None:
     """With a DNS stub the longer "netjail <id> dns " prefix must fit: ids up to 16."""
-    build_iptables_rules(JailRules("a" * 16, dns_stub=True), target="log")
+    job_id = "a" * 16
+    restore = render(JailRules(job_id, dns_stub=True), KernelLog())
+    dns_log = f'-j LOG --log-prefix "netjail {job_id} dns " --log-uid'
+    assert [line for line in restore.v4.splitlines() if "-j LOG" in line] == [
+        f'-A OUTPUT -j LOG --log-prefix "netjail {job_id} " --log-uid',
+        f"-A OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 {dns_log}",
+        f"-A OUTPUT ! -d 127.0.0.1/32 -p udp -m udp --dport 53 {dns_log}",
+    ]
     with pytest.raises(FirewallError, match=r"too long for an iptables LOG prefix \(at most 16"):
-        build_iptables_rules(JailRules("a" * 17, dns_stub=True), target="log")
+        render(JailRules("a" * 17, dns_stub=True), KernelLog())
 
 
 def test_nflog_accepts_the_longest_job_id() -> None:
     """NFLOG prefixes hold 63 bytes, so a 32-character job id is fine there."""
-    v4, _ = build_iptables_rules(JailRules("a" * 32, dns_stub=True), target="nflog")
+    v4 = render(JailRules("a" * 32, dns_stub=True), Nflog()).v4
     assert f'--nflog-prefix "netjail {"a" * 32} dns "' in v4
-
-
-def test_unknown_target_is_refused() -> None:
-    """A target other than nflog or log (e.g. from a config string) is an error."""
-    with pytest.raises(FirewallError, match="unknown iptables log target"):
-        build_iptables_rules(RULES, target="ulog")  # type: ignore[arg-type]
 
 
 class _FakeRun:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 from pathlib import Path
 
 import pytest
 
 from netjail import hostns
-from netjail.errors import FirewallError, KmsgError
+from netjail.errors import KmsgError
 from netjail.kernel import kmsg
 from netjail.kernel.kmsg import (
     KmsgReader,
     KmsgRecord,
     LoggedPacket,
-    build_log_ruleset,
     enable_nf_log_all_netns,
     nf_log_all_netns_enabled,
     parse_kmsg_record,
@@ -24,12 +22,11 @@ from netjail.kernel.kmsg import (
     parse_logged_packet,
 )
 from netjail.kernel.nflog import PacketSummary, SequenceTracker
-from netjail.kernel.nftables import render_nftables
-from netjail.kernel.rules import JailRules, KernelLog, ProxiedRange, build_jail_ruleset
 
-# Read from /dev/kmsg on kernel 6.18 with nf_log_all_netns=1, build_log_ruleset("j-0123abcd")
-# in a jail, as uid 65534: curl to 203.0.113.9:80 and [2001:db8::9]:8443, a UDP send to
-# 198.51.100.7:53, ping 198.51.100.7 and 2001:db8::5.
+# Read from /dev/kmsg on kernel 6.18 with nf_log_all_netns=1, the nftables kernel-log ruleset
+# (JailFirewall.for_backends("nftables", "kmsg")) of j-0123abcd in a jail, as uid 65534: curl
+# to 203.0.113.9:80 and [2001:db8::9]:8443, a UDP send to 198.51.100.7:53, ping 198.51.100.7
+# and 2001:db8::5.
 V4_TCP = (
     b"4,2119,1537392374,-;netjail j-0123abcd IN= OUT=nj0 SRC=169.254.77.1 DST=203.0.113.9 "
     b"LEN=60 TOS=0x00 PREC=0x00 TTL=64 ID=11283 DF PROTO=TCP SPT=47704 DPT=80 WINDOW=64240 "
@@ -323,26 +320,6 @@ def test_parse_logged_packet_trusts_only_kernel_records() -> None:
     assert (packet.dst, packet.port, packet.uid) == ("203.0.113.9", 80, 65534)
 
 
-# --------------------------------------------------------------------------- ruleset
-
-
-def test_build_log_ruleset_is_the_kernel_log_rendering() -> None:
-    """The old kmsg entry point renders the jail's model with the kernel-log strategy (its
-    exact text is pinned in test_firewall)."""
-    rules = JailRules(
-        "j-0123abcd",
-        dns_stub=True,
-        proxied=(ProxiedRange(ipaddress.ip_network("198.18.0.0/15"), None),),
-    )
-    assert build_log_ruleset(rules) == render_nftables(build_jail_ruleset(rules), KernelLog())
-
-
-def test_build_log_ruleset_rejects_invalid_job_id() -> None:
-    """Job ids are validated as for the NFLOG ruleset."""
-    with pytest.raises(FirewallError, match="invalid job id"):
-        build_log_ruleset(JailRules('j-1" accept'))
-
-
 # --------------------------------------------------------------------------- losses
 
 
@@ -425,8 +402,7 @@ def test_reader_on_a_missing_device_is_a_kmsg_error(tmp_path: Path) -> None:
 
 
 def test_reader_that_cannot_seek_closes_what_it_opened(tmp_path: Path) -> None:
-    """A log that opens but cannot seek to its end (here a FIFO) is a KmsgError, and the
-    descriptor opened for it is closed again."""
+    """A log that cannot seek to its end (a FIFO) is a KmsgError, and its descriptor is closed."""
     fifo = tmp_path / "kmsg"
     os.mkfifo(fifo)
     before = set(os.listdir("/proc/self/fd"))

@@ -9,8 +9,8 @@ by a lock in netjail.kernel.nftables, as it is not thread-safe), and iptables-re
 from that thread, so it starts in the jail's netns too.
 
 The names re-exported from netjail.kernel.rules (``JailRules``, ``ProxiedRange``, the ports and
-the NFLOG constants) are this module's public API as well. ``build_ruleset``, ``apply_ruleset``
-and ``log_prefix`` are the interface the daemon used before ``JailFirewall``.
+the NFLOG constants) are this module's public API as well, so the daemon needs no other kernel
+module to describe a jail's rules.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from netjail.kernel.rules import (
     Nflog,
     ProxiedRange,
     build_jail_ruleset,
-    log_prefix,
 )
 
 __all__ = [
@@ -47,9 +46,6 @@ __all__ = [
     "JailRules",
     "ProxiedRange",
     "RulesetLoader",
-    "apply_ruleset",
-    "build_ruleset",
-    "log_prefix",
 ]
 
 #: Renders a ruleset for one firewall and loads it into the calling thread's netns.
@@ -99,19 +95,3 @@ class JailFirewall:
         jail's: in one transaction with nftables, one per family with iptables. FirewallError
         on any failure, and then the jail must not be started."""
         self.load(build_jail_ruleset(rules), self.log)
-
-
-def build_ruleset(rules: JailRules) -> str:
-    """The nft text of ``rules``, logging to NFLOG group 1.
-
-    Kept for callers that predate ``JailFirewall``; remove once none is left.
-    """
-    return nftables.render_nftables(build_jail_ruleset(rules), Nflog())
-
-
-def apply_ruleset(ruleset: str) -> None:
-    """Load nft text into the calling thread's netns (``nftables.apply_nftables``).
-
-    Kept for callers that predate ``JailFirewall``; remove once none is left.
-    """
-    nftables.apply_nftables(ruleset)

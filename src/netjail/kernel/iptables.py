@@ -24,7 +24,6 @@ from netjail.kernel.rules import (
     AcceptIcmpv6,
     AcceptLocalDestination,
     AcceptLoopback,
-    JailRules,
     JailRuleset,
     KernelLog,
     LogForeignDns,
@@ -38,11 +37,8 @@ from netjail.kernel.rules import (
     RedirectTcp,
     RejectAdminProhibited,
     RejectTcpWithReset,
-    build_jail_ruleset,
 )
 
-#: How the old ``build_iptables_rules`` names a log strategy; remove with it.
-IptablesTarget = Literal["nflog", "log"]
 Family = Literal[4, 6]
 
 #: xt_LOG keeps 29 bytes of --log-prefix and iptables truncates longer ones *silently*, which
@@ -224,20 +220,3 @@ def _restore(tool: str, rules: str) -> None:
         lines = result.stderr.strip().splitlines()
         first = lines[0] if lines else f"exit status {result.returncode}"
         raise FirewallError(f"{tool} refused the jail rules: {first}")
-
-
-def build_iptables_rules(rules: JailRules, *, target: IptablesTarget) -> tuple[str, str]:
-    """The IPv4 and IPv6 restore texts of ``rules``, logging by ``target`` ("nflog": NFLOG
-    group 1; "log": LOG with the owner's UID=).
-
-    Kept for callers that predate ``firewall.JailFirewall``; remove once none is left.
-    """
-    log: LogStrategy
-    if target == "nflog":
-        log = Nflog()
-    elif target == "log":
-        log = KernelLog()
-    else:
-        raise FirewallError(f"unknown iptables log target: {target!r}")
-    restore = render_iptables(build_jail_ruleset(rules), log)
-    return restore.v4, restore.v6

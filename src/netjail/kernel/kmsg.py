@@ -33,8 +33,6 @@ from types import TracebackType
 from netjail import hostns
 from netjail.errors import KmsgError, map_os_errors
 from netjail.kernel.nflog import PacketSummary, SequenceTracker
-from netjail.kernel.nftables import render_nftables
-from netjail.kernel.rules import JailRules, KernelLog, build_jail_ruleset
 
 KMSG_PATH = "/dev/kmsg"
 NF_LOG_ALL_NETNS = hostns.NF_LOG_ALL_NETNS
@@ -83,18 +81,6 @@ class LoggedPacket:
     def summary(self) -> PacketSummary:
         """The same summary NFLOG's parse_ip_packet gives, so both backends make one event."""
         return PacketSummary(self.family, self.proto, self.dst, self.port)
-
-
-# --------------------------------------------------------------------------- rules
-
-
-def build_log_ruleset(rules: JailRules) -> str:
-    """The jail's nftables ruleset logging with LOG (``log prefix "…" flags skuid``).
-
-    Kept for callers that predate ``firewall.JailFirewall.for_backends("nftables", "kmsg")``;
-    remove once none is left. Raises FirewallError for an invalid job id.
-    """
-    return render_nftables(build_jail_ruleset(rules), KernelLog())
 
 
 # --------------------------------------------------------------------------- parsers
@@ -282,7 +268,12 @@ class KmsgReader:
 
         Never blocks. Returns every parseable record, from any facility: use
         ``parse_logged_packet`` to keep the kernel's own jail lines. Raises KmsgError for
-        errors other than EAGAIN/EPIPE.
+        errors other than EAGAIN/EPIPE/EINTR.
+
+        Such an error means a bug, not a busy log: devkmsg_read fails otherwise only with
+        EINVAL for a buffer smaller than the record (``_RECORD_MAX`` is twice the largest) and
+        EFAULT, so in practice only a reader read after ``close`` (EBADF) raises. Retrying
+        would fail the same way.
         """
         with map_os_errors(KmsgError, "cannot read the kernel log"):
             return self._read_batch()
