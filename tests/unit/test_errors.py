@@ -72,7 +72,9 @@ def test_map_os_errors_names_the_step_and_the_reason() -> None:
     assert str(caught.value) == (
         "cannot apply the ruleset: Operation not permitted; is nf_tables loaded?"
     )
-    assert isinstance(caught.value.__cause__, OSError)
+    cause = caught.value.__cause__
+    assert isinstance(cause, OSError)
+    assert cause.errno == errno.EPERM
 
 
 def test_map_os_errors_leaves_other_exceptions_alone() -> None:
