@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 
 import pytest
 
 from netjail import Client, Event, JobResult
+from netjail.protocol import Via
 
 from .conftest import Daemon
 
@@ -19,7 +20,15 @@ def client(backend_daemon: Daemon) -> Client:
     return backend_daemon.client()
 
 
+@pytest.fixture
+def via(request: pytest.FixtureRequest, backend_daemon: Daemon) -> Via:
+    """The log backend the daemon under test reports blocked packets through."""
+    backend: str = request.node.callspec.params["backend_daemon"]
+    return "kmsg" if backend.endswith("-kmsg") else "nflog"
+
+
 PY = "/usr/bin/python3"
+NFT = "/usr/sbin/nft"
 TARGET = "203.0.113.9"
 
 
@@ -33,7 +42,10 @@ def only_event(result: JobResult) -> Event:
     return egress[0]
 
 
-def assert_blocked(event: Event, proto: str, dst: str, port: int | None, family: int = 4) -> None:
+def assert_blocked(
+    event: Event, via: Via, proto: str, dst: str, port: int | None, *, family: int = 4
+) -> None:
+    """``event`` is a blocked attempt of the job's user, reported by the daemon's log backend."""
     assert (event.verdict, event.proto, event.dst, event.port, event.family) == (
         "blocked",
         proto,
@@ -42,25 +54,25 @@ def assert_blocked(event: Event, proto: str, dst: str, port: int | None, family:
         family,
     )
     assert event.uid == 65534
-    assert event.via in ("nflog", "kmsg")  # whichever log backend the daemon runs
+    assert event.via == via
     assert event.count >= 1
 
 
-def test_curl_https_is_refused_and_reported(client: Client) -> None:
+def test_curl_https_is_refused_and_reported(client: Client, via: Via) -> None:
     """curl to a hard-coded IP is refused at once (exit 7, not a timeout) and logged."""
     result = run(client, ["curl", "-sS", "--max-time", "20", f"https://{TARGET}/"])
     assert result.exit_code == 7, result.stderr  # 7 = could not connect; 28 would be a hang
-    assert_blocked(only_event(result), "tcp", TARGET, 443)
+    assert_blocked(only_event(result), via, "tcp", TARGET, 443)
 
 
-def test_wget_is_refused_and_reported(client: Client) -> None:
+def test_wget_is_refused_and_reported(client: Client, via: Via) -> None:
     """wget is refused (not timed out) and logged."""
     result = run(client, ["wget", "-q", "-T", "20", "-t", "1", f"http://{TARGET}:8080/"])
     assert result.exit_code == 4
-    assert_blocked(only_event(result), "tcp", TARGET, 8080)
+    assert_blocked(only_event(result), via, "tcp", TARGET, 8080)
 
 
-def test_python_urllib_is_refused_and_reported(client: Client) -> None:
+def test_python_urllib_is_refused_and_reported(client: Client, via: Via) -> None:
     """Python's urllib gets ConnectionRefusedError and the attempt is logged."""
     code = (
         "import urllib.request\n"
@@ -71,26 +83,26 @@ def test_python_urllib_is_refused_and_reported(client: Client) -> None:
     )
     result = run(client, [PY, "-c", code])
     assert result.stdout == b"ConnectionRefusedError\n"
-    assert_blocked(only_event(result), "tcp", TARGET, 81)
+    assert_blocked(only_event(result), via, "tcp", TARGET, 81)
 
 
-def test_nc_is_refused_and_reported(client: Client) -> None:
+def test_nc_is_refused_and_reported(client: Client, via: Via) -> None:
     """netcat's connect is refused and logged."""
     result = run(client, ["nc", "-v", "-w", "20", "-z", TARGET, "22"])
     assert result.exit_code == 1
     assert b"refused" in (result.stderr or b"")
-    assert_blocked(only_event(result), "tcp", TARGET, 22)
+    assert_blocked(only_event(result), via, "tcp", TARGET, 22)
 
 
-def test_bash_dev_tcp_is_refused_and_reported(client: Client) -> None:
+def test_bash_dev_tcp_is_refused_and_reported(client: Client, via: Via) -> None:
     """bash's /dev/tcp is refused and logged."""
     result = run(client, ["bash", "-c", f"echo > /dev/tcp/{TARGET}/25"])
     assert result.exit_code == 1
     assert b"Connection refused" in (result.stderr or b"")
-    assert_blocked(only_event(result), "tcp", TARGET, 25)
+    assert_blocked(only_event(result), via, "tcp", TARGET, 25)
 
 
-def test_hard_coded_resolver_is_answered_by_the_stub_and_logged(client: Client) -> None:
+def test_hard_coded_resolver_is_answered_by_the_stub_and_logged(client: Client, via: Via) -> None:
     """A DNS query sent to 8.8.8.8:53 never leaves: the stub answers NXDOMAIN, both are logged."""
     code = (
         "import socket\n"
@@ -113,11 +125,12 @@ def test_hard_coded_resolver_is_answered_by_the_stub_and_logged(client: Client) 
         "redirected",
         "foreign_resolver",
     )
-    assert (redirected.proto, redirected.dst, redirected.port, redirected.uid) == (
+    assert (redirected.proto, redirected.dst, redirected.port, redirected.uid, redirected.via) == (
         "udp",
         "8.8.8.8",
         53,
         65534,
+        via,
     )
     assert (query.kind, query.verdict, query.domain, query.qtype) == (
         "dns",
@@ -127,14 +140,14 @@ def test_hard_coded_resolver_is_answered_by_the_stub_and_logged(client: Client) 
     )
 
 
-def test_dns_over_tls_is_rejected_and_reported(client: Client) -> None:
+def test_dns_over_tls_is_rejected_and_reported(client: Client, via: Via) -> None:
     """DNS over TLS (853) is not DNS to the stub: it is refused and logged like any TCP."""
     result = run(client, ["curl", "-sS", "--max-time", "20", "telnet://8.8.8.8:853"])
     assert result.exit_code == 7
-    assert_blocked(only_event(result), "tcp", "8.8.8.8", 853)
+    assert_blocked(only_event(result), via, "tcp", "8.8.8.8", 853)
 
 
-def test_ipv6_connect_is_refused_and_reported(client: Client) -> None:
+def test_ipv6_connect_is_refused_and_reported(client: Client, via: Via) -> None:
     """IPv6 is jailed as tightly as IPv4."""
     code = (
         "import socket\n"
@@ -147,21 +160,21 @@ def test_ipv6_connect_is_refused_and_reported(client: Client) -> None:
     )
     result = run(client, [PY, "-c", code])
     assert result.stdout == b"ConnectionRefusedError\n"
-    assert_blocked(only_event(result), "tcp", "2001:db8::1", 443, family=6)
+    assert_blocked(only_event(result), via, "tcp", "2001:db8::1", 443, family=6)
 
 
-def test_ping_is_rejected_and_reported(client: Client) -> None:
+def test_ping_is_rejected_and_reported(client: Client, via: Via) -> None:
     """ICMP echo is rejected (ping reports the packet filtered) and logged."""
     result = run(client, ["ping", "-c", "1", "-W", "20", TARGET])
     assert result.exit_code == 1
-    assert_blocked(only_event(result), "icmp", TARGET, None)
+    assert_blocked(only_event(result), via, "icmp", TARGET, None)
 
 
-def test_ping6_is_rejected_and_reported(client: Client) -> None:
+def test_ping6_is_rejected_and_reported(client: Client, via: Via) -> None:
     """ICMPv6 echo is rejected and logged."""
     result = run(client, ["ping", "-6", "-c", "1", "-W", "20", "2001:db8::7"])
     assert result.exit_code == 1
-    assert_blocked(only_event(result), "icmpv6", "2001:db8::7", None, family=6)
+    assert_blocked(only_event(result), via, "icmpv6", "2001:db8::7", None, family=6)
 
 
 def test_raw_socket_is_not_permitted(client: Client) -> None:
@@ -179,7 +192,7 @@ def test_raw_socket_is_not_permitted(client: Client) -> None:
     assert result.events == []
 
 
-def test_repeated_datagrams_are_folded_into_one_event(client: Client) -> None:
+def test_repeated_datagrams_are_folded_into_one_event(client: Client, via: Via) -> None:
     """Five datagrams to the same place make one event with count 5."""
     code = (
         "import socket\n"
@@ -192,7 +205,7 @@ def test_repeated_datagrams_are_folded_into_one_event(client: Client) -> None:
     )
     result = run(client, [PY, "-c", code])
     event = only_event(result)
-    assert_blocked(event, "udp", TARGET, 5353)
+    assert_blocked(event, via, "udp", TARGET, 5353)
     assert event.count == 5
     assert result.lost_events == 0
 
@@ -216,12 +229,18 @@ def test_loopback_inside_the_jail_works(client: Client) -> None:
     assert result.events == []
 
 
-@pytest.mark.skipif(shutil.which("nft") is None, reason="nft binary not installed")
-def test_job_cannot_flush_the_ruleset(client: Client) -> None:
-    """`nft flush ruleset` inside the jail fails with EPERM; the rules stay."""
-    result = run(client, ["nft", "flush", "ruleset"])
-    assert result.exit_code != 0
-    assert b"Operation not permitted" in (result.stderr or b"")
-    after = run(client, ["curl", "-sS", f"http://{TARGET}/"])
-    assert after.exit_code == 7
-    assert_blocked(only_event(after), "tcp", TARGET, 80)
+@pytest.mark.skipif(not os.path.exists(NFT), reason="nft is not installed")
+def test_job_cannot_flush_the_ruleset(client: Client, via: Via) -> None:
+    """`nft flush ruleset` fails with EPERM, and the same job's next connect is still refused."""
+    # One job: a second job gets a fresh jail with fresh rules, whatever the first one did.
+    script = f'{NFT} flush ruleset; echo "nft exit $?"; exec curl -sS --max-time 5 http://{TARGET}/'
+    result = run(client, ["sh", "-c", script])
+    assert result.stdout == b"nft exit 1\n"
+    # nft's error, then the command it refused and a caret line; curl's one line last.
+    nft_error, *_, curl_error = (result.stderr or b"").decode().splitlines()
+    assert nft_error.endswith(": Operation not permitted"), result.stderr
+    assert curl_error.startswith("curl: (7) "), result.stderr
+    assert result.exit_code == 7
+    # The event is what proves the rules stayed: with them flushed, curl exits 7 too (no host
+    # answers ARP on the jail's link) and nothing is logged.
+    assert_blocked(only_event(result), via, "tcp", TARGET, 80)
