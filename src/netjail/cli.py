@@ -61,10 +61,14 @@ def format_event(event: p.Event) -> str:
         text += f" uid={event.uid}"
     if event.verdict == "allowed" and event.bytes_out is not None:
         text += f" out={event.bytes_out} in={event.bytes_in}"
-    if event.reason and event.verdict != "allowed":
-        text += f" ({event.reason})"
+    if event.reason:
+        # An allowed event's reason says how it was let through ("unverified": raw TCP by a
+        # tcp:// rule, the name not checked).
+        text += f" ({sanitize(event.reason)})"
     if event.count > 1:
         text += f" x{event.count}"
+    if event.detail and event.verdict != "allowed":
+        text += f": {sanitize(event.detail)}"
     return text
 
 

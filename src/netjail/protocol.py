@@ -173,6 +173,9 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     reason: str | None = None
     bytes_out: int | None = None
     bytes_in: int | None = None
+    #: One line for people: why, and the fix (e.g. which address the proxy refused and the
+    #: --add-host that would allow it). Not part of what makes two events the same.
+    detail: str | None = None
 
 
 class AppliedLimits(msgspec.Struct, kw_only=True):

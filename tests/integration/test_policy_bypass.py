@@ -243,9 +243,7 @@ def test_upstream_forbidden_names_the_address_and_the_fix(client: Client) -> Non
     [conn] = by_kind(result, "egress", "proxy")
     assert (conn.verdict, conn.reason) == ("blocked", "upstream_forbidden")
     assert result.report.domains["metadata.example.test"].blocked >= 1
-    if "detail" not in Event.__struct_fields__:
-        pytest.xfail("Event.detail is not in protocol.py yet (asked for in issue 11, item 6)")
-    assert getattr(conn, "detail", None) == (
+    assert conn.detail == (
         "metadata.example.test is 169.254.169.254, the cloud metadata address, in the"
         " daemon's [hosts] table; if that is intended:"
         " --add-host metadata.example.test:169.254.169.254"

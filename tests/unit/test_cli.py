@@ -628,3 +628,27 @@ def test_hostile_names_are_sanitised() -> None:
     """Escape sequences and line breaks in a job's DNS name or type become "?" on one line."""
     line = format_event(_dns(domain="evil\x1b[31m.test\nnetjail: allowed", qtype="A\r"))
     assert line == "blocked dns evil?[31m.test?netjail: allowed A?"
+
+
+def test_format_event_shows_an_allowed_events_reason() -> None:
+    """An allowed raw-TCP connection says it was not verified."""
+    fields = {**EV_TCP4, "verdict": "allowed", "via": "proxy", "dst": "198.18.0.4", "port": 5432}
+    event = _as_event(**fields, domain="db.example", reason="unverified", bytes_out=10, bytes_in=20)
+    assert format_event(event) == (
+        "allowed tcp db.example (198.18.0.4):5432 uid=65534 out=10 in=20 (unverified)"
+    )
+
+
+def test_format_event_shows_a_blocked_events_detail_sanitised() -> None:
+    """A refused upstream's detail follows the reason, on the same line, sanitised."""
+    fields = {**EV_TCP4, "via": "proxy", "dst": "198.18.0.2"}
+    event = _as_event(
+        **fields,
+        domain="pkgs.example",
+        reason="upstream_forbidden",
+        detail="pkgs.example resolved to 203.0.113.80\n, a documentation address",
+    )
+    assert format_event(event) == (
+        "blocked tcp pkgs.example (198.18.0.2):443 uid=65534 (upstream_forbidden): "
+        "pkgs.example resolved to 203.0.113.80?, a documentation address"
+    )

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from netjail.daemon.intake import MAX_BLOCKED_NAMES, OTHER_NAMES, EventIntake
+from netjail.errors import KmsgError
 from netjail.kernel import kmsg
 from netjail.kernel.nflog import PacketSummary
 from netjail.protocol import DomainSummary, Event, Verdict
@@ -192,9 +193,31 @@ def test_kernel_log_losses_count_for_every_running_job() -> None:
     """Lost kernel-log records cannot be attributed, so every routed job counts them."""
     intake = EventIntake()
     feeds = [intake.open_feed(f"j-{i}", 0, None) for i in range(2)]
-    intake.attach_kmsg(_FakeKmsg([], 3))  # type: ignore[arg-type]
+    intake.attach_kmsg(_FakeKmsg([], 3), _no_failure)  # type: ignore[arg-type]
     intake.read_kmsg()
     assert [feed.lost for feed in feeds] == [3, 3]
+
+
+def _no_failure(reason: str) -> None:
+    raise AssertionError(f"unexpected kernel-log failure: {reason}")
+
+
+class _BrokenKmsg:
+    def read_records(self) -> tuple[list[kmsg.KmsgRecord], int]:
+        raise KmsgError("cannot read the kernel log: Bad file descriptor")
+
+
+def test_a_kernel_log_that_cannot_be_read_fails_closed() -> None:
+    """Reading stops, every running job counts a possible loss, and the daemon is told once."""
+    intake = EventIntake()
+    feeds = [intake.open_feed(f"j-{i}", 0, None) for i in range(2)]
+    told: list[str] = []
+    intake.attach_kmsg(_BrokenKmsg(), told.append)  # type: ignore[arg-type]
+    intake.read_kmsg()
+    intake.read_kmsg()
+    assert told == ["cannot read the kernel log: Bad file descriptor"]
+    assert [feed.lost for feed in feeds] == [1, 1]
+    assert intake.kmsg_reader is None
 
 
 def test_without_a_kernel_log_reader_read_kmsg_does_nothing() -> None:

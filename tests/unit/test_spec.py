@@ -144,6 +144,13 @@ def test_policy_is_the_jobs_allow_list_else_the_default_and_every_deny() -> None
 def test_hosts_tables_are_taken_from_the_request_and_the_config() -> None:
     """--add-host entries are canonical names to addresses; the daemon's table is carried."""
     config = replace(Config(), hosts={"mirror.internal": ipaddress.ip_address("192.0.2.7")})
-    spec = job_spec(request(add_hosts=["api.example.test:192.0.2.44"]), ROOT, config)
-    assert dict(spec.job_hosts) == {"api.example.test": ipaddress.ip_address("192.0.2.44")}
+    spec = job_spec(
+        request(add_hosts=["api.example.test:192.0.2.44", "v6.example.test:[2001:db8::1]"]),
+        ROOT,
+        config,
+    )
+    assert dict(spec.job_hosts) == {
+        "api.example.test": ipaddress.ip_address("192.0.2.44"),
+        "v6.example.test": ipaddress.ip_address("2001:db8::1"),
+    }
     assert dict(spec.daemon_hosts) == {"mirror.internal": ipaddress.ip_address("192.0.2.7")}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from netjail.daemon.events import JobEvents, rfc3339
 from netjail.dnsanswer import SyntheticPool
+from netjail.errors import KmsgError
 from netjail.kernel import firewall, kmsg, nflog
 from netjail.protocol import DomainSummary, Event, Via
 
@@ -75,6 +76,7 @@ class EventIntake:
         self.events_lost = 0
         self._feeds: dict[str, JobFeed] = {}
         self._kmsg: kmsg.KmsgReader | None = None
+        self._on_kmsg_failure: Callable[[str], None] = _ignore
 
     def forget_history(self) -> None:
         """Clear counters and history (after the start-up self-test)."""
@@ -202,9 +204,14 @@ class EventIntake:
 
     # ------------------------------------------------------------------ kernel log
 
-    def attach_kmsg(self, reader: kmsg.KmsgReader) -> None:
-        """Take events from the kernel log (log_backend = "kmsg") instead of NFLOG sockets."""
+    def attach_kmsg(self, reader: kmsg.KmsgReader, on_failure: Callable[[str], None]) -> None:
+        """Take events from the kernel log (log_backend = "kmsg") instead of NFLOG sockets.
+
+        ``on_failure`` is told, once, if the kernel log can no longer be read: the daemon
+        then stops, since a jail that blocks without reporting is not one.
+        """
         self._kmsg = reader
+        self._on_kmsg_failure = on_failure
 
     @property
     def kmsg_reader(self) -> kmsg.KmsgReader | None:
@@ -214,7 +221,15 @@ class EventIntake:
         """Route what the kernel log holds to the jobs it names (a no-op without kmsg)."""
         if self._kmsg is None:
             return
-        records, lost = self._kmsg.read_records()
+        try:
+            records, lost = self._kmsg.read_records()
+        except KmsgError as e:
+            # It would fail again on every wake-up: stop reading, and count what may be lost.
+            self._kmsg = None
+            for feed in self._feeds.values():
+                feed.events.lost += 1
+            self._on_kmsg_failure(str(e))
+            return
         if lost:
             # Lost kernel-log records cannot be attributed to a job: every running job may
             # have lost events, so each counts them (an upper bound, never an undercount).
@@ -235,6 +250,10 @@ class EventIntake:
                     via="kmsg",
                     now=now,
                 )
+
+
+def _ignore(_reason: str) -> None:
+    """No kernel-log reader is attached, so nothing can fail."""
 
 
 def _synthetic_name(pool: SyntheticPool, dst: str) -> str | None:

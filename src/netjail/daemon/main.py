@@ -132,13 +132,19 @@ async def _serve(
     loop.set_exception_handler(loop_error_handler(log))
     forkserver.attach(loop)
     config = server.config
+    stop = _Stop()
     if kmsg_reader is not None:
-        server.intake.attach_kmsg(kmsg_reader)
+
+        def kernel_log_lost(reason: str) -> None:
+            loop.remove_reader(kmsg_reader.fileno())
+            log("error", "cannot read the kernel log any more; stopping", error=reason)
+            stop.fail(reason)
+
+        server.intake.attach_kmsg(kmsg_reader, kernel_log_lost)
         loop.add_reader(kmsg_reader.fileno(), server.intake.read_kmsg)
     # Handlers first: a SIGTERM during the self-test must still end in a clean stop.
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.event.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path, log)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
     sdnotify.notify_status("self-test: a probe job's attempts must be rejected and reported")
@@ -151,19 +157,34 @@ async def _serve(
     log("info", "self-test passed")
     # Counters and history are about clients' jobs; the probe's are not among them.
     server.intake.forget_history()
-    if stop.is_set():
-        return 0  # asked to stop while starting: nothing was served, nothing is left
+    if stop.event.is_set():
+        return stop.status()  # asked to stop while starting: nothing was served, nothing is left
     serving = asyncio.ensure_future(server.serve_forever())
     log("info", "netjaild ready", version=__version__, socket=config.socket, pid=os.getpid())
     sdnotify.notify_ready(f"serving {config.socket}")
-    await stop.wait()
+    await stop.event.wait()
     sdnotify.notify_stopping()
     log("info", "stopping: no new connections, ending running jobs", jobs=len(server.jobs.jobs))
     serving.cancel()
     server.listener.close()
     await server.jobs.shutdown()
     await server.close_connections("netjaild is stopping")
-    return 0
+    return stop.status()
+
+
+class _Stop:
+    """Why the daemon stops: asked to (SIGTERM, SIGINT: exit 0), or a failure (exit 1)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.failure: str | None = None
+
+    def fail(self, reason: str) -> None:
+        self.failure = reason
+        self.event.set()
+
+    def status(self) -> int:
+        return 0 if self.failure is None else 1
 
 
 def _reload(server: Server, config_path: str | None, log: Logger) -> None:

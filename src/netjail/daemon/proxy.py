@@ -24,9 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
-
-import msgspec
+from typing import Literal
 
 from netjail import sniff
 from netjail.daemon.events import rfc3339
@@ -49,9 +47,6 @@ from netjail.protocol import Event, Verdict
 FIRST_BYTES_WAIT_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 _MAX_CONNECTIONS = 256
-# Event.detail is asked of protocol.py (issue 11, item 6); until it is there the text is left
-# out of the event, which is otherwise the same.
-_EVENT_HAS_DETAIL: Final = "detail" in Event.__struct_fields__
 
 #: Why the proxy refused a connection: the event's ``reason``.
 BlockReason = Literal[
@@ -208,9 +203,8 @@ class Proxy:
             reason=reason,
             bytes_out=bytes_out,
             bytes_in=bytes_in,
+            detail=detail,
         )
-        if detail is not None and _EVENT_HAS_DETAIL:
-            event = msgspec.structs.replace(event, detail=detail)
         self._record(event)
 
     async def _accept(self, listener: socket.socket) -> None:

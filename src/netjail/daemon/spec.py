@@ -113,7 +113,8 @@ def job_hosts(entries: list[str]) -> dict[str, IPAddress]:
     """The job's ``--add-host NAME:IP`` table; RequestError naming a bad entry."""
     hosts: dict[str, IPAddress] = {}
     for entry in entries:
-        name, sep, address = entry.rpartition(":")
+        # Names hold no colon, IPv6 addresses do: split at the first one ("NAME:[2001:db8::1]").
+        name, sep, address = entry.partition(":")
         canonical = canonical_name(name) if sep else None
         try:
             ip: IPAddress | None = ipaddress.ip_address(address.strip("[]"))
