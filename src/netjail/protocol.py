@@ -222,7 +222,11 @@ class Report(msgspec.Struct, kw_only=True):
     pids_peak: int | None = None
     limits: AppliedLimits | None = None
     #: Per domain name: connections allowed and blocked (DNS queries included), bytes relayed.
+    #: Counted as events arrive, so nothing here is lost to the event cap.
     domains: dict[str, DomainSummary] = {}
+    #: Of ``lost_events``, those that arrived but were not kept (the per-job event cap), by
+    #: event kind ("egress", "dns"). The rest were lost before reaching the daemon.
+    events_not_kept: dict[str, int] = {}
 
 
 class JobInfo(msgspec.Struct, kw_only=True):

@@ -94,6 +94,7 @@ def test_domain_counts_survive_the_event_cap() -> None:
     intake.record(feed, event("j-1", domain="other.example", port=9), now=0.0)
     assert len(feed.events.events) == 2
     assert feed.lost == 4
+    assert feed.events.not_kept == {"egress": 4}
     assert feed.domains == {
         "pkgs.example": DomainSummary(allowed=5, blocked=0, bytes_out=50, bytes_in=0),
         "other.example": DomainSummary(allowed=0, blocked=1),

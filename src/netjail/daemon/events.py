@@ -42,7 +42,10 @@ class JobEvents:
     max_events: int = MAX_EVENTS_PER_JOB
     window_s: float = FOLD_WINDOW_S
     events: list[Event] = field(default_factory=list)
+    #: Attempts not in ``events``: lost on the way (NFLOG gaps, ENOBUFS, kernel log) and
+    #: dropped for lack of room; the second kind is also in ``not_kept`` by event kind.
     lost: int = 0
+    not_kept: dict[str, int] = field(default_factory=dict)
     _last: dict[Hashable, tuple[Event, float]] = field(default_factory=dict)
 
     def add(self, event: Event, now: float) -> Event | None:
@@ -58,7 +61,8 @@ class JobEvents:
             self._last[key] = (previous[0], now)
             return None
         if len(self.events) >= self.max_events:
-            self.lost += 1
+            self.lost += event.count
+            self.not_kept[event.kind] = self.not_kept.get(event.kind, 0) + event.count
             return None
         self.events.append(event)
         self._last[key] = (event, now)

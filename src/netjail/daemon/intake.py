@@ -169,20 +169,28 @@ class EventIntake:
 
     # ------------------------------------------------------------------ NFLOG
 
-    def read_nflog(self, feed: JobFeed, sock: socket.socket) -> None:
-        """Read what is queued on a jail's NFLOG socket (bounded per call)."""
+    def read_nflog(self, feed: JobFeed, sock: socket.socket) -> bool:
+        """Read what is queued on a jail's NFLOG socket, at most a batch per call (so one busy
+        job cannot starve the loop); True if more may be queued."""
         for _ in range(_NFLOG_BATCH):
             try:
                 data = sock.recv(_NFLOG_RECV)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     # The kernel dropped messages for us (socket buffer full).
                     feed.events.lost += feed.nflog_seq.overrun()
                     continue
-                return  # the socket is gone (torn down): nothing more to read
+                return False  # the socket is gone (torn down): nothing more to read
             self.handle_nflog(feed, data)
+        return True
+
+    def drain_nflog(self, feed: JobFeed, sock: socket.socket) -> None:
+        """Read everything queued on a jail's NFLOG socket (at the job's end: the socket goes
+        with the jail, and whatever is still in it would be lost)."""
+        while self.read_nflog(feed, sock):
+            pass
 
     def handle_nflog(self, feed: JobFeed, data: bytes) -> None:
         """One datagram of NFLOG messages: sequence gaps counted, packets recorded."""

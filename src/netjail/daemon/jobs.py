@@ -145,7 +145,7 @@ class JobManager:
 
     def _read_pending_events(self, job: Job) -> None:
         if isinstance(job.log, NflogSource):
-            self.ctx.intake.read_nflog(job.feed, job.log.sock)
+            self.ctx.intake.drain_nflog(job.feed, job.log.sock)
         self.ctx.intake.read_kmsg()
 
     async def terminate(self, job: Job, grace: float) -> None:

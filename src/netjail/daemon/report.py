@@ -69,6 +69,7 @@ def build_report(
         pids_peak=usage.pids_peak if usage else None,
         limits=spec.limits,
         domains=dict(feed.domains),
+        events_not_kept=dict(feed.events.not_kept),
     )
     if len(captures) == 2:
         out, err = captures
