@@ -1,20 +1,20 @@
-"""The jail's ruleset for nftables: rendered from netjail.kernel.rules (pure), loaded in-process.
+"""The jail's ruleset for nftables: rendered from netjail.kernel.rules (pure), loaded by a helper.
 
 ``render_nftables`` is pure and unit-tested on exact text: one ``inet`` table with a ``divert``
 chain (nat) when there is anything to redirect, and the ``output`` chain (filter).
-``apply_nftables`` hands that text to libnftables in-process (a ctypes binding over Debian's
-libnftables1: ~1 ms per ruleset, versus tens of ms to fork ``nft``) in one atomic transaction,
-from a thread that is inside the jail's netns: the library's netlink socket, and so the table,
-belong to the netns the calling thread is in.
+``apply_nftables`` hands that text to libnftables (a ctypes binding over Debian's libnftables1:
+~1 ms per ruleset, versus tens of ms to fork ``nft``) in one atomic transaction, for the netns
+of the calling thread, which is inside the jail. The library runs in a helper process
+(netjail.kernel.nfthelper) that enters that netns for the load: in the daemon, the library's
+select() would abort it past fd 1023, and its exit() on EMFILE would end it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from typing import assert_never
 
-from netjail.errors import FirewallError, map_os_errors
+from netjail.kernel import nfthelper
 from netjail.kernel.rules import (
     AcceptIcmpv6,
     AcceptLocalDestination,
@@ -115,70 +115,27 @@ def _output(rule: OutputRule, log: LogStrategy) -> str:
 
 # --------------------------------------------------------------------------- libnftables
 
-
-class _Libnftables:
-    """The few libnftables calls we need, loaded once."""
-
-    def __init__(self) -> None:
-        with map_os_errors(
-            FirewallError, "libnftables not available", "apt-get install libnftables1"
-        ):
-            lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
-        lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
-        self.lib = lib
-        self.lock = threading.Lock()
-
-    def run(self, commands: str) -> str:
-        """Run nft commands in the calling thread's netns; return output or raise."""
-        # libnftables is not thread-safe when linked against libxtables, as Debian's is: its
-        # maintainers say so (netfilter-devel, 2023: "libxtables is full of global variables").
-        # Jails are built on threads of their own; without this lock the daemon once died of
-        # "double free or corruption" when three jails were built at once. Held ~1 ms.
-        with self.lock:
-            return self._run(commands)
-
-    def _run(self, commands: str) -> str:
-        ctx = self.lib.nft_ctx_new(0)
-        if not ctx:
-            raise FirewallError("nft_ctx_new failed")
-        try:
-            self.lib.nft_ctx_buffer_output(ctx)
-            self.lib.nft_ctx_buffer_error(ctx)
-            rc = self.lib.nft_run_cmd_from_buffer(ctx, commands.encode())
-            if rc != 0:
-                err = (self.lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
-                first = err.strip().splitlines()[0] if err.strip() else f"rc={rc}"
-                raise FirewallError(f"nftables refused the jail ruleset: {first}")
-            return (self.lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-        finally:
-            self.lib.nft_ctx_free(ctx)
-
-
-_nft: _Libnftables | None = None
+#: The library, loaded in the daemon only to check that it is there (so that a host without it
+#: gets the package to install before any helper starts); never called here.
+_nft: nfthelper.Libnftables | None = None
 _nft_loading = threading.Lock()
 
 
-def _libnftables() -> _Libnftables:
-    global _nft  # noqa: PLW0603 - one library handle per process, loaded on first use
+def _check_libnftables() -> None:
+    global _nft  # noqa: PLW0603 - one check per process, on first use
     with _nft_loading:  # first use may come from several jail threads at once
         if _nft is None:
-            _nft = _Libnftables()
-        return _nft
+            _nft = nfthelper.Libnftables()
 
 
 def apply_nftables(text: str) -> None:
-    """Load nft ``text`` atomically into the calling thread's netns (FirewallError on failure)."""
-    _libnftables().run(text)
+    """Load nft ``text`` atomically into the calling thread's netns (FirewallError on failure).
+
+    libnftables runs in its helper process (netjail.kernel.nfthelper), never in the daemon:
+    in-process, it aborts the daemon once fds pass 1023, and exits it when fds run out.
+    """
+    _check_libnftables()
+    nfthelper.load_in_calling_netns(text)
 
 
 def load_nftables(ruleset: JailRuleset, log: LogStrategy) -> None:
