@@ -27,7 +27,7 @@ from typing import NoReturn
 import msgspec
 import pytest
 
-from netjail.kernel import jailinit, netns, rootfs, syscalls
+from netjail.kernel import jailinit, netns, rootfs, seccomp, syscalls
 from netjail.kernel.fsplan import (
     JOB_HOME,
     Bind,
@@ -37,6 +37,7 @@ from netjail.kernel.fsplan import (
     TmpfsSizes,
     build_fs_plan,
 )
+from netjail.kernel.jailinit import ExecHook
 from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure
 
 JOB_UID = 65534
@@ -116,11 +117,13 @@ class _Ended(msgspec.Struct, tag="ended"):
 _events = msgspec.json.Decoder(_Started | _NotStarted | _Ended)
 
 
-def _serve_one(plan: JobPlan, stdio: list[int], sources: Sequence[int], out: int) -> NoReturn:
+def _serve_one(
+    plan: JobPlan, stdio: list[int], sources: Sequence[int], hooks: Sequence[ExecHook], out: int
+) -> NoReturn:
     """The helper: a one-job fork server."""
     try:
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
-        outcome = jailinit.spawn_job(plan, stdio, sources)
+        outcome = jailinit.spawn_job(plan, stdio, sources, hooks)
         if isinstance(outcome, SpawnFailure):
             os.write(out, msgspec.json.encode(_NotStarted(outcome)) + b"\n")
             os._exit(0)
@@ -138,7 +141,9 @@ def _serve_one(plan: JobPlan, stdio: list[int], sources: Sequence[int], out: int
 class Job:
     """A job started through the helper; its output in files, its init's host pid."""
 
-    def __init__(self, plan: JobPlan, stdin: int, sources: Sequence[int]) -> None:
+    def __init__(
+        self, plan: JobPlan, stdin: int, sources: Sequence[int], hooks: Sequence[ExecHook]
+    ) -> None:
         self._dir = tempfile.mkdtemp(prefix="njk-out-")
         self.stdout_path = os.path.join(self._dir, "stdout")
         self.stderr_path = os.path.join(self._dir, "stderr")
@@ -148,7 +153,7 @@ class Job:
         self.helper = os.fork()
         if self.helper == 0:
             os.close(read_fd)
-            _serve_one(plan, [stdin, out, err], sources, write_fd)
+            _serve_one(plan, [stdin, out, err], sources, hooks, write_fd)
         os.close(write_fd)
         os.close(out)
         os.close(err)
@@ -223,11 +228,15 @@ def make_plan(
 
 @contextlib.contextmanager
 def started(
-    plan: JobPlan, *, stdin: int | None = None, sources: Sequence[int] = ()
+    plan: JobPlan,
+    *,
+    stdin: int | None = None,
+    sources: Sequence[int] = (),
+    hooks: Sequence[ExecHook] = (),
 ) -> Iterator[Job]:
     """A running job; it is killed and reaped if the test leaves early."""
     null = os.open("/dev/null", os.O_RDONLY)
-    job = Job(plan, null if stdin is None else stdin, sources)
+    job = Job(plan, null if stdin is None else stdin, sources, hooks)
     os.close(null)
     try:
         yield job
@@ -606,6 +615,40 @@ def test_on_a_terminal_signals_go_to_the_foreground_group(jail: Jail) -> None:
     finally:
         os.close(leader)
         os.close(follower)
+
+
+def test_the_init_serves_under_the_seccomp_filter(jail: Jail) -> None:
+    """The job filter, loaded as the last step, binds the init and the command; the init still
+    forwards signals and reports the exit."""
+    seccomp.prepare_job_filter()  # in the parent, as the fork server does
+    hooks = [ExecHook("seccomp filter", seccomp.load_job_filter)]
+    script = (
+        "grep Seccomp: /proc/1/status /proc/self/status\n"
+        "python3 -c 'import socket\ntry: socket.socket(40, 1)\nexcept OSError as e: print(e.errno)'"
+        "\n"
+        'trap "exit 9" TERM; echo ready; sleep 100 & wait\n'
+    )
+    with started(make_plan(jail, ["sh", "-c", script]), hooks=hooks) as job:
+        job.wait_for_output("ready")
+        assert job.init_pid is not None
+        os.kill(job.init_pid, signal.SIGTERM)
+        assert job.wait() == JobExit(9, None)
+        assert job.stdout().splitlines() == [
+            "/proc/1/status:Seccomp:\t2",
+            "/proc/self/status:Seccomp:\t2",
+            str(errno.EAFNOSUPPORT),  # AF_VSOCK (40)
+            "ready",
+        ]
+
+
+def test_a_failing_hook_names_its_stage(jail: Jail) -> None:
+    """A last step that fails stops the job, reported under the hook's stage name."""
+
+    def refuse() -> None:
+        raise OSError(errno.EPERM, "refused")
+
+    with started(make_plan(jail, ["true"]), hooks=[ExecHook("seccomp filter", refuse)]) as job:
+        assert job.failure == SpawnFailure("seccomp filter", errno.EPERM, "refused")
 
 
 # ---------------------------------------------------------------- failures

@@ -12,6 +12,7 @@ from netjail.kernel.fsplan import (
     Cover,
     Device,
     Devpts,
+    DevTmpfs,
     FdSource,
     FsPlan,
     HostDir,
@@ -63,13 +64,13 @@ def test_the_plan_is_exactly_the_allow_list() -> None:
             Tmpfs("/tmp", 1 * MiB, 0o1777),
             Tmpfs("/var/tmp", 2 * MiB, 0o1777),
             Tmpfs("/run", 3 * MiB, 0o755),
-            Tmpfs("/dev", 64 * KiB, 0o755),
-            Device("/dev/null", "/dev/null"),
-            Device("/dev/zero", "/dev/zero"),
-            Device("/dev/full", "/dev/full"),
-            Device("/dev/random", "/dev/random"),
-            Device("/dev/urandom", "/dev/urandom"),
-            Device("/dev/tty", "/dev/tty"),
+            DevTmpfs("/dev", 64 * KiB),
+            Device("/dev/null", 1, 3),
+            Device("/dev/zero", 1, 5),
+            Device("/dev/full", 1, 7),
+            Device("/dev/random", 1, 8),
+            Device("/dev/urandom", 1, 9),
+            Device("/dev/tty", 5, 0),
             Devpts("/dev/pts"),
             Tmpfs("/dev/shm", 4 * MiB, 0o1777),
             Symlink("/dev/fd", "/proc/self/fd"),
@@ -92,11 +93,12 @@ def test_the_plan_is_exactly_the_allow_list() -> None:
 
 
 def test_default_tmpfs_sizes() -> None:
-    """The shipped limits: 256 MiB for /tmp, /var/tmp and /dev/shm, 16 MiB for /run."""
+    """The shipped limits: 256 MiB for /tmp, /var/tmp and /dev/shm, 16 MiB for /run, 64 KiB
+    for /dev."""
     sizes = {
         s.target: s.size_bytes
         for s in build_fs_plan(host=HostLayout(()), home=HOME).steps
-        if isinstance(s, Tmpfs)
+        if isinstance(s, Tmpfs | DevTmpfs)
     }
     assert sizes == {
         "/tmp": 256 * MiB,

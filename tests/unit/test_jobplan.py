@@ -1,4 +1,4 @@
-"""Tests for netjail.kernel.jobplan: the job's plan, the set-up report and the job's exit."""
+"""Tests for netjail.kernel.jobplan: the job's plan, the set-up pipe and the job's exit."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ import pytest
 
 from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
 from netjail.kernel.jobplan import (
-    FailureRecord,
-    InitRecord,
     JobExit,
     JobPlan,
-    SetupReport,
     SpawnFailure,
     decode_job_exit,
+    encode_failure,
     encode_job_status,
-    encode_record,
     job_hostname,
-    read_setup_report,
+    read_setup_failure,
 )
 
 FAILURE = SpawnFailure(stage="file system", errno=30, detail="mounting /x: Read-only file system")
@@ -29,53 +26,37 @@ def _exited(code: int) -> int:
     return code << 8
 
 
-def test_records_are_json_lines() -> None:
-    """Each record is one JSON object on one line."""
-    assert encode_record(InitRecord(pid=42)) == b'{"type":"init","pid":42}\n'
-    assert encode_record(FailureRecord(FAILURE)) == (
-        b'{"type":"failed","failure":{"stage":"file system","errno":30,'
-        b'"detail":"mounting /x: Read-only file system"}}\n'
+def test_a_failure_is_one_json_line() -> None:
+    """A failure is one JSON object on one line."""
+    assert encode_failure(FAILURE) == (
+        b'{"stage":"file system","errno":30,"detail":"mounting /x: Read-only file system"}\n'
     )
 
 
-def test_a_started_job_reports_its_init() -> None:
-    """The init record alone: the job started, and I's host pid is known."""
-    assert read_setup_report(encode_record(InitRecord(pid=4242))) == SetupReport(4242, None)
+def test_a_failure_is_read_back() -> None:
+    """What the init wrote is what the fork server reads."""
+    assert read_setup_failure(encode_failure(FAILURE)) == FAILURE
 
 
-def test_a_failure_is_read_in_either_order() -> None:
-    """I's failure may reach the pipe before C's init record; both are read."""
-    init, failed = encode_record(InitRecord(pid=7)), encode_record(FailureRecord(FAILURE))
-    assert read_setup_report(failed + init) == SetupReport(7, FAILURE)
-    assert read_setup_report(init + failed) == SetupReport(7, FAILURE)
+def test_nothing_on_the_pipe_means_the_command_started() -> None:
+    """EOF without data: no failure."""
+    assert read_setup_failure(b"") is None
 
 
-def test_a_failure_before_the_fork_has_no_init() -> None:
-    """C failed before it forked I: no pid, the failure."""
-    failure = SpawnFailure(stage="network namespace", errno=2, detail="No such file or directory")
-    report = read_setup_report(encode_record(FailureRecord(failure)))
-    assert report == SetupReport(init_pid=None, failure=failure)
-
-
-def test_an_unreadable_report_is_a_failure() -> None:
+@pytest.mark.parametrize("garbage", [b"{not json\n", b"\n", b'{"stage": 1}\n'])
+def test_an_unreadable_report_is_a_failure(garbage: bytes) -> None:
     """Garbage on the pipe fails the start: it is never taken for success."""
-    report = read_setup_report(encode_record(InitRecord(pid=9)) + b"{not json\n")
-    assert report == SetupReport(
-        init_pid=9, failure=SpawnFailure(stage="set-up", errno=0, detail="unreadable set-up report")
+    assert read_setup_failure(garbage) == SpawnFailure(
+        stage="set-up", errno=0, detail="unreadable set-up report"
     )
-
-
-def test_an_empty_report_has_neither() -> None:
-    """Nothing on the pipe: no init, no failure (spawn_job turns that into a failure)."""
-    assert read_setup_report(b"") == SetupReport(init_pid=None, failure=None)
 
 
 @pytest.mark.parametrize("detail", ["\x01" * 3000, "é" * 5000, "x" * 100_000])
 def test_a_long_failure_still_fits_one_atomic_write(detail: str) -> None:
     """A failure with a huge detail is cut below PIPE_BUF, keeps its stage, and decodes."""
-    data = encode_record(FailureRecord(SpawnFailure(stage="exec", errno=2, detail=detail)))
+    data = encode_failure(SpawnFailure(stage="exec", errno=2, detail=detail))
     assert len(data) < 4096
-    failure = read_setup_report(data).failure
+    failure = read_setup_failure(data)
     assert failure is not None
     assert (failure.stage, failure.errno) == ("exec", 2)
     assert 0 < len(failure.detail) < len(detail)

@@ -1,35 +1,46 @@
-"""A job's namespaces, and PID 1 of its jail: what the fork server's child does for each job.
+"""A job's namespaces and its PID 1: what the fork server does, and its child runs, per job.
 
-The fork server calls ``spawn_job``, which forks **C** (``run_job_child``). C, in order:
+``spawn_job`` runs in the fork server. It unshares a new PID namespace *for its children*,
+forks **I**, and at once puts its own children's PID namespace back. So I is PID 1 of the
+job's namespace, and also the fork server's own child: the pid it reaps and reports, the
+pidfd the daemon signals. (A first child that unshares and forks I would cost one more fork of
+the fork server, about 2 ms here, and nothing else: I does the same steps, as root, first.)
 
-1. resets every signal and closes every fd it was not given;
+I (``run_job_init``), in order:
+
+1. blocks every signal (it takes those it serves with sigwaitinfo) and closes every fd it was
+   not given;
 2. enters the jail's network namespace (setns);
-3. joins the job's cgroups, so everything after it is born limited and killable;
-4. takes detached copies of the bind sources (``rootfs.open_bind_trees``) while it is still in
-   the daemon's mount namespace, where the client's source fds were opened;
-5. unshares new PID, mount, IPC and UTS namespaces;
-6. forks **I**, PID 1 of the new PID namespace, reports I's host pid and exits.
+3. joins the job's cgroups, before it forks anything, so every process of the job is born
+   limited and killable;
+4. takes detached copies of the bind sources (``rootfs.open_bind_trees``) while still in the
+   daemon's mount namespace, where the client's source fds were opened;
+5. unshares new mount, IPC and UTS namespaces;
+6. builds the job's file system and pivots into it (``rootfs.apply_fs_plan``; /proc shows the
+   PID namespace of the process that mounts it, I's);
+7. sets the hostname; starts a session, taking stdin as its controlling terminal if it is a
+   terminal no one else holds;
+8. drops privileges (no capability, no supplementary group, the job's uid and gid,
+   no_new_privs) and becomes non-dumpable, so the job, which runs as the same uid, cannot
+   ptrace I or read it through /proc/1;
+9. enters the job's cwd, then runs the caller's last steps (``ExecHook``: the seccomp filter);
+10. spawns **K**, the command, with posix_spawn: a vfork-like clone in which only glibc runs,
+    so no page table is copied (a fork of the fork server costs about 2 ms on this VM);
+11. serves as init: reaps every child, forwards signals, and exits with K's status.
 
-I is reparented to the fork server (a child subreaper) and is, from then on, the job's main
-process as the fork server sees it: the pid it reaps and reports, the pidfd the daemon signals.
-I builds the job's file system and pivots into it (``rootfs.apply_fs_plan``: /proc is mounted
-here because it shows the PID namespace of the process that mounts it), sets the hostname,
-starts a session, drops privileges, and forks **K**, the command. K sets up stdio and its
-cwd, runs the caller's last steps (the seccomp filter) and execs. I then serves as init.
+The seccomp filter is loaded in I, last before K's exec, because K is spawned by glibc and
+runs no Python. So it binds I too. That costs I nothing: after step 9, I only spawns K,
+waits, kills and writes, which the filter allows (it must allow clone without namespace
+flags and execve for any job anyway).
 
-Reporting (formats in ``netjail.kernel.jobplan``). Set-up records go back on one
-close-on-exec pipe: C's with I's host pid, and at most one failure naming the step. EOF means
-K exec'd: C has exited, I closed its copy after forking K, and K's closed on exec.
+Reporting (formats in ``netjail.kernel.jobplan``). A failed step is written to a
+close-on-exec pipe, naming the step; EOF without a record means K exec'd: I closed its copy of
+the pipe after spawning K, and K's closed on exec.
 
 How the job ended. PID 1 of a namespace ignores every signal sent from inside it for which it
 has no handler, itself included, so I cannot re-raise the signal that killed K. I exits 128+N,
 as a shell reports it, after writing K's wait status to a status pipe; the fork server reads
 it when it reaps I (``read_job_exit``).
-
-The seccomp filter is loaded in K only. I runs nothing but this module's loop, its only
-inputs are signals and wait statuses, and it is non-dumpable, so a job cannot ptrace it or
-read its memory; a filter in I would defend nothing a job can reach, and a filter mistake there
-(say, a denied wait4) would wedge the end of every job instead of failing one exec.
 """
 
 from __future__ import annotations
@@ -47,19 +58,17 @@ from typing import NoReturn
 from netjail.errors import NetjailError
 from netjail.kernel import rootfs, syscalls
 from netjail.kernel.jobplan import (
-    FailureRecord,
-    InitRecord,
     JobExit,
     JobPlan,
     SpawnFailure,
     decode_job_exit,
+    encode_failure,
     encode_job_status,
-    encode_record,
-    read_setup_report,
+    read_setup_failure,
 )
 
 #: What I passes on to the job: to the terminal's foreground process group when the job's
-#: stdin is its controlling terminal, otherwise to every process of the namespace.
+#: stdin is I's controlling terminal, otherwise to every process of the namespace.
 FORWARDED_SIGNALS = frozenset(
     {
         signal.SIGINT,
@@ -72,24 +81,22 @@ FORWARDED_SIGNALS = frozenset(
         signal.SIGCONT,
     }
 )
-#: I takes these with sigwaitinfo, not with handlers: blocked from before K is forked, none is
-#: lost in between and no Python runs at an arbitrary point. (Blocked, they are queued even
-#: though PID 1 would otherwise ignore them.)
+#: I takes these with sigwaitinfo, not with handlers: blocked from I's start, none is lost and
+#: no Python runs at an arbitrary point. Blocked, they are queued even though PID 1 would
+#: otherwise ignore them. (Every other signal stays blocked and pending in I.)
 _WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
-#: SIGTTOU blocked too, so K may make itself the terminal's foreground group (tcsetpgrp).
-_INIT_MASK = _WAITED | {signal.SIGTTOU}
-_NAMESPACES = (
-    syscalls.CLONE_NEWPID | syscalls.CLONE_NEWNS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWUTS
-)
+_ALL_SIGNALS = frozenset(signal.valid_signals())
+_NAMESPACES = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWUTS
 #: close_range's upper bound: above any fd a process can hold.
 _FD_CEILING = 1 << 30
 
 
 @dataclass(frozen=True)
 class ExecHook:
-    """A step K runs last before exec (the seccomp filter); ``stage`` names it in a failure.
+    """A step I runs last before the command is spawned (the seccomp filter, which then binds
+    I and the command); ``stage`` names it in a failure.
 
-    ``run`` must not import anything: K is already inside the job's file system.
+    ``run`` must not import anything: I is already inside the job's file system.
     """
 
     stage: str
@@ -98,7 +105,7 @@ class ExecHook:
 
 @dataclass(frozen=True)
 class StartedJob:
-    """A job whose command exec'd: its init's host pid, and the status pipe's read end."""
+    """A job whose command exec'd: its init's pid, and the status pipe's read end."""
 
     init_pid: int
     status_fd: int
@@ -113,20 +120,25 @@ def spawn_job(
     source_fds: Sequence[int] = (),
     hooks: Sequence[ExecHook] = (),
 ) -> StartedJob | SpawnFailure:
-    """Fork a job and wait until its command exec'd, or until a step failed.
+    """Fork a job's init and wait until its command exec'd, or until a step failed.
 
-    Call from a single-threaded process that is a child subreaper (the fork server): I is
-    reparented to it, so it must reap I, and read ``read_job_exit`` then. ``stdio`` are the
-    job's fds 0-2, ``source_fds`` the fds the plan's ``FdSource`` entries index; the caller
-    keeps and closes both. On failure, nothing of the job is left.
+    Call from a single-threaded process (the fork server), which must reap the init and read
+    ``read_job_exit`` then. ``stdio`` are the job's fds 0-2, ``source_fds`` the fds the plan's
+    ``FdSource`` entries index; the caller keeps and closes both. On failure, nothing of the
+    job is left.
     """
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    child = os.fork()
-    if child == 0:
+    try:
+        init_pid = _fork_in_new_pid_namespace()
+    except OSError as e:
+        for fd in (report_r, report_w, status_r, status_w):
+            os.close(fd)
+        return SpawnFailure(stage="namespaces", errno=e.errno or 0, detail=e.strerror or str(e))
+    if init_pid == 0:
         os.close(report_r)
         os.close(status_r)
-        run_job_child(plan, stdio, source_fds, report_fd=report_w, status_fd=status_w, hooks=hooks)
+        run_job_init(plan, stdio, source_fds, report_fd=report_w, status_fd=status_w, hooks=hooks)
     os.close(report_w)
     os.close(status_w)
     chunks = []
@@ -135,19 +147,35 @@ def spawn_job(
             chunks.append(chunk)
     finally:
         os.close(report_r)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(child, 0)
-    report = read_setup_report(b"".join(chunks))
-    if report.failure is None and report.init_pid is not None:
-        return StartedJob(init_pid=report.init_pid, status_fd=status_r)
+    failure = read_setup_failure(b"".join(chunks))
+    if failure is None:
+        return StartedJob(init_pid=init_pid, status_fd=status_r)
     os.close(status_r)
-    if report.init_pid is not None:
-        # C has exited, so I is our child now: end it (if a step failed, it is ending) and reap.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(report.init_pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(report.init_pid, 0)
-    return report.failure or SpawnFailure(stage="init", errno=0, detail="the job's init never ran")
+    # The init is ending (a step failed): make sure, and reap it.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(init_pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(init_pid, 0)
+    return failure
+
+
+def _fork_in_new_pid_namespace() -> int:
+    """fork(), the child being PID 1 of a new PID namespace; the caller's own stays as it was.
+
+    unshare(CLONE_NEWPID) changes only the namespace the caller's next children are born in;
+    setns to the caller's own one undoes that right after the fork.
+    """
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() != 1:  # not in the child, which is PID 1 of the new namespace
+                syscalls.setns(own, syscalls.CLONE_NEWPID)
+        return pid
+    finally:
+        os.close(own)
 
 
 def read_job_exit(status_fd: int, wait_status: int) -> JobExit:
@@ -159,10 +187,10 @@ def read_job_exit(status_fd: int, wait_status: int) -> JobExit:
     return decode_job_exit(record, wait_status)
 
 
-# ---------------------------------------------------------------- C, the fork server's child
+# ---------------------------------------------------------------- I, PID 1 of the jail
 
 
-def run_job_child(
+def run_job_init(
     plan: JobPlan,
     stdio: Sequence[int],
     source_fds: Sequence[int],
@@ -171,13 +199,11 @@ def run_job_child(
     status_fd: int,
     hooks: Sequence[ExecHook] = (),
 ) -> NoReturn:
-    """C: enter the jail's namespaces and fork its init (see the module docstring).
-
-    Runs in a freshly forked child of a single-threaded process; never returns.
-    """
+    """I: steps 1-11 of the module docstring. Runs as PID 1 of a fresh PID namespace, in a
+    just-forked child of a single-threaded process; never returns."""
     stage = "signals"
     try:
-        # No collection in the children: it would touch every object, copying pages for nothing.
+        # No collection in the init: it would touch every object, copying pages for nothing.
         gc.disable()
         _reset_signals()
         stage = "file descriptors"
@@ -195,29 +221,52 @@ def run_job_child(
                 os.close(fd)
         stage = "bind sources"
         trees = rootfs.open_bind_trees(plan.fs, source_fds)
-        for fd in set(source_fds):
+        for fd in set(source_fds) - set(stdio):
             os.close(fd)
         stage = "namespaces"
         syscalls.unshare(_NAMESPACES)
-        stage = "init"
-        init_pid = os.fork()
-        if init_pid == 0:
-            _run_init(plan, stdio, trees, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
-        _report(report_fd, InitRecord(pid=init_pid))
+        # Private first, so nothing mounted next propagates back to the host.
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        stage = "file system"
+        rootfs.apply_fs_plan(plan.fs, trees)
+        stage = "hostname"
+        syscalls.sethostname(plan.hostname)
+        stage = "session"
+        os.setsid()
+        terminal = _take_terminal(stdio[0])
+        stage = "privileges"
+        drop_privileges(plan.uid, plan.gid)
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        stage = "working directory"
+        # After the privilege drop, so the job user's own permissions decide.
+        os.chdir(plan.cwd)
+        for hook in hooks:
+            stage = hook.stage
+            hook.run()
+        stage = "exec"
+        _use_search_path(plan.env)
+        command = syscalls.spawn_command(
+            plan.argv, plan.env, stdio, foreground_of=0 if terminal else None
+        )
     except BaseException as e:
-        _report(report_fd, FailureRecord(_failure_of(stage, e, plan)))
+        _report(report_fd, _failure_of(stage, e, plan))
         os._exit(127)
-    os._exit(0)
+    kept = {stdio[0]} if terminal else set()
+    for fd in {report_fd, *stdio} - kept:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _serve_as_init(command, status_fd, stdio[0] if terminal else None)
 
 
 def _reset_signals() -> None:
-    # The job gets every disposition at its default and nothing blocked: Python ignores SIGPIPE
-    # and SIGXFSZ, the daemon handles others, and an ignored signal would survive exec.
+    # I blocks every signal, and takes those it serves with sigwaitinfo: so no Python handler
+    # inherited from the fork server or the daemon can ever run in I, and none of its signals is
+    # lost (SIGCHLD at its default disposition would be, while unblocked). The command gets
+    # every disposition at its default and an empty mask from posix_spawn.
+    signal.pthread_sigmask(signal.SIG_SETMASK, _ALL_SIGNALS)
     signal.set_wakeup_fd(-1)
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    # Never ignored, though: children would then be reaped by the kernel, their status lost.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def _close_fds_except(keep: set[int]) -> None:
@@ -238,49 +287,6 @@ def drop_privileges(uid: int, gid: int) -> None:
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
 
 
-# ---------------------------------------------------------------- I, PID 1 of the jail
-
-
-def _run_init(
-    plan: JobPlan,
-    stdio: Sequence[int],
-    trees: Sequence[int],
-    *,
-    report_fd: int,
-    status_fd: int,
-    hooks: Sequence[ExecHook],
-) -> NoReturn:
-    stage = "mount namespace"
-    try:
-        # Private first, so nothing mounted next propagates back to the host.
-        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-        stage = "file system"
-        rootfs.apply_fs_plan(plan.fs, trees)
-        stage = "hostname"
-        syscalls.sethostname(plan.hostname)
-        stage = "session"
-        os.setsid()
-        terminal = _take_terminal(stdio[0])
-        stage = "privileges"
-        drop_privileges(plan.uid, plan.gid)
-        # A job runs as I's uid; non-dumpable, I cannot be ptraced or read through /proc/1 by
-        # it (setresuid makes I so for a job uid other than 0; this covers uid 0 too).
-        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
-        stage = "init"
-        signal.pthread_sigmask(signal.SIG_BLOCK, _INIT_MASK)
-        command = os.fork()
-        if command == 0:
-            _run_command(plan, stdio, report_fd, terminal, hooks)
-    except BaseException as e:
-        _report(report_fd, FailureRecord(_failure_of(stage, e, plan)))
-        os._exit(127)
-    kept = {stdio[0]} if terminal else set()
-    for fd in {report_fd, *stdio} - kept:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _serve_as_init(command, status_fd, stdio[0] if terminal else None)
-
-
 def _take_terminal(fd: int) -> bool:
     """Make ``fd`` I's controlling terminal if it is a terminal no other session holds."""
     if not os.isatty(fd):
@@ -291,6 +297,15 @@ def _take_terminal(fd: int) -> bool:
         # Another session's terminal (say, the client's own): signals go to every process.
         return False
     return True
+
+
+def _use_search_path(env: dict[str, str]) -> None:
+    # posix_spawnp looks the command up in the caller's PATH: make it the job's (glibc's
+    # default without one is /bin:/usr/bin, as os.execvpe's).
+    if "PATH" in env:
+        os.environ["PATH"] = env["PATH"]
+    else:
+        os.environ.pop("PATH", None)
 
 
 def _serve_as_init(command: int, status_fd: int, terminal: int | None) -> NoReturn:
@@ -330,40 +345,6 @@ def _end(status: int, status_fd: int) -> NoReturn:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
-# ---------------------------------------------------------------- K, the command
-
-
-def _run_command(
-    plan: JobPlan,
-    stdio: Sequence[int],
-    report_fd: int,
-    terminal: bool,
-    hooks: Sequence[ExecHook],
-) -> NoReturn:
-    stage = "stdio"
-    try:
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        stage = "process group"
-        os.setpgid(0, 0)
-        if terminal:
-            os.tcsetpgrp(0, os.getpid())
-        stage = "working directory"
-        # After the privilege drop (in I), so the job user's own permissions decide.
-        os.chdir(plan.cwd)
-        os.closerange(3, report_fd)
-        os.closerange(report_fd + 1, _FD_CEILING)
-        for hook in hooks:
-            stage = hook.stage
-            hook.run()
-        stage = "exec"
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.execvpe(plan.argv[0], plan.argv, plan.env)  # noqa: S606 - exec is the point
-    except BaseException as e:
-        _report(report_fd, FailureRecord(_failure_of(stage, e, plan)))
-    os._exit(127)
-
-
 def _failure_of(stage: str, error: BaseException, plan: JobPlan) -> SpawnFailure:
     if isinstance(error, OSError):
         code, detail = error.errno or 0, error.strerror or str(error)
@@ -380,6 +361,6 @@ def _failure_of(stage: str, error: BaseException, plan: JobPlan) -> SpawnFailure
     return SpawnFailure(stage=stage, errno=code, detail=detail)
 
 
-def _report(report_fd: int, record: InitRecord | FailureRecord) -> None:
+def _report(report_fd: int, failure: SpawnFailure) -> None:
     with contextlib.suppress(OSError):
-        os.write(report_fd, encode_record(record))
+        os.write(report_fd, encode_failure(failure))

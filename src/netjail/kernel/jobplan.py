@@ -5,9 +5,8 @@ msgspec struct, so it crosses the daemon's socket to the fork server as it is. T
 two pipes between the job's processes and the fork server, kept here so that each format has
 one home and is unit-tested on exact bytes:
 
-- the *set-up pipe*: JSON lines, each below PIPE_BUF so that one write() is atomic and records
-  written by different processes never interleave. The job child writes an ``InitRecord`` with
-  its init's host pid; any step that fails writes one ``FailureRecord``.
+- the *set-up pipe*: nothing if the command exec'd, or one ``SpawnFailure`` as a JSON line
+  below PIPE_BUF, so that its one write() is atomic.
 - the *status pipe*: I's record of how the command ended, its raw wait status in 4 bytes.
 """
 
@@ -52,26 +51,6 @@ class SpawnFailure(msgspec.Struct, frozen=True):
     detail: str
 
 
-class InitRecord(msgspec.Struct, frozen=True, tag="init"):
-    """The job's init was forked; ``pid`` is its pid in the fork server's PID namespace."""
-
-    pid: int
-
-
-class FailureRecord(msgspec.Struct, frozen=True, tag="failed"):
-    """A set-up step failed; the job does not run."""
-
-    failure: SpawnFailure
-
-
-@dataclass(frozen=True)
-class SetupReport:
-    """What the set-up pipe said: the init's host pid if it was forked, the failure if any."""
-
-    init_pid: int | None
-    failure: SpawnFailure | None
-
-
 @dataclass(frozen=True)
 class JobExit:
     """How the job's command ended: an exit code, or the signal that killed it."""
@@ -80,7 +59,7 @@ class JobExit:
     signal: int | None
 
 
-_records = msgspec.json.Decoder(InitRecord | FailureRecord)
+_failures = msgspec.json.Decoder(SpawnFailure)
 
 
 def job_hostname(job_id: str) -> str:
@@ -88,39 +67,26 @@ def job_hostname(job_id: str) -> str:
     return f"netjail-{job_id}"
 
 
-def encode_record(record: InitRecord | FailureRecord) -> bytes:
-    """One line for the set-up pipe, below PIPE_BUF: a long failure detail is cut to fit."""
-    if isinstance(record, FailureRecord):
-        failure = record.failure
-        detail = failure.detail[:_MAX_DETAIL]
-        while True:
-            cut = SpawnFailure(stage=failure.stage[:_MAX_STAGE], errno=failure.errno, detail=detail)
-            data = msgspec.json.encode(FailureRecord(cut))
-            if len(data) < _MAX_RECORD:
-                break
-            detail = detail[: len(detail) // 2]
-    else:
-        data = msgspec.json.encode(record)
-    return data + b"\n"
+def encode_failure(failure: SpawnFailure) -> bytes:
+    """One line for the set-up pipe, below PIPE_BUF: a long detail is cut to fit."""
+    detail = failure.detail[:_MAX_DETAIL]
+    while True:
+        cut = SpawnFailure(stage=failure.stage[:_MAX_STAGE], errno=failure.errno, detail=detail)
+        data = msgspec.json.encode(cut)
+        if len(data) < _MAX_RECORD:
+            return data + b"\n"
+        detail = detail[: len(detail) // 2]
 
 
-def read_setup_report(data: bytes) -> SetupReport:
-    """Decode everything the set-up pipe carried, in any order; garbage is a failure."""
-    init_pid: int | None = None
-    failure: SpawnFailure | None = None
-    for line in data.splitlines():
-        try:
-            record = _records.decode(line)
-        except msgspec.DecodeError:
-            failure = failure or SpawnFailure(
-                stage="set-up", errno=0, detail="unreadable set-up report"
-            )
-            continue
-        if isinstance(record, InitRecord):
-            init_pid = record.pid
-        else:
-            failure = failure or record.failure
-    return SetupReport(init_pid=init_pid, failure=failure)
+def read_setup_failure(data: bytes) -> SpawnFailure | None:
+    """The failure the set-up pipe carried, or None if it carried nothing (the command
+    exec'd); anything unreadable is a failure, never taken for success."""
+    if not data:
+        return None
+    try:
+        return _failures.decode(data.splitlines()[0])
+    except msgspec.DecodeError:
+        return SpawnFailure(stage="set-up", errno=0, detail="unreadable set-up report")
 
 
 def encode_job_status(wait_status: int) -> bytes:

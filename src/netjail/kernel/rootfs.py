@@ -2,13 +2,13 @@
 
 Two halves, because of where they must run (see netjail.kernel.jailinit):
 
-- ``open_bind_trees`` runs in the job child *before* it leaves the daemon's mount namespace. It
-  takes a detached copy (``open_tree(OPEN_TREE_CLONE)``) of every bind source. The kernel
+- ``open_bind_trees`` runs in the job's init *before* it leaves the daemon's mount namespace.
+  It takes a detached copy (``open_tree(OPEN_TREE_CLONE)``) of every bind source. The kernel
   refuses a plain bind mount whose source belongs to another mount namespace, and a client's
   bind source is an fd the daemon opened, in its own.
-- ``apply_fs_plan`` runs in the job's init, in the new mount and PID namespaces. It mounts the
-  root tmpfs at ``STAGING``, attaches the trees and mounts the rest, pivots into the new root,
-  detaches the old one, and makes the root read-only.
+- ``apply_fs_plan`` runs in the init once it is in its new mount namespace. It mounts the root
+  tmpfs at ``STAGING``, attaches the trees, mounts and makes the rest, pivots into the new
+  root, detaches the old one, and makes the root read-only.
 
 No path is followed through a symlink while the root is built: every mount point is reached
 component by component with O_PATH|O_NOFOLLOW from the root's fd, created where missing, and
@@ -35,8 +35,10 @@ from netjail.kernel.fsplan import (
     Cover,
     Device,
     Devpts,
+    DevTmpfs,
     FdSource,
     FsPlan,
+    FsStep,
     HostDir,
     HostEntry,
     HostLayout,
@@ -112,24 +114,23 @@ def _step(what: str) -> Iterator[None]:
             raise OSError(e.errno, os.strerror(e.errno or 0)) from e
 
 
-def _clone(source: BindSource | str, source_fds: Sequence[int]) -> int:
+def _clone(source: BindSource, source_fds: Sequence[int]) -> int:
     if isinstance(source, FdSource):
         if not 0 <= source.index < len(source_fds):
             raise OSError(errno.EBADF, f"no fd {source.index} came with the plan")
         return syscalls.open_tree(source_fds[source.index], "", _CLONE | syscalls.AT_EMPTY_PATH)
-    path = source if isinstance(source, str) else source.path
-    return syscalls.open_tree(syscalls.AT_FDCWD, path, _CLONE)
+    return syscalls.open_tree(syscalls.AT_FDCWD, source.path, _CLONE)
 
 
 def open_bind_trees(plan: FsPlan, source_fds: Sequence[int]) -> list[int]:
-    """A detached copy of each Bind and Device source, in plan order (their fds, close-on-exec).
+    """A detached copy of each Bind's source, in plan order (their fds, close-on-exec).
 
     Run in the daemon's mount namespace; ``source_fds`` are the fds ``FdSource`` indexes into.
     """
     trees: list[int] = []
     try:
         for step in plan.steps:
-            if isinstance(step, Bind | Device):
+            if isinstance(step, Bind):
                 with _step(f"opening the source of {step.target}"):
                     trees.append(_clone(step.source, source_fds))
     except BaseException:
@@ -224,6 +225,17 @@ def _cover(root: int, target: str) -> None:
         os.close(tree)
 
 
+def _make_device(root: int, device: Device) -> None:
+    *parents, name = device.target.strip("/").split("/")
+    parent = _walk(root, parents, create=True)
+    try:
+        os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(device.major, device.minor), dir_fd=parent)
+        # mknod's mode is cut by the umask, which the job keeps: set it exactly.
+        os.chmod(name, 0o666, dir_fd=parent)  # noqa: S103 - null, tty and the rest are 0666
+    finally:
+        os.close(parent)
+
+
 def _symlink(root: int, target: str, points_to: str) -> None:
     *parents, name = target.strip("/").split("/")
     parent = _walk(root, parents, create=True)
@@ -233,12 +245,15 @@ def _symlink(root: int, target: str, points_to: str) -> None:
         os.close(parent)
 
 
-def _apply_step(root: int, step: object, trees: Iterator[int]) -> None:
+def _apply_step(root: int, step: FsStep, trees: Iterator[int]) -> None:
     if isinstance(step, Bind):
         read_only = syscalls.MS_RDONLY if step.access == "ro" else 0
         _attach(root, next(trees), step.target, _NEW_FS | read_only)
     elif isinstance(step, Device):
-        _attach(root, next(trees), step.target, syscalls.MS_NOSUID)
+        _make_device(root, step)
+    elif isinstance(step, DevTmpfs):
+        options = f"size={step.size_bytes},mode=755"
+        _mount_new(root, step.target, "tmpfs", syscalls.MS_NOSUID, options)
     elif isinstance(step, Tmpfs):
         options = f"size={step.size_bytes},mode={step.mode:o}"
         _mount_new(root, step.target, "tmpfs", _NEW_FS, options)

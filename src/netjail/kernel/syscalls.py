@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Mapping, Sequence
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -86,6 +87,30 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.syscall.restype = ctypes.c_long
+_libc.posix_spawnp.argtypes = [
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_char_p),
+    ctypes.POINTER(ctypes.c_char_p),
+]
+_libc.posix_spawn_file_actions_adddup2.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+_libc.posix_spawn_file_actions_addclose.argtypes = [ctypes.c_void_p, ctypes.c_int]
+_libc.posix_spawnattr_setpgroup.argtypes = [ctypes.c_void_p, ctypes.c_int]
+_libc.posix_spawnattr_setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
+#: glibc 2.35 and later: the child takes the terminal's foreground before it execs.
+_addtcsetpgrp = getattr(_libc, "posix_spawn_file_actions_addtcsetpgrp_np", None)
+if _addtcsetpgrp is not None:
+    _addtcsetpgrp.argtypes = [ctypes.c_void_p, ctypes.c_int]
+
+# glibc's posix_spawnattr flags.
+_POSIX_SPAWN_SETPGROUP = 0x02
+_POSIX_SPAWN_SETSIGDEF = 0x04
+_POSIX_SPAWN_SETSIGMASK = 0x08
+#: Room for glibc's opaque posix_spawn_file_actions_t (80 bytes), posix_spawnattr_t (336) and
+#: sigset_t (128), with margin: they are only ever handled by glibc.
+_OPAQUE = 1024
 _libc.prctl.argtypes = [
     ctypes.c_int,
     ctypes.c_ulong,
@@ -213,3 +238,54 @@ def clear_capability_sets() -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+def spawn_command(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    stdio: Sequence[int],
+    *,
+    foreground_of: int | None,
+) -> int:
+    """posix_spawnp(3): run ``argv`` with exactly ``env``; its pid, or OSError (the exec's errno).
+
+    glibc clones with CLONE_VM|CLONE_VFORK and the child runs only glibc's code until exec, so
+    no page table is copied and no Python runs in it. The child gets ``stdio`` on fds 0-2
+    (every other fd of the caller must be close-on-exec), a process group of its own, every
+    signal at its default and none blocked. With ``foreground_of`` (a terminal's fd number in
+    the child, after the dup2s) it first makes its group that terminal's foreground group;
+    glibc blocks every signal in the child until exec, so doing that from the background does
+    not stop it. The command is looked up in the caller's PATH, as posix_spawnp does.
+    """
+    actions = ctypes.create_string_buffer(_OPAQUE)
+    attr = ctypes.create_string_buffer(_OPAQUE)
+    no_signals = ctypes.create_string_buffer(_OPAQUE)
+    all_signals = ctypes.create_string_buffer(_OPAQUE)
+    _libc.sigemptyset(no_signals)
+    _libc.sigfillset(all_signals)
+    _libc.posix_spawn_file_actions_init(actions)
+    _libc.posix_spawnattr_init(attr)
+    try:
+        for target, fd in enumerate(stdio):
+            _libc.posix_spawn_file_actions_adddup2(actions, fd, target)
+        for fd in sorted({fd for fd in stdio if fd > 2}):
+            _libc.posix_spawn_file_actions_addclose(actions, fd)
+        if foreground_of is not None and _addtcsetpgrp is not None:
+            _addtcsetpgrp(actions, foreground_of)
+        _libc.posix_spawnattr_setflags(
+            attr, _POSIX_SPAWN_SETPGROUP | _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK
+        )
+        _libc.posix_spawnattr_setpgroup(attr, 0)
+        _libc.posix_spawnattr_setsigmask(attr, no_signals)
+        _libc.posix_spawnattr_setsigdefault(attr, all_signals)
+        args = (ctypes.c_char_p * (len(argv) + 1))(*(a.encode() for a in argv), None)
+        pairs = [f"{key}={value}".encode() for key, value in env.items()]
+        envp = (ctypes.c_char_p * (len(pairs) + 1))(*pairs, None)
+        pid = ctypes.c_int()
+        err = _libc.posix_spawnp(ctypes.byref(pid), args[0], actions, attr, args, envp)
+    finally:
+        _libc.posix_spawn_file_actions_destroy(actions)
+        _libc.posix_spawnattr_destroy(attr)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return pid.value
