@@ -285,6 +285,13 @@ def test_proc_shows_only_the_jobs_processes(jail: Jail) -> None:
     assert ps.split() == ["1", "2"]
 
 
+def test_the_command_holds_only_its_stdio(jail: Jail) -> None:
+    """No fd of the fork server, the init or the set-up reaches the command: only 0, 1 and 2."""
+    code = "import os; print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))"
+    # 3 is the directory listdir itself opened.
+    assert run_ok(make_plan(jail, python(code))) == "[0, 1, 2, 3]\n"
+
+
 def test_the_job_has_its_own_hostname(jail: Jail) -> None:
     """The job sees the plan's hostname; the host's is unchanged."""
     before = socket.gethostname()

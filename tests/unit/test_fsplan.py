@@ -28,6 +28,7 @@ from netjail.kernel.fsplan import (
     TmpfsSizes,
     build_fs_plan,
     check_target,
+    shows_path,
 )
 
 HOST = HostLayout(
@@ -167,3 +168,28 @@ def test_a_bad_target_names_itself_safely() -> None:
         check_target("/a/../\x1b[31m")
     assert "\x1b" not in str(caught.value)
     assert "\\x1b" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        ("/", True),
+        ("/usr", True),
+        ("/usr/bin/python3", True),
+        ("/bin", True),
+        ("/dev/null", True),
+        ("/proc/self", True),
+        ("/home/job/project", True),
+        ("/src/lib", True),
+        ("/home", False),
+        ("/home/alice", False),
+        ("/root", False),
+        ("/srcx", False),
+        ("/var", False),
+        ("/var/tmp/x", True),
+    ],
+)
+def test_shows_path(path: str, shown: bool) -> None:
+    """A path is in the job's view only at or below a target of the plan."""
+    plan = build_fs_plan(host=HOST, home=HOME, binds=[Bind(FdSource(0), "/src", "rw")])
+    assert shows_path(plan, path) is shown

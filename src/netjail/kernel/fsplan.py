@@ -265,3 +265,12 @@ def check_target(target: str) -> None:
             f"bind target {target[:200]!a} must be an absolute path without '..', "
             "'.' or repeated slashes, and not /"
         )
+
+
+def shows_path(plan: FsPlan, path: str) -> bool:
+    """Whether the job can find anything at ``path`` (absolute, normalised): it is / or lies at
+    or below one of the plan's targets. Anything else is in the job's empty root, so there is
+    nothing there (pure)."""
+    return path == "/" or any(
+        path == step.target or path.startswith(step.target + "/") for step in plan.steps
+    )
