@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -297,6 +298,19 @@ def test_the_job_has_its_own_hostname(jail: Jail) -> None:
     before = socket.gethostname()
     assert run_ok(make_plan(jail, ["hostname"])) == f"{HOSTNAME}\n"
     assert socket.gethostname() == before
+
+
+def test_the_job_has_its_own_ipc_namespace(jail: Jail) -> None:
+    """A host SysV message queue is not in the job's view, which has no queue at all."""
+    made = subprocess.run(["ipcmk", "-Q"], check=True, capture_output=True, text=True).stdout
+    queue = made.split(":")[1].strip()
+    try:
+        host = subprocess.run(["ipcs", "-q"], check=True, capture_output=True, text=True).stdout
+        assert f" {queue} " in host  # the host sees it: the check below can fail
+        job = run_ok(make_plan(jail, ["ipcs", "-q"]))
+        assert [line for line in job.splitlines() if line.startswith("0x")] == []
+    finally:
+        subprocess.run(["ipcrm", "-q", queue], check=True)
 
 
 def test_the_job_sees_only_the_jails_network(jail: Jail) -> None:

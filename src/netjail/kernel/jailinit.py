@@ -168,10 +168,11 @@ def _fork_in_new_pid_namespace() -> int:
     own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
         syscalls.unshare(syscalls.CLONE_NEWPID)
+        pid = -1
         try:
             pid = os.fork()
         finally:
-            if os.getpid() != 1:  # not in the child, which is PID 1 of the new namespace
+            if pid != 0:  # in the caller, whether the fork worked or not
                 syscalls.setns(own, syscalls.CLONE_NEWPID)
         return pid
     finally:

@@ -145,8 +145,9 @@ def _fd_path(fd: int) -> str:
 
 
 def _walk(root: int, parts: Sequence[str], create: bool) -> int:
-    """An O_PATH fd of the directory ``parts`` below ``root``, following no symlink."""
-    fd = os.dup(root)
+    """An O_PATH fd of the directory ``parts`` below ``root``, following no symlink; ``root``
+    itself when ``parts`` is empty (then the caller must not close it: see ``_release``)."""
+    fd = root
     try:
         for name in parts:
             try:
@@ -156,12 +157,17 @@ def _walk(root: int, parts: Sequence[str], create: bool) -> int:
                     raise
                 os.mkdir(name, 0o755, dir_fd=fd)
                 child = os.open(name, _DIR, dir_fd=fd)
-            os.close(fd)
+            _release(fd, root)
             fd = child
     except BaseException:
-        os.close(fd)
+        _release(fd, root)
         raise
     return fd
+
+
+def _release(fd: int, root: int) -> None:
+    if fd != root:
+        os.close(fd)
 
 
 def _mount_point(root: int, target: str, kind: Literal["dir", "file"]) -> int:
@@ -179,7 +185,7 @@ def _mount_point(root: int, target: str, kind: Literal["dir", "file"]) -> int:
                 os.close(os.open(name, flags, 0o644, dir_fd=parent))
             return os.open(name, _PATH, dir_fd=parent)
     finally:
-        os.close(parent)
+        _release(parent, root)
 
 
 def _attach(root: int, tree: int, target: str, wanted: int) -> None:
@@ -212,7 +218,7 @@ def _cover(root: int, target: str) -> None:
         try:
             point = os.open(name, _PATH, dir_fd=parent)
         finally:
-            os.close(parent)
+            _release(parent, root)
     except FileNotFoundError:
         return  # nothing there to protect
     try:
@@ -233,7 +239,7 @@ def _make_device(root: int, device: Device) -> None:
         # mknod's mode is cut by the umask, which the job keeps: set it exactly.
         os.chmod(name, 0o666, dir_fd=parent)  # noqa: S103 - null, tty and the rest are 0666
     finally:
-        os.close(parent)
+        _release(parent, root)
 
 
 def _symlink(root: int, target: str, points_to: str) -> None:
@@ -242,7 +248,7 @@ def _symlink(root: int, target: str, points_to: str) -> None:
     try:
         os.symlink(points_to, name, dir_fd=parent)
     finally:
-        os.close(parent)
+        _release(parent, root)
 
 
 def _apply_step(root: int, step: FsStep, trees: Iterator[int]) -> None:
