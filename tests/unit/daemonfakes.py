@@ -30,7 +30,8 @@ from netjail.daemon.jobs import JobManager
 from netjail.daemon.pipeline import JailContext, Job, KernelLogSource
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.server import Server
-from netjail.daemon.spec import JobSpec, job_spec
+from netjail.daemon.spec import FixedUser, JobSpec, job_spec
+from netjail.daemon.uids import UidLeases, UidRange
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel.peer import PeerCred
 
@@ -100,8 +101,8 @@ def report_for(job: Job, exit_code: int = 0) -> p.Report:
     return p.Report(
         job=job.id,
         argv=job.spec.argv,
-        uid=job.spec.uid,
-        gid=job.spec.gid,
+        uid=job.uid,
+        gid=job.gid,
         exit_code=exit_code,
         signal=None,
         wall_s=0.5,
@@ -176,9 +177,13 @@ class StubJobs(JobManager):
         """A running job of ``spec``, listed and routed, with a feed in the intake."""
         self._made += 1
         job_id = f"j-{self._made:08x}"
+        user = spec.user if isinstance(spec.user, FixedUser) else FixedUser(61184, 61184)
         job = Job(
             id=job_id,
             spec=spec,
+            uid=user.uid,
+            gid=user.gid,
+            cwd=spec.cwd,
             started_wall=STARTED_WALL,
             started=0.0,
             netns_name=f"netjail-{job_id}",
@@ -253,7 +258,8 @@ def make_daemon(
         records=StateRecords(state_dir),
         log=log,
         log_backend="nflog",
-        hide_paths=(),
+        uids=UidLeases(UidRange(70000, 70009), state_dir, frozenset()),
+        homes_dir=os.path.join(state_dir, "homes"),
         resolv_conf=os.path.join(state_dir, "resolv.conf"),
     )
     jobs = StubJobs(ctx)

@@ -20,8 +20,12 @@ from typing import TypeVar
 
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel.firewall import JailRules
+from netjail.kernel.fsplan import HostDir, HostLayout, HostLink
 from netjail.kernel.host import JailListeners, JobCgroupHandle
-from netjail.kernel.spawn import ExitStatus, SpawnRequest
+from netjail.kernel.jobplan import JobPlan
+from netjail.kernel.pathcheck import BindSource, Credentials
+from netjail.kernel.spawn import ExitStatus
+from netjail.protocol import BindAccess
 
 T = TypeVar("T")
 
@@ -34,6 +38,8 @@ BUILD_OPERATIONS = (
     "open_log_socket",
     "open_listeners",
     "netns_inode",
+    "make_home",
+    "open_bind_source",
     "spawn",
 )
 
@@ -121,7 +127,11 @@ class FakeJailHost:
         #: The far end of each jail's fake NFLOG socket, by netns name.
         self.nflog_peers: dict[str, socket.socket] = {}
         self.processes: dict[int, FakeProcess] = {}
-        self.requests: list[SpawnRequest] = []
+        self.requests: list[JobPlan] = []
+        self.homes: dict[str, tuple[int, int, int]] = {}
+        #: Bind sources opened: (path, credentials, access).
+        self.bind_opens: list[tuple[str, Credentials, BindAccess]] = []
+        self.source_fds: list[list[int]] = []
         self.rules: list[JailRules] = []
         #: Signals after which a fake process is gone (SIGKILL always; tests add SIGTERM).
         self.fatal_signals: set[int] = {signal.SIGKILL}
@@ -265,17 +275,46 @@ class FakeJailHost:
         self.sockets.extend(made)
         return JailListeners(dns_udp=(made[0],), dns_tcp=(made[1],), proxy=(made[2],))
 
+    # ------------------------------------------------------------------ file system
+
+    def host_layout(self) -> HostLayout:
+        return HostLayout(entries=(HostDir("/usr"), HostDir("/etc"), HostLink("/bin", "usr/bin")))
+
+    def make_home(self, path: str, uid: int, gid: int, size_bytes: int) -> None:
+        self._maybe_fail("make_home")
+        self.homes[path] = (uid, gid, size_bytes)
+        self._made(f"home {path}")
+
+    def remove_home(self, path: str) -> None:
+        self.homes.pop(path, None)
+        self.undone(f"home {path}")
+
+    def open_bind_source(self, path: str, creds: Credentials, access: BindAccess) -> BindSource:
+        self._maybe_fail("open_bind_source")
+        self.bind_opens.append((path, creds, access))
+        fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+        self._made(f"bind source {path}")
+        host = self
+
+        class _Source(BindSource):
+            def close(self) -> None:
+                super().close()
+                host.undone(f"bind source {path}")
+
+        return _Source(path=path, fd=fd, kind="directory")
+
     # ------------------------------------------------------------------ processes
 
-    async def spawn(self, request: SpawnRequest, stdio: list[int]) -> FakeProcess:
+    async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> FakeProcess:
         self._maybe_fail("spawn")
-        self.requests.append(request)
+        self.requests.append(plan)
+        self.source_fds.append(list(source_fds))
         if len(stdio) == 3:
             for fd, data in zip(stdio[1:], self.output, strict=True):
                 if data:
                     os.write(fd, data)
         self._next_pid += 1
-        job_id = request.netns_path.rsplit("netjail-", 1)[-1]
+        job_id = plan.netns_path.rsplit("netjail-", 1)[-1]
         process = FakeProcess(self, self._next_pid, job_id)
         self.processes[process.pid] = process
         self._exits[process.pid] = asyncio.get_running_loop().create_future()

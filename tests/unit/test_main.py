@@ -701,7 +701,7 @@ def start_up(monkeypatch: pytest.MonkeyPatch) -> StartUp:
     monkeypatch.setattr(main_module, "CgroupManager", CgroupManager)
     monkeypatch.setattr(main_module, "KernelJailHost", kernel_host)
     monkeypatch.setattr(
-        main_module, "recover", lambda host, records, log: ["netns netjail-j-0000dead"]
+        main_module, "recover", lambda host, records, log, uids, homes: ["netns netjail-j-0000dead"]
     )
     monkeypatch.setattr(main_module, "_serve", serve)
     return made
@@ -758,7 +758,8 @@ def test_main_starts_in_order_serves_and_removes_its_socket(
         }
     ]
     ctx = server.jobs.ctx
-    assert ctx.hide_paths == (str(socket_path.parent), str(state_dir))
+    assert ctx.homes_dir == str(state_dir / "homes")
+    assert oct(os.stat(state_dir / "homes").st_mode & 0o777) == "0o700"
     assert ctx.resolv_conf == str(state_dir / "resolv.conf")
     assert os.path.isdir(state_dir / "jobs")
     assert not socket_path.exists()

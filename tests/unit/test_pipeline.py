@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pytest
 
@@ -18,16 +19,26 @@ from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobs import JobManager, may_see
 from netjail.daemon.pipeline import JailContext, Job
 from netjail.daemon.recovery import StateRecords
-from netjail.daemon.spec import CapturedStdio, JobSpec, PassedStdio, applied_limits
+from netjail.daemon.spec import (
+    CapturedStdio,
+    FixedUser,
+    JobSpec,
+    LeasedUser,
+    PassedStdio,
+    applied_limits,
+)
+from netjail.daemon.uids import UidLeases, UidRange
 from netjail.errors import JailError, NotFoundError
+from netjail.kernel.fsplan import Bind, FdSource, PathSource
 from netjail.kernel.peer import PeerCred
 from netjail.policy import Policy
-from netjail.protocol import Event, Report
+from netjail.protocol import BindMount, Event, Report
 from tests.unit.fakehost import BUILD_OPERATIONS, FakeJailHost, exited
 
 T = TypeVar("T")
 ROOT = PeerCred(pid=1, uid=0, gid=0)
 PASSED = PassedStdio()
+NOBODY_USER = FixedUser(65534, 65534)
 ALICE = PeerCred(pid=2, uid=1000, gid=1000)
 NFLOG_CAPTURE = Path(__file__).parent / "data" / "nflog_capture.json"
 
@@ -60,7 +71,8 @@ def ctx(host: FakeJailHost, tmp_path: Path) -> JailContext:
         records=StateRecords(str(tmp_path)),
         log=Logged(),
         log_backend="nflog",
-        hide_paths=("/run/netjail-test",),
+        uids=UidLeases(UidRange(70000, 70009), str(tmp_path), frozenset()),
+        homes_dir="/var/lib/netjail/homes",
         resolv_conf="/var/lib/netjail/resolv.conf",
     )
 
@@ -79,6 +91,7 @@ def spec(
     grace: float = 0.01,
     stdio: PassedStdio | CapturedStdio = PASSED,
     policy: Policy | None = None,
+    user: FixedUser | LeasedUser = NOBODY_USER,
 ) -> JobSpec:
     limits = applied_limits(
         Config().limits, memory=None, cpus=None, pids=None, timeout=timeout, kill_grace=grace
@@ -87,12 +100,12 @@ def spec(
         argv=["/bin/true"],
         env={"PATH": "/usr/bin"},
         cwd="/",
-        uid=65534,
-        gid=65534,
+        user=user,
         owner=owner,
         limits=limits,
         stdio=stdio,
         policy=policy or Policy([]),
+        client_binds=(BindMount(source="/srv/data", target="/data", access="ro"),),
     )
 
 
@@ -100,6 +113,17 @@ async def finish(manager: JobManager, job: Job) -> Report:
     report = await asyncio.wait_for(job.finished, 5)
     await asyncio.wait_for(job.removed.wait(), 5)
     return report
+
+
+def assert_undone_in_reverse(host: FakeJailHost) -> None:
+    """What the failed build made is undone in reverse; the bind sources, released either way
+    once the fork server has them (always_cleanup), go last."""
+
+    def steps(items: list[str]) -> list[str]:
+        return [item for item in items if not item.startswith("bind source ")]
+
+    assert steps(host.undone_order) == list(reversed(steps(host.made)))
+    assert sorted(host.undone_order) == sorted(host.made)
 
 
 def assert_nothing_left(host: FakeJailHost, ctx: JailContext) -> None:
@@ -128,8 +152,21 @@ def test_a_job_is_built_in_order_runs_and_is_torn_down_in_reverse(
 
     job, report = run(scenario())
     assert host.journal[: len(BUILD_OPERATIONS)] == list(BUILD_OPERATIONS)
-    assert host.made == [f"cgroup {job.id}", f"netns {job.netns_name}", f"process {job.id}"]
-    assert host.undone_order == list(reversed(host.made))
+    assert host.made == [
+        f"cgroup {job.id}",
+        f"netns {job.netns_name}",
+        f"home /var/lib/netjail/homes/{job.id}",
+        "bind source /srv/data",
+        f"process {job.id}",
+    ]
+    # The bind source is closed once the fork server has it; the rest after the report.
+    assert host.undone_order == [
+        "bind source /srv/data",
+        f"process {job.id}",
+        f"home /var/lib/netjail/homes/{job.id}",
+        f"netns {job.netns_name}",
+        f"cgroup {job.id}",
+    ]
     assert report.exit_code == 3
     assert report.signal is None
     assert (report.cpu_user_s, report.cpu_system_s, report.pids_peak) == (0.5, 0.25, 3)
@@ -148,12 +185,20 @@ def test_the_spawn_request_carries_the_jail(host: FakeJailHost, ctx: JailContext
         return job
 
     job = run(scenario())
-    (request,) = host.requests
-    assert request.netns_path == f"/run/netns/{job.netns_name}"
-    assert request.cgroup_procs == [f"/fake/cgroup/{job.id}/cgroup.procs"]
-    assert (request.uid, request.gid, request.argv) == (65534, 65534, ["/bin/true"])
-    assert request.hide_paths == ["/run/netjail-test"]
-    assert request.bind_files == [("/var/lib/netjail/resolv.conf", "/etc/resolv.conf")]
+    (plan,) = host.requests
+    assert plan.netns_path == f"/run/netns/{job.netns_name}"
+    assert plan.cgroup_procs == [f"/fake/cgroup/{job.id}/cgroup.procs"]
+    assert (plan.uid, plan.gid, plan.argv, plan.cwd) == (65534, 65534, ["/bin/true"], "/")
+    assert plan.hostname == f"netjail-{job.id}"
+    binds = [step for step in plan.fs.steps if isinstance(step, Bind)]
+    assert [(b.source, b.target, b.access) for b in binds[-3:]] == [
+        (PathSource(f"/var/lib/netjail/homes/{job.id}"), "/home/job", "rw"),
+        (FdSource(0), "/data", "ro"),
+        (PathSource("/var/lib/netjail/resolv.conf"), "/etc/resolv.conf", "ro"),
+    ]
+    assert len(host.source_fds[0]) == 1
+    ((path, creds, access),) = host.bind_opens
+    assert (path, creds.uid, access) == ("/srv/data", 0, "ro")
     (rules,) = host.rules
     assert rules.job_id == job.id
     assert str(rules.proxied[0].network) == "198.18.0.0/15"
@@ -175,7 +220,7 @@ def test_a_failure_at_any_kernel_step_undoes_the_earlier_ones_in_reverse(
 
     run(scenario())
     assert [op for op in host.journal if op in BUILD_OPERATIONS][-1] == operation
-    assert host.undone_order == list(reversed(host.made))
+    assert_undone_in_reverse(host)
     assert_nothing_left(host, ctx)
 
 
@@ -197,7 +242,7 @@ def test_a_failure_at_any_daemon_step_undoes_the_earlier_ones_in_reverse(
             await JobManager(ctx).start(spec(stdio=CapturedStdio(100)), [], None)
 
     run(scenario())
-    assert host.undone_order == list(reversed(host.made))
+    assert_undone_in_reverse(host)
     assert_nothing_left(host, ctx)
 
 
@@ -223,7 +268,7 @@ def test_an_undo_that_fails_is_logged_and_the_others_still_run(
     assert [f for _, m, f in log.lines if m == "cannot remove a job's resource"] == [
         {"resource": "netns", "error": "[Errno 16] Device or resource busy"}
     ]
-    assert host.undone_order[-1].startswith("cgroup ")
+    assert [u for u in host.undone_order if not u.startswith("bind")][-1].startswith("cgroup ")
     assert os.listdir(ctx.records.directory) == []
 
 
@@ -466,3 +511,43 @@ def test_phases_are_logged_when_a_job_starts(host: FakeJailHost, ctx: JailContex
     assert set(fields) >= {"cgroup_ms", "jail_ms", "spawn_ms"}
     assert all(isinstance(fields[k], float) for k in ("cgroup_ms", "jail_ms", "spawn_ms"))
     assert "job ended" in log.messages()
+
+
+def test_roots_job_leases_a_uid_and_returns_it_after_the_cgroup_is_gone(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """A LeasedUser job runs as a uid of the range; the lease goes back only at the very end."""
+    host.exit_at_once = exited(0)
+
+    async def scenario() -> tuple[Job, Report, list[int]]:
+        manager = JobManager(ctx)
+        job = await manager.start(spec(user=LeasedUser()), [], None)
+        held = [lease.uid for lease in ctx.uids.held]
+        return job, await finish(manager, job), held
+
+    job, report, held = run(scenario())
+    assert held == [job.uid] == [report.uid]
+    assert 70000 <= job.uid <= 70009
+    assert (report.uid, report.gid) == (job.uid, job.uid)
+    assert host.requests[0].uid == job.uid
+    assert ctx.uids.held == []
+
+
+def test_a_hidden_cwd_falls_back_to_home_only_when_asked(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """cwd_fallback 'home': a cwd outside the jail's view becomes /home/job; 'error' keeps it."""
+    host.exit_at_once = exited(0)
+
+    async def scenario(fallback: Literal["error", "home"], cwd: str) -> Job:
+        manager = JobManager(ctx)
+        job = await manager.start(
+            dataclasses.replace(spec(), cwd=cwd, cwd_fallback=fallback), [], None
+        )
+        await finish(manager, job)
+        return job
+
+    assert run(scenario("home", "/work/main")).cwd == "/home/job"
+    assert run(scenario("home", "/usr/share")).cwd == "/usr/share"
+    assert run(scenario("home", "/data/x")).cwd == "/data/x"  # under the client's bind
+    assert run(scenario("error", "/work/main")).cwd == "/work/main"

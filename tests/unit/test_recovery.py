@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from netjail.daemon.recovery import StateRecords, recover
+from netjail.daemon.uids import UidLeases, UidRange
 from tests.unit.fakehost import FakeJailHost
+
+
+def _leases(tmp_path: Path) -> UidLeases:
+    return UidLeases(UidRange(70000, 70009), str(tmp_path), frozenset())
 
 
 class Logged:
@@ -27,7 +32,7 @@ def test_leftovers_of_recorded_jobs_are_removed_and_their_records_deleted(tmp_pa
     host.leftovers_cgroups = ["j-0000aaaa", "j-0000bbbb"]
     host.leftovers_netns = ["netjail-j-0000aaaa"]
     log = Logged()
-    removed = recover(host, records, log)
+    removed = recover(host, records, log, _leases(tmp_path), str(tmp_path / "homes"))
     assert removed == ["cgroup of j-0000aaaa", "netns netjail-j-0000aaaa"]
     assert host.leftovers_cgroups == ["j-0000bbbb"]  # not ours: no record names it
     assert "kill_netns_processes netjail-j-0000aaaa" in host.journal
@@ -42,7 +47,7 @@ def test_what_cannot_be_removed_is_logged_and_its_record_kept(tmp_path: Path) ->
     host.leftovers_cgroups = ["j-0000aaaa"]
     host.fail_at = "remove_leftover_cgroup"
     log = Logged()
-    assert recover(host, records, log) == []
+    assert recover(host, records, log, _leases(tmp_path), str(tmp_path / "homes")) == []
     assert log.lines == [
         (
             "error",
@@ -63,7 +68,7 @@ def test_unreadable_records_are_removed_and_foreign_ones_ignored(tmp_path: Path)
     host = FakeJailHost()
     host.leftovers_netns = ["../../etc"]
     log = Logged()
-    assert recover(host, records, log) == []
+    assert recover(host, records, log, _leases(tmp_path), str(tmp_path / "homes")) == []
     assert [(lv, m) for lv, m, _ in log.lines] == [
         ("warning", "unreadable job state record removed"),
         ("warning", "foreign job state record ignored"),

@@ -20,7 +20,7 @@ from netjail.daemon.selftest import (
     probe_argv,
     run_self_test,
 )
-from netjail.daemon.spec import DEFAULT_PATH, CapturedStdio
+from netjail.daemon.spec import DEFAULT_PATH, CapturedStdio, FixedUser
 from netjail.errors import JailError
 from netjail.kernel.peer import PeerCred
 from netjail.protocol import AppliedLimits, Event, EventKind, Report, Via
@@ -197,12 +197,11 @@ def test_run_self_test_runs_the_probe_as_root_with_capture_and_the_configs_limit
     [call] = daemon.jobs.starts
     assert (call.stdio, call.streamed) == ([], False)
     spec = call.spec
-    assert (spec.argv, spec.env, spec.cwd, spec.uid, spec.gid) == (
+    assert (spec.argv, spec.env, spec.cwd, spec.user) == (
         probe_argv(),
         {"PATH": DEFAULT_PATH},
         "/",
-        0,
-        0,
+        FixedUser(0, 0),
     )
     assert spec.owner == PeerCred(pid=os.getpid(), uid=0, gid=0)
     assert spec.limits == AppliedLimits(

@@ -12,8 +12,11 @@ from netjail.daemon.config import Config, Limits
 from netjail.daemon.config import Policy as PolicySettings
 from netjail.daemon.spec import (
     DEFAULT_PATH,
+    JOB_HOME,
     NOBODY,
     CapturedStdio,
+    FixedUser,
+    LeasedUser,
     PassedStdio,
     applied_limits,
     job_spec,
@@ -33,21 +36,22 @@ def request(**fields: object) -> p.RunRequest:
 @pytest.mark.parametrize(
     ("peer", "uid", "gid", "expected"),
     [
-        (ROOT, None, None, (NOBODY, NOBODY)),
-        (ROOT, 0, None, (0, 0)),
-        (ROOT, 1234, None, (1234, 1234)),
-        (ROOT, 1234, 99, (1234, 99)),
-        (ROOT, None, 99, (NOBODY, 99)),
-        (ALICE, None, None, (1000, 1001)),
-        (ALICE, 1000, 1001, (1000, 1001)),
+        (ROOT, None, None, LeasedUser()),
+        (ROOT, 0, None, FixedUser(0, 0)),
+        (ROOT, 1234, None, FixedUser(1234, 1234)),
+        (ROOT, 1234, 99, FixedUser(1234, 99)),
+        (ROOT, None, 99, FixedUser(NOBODY, 99)),
+        (ALICE, None, None, FixedUser(1000, 1001)),
+        (ALICE, 1000, 1001, FixedUser(1000, 1001)),
     ],
 )
 def test_who_the_job_runs_as(
-    peer: PeerCred, uid: int | None, gid: int | None, expected: tuple[int, int]
+    peer: PeerCred, uid: int | None, gid: int | None, expected: FixedUser | LeasedUser
 ) -> None:
-    """Root chooses (default nobody; --uid alone sets the gid too); others run as themselves."""
+    """Root chooses (default: a leased uid; --uid alone sets the gid too); others run as
+    themselves."""
     spec = job_spec(request(uid=uid, gid=gid), peer, Config())
-    assert (spec.uid, spec.gid) == expected
+    assert spec.user == expected
     assert spec.owner == peer
 
 
@@ -84,7 +88,8 @@ def test_environment_defaults_are_overridden_by_the_request() -> None:
     """PATH, HOME and LANG have safe defaults; the client's values win."""
     spec = job_spec(request(env={"HOME": "/tmp", "X": "1"}), ROOT, Config())
     assert spec.env == {"PATH": DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8", "X": "1"}
-    assert spec.cwd == "/"
+    assert spec.cwd == JOB_HOME == "/home/job"
+    assert job_spec(request(), ROOT, Config()).env["HOME"] == JOB_HOME
 
 
 def test_stdio_modes() -> None:

@@ -84,6 +84,8 @@ class Jail:
     #: Host paths every job sees, read-write and read-only (a job's own binds come after).
     binds: tuple[BindMount, ...] = ()
     ro_binds: tuple[BindMount, ...] = ()
+    #: The job's HOME, a tmpfs of its own (its pages count against the job's memory limit).
+    home_size: int = 1 << 30
     tmp_size: int = 256 << 20
     var_tmp_size: int = 256 << 20
     run_size: int = 16 << 20
@@ -240,6 +242,7 @@ def _read_jail(table: Table) -> Jail:
         job_uids=table.take("job_uids", read_uid_range, base.job_uids),
         binds=table.take("binds", read_array(read_bind("rw")), base.binds),
         ro_binds=table.take("ro_binds", read_array(read_bind("ro")), base.ro_binds),
+        home_size=table.take("home_size", read_size, base.home_size),
         tmp_size=table.take("tmp_size", read_size, base.tmp_size),
         var_tmp_size=table.take("var_tmp_size", read_size, base.var_tmp_size),
         run_size=table.take("run_size", read_size, base.run_size),

@@ -310,7 +310,8 @@ class Connection:
         stream = HeldEvents(self.send_event)
         job = await self.server.jobs.start(spec, stdio, stream if request.events else None)
         self._runs.add(job)
-        self.send(p.Started(job=job.id, pid=job.process.pid))
+        moved = job.cwd if job.cwd != spec.cwd else None
+        self.send(p.Started(job=job.id, pid=job.process.pid, cwd=moved))
         stream.release()
         task = asyncio.ensure_future(self._report_when_done(job))
         self._tasks.add(task)
@@ -339,8 +340,8 @@ def _job_info(job: Job) -> p.JobInfo:
     return p.JobInfo(
         job=job.id,
         argv=job.spec.argv,
-        uid=job.spec.uid,
-        gid=job.spec.gid,
+        uid=job.uid,
+        gid=job.gid,
         pid=job.process.pid,
         owner_uid=job.spec.owner.uid,
         started=rfc3339(job.started_wall),

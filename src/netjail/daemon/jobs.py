@@ -128,7 +128,14 @@ class JobManager:
             wall_s=time.monotonic() - job.started,
             timed_out=job.timed_out,
         )
-        report = build_report(job.id, job.spec, job.feed, ending, job.captures)
+        report = build_report(
+            job.id,
+            job.spec,
+            user=(job.uid, job.gid),
+            feed=job.feed,
+            ending=ending,
+            captures=job.captures,
+        )
         self.ctx.log(
             "info",
             "job ended",

@@ -30,6 +30,7 @@ from netjail.daemon.recovery import StateRecords, recover
 from netjail.daemon.selftest import run_self_test
 from netjail.daemon.server import Server
 from netjail.daemon.spec import DEFAULT_PATH
+from netjail.daemon.uids import UidLeases
 from netjail.errors import ConfigError, NetjailError
 from netjail.kernel import kmsg
 from netjail.kernel.cgroup import CgroupManager, load_cgroup_layout
@@ -268,7 +269,11 @@ def main(
         )
         sys.exit(1)
     # First, while this process has one thread: every job is forked from this helper.
-    forkserver = ForkServer.start()
+    try:
+        forkserver = ForkServer.start()
+    except NetjailError as e:
+        click.echo(f"netjaild: {e}", err=True)
+        sys.exit(1)
     # Until the loop's handlers exist, a stop or reload request waits (blocked, pending) rather
     # than killing the daemon half-way through recovery or start-up; _serve unblocks them.
     signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
@@ -299,14 +304,12 @@ def main(
             records=records,
             log=log,
             log_backend=config.log_backend,
-            hide_paths=(
-                os.path.dirname(os.path.abspath(config.socket)),
-                os.path.abspath(config.state_dir),
-            ),
+            uids=UidLeases.open(config.jail.job_uids, config.state_dir),
+            homes_dir=make_homes_dir(config.state_dir),
             resolv_conf=write_resolv_conf(config.state_dir),
         )
         sdnotify.notify_status("removing leftovers of a previous run")
-        for item in recover(host, records, log):
+        for item in recover(host, records, log, ctx.uids, ctx.homes_dir):
             log("warning", "removed a leftover of a previous run", item=item)
         server = Server(
             listener=listener,
@@ -344,6 +347,14 @@ def _check_backends(config: Config) -> kmsg.KmsgReader | None:
     # be set from the initial network namespace (not from a container).
     kmsg.enable_nf_log_all_netns()
     return kmsg.KmsgReader()
+
+
+def make_homes_dir(state_dir: str) -> str:
+    """Where jobs' HOMEs are made: root only (each job's is a tmpfs owned by the job, bound
+    into the jail by its init while that is still root)."""
+    path = os.path.join(state_dir, "homes")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
 
 
 def write_resolv_conf(state_dir: str) -> str:

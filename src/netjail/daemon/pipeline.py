@@ -32,20 +32,35 @@ from netjail.daemon.intake import EventIntake, EventSink, JobFeed
 from netjail.daemon.proxy import Proxy
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.report import Capture
-from netjail.daemon.spec import JobSpec, PassedStdio
+from netjail.daemon.spec import JOB_HOME, FixedUser, JobSpec, PassedStdio
+from netjail.daemon.uids import UidLeases
 from netjail.dnsanswer import SYNTHETIC_NETWORK
 from netjail.errors import JailError, NetjailError
 from netjail.jobid import new_job_id
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, netns
 from netjail.kernel.backends import LogBackend
+from netjail.kernel.fsplan import (
+    Bind,
+    FdSource,
+    FsPlan,
+    PathSource,
+    Symlink,
+    Tmpfs,
+    TmpfsSizes,
+    build_fs_plan,
+)
 from netjail.kernel.host import JailHost, JailListeners, JobCgroupHandle, JobProcess
-from netjail.kernel.spawn import SpawnRequest
+from netjail.kernel.jobplan import JobPlan, job_hostname
+from netjail.kernel.pathcheck import BindSource, Credentials
+from netjail.kernel.peer import peer_groups
 from netjail.policy import CidrRule, Policy
-from netjail.protocol import Report
+from netjail.protocol import BindMount, Report
 
 Log = Callable[..., None]
 _CAPTURE_READ = 65536
+#: The daemon's own binds (config jail.binds) are opened as root, with the same symlink rules.
+ROOT_CREDENTIALS = Credentials(0, 0, frozenset())
 
 
 @dataclass(frozen=True)
@@ -57,8 +72,10 @@ class JailContext:
     records: StateRecords
     log: Log
     log_backend: LogBackend
-    #: Host directories every job gets hidden (the daemon's socket and state directories).
-    hide_paths: tuple[str, ...]
+    #: The uids root's jobs lease, one each.
+    uids: UidLeases
+    #: Where each job's HOME (a tmpfs of its own) is made on the host, root only.
+    homes_dir: str
     #: The file bind-mounted read-only at every job's /etc/resolv.conf: the stub.
     resolv_conf: str
 
@@ -92,6 +109,10 @@ class Job:
 
     id: str
     spec: JobSpec
+    #: Who the job runs as (its leased uid, or the fixed one) and where it started.
+    uid: int
+    gid: int
+    cwd: str
     started_wall: float
     started: float
     netns_name: str
@@ -140,18 +161,33 @@ async def start_job(
         async with AsyncExitStack() as always_cleanup, AsyncExitStack() as cleanup_on_fail:
             feed = open_feed(cleanup_on_fail, ctx, job_id, spec, sink)
             write_record(cleanup_on_fail, ctx, job_id, netns_name, started_wall)  # 1
-            cgroup = await make_cgroup(cleanup_on_fail, ctx, job_id, spec)  # 2
+            user = lease_uid(cleanup_on_fail, ctx, job_id, spec)  # 2
+            cgroup = await make_cgroup(cleanup_on_fail, ctx, job_id, spec)  # 3
             marks.mark()
-            inside = await build_jail(cleanup_on_fail, ctx, job_id, netns_name, spec)  # 3
+            inside = await build_jail(cleanup_on_fail, ctx, job_id, netns_name, spec)  # 4
             inode = ctx.host.netns_inode(netns_name)
-            watch_log(cleanup_on_fail, ctx, feed, inside.log)  # 4
-            await start_dns_stub(cleanup_on_fail, ctx, feed, spec, inside.listeners)  # 5
-            await start_proxy(cleanup_on_fail, ctx, feed, spec, inside.listeners)  # 6
-            child_stdio, captures = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 7
-            marks.mark()
-            process = await spawn_process(  # 8
-                cleanup_on_fail, ctx, spec, netns_name=netns_name, cgroup=cgroup, stdio=child_stdio
+            watch_log(cleanup_on_fail, ctx, feed, inside.log)  # 5
+            await start_dns_stub(  # 6
+                cleanup_on_fail, ctx, feed, user=user, spec=spec, listeners=inside.listeners
             )
+            await start_proxy(  # 7
+                cleanup_on_fail, ctx, feed, user=user, spec=spec, listeners=inside.listeners
+            )
+            home = await make_home(cleanup_on_fail, ctx, job_id, user, spec)  # 8
+            sources = await open_binds(always_cleanup, ctx, spec)  # 9
+            plan = plan_job(  # 10
+                ctx,
+                job_id,
+                spec,
+                user=user,
+                netns_name=netns_name,
+                cgroup=cgroup,
+                home=home,
+                sources=sources,
+            )
+            child_stdio, captures = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 11
+            marks.mark()
+            process = await spawn_process(cleanup_on_fail, ctx, plan, child_stdio, sources)  # 12
             marks.mark()
             teardown = cleanup_on_fail.pop_all()
     except NetjailError:
@@ -163,7 +199,7 @@ async def start_job(
         "job started",
         job=job_id,
         pid=process.pid,
-        uid=spec.uid,
+        uid=user.uid,
         owner=spec.owner.uid,
         argv=spec.argv,
         **marks.phases_ms(),
@@ -171,6 +207,9 @@ async def start_job(
     return Job(
         id=job_id,
         spec=spec,
+        uid=user.uid,
+        gid=user.gid,
+        cwd=plan.cwd,
         started_wall=started_wall,
         started=started,
         netns_name=netns_name,
@@ -205,10 +244,20 @@ def write_record(
     stack.callback(ctx.records.remove, job_id)
 
 
+def lease_uid(stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec) -> FixedUser:
+    """2. Who the job runs as. A leased uid goes back only after the cgroup is gone (its undo
+    runs after the cgroup's), so no process of this job can still hold it."""
+    if isinstance(spec.user, FixedUser):
+        return spec.user
+    lease = ctx.uids.lease(job_id)
+    stack.callback(ctx.uids.release, lease)
+    return FixedUser(lease.uid, lease.gid)
+
+
 async def make_cgroup(
     stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec
 ) -> JobCgroupHandle:
-    """2. The job's cgroup with its limits (defaults for pids and memory come from the spec)."""
+    """3. The job's cgroup with its limits (defaults for pids and memory come from the spec)."""
     limits = cgroups.Limits(
         memory_bytes=spec.limits.memory_bytes, cpus=spec.limits.cpus, pids=spec.limits.pids
     )
@@ -220,26 +269,26 @@ async def make_cgroup(
 async def build_jail(
     stack: AsyncExitStack, ctx: JailContext, job_id: str, netns_name: str, spec: JobSpec
 ) -> InsideJail:
-    """3. The network namespace, and inside it, from its own thread:
-    3a. lo, the veth pair and default routes, and the jail's sysctls;
-    3b. one atomic ruleset (accept local, DNS to the stub, the synthetic pool and CIDR rules
+    """4. The network namespace, and inside it, from its own thread:
+    4a. lo, the veth pair and default routes, and the jail's sysctls;
+    4b. one atomic ruleset (accept local, DNS to the stub, the synthetic pool and CIDR rules
         to the proxy, log and reject everything else);
-    3c. the NFLOG socket (with log_backend = "nflog");
-    3d. the DNS stub's and the proxy's listeners.
+    4c. the NFLOG socket (with log_backend = "nflog");
+    4d. the DNS stub's and the proxy's listeners.
     """
     host = ctx.host
     rules = firewall.JailRules(job_id, dns_stub=True, proxied=proxied_ranges(spec.policy))
 
     def inside() -> InsideJail:
         with ExitStack() as on_fail:
-            host.configure_jail()  # 3a
-            host.apply_rules(rules)  # 3b
+            host.configure_jail()  # 4a
+            host.apply_rules(rules)  # 4b
             log: LogSource = KernelLogSource()
             if ctx.log_backend == "nflog":
-                sock = host.open_log_socket()  # 3c
+                sock = host.open_log_socket()  # 4c
                 on_fail.callback(sock.close)
                 log = NflogSource(sock)
-            listeners = host.open_listeners()  # 3d
+            listeners = host.open_listeners()  # 4d
             on_fail.pop_all()
         return InsideJail(log=log, listeners=listeners)
 
@@ -253,7 +302,7 @@ async def build_jail(
 
 
 def watch_log(stack: AsyncExitStack, ctx: JailContext, feed: JobFeed, log: LogSource) -> None:
-    """4. Read the jail's NFLOG socket from the loop (kernel-log jobs are routed by feed)."""
+    """5. Read the jail's NFLOG socket from the loop (kernel-log jobs are routed by feed)."""
     if not isinstance(log, NflogSource):
         return
     loop = asyncio.get_running_loop()
@@ -267,13 +316,15 @@ async def start_dns_stub(
     stack: AsyncExitStack,
     ctx: JailContext,
     feed: JobFeed,
+    *,
+    user: FixedUser,
     spec: JobSpec,
     listeners: JailListeners,
 ) -> None:
-    """5. The DNS stub, answering allowed names with synthetic addresses."""
+    """6. The DNS stub, answering allowed names with synthetic addresses."""
     stub = DnsStub(
         job_id=feed.job_id,
-        uid=spec.uid,
+        uid=user.uid,
         policy=spec.policy,
         pool=feed.pool,
         blocked_rcode=spec.blocked_dns_answer,
@@ -287,13 +338,15 @@ async def start_proxy(
     stack: AsyncExitStack,
     ctx: JailContext,
     feed: JobFeed,
+    *,
+    user: FixedUser,
     spec: JobSpec,
     listeners: JailListeners,
 ) -> None:
-    """6. The transparent proxy, checking each connection's name before relaying it."""
+    """7. The transparent proxy, checking each connection's name before relaying it."""
     proxy = Proxy(
         job_id=feed.job_id,
-        uid=spec.uid,
+        uid=user.uid,
         policy=spec.policy,
         pool=feed.pool,
         job_hosts=spec.job_hosts,
@@ -304,10 +357,96 @@ async def start_proxy(
     await proxy.start(list(listeners.proxy))
 
 
+async def make_home(
+    stack: AsyncExitStack, ctx: JailContext, job_id: str, user: FixedUser, spec: JobSpec
+) -> str:
+    """8. The job's HOME: empty, writable by the job only, a tmpfs of its own; gone after."""
+    path = os.path.join(ctx.homes_dir, job_id)
+    await asyncio.to_thread(ctx.host.make_home, path, user.uid, user.gid, spec.jail.home_size)
+    _push_undo(stack, ctx, "home", _in_thread(ctx.host.remove_home, path))
+    return path
+
+
+async def open_binds(
+    always: AsyncExitStack, ctx: JailContext, spec: JobSpec
+) -> list[tuple[BindMount, BindSource]]:
+    """9. The bind sources, opened as the client (the daemon's own as root) without following
+    symlinks anyone else controls; what is checked is what the child mounts. Closed once the
+    fork server has its copies."""
+    owner = spec.owner
+    client = (
+        ROOT_CREDENTIALS
+        if owner.uid == 0
+        else Credentials(owner.uid, owner.gid, frozenset(peer_groups(owner.pid, owner.gid)))
+    )
+    opened: list[tuple[BindMount, BindSource]] = []
+    for bind in (*spec.daemon_binds, *spec.client_binds):
+        creds = ROOT_CREDENTIALS if len(opened) < len(spec.daemon_binds) else client
+        source = await asyncio.to_thread(ctx.host.open_bind_source, bind.source, creds, bind.access)
+        always.callback(source.close)
+        opened.append((bind, source))
+    return opened
+
+
+def plan_job(
+    ctx: JailContext,
+    job_id: str,
+    spec: JobSpec,
+    *,
+    user: FixedUser,
+    netns_name: str,
+    cgroup: JobCgroupHandle,
+    home: str,
+    sources: list[tuple[BindMount, BindSource]],
+) -> JobPlan:
+    """10. Everything the job's init needs, as one struct (pure)."""
+    fs = build_fs_plan(
+        host=ctx.host.host_layout(),
+        home=PathSource(home),
+        binds=[
+            Bind(FdSource(index), bind.target or bind.source, bind.access)
+            for index, (bind, _) in enumerate(sources)
+        ],
+        files=[Bind(PathSource(ctx.resolv_conf), "/etc/resolv.conf", "ro")],
+        sizes=TmpfsSizes(
+            tmp=spec.jail.tmp_size,
+            var_tmp=spec.jail.var_tmp_size,
+            run=spec.jail.run_size,
+            dev_shm=spec.jail.dev_shm_size,
+        ),
+    )
+    return JobPlan(
+        argv=spec.argv,
+        env=spec.env,
+        cwd=start_dir(spec, fs),
+        uid=user.uid,
+        gid=user.gid,
+        netns_path=netns.netns_path(netns_name),
+        cgroup_procs=list(cgroup.procs_files),
+        hostname=spec.hostname or job_hostname(job_id),
+        fs=fs,
+    )
+
+
+def start_dir(spec: JobSpec, fs: FsPlan) -> str:
+    """The job's cwd: as asked, or its HOME when asked to fall back and the cwd is outside
+    everything the plan mounts (then nothing of it would be there)."""
+    if spec.cwd_fallback == "error" or _in_view(spec.cwd, fs):
+        return spec.cwd
+    return JOB_HOME
+
+
+def _in_view(path: str, fs: FsPlan) -> bool:
+    shown = [step.target for step in fs.steps if isinstance(step, Bind | Symlink | Tmpfs)]
+    return path == "/" or any(
+        path == top or path.startswith(top.rstrip("/") + "/") for top in shown
+    )
+
+
 def wire_stdio(
     always: AsyncExitStack, stack: AsyncExitStack, spec: JobSpec, stdio: list[int]
 ) -> tuple[list[int], tuple[Capture, ...]]:
-    """7. The child's fds 0-2: the client's own, or /dev/null and two capture pipes."""
+    """11. The child's fds 0-2: the client's own, or /dev/null and two capture pipes."""
     if isinstance(spec.stdio, PassedStdio):
         return stdio, ()
     limit = spec.stdio.limit
@@ -332,25 +471,14 @@ def wire_stdio(
 async def spawn_process(
     stack: AsyncExitStack,
     ctx: JailContext,
-    spec: JobSpec,
-    *,
-    netns_name: str,
-    cgroup: JobCgroupHandle,
+    plan: JobPlan,
     stdio: list[int],
+    sources: list[tuple[BindMount, BindSource]],
 ) -> JobProcess:
-    """8. The job's process, through the fork server: enters the jail, drops privileges, execs."""
-    request = SpawnRequest(
-        argv=spec.argv,
-        env=spec.env,
-        cwd=spec.cwd,
-        uid=spec.uid,
-        gid=spec.gid,
-        netns_path=netns.netns_path(netns_name),
-        hide_paths=list(ctx.hide_paths),
-        cgroup_procs=list(cgroup.procs_files),
-        bind_files=[(ctx.resolv_conf, "/etc/resolv.conf")],
-    )
-    process = await ctx.host.spawn(request, stdio)
+    """12. The job, through the fork server: its init (PID 1 of a new PID namespace) enters
+    the jail, builds the file system, drops privileges, loads the seccomp filter and spawns
+    the command (netjail.kernel.jailinit)."""
+    process = await ctx.host.spawn(plan, stdio, [source.fd for _, source in sources])
     stack.callback(process.close)
     return process
 

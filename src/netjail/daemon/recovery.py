@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable
 
+from netjail.daemon.uids import UidLeases
 from netjail.jobid import is_job_id
 from netjail.kernel import netns
 from netjail.kernel.host import JailHost
@@ -60,14 +61,18 @@ class StateRecords:
         return found
 
 
-def recover(host: JailHost, records: StateRecords, log: Log) -> list[str]:
+def recover(
+    host: JailHost, records: StateRecords, log: Log, uids: UidLeases, homes_dir: str
+) -> list[str]:
     """Remove what recorded jobs left behind (after a crash); blocking. What was removed.
 
-    A record is written before anything of its job is built, so every netns, cgroup and
-    process a crashed daemon could leave is found from it. A record is deleted only once its
-    leftovers are gone; one that could not be cleaned up stays for the next start.
+    A record is written before anything of its job is built, so every netns, cgroup, HOME,
+    process and uid lease a crashed daemon could leave is found from it. A record is deleted,
+    and its job's uid lease returned, only once its leftovers are gone; one that could not be
+    cleaned up stays for the next start, and its uid stays out of use.
     """
     removed: list[str] = []
+    leases = {lease.job_id: lease for lease in uids.recover()}
     leftover_cgroups = set(host.leftover_cgroups())
     leftover_netns = set(host.leftover_netns())
     for job_id, netns_name in records.read_all(log):
@@ -87,6 +92,24 @@ def recover(host: JailHost, records: StateRecords, log: Log) -> list[str]:
             except Exception as e:
                 clean = False
                 log("error", "cannot remove a leftover netns", netns=netns_name, error=str(e))
+        home = os.path.join(homes_dir, job_id)
+        if os.path.lexists(home):
+            try:
+                host.remove_home(home)
+                removed.append(f"home of {job_id}")
+            except Exception as e:
+                clean = False
+                log("error", "cannot remove a leftover home", job=job_id, error=str(e))
         if clean:
+            lease = leases.pop(job_id, None)
+            if lease is not None:
+                uids.release(lease)
+                removed.append(f"uid {lease.uid} of {job_id}")
             records.remove(job_id)
+    for lease in leases.values():
+        # Leased after its record was written and released before it was removed, so a lease
+        # with no record is one whose job was cleaned up but not released: nothing holds it.
+        if lease.job_id not in {job for job, _ in records.read_all(log)}:
+            uids.release(lease)
+            removed.append(f"uid {lease.uid} of {lease.job_id}")
     return removed

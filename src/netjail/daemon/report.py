@@ -45,17 +45,22 @@ class Ending:
 def build_report(
     job_id: str,
     spec: JobSpec,
+    *,
+    user: tuple[int, int],
     feed: JobFeed,
     ending: Ending,
     captures: tuple[Capture, ...],
 ) -> Report:
-    """The report a job's client gets: exit, resources, events, domains, captured output."""
+    """The report a job's client gets: exit, resources, events, domains, captured output.
+
+    ``user`` is the (uid, gid) the job ran as: its leased uid, or the fixed one.
+    """
     status, usage = ending.status, ending.usage
     report = Report(
         job=job_id,
         argv=spec.argv,
-        uid=spec.uid,
-        gid=spec.gid,
+        uid=user[0],
+        gid=user[1],
         exit_code=status.exit_code,
         signal=status.signal,
         wall_s=round(ending.wall_s, 6),

@@ -14,7 +14,7 @@ import sys
 
 from netjail.daemon.config import Config
 from netjail.daemon.jobs import JobManager
-from netjail.daemon.spec import DEFAULT_PATH, CapturedStdio, JobSpec, applied_limits
+from netjail.daemon.spec import DEFAULT_PATH, CapturedStdio, FixedUser, JobSpec, applied_limits
 from netjail.errors import NetjailError
 from netjail.kernel.peer import PeerCred
 from netjail.protocol import Report
@@ -98,8 +98,7 @@ async def run_self_test(jobs: JobManager, config: Config) -> list[str]:
         argv=probe_argv(),
         env={"PATH": DEFAULT_PATH},
         cwd="/",
-        uid=0,
-        gid=0,
+        user=FixedUser(0, 0),
         owner=PeerCred(pid=os.getpid(), uid=0, gid=0),
         limits=limits,
         stdio=CapturedStdio(4096),

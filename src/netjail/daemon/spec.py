@@ -12,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from netjail import protocol as p
-from netjail.daemon.config import BlockedDnsAnswer, Config, Limits
+from netjail.daemon.config import BlockedDnsAnswer, Config, Jail, Limits
 from netjail.errors import PermissionDeniedError, RequestError
 from netjail.ipaddr import IPAddress
 from netjail.kernel.peer import PeerCred
@@ -23,8 +24,27 @@ from netjail.text import sanitize
 from netjail.units import format_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: The uid and gid of root's jobs unless it asks for others (nobody/nogroup).
+#: Where the job's own HOME is in the jail (see netjail.kernel.fsplan): also its default cwd.
+JOB_HOME = "/home/job"
+#: The uid of a root job that chose only its gid.
 NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class FixedUser:
+    """The job runs as this uid and gid: the client's own, or what root asked for."""
+
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class LeasedUser:
+    """The job runs as a uid (and equal gid) of its own, leased from ``jail.job_uids`` for as
+    long as any of its processes can exist: root's jobs that ask for no --uid."""
+
+
+JobUser = FixedUser | LeasedUser
 
 
 @dataclass(frozen=True)
@@ -50,9 +70,9 @@ class JobSpec:
 
     argv: list[str]
     env: dict[str, str]
+    #: Where the job starts; with ``cwd_fallback`` "home", its HOME when this is not in view.
     cwd: str
-    uid: int
-    gid: int
+    user: JobUser
     owner: PeerCred
     limits: p.AppliedLimits
     stdio: StdioMode
@@ -62,27 +82,37 @@ class JobSpec:
     #: The daemon's hosts table, as configured when the job was asked for.
     daemon_hosts: Mapping[str, IPAddress] = field(default_factory=dict)
     blocked_dns_answer: BlockedDnsAnswer = "NXDOMAIN"
+    cwd_fallback: Literal["error", "home"] = "error"
+    #: Host paths the job sees: the daemon's (opened as root), then the client's (opened
+    #: with the client's credentials).
+    daemon_binds: tuple[p.BindMount, ...] = ()
+    client_binds: tuple[p.BindMount, ...] = ()
+    hostname: str | None = None
+    jail: Jail = field(default_factory=Jail)
 
 
-def job_uid_gid(request: p.RunRequest, peer: PeerCred) -> tuple[int, int]:
-    """Who the job runs as: root chooses (default nobody); anyone else runs as themselves.
+def job_user(request: p.RunRequest, peer: PeerCred) -> JobUser:
+    """Who the job runs as: root chooses (default: a leased uid of its own); anyone else runs
+    as themselves.
 
-    ``--uid N`` alone also sets the gid to N. A non-root client asking for any other uid or
-    gid than its own gets PermissionDeniedError.
+    ``--uid N`` alone also sets the gid to N; ``--gid`` alone keeps a leased uid out (root
+    asked for a fixed identity), so the uid is then N's default, nobody. A non-root client
+    asking for any other uid or gid than its own gets PermissionDeniedError.
     """
     if peer.uid == 0:
+        if request.uid is None and request.gid is None:
+            return LeasedUser()
         uid = request.uid if request.uid is not None else NOBODY
-        if request.gid is not None:
-            return uid, request.gid
-        return uid, uid if request.uid is not None else NOBODY
+        gid = request.gid if request.gid is not None else uid
+        return FixedUser(uid, gid)
     if request.uid not in (None, peer.uid) or request.gid not in (None, peer.gid):
         raise PermissionDeniedError("only root may choose the job's uid or gid")
-    return peer.uid, peer.gid
+    return FixedUser(peer.uid, peer.gid)
 
 
 def job_env(request: p.RunRequest) -> dict[str, str]:
     """The job's environment: safe defaults, overridden by what the client sent."""
-    env = {"PATH": DEFAULT_PATH, "HOME": "/", "LANG": "C.UTF-8"}
+    env = {"PATH": DEFAULT_PATH, "HOME": JOB_HOME, "LANG": "C.UTF-8"}
     env.update(request.env)
     return env
 
@@ -171,7 +201,7 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
     A ``stdio: "fds"`` or ``"null"`` request becomes ``PassedStdio`` (the connection passes
     the fds, /dev/null ones for "null"); ``"capture"`` becomes ``CapturedStdio``.
     """
-    uid, gid = job_uid_gid(request, peer)
+    user = job_user(request, peer)
     check_strings(request)
     policy = job_policy(request, config)
     hosts = job_hosts(request.add_hosts)
@@ -189,9 +219,8 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
     return JobSpec(
         argv=list(request.argv),
         env=job_env(request),
-        cwd=request.cwd or "/",
-        uid=uid,
-        gid=gid,
+        cwd=request.cwd or JOB_HOME,
+        user=user,
         owner=peer,
         limits=limits,
         stdio=stdio,
@@ -199,4 +228,9 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
         job_hosts=hosts,
         daemon_hosts=config.hosts,
         blocked_dns_answer=config.policy.blocked_dns_answer,
+        cwd_fallback=request.cwd_fallback,
+        daemon_binds=(*config.jail.binds, *config.jail.ro_binds),
+        client_binds=tuple(request.binds),
+        hostname=request.hostname,
+        jail=config.jail,
     )

@@ -27,10 +27,13 @@ from typing import Protocol, TypeVar
 from netjail.errors import JailError, map_os_errors
 from netjail.jobid import JOB_ID_PREFIX
 from netjail.kernel import cgroup as cgroups
-from netjail.kernel import firewall, listeners, netns, nflog
+from netjail.kernel import firewall, listeners, netns, nflog, pathcheck, rootfs, syscalls
 from netjail.kernel.backends import FirewallBackend, LogBackend
+from netjail.kernel.fsplan import HostLayout
+from netjail.kernel.jobplan import JobPlan
 from netjail.kernel.peer import pids_in_netns
-from netjail.kernel.spawn import ExitStatus, ForkServer, SpawnRequest
+from netjail.kernel.spawn import ExitStatus, ForkServer
+from netjail.protocol import BindAccess
 
 T = TypeVar("T")
 
@@ -108,8 +111,19 @@ class JailHost(Protocol):
 
     def open_listeners(self) -> JailListeners: ...
 
+    # the job's file system
+    def host_layout(self) -> HostLayout: ...
+
+    def make_home(self, path: str, uid: int, gid: int, size_bytes: int) -> None: ...
+
+    def remove_home(self, path: str) -> None: ...
+
+    def open_bind_source(
+        self, path: str, creds: pathcheck.Credentials, access: BindAccess
+    ) -> pathcheck.BindSource: ...
+
     # the job's process
-    async def spawn(self, request: SpawnRequest, stdio: list[int]) -> JobProcess: ...
+    async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> JobProcess: ...
 
     async def wait(self, pid: int) -> ExitStatus: ...
 
@@ -127,6 +141,8 @@ class KernelJailHost:
     ) -> None:
         self._forkserver = forkserver
         self._cgroups = cgroups
+        # What of /usr, /bin, /lib… the host has, read once: every job's system binds.
+        self._host_layout = rootfs.read_host_layout()
         self._firewall = firewall.JailFirewall.for_backends(firewall_backend, log_backend)
 
     # ------------------------------------------------------------------ cgroups
@@ -203,10 +219,44 @@ class KernelJailHost:
                 raise
         return JailListeners(dns_udp=tuple(dns_udp), dns_tcp=tuple(dns_tcp), proxy=tuple(proxy))
 
+    # ------------------------------------------------------------------ file system
+
+    def host_layout(self) -> HostLayout:
+        return self._host_layout
+
+    def make_home(self, path: str, uid: int, gid: int, size_bytes: int) -> None:
+        """A per-job HOME: a directory with a tmpfs of its own, so a job filling it fills only
+        its own, and removing it frees the space at once."""
+        with map_os_errors(JailError, f"cannot make the job's HOME {path}"):
+            os.mkdir(path, 0o700)
+            try:
+                syscalls.mount(
+                    "netjail-home",
+                    path,
+                    "tmpfs",
+                    syscalls.MS_NOSUID | syscalls.MS_NODEV,
+                    f"size={size_bytes},mode=700,uid={uid},gid={gid}",
+                )
+            except BaseException:
+                os.rmdir(path)
+                raise
+
+    def remove_home(self, path: str) -> None:
+        with map_os_errors(JailError, f"cannot remove the job's HOME {path}"):
+            with contextlib.suppress(OSError):
+                syscalls.umount2(path, syscalls.MNT_DETACH)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(path)
+
+    def open_bind_source(
+        self, path: str, creds: pathcheck.Credentials, access: BindAccess
+    ) -> pathcheck.BindSource:
+        return pathcheck.open_bind_source(path, creds, access)
+
     # ------------------------------------------------------------------ processes
 
-    async def spawn(self, request: SpawnRequest, stdio: list[int]) -> JobProcess:
-        return await self._forkserver.spawn(request, stdio)
+    async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> JobProcess:
+        return await self._forkserver.spawn(plan, stdio, source_fds)
 
     async def wait(self, pid: int) -> ExitStatus:
         return await self._forkserver.wait(pid)

@@ -3,14 +3,16 @@
 Why a fork server: the daemon is multi-threaded (namespace builder threads), and forking a
 multi-threaded process then running Python before exec can deadlock on locks other threads held
 at fork time. So ``ForkServer.start`` forks one helper at daemon start-up, before any thread
-exists; that helper stays single-threaded and forks every job. Each job child enters the jail's
-netns, gets a private mount namespace (daemon paths hidden), joins its cgroups, starts a new
-session, drops every capability and supplementary group, sets uid/gid and no_new_privs, and
-execs. A failure at any step is reported back with the step's name; the job never runs.
+exists; that helper stays single-threaded and starts every job with ``jailinit.spawn_job``: the
+job's init, PID 1 of a new PID namespace, enters the jail's netns and cgroups, builds the job's
+file system in new mount, IPC and UTS namespaces, drops privileges, loads the seccomp filter
+(compiled here once, before the first job) and spawns the command. A failure at any step is
+reported back with the step's name; the job never runs.
 
-The helper is also a child subreaper, so processes a job orphans (double fork, setsid) are
-re-parented to it and reaped: zombies never pile up. It reports every job exit with its
-rusage; the daemon holds a pidfd per job, so signals never reach a recycled pid.
+The helper is also a child subreaper, so whatever leaves a job's namespaces is re-parented to
+it and reaped: zombies never pile up. It reports every init's exit with the command's status
+(read from the init's status pipe) and the rusage; the daemon holds a pidfd per job, so
+signals never reach a recycled pid.
 
 Messages are typed msgspec structs (``_ToServer``, ``_FromServer``), one per datagram of a
 SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with SCM_RIGHTS). Both ends are
@@ -28,41 +30,21 @@ import selectors
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
 
 from netjail.errors import ExecError, SpawnError
 from netjail.kernel import syscalls
+from netjail.kernel.jailinit import ExecHook, read_job_exit, spawn_job
+from netjail.kernel.jobplan import JobPlan, SpawnFailure
+from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
+from netjail.protocol import MAX_BINDS
 
 _MAX_MESSAGE = 1 << 21
-#: Signals the job gets back at their default disposition (Python ignores SIGPIPE, and the
-#: daemon handles INT/TERM/HUP); the job must not inherit either choice.
-_RESET_SIGNALS = (
-    signal.SIGPIPE,
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGCHLD,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-
-
-class SpawnRequest(msgspec.Struct, frozen=True):
-    """Everything the fork server needs to start one job."""
-
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    uid: int
-    gid: int
-    netns_path: str
-    hide_paths: list[str] = []
-    #: (source file, target path) read-only bind mounts, e.g. a per-job resolv.conf.
-    bind_files: list[tuple[str, str]] = []
-    cgroup_procs: list[str] = []
+#: Fds one spawn message may carry: the job's stdio and one per bind source.
+_MAX_SPAWN_FDS = 3 + MAX_BINDS + 8
 
 
 class ExitStatus(msgspec.Struct, frozen=True):
@@ -75,17 +57,11 @@ class ExitStatus(msgspec.Struct, frozen=True):
     max_rss_bytes: int
 
 
-class SpawnFailure(msgspec.Struct, frozen=True):
-    """Which step of a job child's set-up failed, and why (written by the child before exit)."""
-
-    stage: str
-    errno: int
-    detail: str
-
-
 class _Spawn(msgspec.Struct, frozen=True, tag="spawn"):
+    """Start ``plan``; the message's fds are the job's stdio (3), then its bind sources."""
+
     id: int
-    request: SpawnRequest
+    plan: JobPlan
 
 
 class _Spawned(msgspec.Struct, frozen=True, tag="spawned"):
@@ -109,7 +85,6 @@ _ToServer = _Spawn
 _FromServer = _Spawned | _SpawnFailed | _Exited
 _to_server = msgspec.msgpack.Decoder(_ToServer)
 _from_server = msgspec.msgpack.Decoder(_FromServer)
-_failure = msgspec.msgpack.Decoder(SpawnFailure)
 _encode = msgspec.msgpack.encode
 
 
@@ -124,7 +99,9 @@ def _send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = 
 def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One datagram and the fds that came with it; b"" when the other end closed."""
     fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(8 * fds.itemsize))
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        _MAX_MESSAGE, socket.CMSG_SPACE(_MAX_SPAWN_FDS * fds.itemsize)
+    )
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % fds.itemsize
@@ -134,119 +111,12 @@ def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 # ---------------------------------------------------------------- the fork server process
 
-
-def _enter_jail(request: SpawnRequest, stage: list[str]) -> None:
-    """Join the jail's netns, a private mount namespace (daemon paths hidden) and the cgroups."""
-    stage[0] = "network namespace"
-    ns_fd = os.open(request.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-    syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
-    os.close(ns_fd)
-    stage[0] = "mount namespace"
-    syscalls.unshare(syscalls.CLONE_NEWNS)
-    # Private first, so nothing we mount propagates back to the host.
-    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-    # Bind first: a source may live in a directory that is hidden next.
-    for source, target in request.bind_files:
-        stage[0] = f"mounting {target}"
-        syscalls.mount(source, target, None, syscalls.MS_BIND)
-        syscalls.mount(
-            None, target, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
-        )
-    for path in request.hide_paths:
-        stage[0] = f"hiding {path}"
-        syscalls.mount(
-            "netjail",
-            path,
-            "tmpfs",
-            syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
-            "size=4k,mode=755",
-        )
-    stage[0] = "cgroup"
-    for procs in request.cgroup_procs:
-        with open(procs, "w") as f:
-            f.write("0")
+#: The steps a job's init runs last before its command is spawned.
+_HOOKS = (ExecHook(stage="seccomp filter", run=load_job_filter),)
 
 
-def _drop_privileges(request: SpawnRequest) -> None:
-    """No capabilities, no supplementary groups, the job's uid/gid, no_new_privs."""
-    syscalls.lock_out_capabilities()
-    os.setgroups([])
-    os.setresgid(request.gid, request.gid, request.gid)
-    os.setresuid(request.uid, request.uid, request.uid)
-    syscalls.clear_capability_sets()
-    syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-
-
-def _child(request: SpawnRequest, stdio: list[int], report_fd: int) -> None:
-    """Runs in the forked job process: set up the jail side, then exec. Never returns."""
-    stage = ["signals"]
-    try:
-        for sig in _RESET_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        stage[0] = "session"
-        os.setsid()
-        _enter_jail(request, stage)
-        stage[0] = "stdio"
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        stage[0] = "privileges"
-        _drop_privileges(request)
-        stage[0] = "working directory"
-        # After the privilege drop, so the job user's own permissions decide.
-        os.chdir(request.cwd)
-        stage[0] = "exec"
-        os.closerange(3, report_fd)
-        os.closerange(report_fd + 1, 65536)
-        os.execvpe(request.argv[0], request.argv, request.env)  # noqa: S606 - exec is the point
-    except OSError as e:
-        detail = e.strerror or str(e)
-        if stage[0] == "working directory":
-            detail = f"{request.cwd}: {detail}"
-        elif stage[0] == "exec":
-            detail = f"{request.argv[0]}: {detail}"
-        _report_failure(report_fd, SpawnFailure(stage=stage[0], errno=e.errno or 0, detail=detail))
-    # Anything else must still be reported, not raised.
-    except BaseException as e:
-        _report_failure(report_fd, SpawnFailure(stage=stage[0], errno=0, detail=repr(e)))
-    os._exit(127)
-
-
-def _report_failure(report_fd: int, failure: SpawnFailure) -> None:
-    # One write of at most PIPE_BUF bytes is atomic; the detail is cut to keep it under.
-    bounded = SpawnFailure(
-        stage=failure.stage[:200], errno=failure.errno, detail=failure.detail[:3000]
-    )
-    with contextlib.suppress(OSError):
-        os.write(report_fd, _encode(bounded))
-
-
-def _spawn_one(request: SpawnRequest, stdio: list[int]) -> tuple[int, int] | SpawnFailure:
-    """Fork a job; wait until it exec'd; (pid, pidfd), or the failure the child reported."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        _child(request, stdio, write_fd)
-    os.close(write_fd)
-    try:
-        # EOF without data means exec succeeded (the pipe is close-on-exec).
-        chunks = []
-        while chunk := os.read(read_fd, 4096):
-            chunks.append(chunk)
-    finally:
-        os.close(read_fd)
-    if chunks:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        try:
-            return _failure.decode(b"".join(chunks))
-        except msgspec.DecodeError:
-            return SpawnFailure(stage="set-up", errno=0, detail="unreadable failure report")
-    return pid, os.pidfd_open(pid)
-
-
-def _reap(sock: socket.socket, jobs: set[int]) -> None:
+def _reap(sock: socket.socket, jobs: dict[int, int]) -> None:
+    """Reap every exited child; report jobs' inits with how their command ended."""
     while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -254,12 +124,14 @@ def _reap(sock: socket.socket, jobs: set[int]) -> None:
             return
         if pid == 0:
             return
-        if pid not in jobs:
-            continue  # an orphan a job left behind, re-parented to us: reaped, nothing to report
-        jobs.discard(pid)
+        status_fd = jobs.pop(pid, None)
+        if status_fd is None:
+            continue  # not a job's init: nothing to report
+        ended = read_job_exit(status_fd, status)
+        os.close(status_fd)
         exit_status = ExitStatus(
-            exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-            signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            exit_code=ended.exit_code,
+            signal=ended.signal,
             cpu_user_s=usage.ru_utime,
             cpu_system_s=usage.ru_stime,
             max_rss_bytes=usage.ru_maxrss * 1024,
@@ -276,7 +148,8 @@ def _serve(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    jobs: set[int] = set()
+    prepare_job_filter()  # compiled already: the inits only load it
+    jobs: dict[int, int] = {}  # init pid -> its status pipe
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
@@ -295,16 +168,16 @@ def _serve(sock: socket.socket) -> None:
                 os._exit(0)
             try:
                 message = _to_server.decode(data)
-                outcome = _spawn_one(message.request, fds)
+                outcome = spawn_job(message.plan, fds[:3], fds[3:], _HOOKS)
             finally:
                 for fd in fds:
                     os.close(fd)
             if isinstance(outcome, SpawnFailure):
                 _send(sock, _SpawnFailed(id=message.id, failure=outcome))
             else:
-                pid, pidfd = outcome
-                jobs.add(pid)
-                _send(sock, _Spawned(id=message.id, pid=pid), [pidfd])
+                jobs[outcome.init_pid] = outcome.status_fd
+                pidfd = os.pidfd_open(outcome.init_pid)
+                _send(sock, _Spawned(id=message.id, pid=outcome.init_pid), [pidfd])
                 os.close(pidfd)
             _reap(sock, jobs)
 
@@ -350,6 +223,9 @@ class ForkServer:
         """Fork the server. Must be called while the daemon still has a single thread."""
         if threading.active_count() != 1:
             raise RuntimeError("ForkServer.start() must run before any thread is started")
+        # Fail closed here, before serving: a daemon whose jobs cannot get their seccomp
+        # filter must not start (SpawnError names the reason).
+        prepare_job_filter()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
@@ -410,16 +286,21 @@ class ForkServer:
         self._pending.clear()
         self._waiters.clear()
 
-    async def spawn(self, request: SpawnRequest, stdio: list[int]) -> SpawnedJob:
-        """Start a job; raise SpawnError naming the failed step if it could not be started."""
+    async def spawn(
+        self, plan: JobPlan, stdio: list[int], source_fds: Sequence[int] = ()
+    ) -> SpawnedJob:
+        """Start a job; raise SpawnError naming the failed step if it could not be started.
+
+        ``stdio`` are the job's fds 0-2, ``source_fds`` those the plan's bind sources index.
+        """
         if self._loop is None:
             raise SpawnError("fork server not attached to the event loop")
         self._next_id += 1
         future: asyncio.Future[SpawnedJob] = self._loop.create_future()
         self._pending[self._next_id] = future
-        message = _Spawn(id=self._next_id, request=request)
+        message = _Spawn(id=self._next_id, plan=plan)
         try:
-            _send(self._sock, message, stdio)
+            _send(self._sock, message, [*stdio, *source_fds])
         except OSError as e:
             self._pending.pop(self._next_id, None)
             raise SpawnError(f"cannot reach the fork server: {e.strerror}") from None
