@@ -270,7 +270,11 @@ def spawn_command(
             _libc.posix_spawn_file_actions_adddup2(actions, fd, target)
         for fd in sorted({fd for fd in stdio if fd > 2}):
             _libc.posix_spawn_file_actions_addclose(actions, fd)
-        if foreground_of is not None and _addtcsetpgrp is not None:
+        if foreground_of is not None:
+            if _addtcsetpgrp is None:
+                # Without it the command would start in the background of its terminal, and
+                # stop at its first read: refuse rather than hang.
+                raise OSError(errno.ENOSYS, "this glibc cannot give a spawned process a terminal")
             _addtcsetpgrp(actions, foreground_of)
         _libc.posix_spawnattr_setflags(
             attr, _POSIX_SPAWN_SETPGROUP | _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK
