@@ -8,7 +8,9 @@ import signal
 import threading
 from pathlib import Path
 
-from netjail.kernel import jailinit
+import pytest
+
+from netjail.kernel import jailinit, syscalls
 from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
 from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure, encode_job_status
 
@@ -77,3 +79,36 @@ def test_init_forwards_the_signals_a_job_needs() -> None:
         signal.SIGWINCH,
         signal.SIGCONT,
     } == jailinit.FORWARDED_SIGNALS
+
+
+def _spawn_and_read(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    read_fd, write_fd = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        pid = syscalls.spawn_command(argv, env, [null, write_fd, write_fd], foreground_of=None)
+    finally:
+        os.close(null)
+        os.close(write_fd)
+    with os.fdopen(read_fd) as out:
+        text = out.read()
+    return os.waitpid(pid, 0)[1], text
+
+
+def test_the_command_gets_exactly_its_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """posix_spawn gives the command the plan's environment only, and its stdio on 0-2.
+
+    (That it holds no other fd is the init's part, tested against the real kernel.)
+    """
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    status, out = _spawn_and_read(["env"], {"PATH": "/usr/bin:/bin", "ONLY": "this"})
+    assert (status, sorted(out.splitlines())) == (0, ["ONLY=this", "PATH=/usr/bin:/bin"])
+
+
+def test_a_missing_command_is_enoent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command found nowhere fails the spawn with ENOENT, which becomes exit 127."""
+    # posix_spawnp searches the caller's PATH: the init sets it to the job's.
+    monkeypatch.setenv("PATH", "/usr/bin")
+    with pytest.raises(FileNotFoundError):
+        syscalls.spawn_command(
+            ["no-such-command-njk"], {"PATH": "/usr/bin"}, [0, 1, 2], foreground_of=None
+        )
