@@ -35,6 +35,14 @@ MAX_PIDS = 1 << 22
 MAX_TIMEOUT_S = 30 * 86400
 MAX_KILL_GRACE_S = 3600
 
+#: The most argv and env may hold together, counted as execve counts them (``exec_size``).
+#: execve takes at least 128 KiB whatever the stack limit (ARG_MAX's floor: 32 pages, pointers
+#: included); 8 KiB of that is left for the variables the daemon adds (PATH, HOME, LANG). It
+#: also fits the fork server's channel, one datagram of 212,960 bytes (net.core.wmem_default
+#: less 32), with room for the rest of the job's plan.
+MAX_EXEC_BYTES = 120 << 10
+_POINTER_BYTES = 8
+
 _Arg = Annotated[str, msgspec.Meta(max_length=65536)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFE)]
@@ -117,6 +125,22 @@ class RunRequest(_Request, tag="run"):
     #: What to do when ``cwd`` is not in the jail's view: fail ("error"), or start in the job's
     #: HOME ("home", what the CLI asks for its own working directory).
     cwd_fallback: Literal["error", "home"] = "error"
+
+    def __post_init__(self) -> None:
+        # Raised as is by both decoding and construction, so the client fails before sending.
+        size = exec_size(self.argv, self.env)
+        if size > MAX_EXEC_BYTES:
+            raise ProtocolError(
+                f"argv and env together must be under {MAX_EXEC_BYTES} bytes (as execve counts "
+                f"them: each string, its NUL and its pointer); these are {size}"
+            )
+
+
+def exec_size(argv: list[str], env: dict[str, str]) -> int:
+    """What ``argv`` and ``env`` take of execve's ARG_MAX: each string (``NAME=value`` for env)
+    encoded, its NUL, and its pointer."""
+    strings = [*argv, *(f"{name}={value}" for name, value in env.items())]
+    return sum(len(text.encode(errors="surrogatepass")) + 1 + _POINTER_BYTES for text in strings)
 
 
 class KillRequest(_Request, tag="kill"):
