@@ -248,6 +248,8 @@ class Report(msgspec.Struct, kw_only=True):
     #: Per domain name: connections allowed and blocked (DNS queries included), bytes relayed.
     #: Counted as events arrive, so nothing here is lost to the event cap.
     domains: dict[str, DomainSummary] = {}
+    #: The seccomp profile the job ran under (e.g. "netjail-default-1").
+    seccomp_profile: str | None = None
     #: Of ``lost_events``, those that arrived but were not kept (the per-job event cap), by
     #: event kind ("egress", "dns"). The rest were lost before reaching the daemon.
     events_not_kept: dict[str, int] = {}

@@ -169,6 +169,7 @@ def test_a_job_is_built_in_order_runs_and_is_torn_down_in_reverse(
     ]
     assert report.exit_code == 3
     assert report.signal is None
+    assert report.seccomp_profile == "netjail-default-1"
     assert (report.cpu_user_s, report.cpu_system_s, report.pids_peak) == (0.5, 0.25, 3)
     assert report.memory_peak_bytes == 1 << 20
     assert_nothing_left(host, ctx)

@@ -45,10 +45,9 @@ from netjail.kernel.fsplan import (
     FdSource,
     FsPlan,
     PathSource,
-    Symlink,
-    Tmpfs,
     TmpfsSizes,
     build_fs_plan,
+    shows_path,
 )
 from netjail.kernel.host import JailHost, JailListeners, JobCgroupHandle, JobProcess
 from netjail.kernel.jobplan import JobPlan, job_hostname
@@ -431,16 +430,9 @@ def plan_job(
 def start_dir(spec: JobSpec, fs: FsPlan) -> str:
     """The job's cwd: as asked, or its HOME when asked to fall back and the cwd is outside
     everything the plan mounts (then nothing of it would be there)."""
-    if spec.cwd_fallback == "error" or _in_view(spec.cwd, fs):
+    if spec.cwd_fallback == "error" or shows_path(fs, spec.cwd):
         return spec.cwd
     return JOB_HOME
-
-
-def _in_view(path: str, fs: FsPlan) -> bool:
-    shown = [step.target for step in fs.steps if isinstance(step, Bind | Symlink | Tmpfs)]
-    return path == "/" or any(
-        path == top or path.startswith(top.rstrip("/") + "/") for top in shown
-    )
 
 
 def wire_stdio(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from netjail.daemon.intake import JobFeed
 from netjail.daemon.spec import JobSpec
 from netjail.kernel.cgroup import ResourceUsage
+from netjail.kernel.seccomp import PROFILE as SECCOMP_PROFILE
 from netjail.kernel.spawn import ExitStatus
 from netjail.protocol import Report
 
@@ -75,6 +76,7 @@ def build_report(
         limits=spec.limits,
         domains=dict(feed.domains),
         events_not_kept=dict(feed.events.not_kept),
+        seccomp_profile=SECCOMP_PROFILE,
     )
     if len(captures) == 2:
         out, err = captures
