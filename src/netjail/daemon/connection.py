@@ -2,8 +2,14 @@
 
 Reading uses ``recvmsg`` directly (asyncio streams cannot carry SCM_RIGHTS). Writing goes
 through the connection's outbox, drained by its own task: a client that stops reading only
-fills its own bounded queue — streamed events beyond the bound are dropped and counted for
-that client (they all stay in the job's report), replies are never dropped.
+fills its own bounded queue. Streamed events beyond the bound are dropped and counted for that
+client (they all stay in the job's report); replies are never dropped, but a reply that finds
+``MAX_QUEUED_BYTES`` already queued means the client is not reading them: it is disconnected
+(with a warning in the log), and what was queued for it is freed.
+
+A connection that sends no hello within ``HELLO_TIMEOUT_S`` is closed, and so is a greeted one
+that has been idle — no request, no job of its running, no ``events --follow`` — for
+``IDLE_TIMEOUT_S``: neither holds an fd for ever.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ if TYPE_CHECKING:
 
 #: Streamed events queued for one client before further ones are dropped (and counted).
 MAX_QUEUED_EVENTS = 1000
+#: Bytes queued for one client past which events are dropped and a reply disconnects it. One
+#: reply may be larger (a report with captured output): it is queued when the client keeps up.
+MAX_QUEUED_BYTES = 8 << 20
+#: How long a new connection may take to send hello.
+HELLO_TIMEOUT_S = 10.0
+#: How long a greeted connection may sit with no request, no running job and no follow.
+IDLE_TIMEOUT_S = 60.0
 _RECV_BYTES = 65536
 _LINGER_S = 1.0
 _LINGER_BYTES = 4 << 20
@@ -66,24 +79,42 @@ async def close_gracefully(sock: socket.socket) -> None:
 
 
 class Outbox:
-    """A connection's queue of frames to send, bounded for droppable frames."""
+    """A connection's queue of frames to send, bounded in events and in bytes.
 
-    def __init__(self) -> None:
+    ``overflowed`` is set when a reply found the byte bound reached: the outbox is closed and
+    emptied then, and its connection must hang up.
+    """
+
+    def __init__(
+        self, max_events: int = MAX_QUEUED_EVENTS, max_bytes: int = MAX_QUEUED_BYTES
+    ) -> None:
         self._frames: deque[tuple[bytes, bool]] = deque()
+        self._max_events = max_events
+        self.max_bytes = max_bytes
         self._droppable = 0
+        #: Bytes queued and not yet handed to the writer.
+        self.queued_bytes = 0
         self.dropped = 0
         self._wake = asyncio.Event()
         self.closed = False
+        self.overflowed = False
 
     def put(self, frame: bytes, *, droppable: bool = False) -> None:
         if self.closed:
             return
         if droppable:
-            if self._droppable >= MAX_QUEUED_EVENTS:
+            if self._droppable >= self._max_events or self.queued_bytes >= self.max_bytes:
                 self.dropped += 1
                 return
             self._droppable += 1
+        elif self.queued_bytes >= self.max_bytes:
+            self.overflowed = True
+            self._frames.clear()
+            self._droppable = self.queued_bytes = 0
+            self.close()
+            return
         self._frames.append((frame, droppable))
+        self.queued_bytes += len(frame)
         self._wake.set()
 
     async def get(self) -> bytes | None:
@@ -93,6 +124,7 @@ class Outbox:
             self._wake.clear()
             await self._wake.wait()
         frame, droppable = self._frames.popleft()
+        self.queued_bytes -= len(frame)
         if droppable:
             self._droppable -= 1
         return frame
@@ -143,9 +175,26 @@ class Connection:
         #: This connection's `events --follow` subscriptions, dropped when it closes.
         self._follows: list[Callable[[p.Event], None]] = []
         self._loop = asyncio.get_running_loop()
+        #: When the client last sent something or a job of its ended (for the idle timeout).
+        self._active_at = self._loop.time()
 
     def send(self, message: msgspec.Struct, *, droppable: bool = False) -> None:
-        self.outbox.put(p.encode_message(message), droppable=droppable)
+        if self.outbox.closed:
+            return
+        frame = p.encode_message(message)
+        self.outbox.put(frame, droppable=droppable)
+        if self.outbox.overflowed:
+            self.server.log(
+                "warning",
+                "disconnected a client that does not read its replies",
+                pid=self.peer.pid,
+                uid=self.peer.uid,
+                limit_bytes=self.outbox.max_bytes,
+                reply_bytes=len(frame),
+            )
+            # Ends the read loop (recv sees end of file) and any send in progress.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
     def send_error(self, error: NetjailError) -> None:
         exit_code = error.exit_code if isinstance(error, ExecError) else None
@@ -211,9 +260,40 @@ class Connection:
                     fds.frombytes(payload[:usable])
             return data, list(fds)
 
+    async def _next(self) -> tuple[bytes, list[int]]:
+        """The next data from the client; b"" when it hung up, or was silent for too long."""
+        while True:
+            left = self._silence_left()
+            if left is not None and left <= 0:
+                self.send_error(ProtocolError(self._silence_message()))
+                return b"", []
+            try:
+                # A busy connection has no deadline: look again in a while.
+                return await asyncio.wait_for(
+                    self._recv(), IDLE_TIMEOUT_S if left is None else left
+                )
+            except TimeoutError:
+                continue
+
+    def _silence_left(self) -> float | None:
+        """Seconds before this connection's silence ends it; None while a job of its runs or
+        it follows events. Only whole requests count as activity, so trickling bytes does not
+        keep a connection open."""
+        since = self._loop.time() - self._active_at
+        if not self._greeted:
+            return HELLO_TIMEOUT_S - since
+        if self._runs or self._follows:
+            return None
+        return IDLE_TIMEOUT_S - since
+
+    def _silence_message(self) -> str:
+        if not self._greeted:
+            return f"no hello within {HELLO_TIMEOUT_S:g} s; closing the connection"
+        return f"no request for {IDLE_TIMEOUT_S:g} s and nothing running; closing the connection"
+
     async def _read_loop(self) -> None:
         while True:
-            data, fds = await self._recv()
+            data, fds = await self._next()
             self._fds.extend(fds)
             if len(self._fds) > p.MAX_FDS:
                 self.send_error(ProtocolError(f"more than {p.MAX_FDS} file descriptors sent"))
@@ -235,6 +315,11 @@ class Connection:
                     for fd in fds_for_frame:
                         with contextlib.suppress(OSError):
                             os.close(fd)
+                # Let the writer move replies to the socket between pipelined requests, so that
+                # a client reading as it sends is not taken for one that does not read.
+                await asyncio.sleep(0)
+            if frames and self._greeted:
+                self._active_at = self._loop.time()
 
     async def _handle(self, frame: bytes, fds: list[int]) -> None:
         request = p.decode_request(frame)
@@ -334,6 +419,7 @@ class Connection:
             self.send(p.Exit(report=report, dropped_events=self.outbox.dropped))
         finally:
             self._runs.discard(job)
+            self._active_at = self._loop.time()
 
 
 def _job_info(job: Job) -> p.JobInfo:
