@@ -1,18 +1,27 @@
 """The Unix-socket server: accepts connections, decides who may connect, holds what they share.
 
 Each connection is served by its own task pair (netjail.daemon.connection), isolated from the
-others. The server refuses clients the configuration does not allow and clients inside a jail,
-and it owns the configuration in force (``apply`` takes a reloaded one).
+others. The server refuses clients the configuration does not allow, clients inside a jail and
+a uid's connections beyond ``max_connections_per_uid``, and it owns the configuration in force
+(``apply`` takes a reloaded one).
+
+The accept loop never ends on an error. When the daemon is out of fds (EMFILE, ENFILE) or
+kernel memory, accept() fails and the pending connection stays queued, so the loop would spin:
+instead it logs once per episode, spends its reserve fd to accept each waiting client and tell
+it "busy" (so clients fail fast instead of hanging), and pauses, longer each time, until fds are
+free again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from netjail import protocol as p
@@ -21,10 +30,24 @@ from netjail.daemon.config import Config
 from netjail.daemon.connection import Connection, close_gracefully
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobs import JobManager
+from netjail.errors import BusyError
 from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
 
 #: How long a stopping daemon waits for the reports its clients are owed.
 _REPORTS_WAIT_S = 30.0
+#: Connections one non-root uid may hold at once; root's are not counted.
+MAX_CONNECTIONS_PER_UID = 64
+#: accept() errors that mean "out of fds or kernel memory": pause and retry.
+_STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors about one connection that went away before it was accepted: skip it.
+_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN})
+#: The accept loop's pauses while starved: from the first to the longest, doubling.
+ACCEPT_PAUSE_S = (0.05, 1.0)
+_OUT_OF_FDS = p.encode_message(
+    p.ErrorMessage(
+        code=BusyError.code, message="netjaild is out of file descriptors; try again shortly"
+    )
+)
 
 
 class Server:
@@ -38,6 +61,7 @@ class Server:
         log: Callable[..., None],
         cgroup_mode: str | None,
         config: Config,
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
     ) -> None:
         self.listener = listener
         self.config = config
@@ -50,6 +74,11 @@ class Server:
         self.started = time.monotonic()
         self.own_netns = namespace_inode(os.getpid(), "net")
         self.connections: set[Connection] = set()
+        self.max_connections_per_uid = max_connections_per_uid
+        #: Connections being served, per uid.
+        self._per_uid: Counter[int] = Counter()
+        #: Uids refused for the limit since their count last dropped below it (logged once).
+        self._over_limit: set[int] = set()
         # Strong references: the loop keeps only weak ones to running tasks.
         self._connection_tasks: set[asyncio.Task[None]] = set()
 
@@ -75,13 +104,59 @@ class Server:
         self.file_config = file_config
 
     async def serve_forever(self) -> None:
+        """Accept and serve connections until cancelled; no error ends it."""
         loop = asyncio.get_running_loop()
         self.listener.setblocking(False)
-        while True:
-            sock, _ = await loop.sock_accept(self.listener)
-            task = loop.create_task(self._serve_connection(sock))
-            self._connection_tasks.add(task)
-            task.add_done_callback(self._connection_tasks.discard)
+        # Kept open to be given up when fds run out: accepting a waiting client then, to tell it
+        # why, needs an fd.
+        reserve: int | None = _open_reserve()
+        starved = _Starvation()
+        try:
+            while True:
+                try:
+                    sock, _ = await loop.sock_accept(self.listener)
+                except OSError as e:
+                    if e.errno in _GONE:
+                        continue
+                    if starved.pause_s is None:
+                        # Once per episode: the pauses that follow would repeat it.
+                        what = "out of fds or memory" if e.errno in _STARVED else "accept failed"
+                        self.log(
+                            "error",
+                            f"cannot accept connections ({what}); pausing until it can",
+                            error=e.strerror or str(e),
+                        )
+                    if e.errno in _STARVED:
+                        reserve = self._turn_away_waiting(reserve, starved)
+                    await asyncio.sleep(starved.next_pause())
+                    continue
+                if starved.pause_s is not None:
+                    self.log("info", "accepting connections again", turned_away=starved.turned_away)
+                    starved = _Starvation()
+                if reserve is None:
+                    reserve = _open_reserve()
+                task = loop.create_task(self._serve_connection(sock))
+                self._connection_tasks.add(task)
+                task.add_done_callback(self._connection_tasks.discard)
+        finally:
+            if reserve is not None:
+                os.close(reserve)
+
+    def _turn_away_waiting(self, reserve: int | None, starved: _Starvation) -> int | None:
+        """Accept each waiting client on the reserve fd and tell it the daemon is busy, so that
+        none hangs; the reserve fd again (None while it cannot be had back)."""
+        while reserve is not None:
+            os.close(reserve)
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return _open_reserve()  # none waiting (or still no fd): the slot is ours again
+            with sock, contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(_OUT_OF_FDS)
+            starved.turned_away += 1
+            reserve = _open_reserve()
+        return _open_reserve()
 
     async def close_connections(self, reason: str) -> None:
         """Tell every connected client why it is being disconnected, then disconnect it.
@@ -147,6 +222,23 @@ class Server:
                 sock, "permission", "this user may not use netjail (allowed_uids/allowed_groups)"
             )
             return
+        if peer.uid != 0 and self._per_uid[peer.uid] >= self.max_connections_per_uid:
+            if peer.uid not in self._over_limit:
+                # Once until its count drops again: a flood would repeat it for each one.
+                self._over_limit.add(peer.uid)
+                self.log(
+                    "warning",
+                    "refused a connection over the per-uid limit",
+                    uid=peer.uid,
+                    limit=self.max_connections_per_uid,
+                )
+            await self._refuse(
+                sock,
+                BusyError.code,
+                f"uid {peer.uid} already has {self.max_connections_per_uid} connections to "
+                "netjaild, the most one user may have; close some and try again",
+            )
+            return
         if self.jailed(peer):
             self.log(
                 "warning", "refused a connection from inside a jail", pid=peer.pid, uid=peer.uid
@@ -155,10 +247,36 @@ class Server:
             return
         connection = Connection(self, sock, peer)
         self.connections.add(connection)
+        self._per_uid[peer.uid] += 1
         try:
             await connection.serve()
         except Exception as e:
             self.log("error", "connection failed", pid=peer.pid, error=repr(e))
         finally:
             self.connections.discard(connection)
+            self._per_uid[peer.uid] -= 1
+            if self._per_uid[peer.uid] < self.max_connections_per_uid:
+                self._over_limit.discard(peer.uid)
+            if not self._per_uid[peer.uid]:
+                del self._per_uid[peer.uid]
             sock.close()  # a no-op when the connection closed it itself
+
+
+class _Starvation:
+    """One episode of accept() failing: how long the next pause is, how many were turned away."""
+
+    def __init__(self) -> None:
+        self.pause_s: float | None = None
+        self.turned_away = 0
+
+    def next_pause(self) -> float:
+        first, longest = ACCEPT_PAUSE_S
+        self.pause_s = first if self.pause_s is None else min(self.pause_s * 2, longest)
+        return self.pause_s
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
