@@ -104,6 +104,28 @@ def test_service_delegates_cgroups_and_lets_the_daemon_end_its_jobs() -> None:
     assert one(unit, "Service", "Restart") == "on-failure"
 
 
+def test_service_raises_the_fd_limit_and_sets_no_task_limit() -> None:
+    """LimitNOFILE is one number (soft = hard) far above systemd's default soft 1024, at which
+    the daemon stopped at about 110 jobs; TasksMax=infinity leaves pids to per-job limits; a
+    comment says why for each."""
+    service = parse_unit(SERVICE)["Service"]
+    (nofile,) = service["LimitNOFILE"]
+    assert nofile.isdigit()
+    assert int(nofile) == 65536
+    assert service["TasksMax"] == ["infinity"]
+    lines = SERVICE.read_text().splitlines()
+    for key in ("LimitNOFILE", "TasksMax"):
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"{key}="))
+        assert lines[index - 1].startswith("#"), f"{key} has no comment saying why"
+
+
+def test_service_sets_no_limit_that_would_cap_all_jobs_together() -> None:
+    """No unit-wide memory, CPU, IO or pids cap: limits are per job, set by netjaild."""
+    service = parse_unit(SERVICE)["Service"]
+    for key in ("MemoryMax", "MemoryHigh", "CPUQuota", "IOWeight", "LimitNPROC"):
+        assert key not in service
+
+
 def test_stop_timeout_leaves_room_for_the_kill_grace() -> None:
     """TimeoutStopSec is well above the default kill_grace, so jobs are ended by the daemon."""
     timeout = one(parse_unit(SERVICE), "Service", "TimeoutStopSec")
