@@ -139,8 +139,6 @@ class FakeJailHost:
         self.exit_at_once: ExitStatus | None = None
         #: What every spawned process writes to its stdout and stderr before it runs on.
         self.output: tuple[bytes, bytes] = (b"", b"")
-        #: Signals sent to whole cgroups through signal_all.
-        self.group_signals: list[tuple[str, int]] = []
         self._exits: dict[int, asyncio.Future[ExitStatus]] = {}
         self._next_pid = 1000
         self._current_netns: str | None = None
@@ -191,13 +189,6 @@ class FakeJailHost:
 
     def cgroup_marker(self) -> str:
         return "/netjail/j-"
-
-    def signal_all(self, cgroup: JobCgroupHandle, sig: int) -> None:
-        assert isinstance(cgroup, FakeCgroup)
-        self.group_signals.append((cgroup.job_id, sig))
-        if sig in self.fatal_signals:
-            cgroup.members.clear()
-            self.end_all(cgroup.job_id, exited(None, sig))
 
     # ------------------------------------------------------------------ netns
 

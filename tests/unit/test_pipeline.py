@@ -298,7 +298,7 @@ def test_a_record_exists_while_the_job_runs(host: FakeJailHost, ctx: JailContext
 def test_a_job_past_its_timeout_is_terminated_then_killed(
     host: FakeJailHost, ctx: JailContext
 ) -> None:
-    """Timeout: SIGTERM to the whole cgroup, the grace, then SIGKILL; the report says so."""
+    """Timeout: SIGTERM to the job's init (it forwards), the grace, then SIGKILL the cgroup."""
 
     async def scenario() -> tuple[Job, Report]:
         manager = JobManager(ctx)
@@ -308,7 +308,7 @@ def test_a_job_past_its_timeout_is_terminated_then_killed(
     job, report = run(scenario())
     assert report.timed_out is True
     assert report.signal == signal.SIGKILL
-    assert host.group_signals == [(job.id, signal.SIGTERM)]
+    assert host.processes[job.process.pid].signals == [signal.SIGTERM]
     assert f"kill_all {job.id}" in host.journal
     log = ctx.log
     assert isinstance(log, Logged)
@@ -352,7 +352,7 @@ def test_graceful_stop_ends_every_job_and_waits_for_their_reports(
         return jobs
 
     jobs = run(scenario())
-    assert sorted(host.group_signals) == sorted((job.id, signal.SIGTERM) for job in jobs)
+    assert [host.processes[job.process.pid].signals for job in jobs] == [[signal.SIGTERM]] * 2
     assert [job.finished.result().signal for job in jobs] == [signal.SIGTERM] * 2
     assert_nothing_left(host, ctx)
 

@@ -156,8 +156,13 @@ class JobManager:
         self.ctx.intake.read_kmsg()
 
     async def terminate(self, job: Job, grace: float) -> None:
-        """SIGTERM every process of the job, wait ``grace``, then kill what is left."""
-        self.ctx.host.signal_all(job.cgroup, signal.SIGTERM)
+        """SIGTERM the job, wait ``grace``, then kill what is left of its cgroup.
+
+        The SIGTERM goes to the job's init, which forwards it to every process of the job (to
+        the terminal's foreground group when there is one): sent to each pid as well, every
+        process would get it twice.
+        """
+        job.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while job.cgroup.pids() and time.monotonic() < deadline:
             await asyncio.sleep(_GRACE_POLL_S)

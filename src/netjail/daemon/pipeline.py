@@ -32,7 +32,7 @@ from netjail.daemon.intake import EventIntake, EventSink, JobFeed
 from netjail.daemon.proxy import Proxy
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.report import Capture
-from netjail.daemon.spec import JOB_HOME, FixedUser, JobSpec, PassedStdio
+from netjail.daemon.spec import FixedUser, JobSpec, PassedStdio
 from netjail.daemon.uids import UidLeases
 from netjail.dnsanswer import SYNTHETIC_NETWORK
 from netjail.errors import JailError, NetjailError
@@ -41,6 +41,7 @@ from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, netns
 from netjail.kernel.backends import LogBackend
 from netjail.kernel.fsplan import (
+    JOB_HOME,
     Bind,
     FdSource,
     FsPlan,

@@ -18,14 +18,13 @@ from netjail import protocol as p
 from netjail.daemon.config import BlockedDnsAnswer, Config, Jail, Limits
 from netjail.errors import PermissionDeniedError, RequestError
 from netjail.ipaddr import IPAddress
+from netjail.kernel.fsplan import JOB_HOME
 from netjail.kernel.peer import PeerCred
 from netjail.policy import Policy, canonical_name
 from netjail.text import sanitize
 from netjail.units import format_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: Where the job's own HOME is in the jail (see netjail.kernel.fsplan): also its default cwd.
-JOB_HOME = "/home/job"
 #: The uid of a root job that chose only its gid.
 NOBODY = 65534
 

@@ -89,8 +89,6 @@ class JailHost(Protocol):
 
     def cgroup_marker(self) -> str: ...
 
-    def signal_all(self, cgroup: JobCgroupHandle, sig: int) -> None: ...
-
     # network namespaces
     def in_new_netns(self, name: str, work: Callable[[], T]) -> Future[T]: ...
 
@@ -161,12 +159,6 @@ class KernelJailHost:
     def cgroup_marker(self) -> str:
         """What a line of /proc/PID/cgroup contains when PID is in one of our job cgroups."""
         return f"/{self._cgroups.parent_name}/{JOB_ID_PREFIX}"
-
-    def signal_all(self, cgroup: JobCgroupHandle, sig: int) -> None:
-        """Send ``sig`` to every process in the job's cgroup (those already gone are skipped)."""
-        for pid in cgroup.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
 
     # ------------------------------------------------------------------ netns
 
