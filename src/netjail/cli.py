@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -70,6 +70,19 @@ def format_event(event: p.Event) -> str:
     if event.detail and event.verdict != "allowed":
         text += f": {sanitize(event.detail)}"
     return text
+
+
+def _open_report(path: str | None) -> BinaryIO | None:
+    """Where --report goes, opened now: a path that cannot be written fails before the job
+    runs (exit 125), not after it, when the report would be lost."""
+    if path is None:
+        return None
+    if path == "-":
+        return os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    try:
+        return open(path, "wb")
+    except OSError as e:
+        _fail(f"--report {sanitize(path)}: {e.strerror}")
 
 
 class _StartedJob:
@@ -247,9 +260,9 @@ def _stdio_fds() -> list[int]:
 @click.option(
     "--report",
     "report_path",
-    type=click.Path(dir_okay=False, writable=True),
+    metavar="FILE",
     default=None,
-    help="Write the job report as JSON to FILE.",
+    help="Write the job report as JSON to FILE ('-': stdout); checked before the job starts.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Do not print events on stderr.")
 @click.option(
@@ -287,6 +300,7 @@ def run(
     126/127 when the command could not be executed / was not found; 2 for a usage error.
     """
     client = _client(ctx)
+    report_out = _open_report(report_path)
     started = _StartedJob()
 
     def forward(signum: int, _frame: object) -> None:
@@ -340,10 +354,10 @@ def run(
     except NetjailError as e:
         _fail(str(e))
     report = result.report
-    if report_path is not None:
+    if report_out is not None:
         data = msgspec.json.format(msgspec.json.encode(report), indent=2)
-        with open(report_path, "wb") as f:
-            f.write(data + b"\n")
+        with report_out:
+            report_out.write(data + b"\n")
     if result.lost_events:
         click.echo(f"netjail: {result.lost_events} events lost (see the report)", err=True)
     if result.timed_out:

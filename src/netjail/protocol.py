@@ -254,6 +254,12 @@ class Report(msgspec.Struct, kw_only=True):
     #: event kind ("egress", "dns"). The rest were lost before reaching the daemon.
     events_not_kept: dict[str, int] = {}
 
+    def to_dict(self) -> dict[str, object]:
+        """The report as plain data (dicts, lists, str, int, float, bool, None), as in its JSON:
+        bytes (captured output) become base64 strings."""
+        data: dict[str, object] = msgspec.to_builtins(self)
+        return data
+
 
 class JobInfo(msgspec.Struct, kw_only=True):
     job: str

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from netjail import protocol as p
@@ -372,6 +373,44 @@ def test_run_writes_the_report_as_json(daemon: FakeDaemon, tmp_path: Path) -> No
     for key in ("job", "argv", "uid", "exit_code", "signal", "wall_s", "events", "lost_events"):
         assert written[key] == report[key], key
     assert written["events"][1]["dst"] == "2001:db8::1"
+
+
+def test_run_writes_the_report_to_stdout_with_a_dash(daemon: FakeDaemon) -> None:
+    """--report - prints the JSON report on stdout (no file named '-')."""
+    result = _run(daemon, _report(exit_code=0), "--quiet", "--report", "-")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["job"] == JOB
+    assert not os.path.exists("-")
+
+
+def test_run_refuses_an_unwritable_report_path_before_the_job(daemon: FakeDaemon) -> None:
+    """A bad --report path is one line, exit 125, and no run request is sent."""
+    daemon.received.clear()
+    result = _run(daemon, _report(), "--report", "/nonexistent/r.json")
+    assert result.returncode == 125
+    assert result.stderr == ("netjail: --report /nonexistent/r.json: No such file or directory\n")
+    assert "Traceback" not in result.stderr
+    assert [r.raw["op"] for r in daemon.received if r.raw["op"] == "run"] == []
+
+
+def test_report_to_dict_is_its_json_as_plain_data() -> None:
+    """Report.to_dict gives the same data as the report's JSON, captured bytes as base64."""
+    report = p.Report(
+        job=JOB,
+        argv=["echo"],
+        uid=1,
+        gid=1,
+        exit_code=0,
+        signal=None,
+        wall_s=0.1,
+        events=[],
+        lost_events=0,
+        stdout=b"hi\n",
+    )
+    data = report.to_dict()
+    assert data == json.loads(msgspec.json.encode(report))
+    assert data["stdout"] == "aGkK"
+    assert data["domains"] == {}
 
 
 # --- errors --------------------------------------------------------------------------------
