@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import grp
 import os
 import pwd
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from netjail import Client
+from netjail.mountinfo import unescape
+from netjail.protocol import Report
 
 TEST_USER = "netjail-test"
 TEST_GROUP = "netjail"
@@ -56,9 +59,13 @@ class Daemon:
     state_dir: str
     process: subprocess.Popen[bytes]
     log_path: str
+    #: The uids its root jobs lease (its config's ``[jail] job_uids``), no other daemon's.
+    job_uids: range
     known_jobs: set[str] = field(default_factory=set)
     #: Where this run's lines start in a log file a previous run may have written to.
     log_offset: int = 0
+    #: What of its jobs was left in its state directory once it stopped (None: not looked yet).
+    leftovers: list[str] | None = None
 
     def client(self) -> Client:
         return Client(self.socket, timeout=10)
@@ -93,6 +100,88 @@ def processes_of_jobs(job_ids: set[str]) -> list[str]:
     return found
 
 
+def home_mounts(under: str) -> list[str]:
+    """Mount points of job HOMEs (the daemon's "netjail-home" tmpfs) at or below ``under``.
+
+    Read from this process's mount namespace, which is every daemon's: none is started in a
+    mount namespace of its own.
+    """
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            # Optional fields (shared:, master:) vary in number; a lone "-" ends them.
+            sep = fields.index("-", 6)
+            mount_point, source = unescape(fields[4]), fields[sep + 2]
+            if source == "netjail-home" and (mount_point + "/").startswith(under + "/"):
+                found.append(mount_point)
+    return found
+
+
+def state_leftovers(state_dir: str) -> list[str]:
+    """What of its jobs is left in a daemon's state directory: a HOME (its directory under
+    homes/, or its mount) or a uid lease (a file under uids/). A stopped daemon leaves none."""
+    found = home_mounts(os.path.join(state_dir, "homes"))
+    for part in ("homes", "uids"):
+        directory = os.path.join(state_dir, part)
+        with contextlib.suppress(FileNotFoundError):
+            found += [os.path.join(directory, name) for name in sorted(os.listdir(directory))]
+    return found
+
+
+def note_stopped(daemon: Daemon) -> None:
+    """Once ``daemon`` has exited, before its directory goes: remember what it left behind
+    (its jobs, and its state's leftovers) for the suite's leak check."""
+    assert daemon.process.poll() is not None, "note_stopped needs a daemon that has exited"
+    daemon.job_ids()
+    daemon.leftovers = state_leftovers(daemon.state_dir)
+
+
+def assert_leased_uid(report: Report, daemon: Daemon) -> None:
+    """The job ran as a uid leased from ``daemon``'s own block, and the gid of that number."""
+    assert report.uid in daemon.job_uids, (report.uid, daemon.job_uids)
+    assert report.gid == report.uid
+
+
+#: The shipped default of ``[jail] job_uids`` (systemd's DynamicUser range), cut into one block
+#: per daemon base directory: daemons that run at the same time never lease the same uid, and a
+#: restart on the same base (the same daemon, recovering its leases) keeps its block.
+JOB_UIDS_FIRST, JOB_UIDS_LAST = 61184, 65519
+JOB_UIDS_BLOCK = 250
+_job_uid_blocks: dict[str, range] = {}
+
+
+def job_uid_block(base: str) -> range:
+    """The uids the daemon based at ``base`` leases to its jobs."""
+    block = _job_uid_blocks.get(base)
+    if block is None:
+        first = JOB_UIDS_FIRST + len(_job_uid_blocks) * JOB_UIDS_BLOCK
+        if first + JOB_UIDS_BLOCK - 1 > JOB_UIDS_LAST:
+            raise RuntimeError(
+                f"more daemon bases than blocks of {JOB_UIDS_BLOCK} uids in "
+                f"{JOB_UIDS_FIRST}-{JOB_UIDS_LAST}: make JOB_UIDS_BLOCK smaller"
+            )
+        block = _job_uid_blocks[base] = range(first, first + JOB_UIDS_BLOCK)
+    return block
+
+
+def jail_table(base: str) -> str:
+    """The config's ``[jail]`` table for the daemon based at ``base``: its own uid block."""
+    return with_job_uids("", base)
+
+
+def with_job_uids(config: str, base: str) -> str:
+    """``config`` (TOML text) with the ``job_uids`` of the daemon based at ``base``: put first
+    in the ``[jail]`` table it has, or in a ``[jail]`` table added at its end (after every
+    top-level key, which a table header would otherwise claim)."""
+    block = job_uid_block(base)
+    line = f'job_uids = "{block.start}-{block.stop - 1}"\n'
+    header = re.compile(r"^\[jail\][ \t]*(#.*)?\n", re.MULTILINE)
+    if header.search(config):
+        return header.sub(lambda m: m.group(0) + line, config, count=1)
+    return f"{config}[jail]\n{line}"
+
+
 #: The suite's daemon config: hosts-table entries whose addresses the proxy must refuse (not
 #: named by the job, and loopback / the cloud metadata address).
 TEST_CONFIG = """\
@@ -119,6 +208,8 @@ def launch_daemon(
 ) -> Daemon:
     """Start netjaild (``prefix`` runs before it, e.g. ``unshare --net --``) without waiting.
 
+    Its config is ``config_extra`` (top-level keys first, then any tables), then TEST_CONFIG,
+    with its own block of ``[jail] job_uids`` (``with_job_uids``): leave that key to this.
     Registered for the suite's leak check, and stopped at exit even if pytest dies first.
     """
     sock = os.path.join(base, "sock", "netjail.sock")
@@ -126,7 +217,7 @@ def launch_daemon(
     log_path = os.path.join(base, "netjaild.log")
     config = os.path.join(base, "netjaild.toml")
     with open(config, "w") as f:
-        f.write(config_extra + TEST_CONFIG)
+        f.write(with_job_uids(config_extra + TEST_CONFIG, base))
     os.chmod(config, 0o644)
     offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when the test ends
@@ -143,7 +234,7 @@ def launch_daemon(
         pass_fds=pass_fds,
     )
     log.close()
-    daemon = Daemon(sock, state, process, log_path, log_offset=offset)
+    daemon = Daemon(sock, state, process, log_path, job_uid_block(base), log_offset=offset)
     STARTED.append(daemon)
     # If pytest itself dies (e.g. its output pipe closes), fixtures never finalise: stop it then.
     atexit.register(stop_daemon, daemon)
@@ -156,11 +247,14 @@ def wait_until_ready(daemon: Daemon, timeout: float = 30) -> None:
     while "netjaild ready" not in (daemon.log() if os.path.exists(daemon.log_path) else ""):
         if daemon.process.poll() is not None or time.monotonic() > deadline:
             daemon.process.kill()
+            daemon.process.wait()
+            note_stopped(daemon)
             raise RuntimeError(f"netjaild did not become ready:\n{daemon.log()}")
         time.sleep(0.02)
 
 
 def stop_daemon(daemon: Daemon) -> None:
+    """SIGTERM (SIGKILL after 15 s), then note what it left for the suite's leak check."""
     if daemon.process.poll() is None:
         daemon.process.send_signal(signal.SIGTERM)
         try:
@@ -168,6 +262,9 @@ def stop_daemon(daemon: Daemon) -> None:
         except subprocess.TimeoutExpired:
             daemon.process.kill()
             daemon.process.wait()
+    # Not once its base is gone (an exit handler after the suite): nothing is left to look at.
+    if daemon.leftovers is None and os.path.isdir(os.path.dirname(daemon.state_dir)):
+        note_stopped(daemon)
 
 
 @pytest.fixture(scope="session")
@@ -223,7 +320,8 @@ def daemon(test_user: pwd.struct_passwd, daemon_base: str) -> Iterator[Daemon]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks_after_suite() -> Iterator[None]:
-    """After the whole suite: no jail netns, no job cgroup, no job process is left."""
+    """After the whole suite: no jail netns, no job cgroup, no job process is left; and each
+    daemon, once stopped, left no HOME (directory or mount) and no uid lease in its state."""
     yield
     time.sleep(0.2)
     ours = set().union(*(d.job_ids() for d in STARTED))
@@ -232,6 +330,13 @@ def no_leaks_after_suite() -> Iterator[None]:
     assert {n.removeprefix("netjail-") for n in netjail_netns()} & ours == set()
     assert [c for c in netjail_job_cgroups() if os.path.basename(c) in ours] == []
     assert processes_of_jobs(ours) == []
+    # A daemon killed on purpose leaves its state to the next one started on it, which
+    # removes it (test_restart_after_a_crash_removes_every_leftover): the last one counts.
+    last = {d.state_dir: d for d in STARTED}
+    unchecked = [d.state_dir for d in last.values() if d.leftovers is None]
+    assert unchecked == [], "stopped without note_stopped: their leftovers went unchecked"
+    assert {state: d.leftovers for state, d in last.items() if d.leftovers} == {}
+    assert [m for d in STARTED for m in home_mounts(d.state_dir)] == []
 
 
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
@@ -274,7 +379,8 @@ def client(daemon: Daemon) -> Client:
 
 @pytest.fixture
 def no_leaks(client: Client) -> Iterator[None]:
-    """After one test: its jobs are gone from the daemon and the kernel."""
+    """After one test: its jobs are gone from the daemon and the kernel, and so are their
+    HOMEs and uid leases (a job is unlisted only once its teardown is done)."""
     yield
     deadline = time.monotonic() + 5
     while client.ps() and time.monotonic() < deadline:
@@ -283,3 +389,5 @@ def no_leaks(client: Client) -> Iterator[None]:
     ours = set().union(*(d.job_ids() for d in STARTED))
     assert {n.removeprefix("netjail-") for n in netjail_netns()} & ours == set()
     assert [c for c in netjail_job_cgroups() if os.path.basename(c) in ours] == []
+    [serving] = [d for d in STARTED if d.socket == client.socket and d.process.poll() is None]
+    assert state_leftovers(serving.state_dir) == []
