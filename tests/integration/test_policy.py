@@ -6,12 +6,13 @@ them through --add-host, the only way a test name gets an address (there is no i
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,8 +36,8 @@ API = "api.example.test"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
+    # Private to root: jobs see only the CA certificate, bound into them (Upstream.ca_bind).
     directory = tempfile.mkdtemp(prefix="netjail-up-", dir="/run")
-    os.chmod(directory, 0o755)  # noqa: S103 - jobs (uid 65534) read the CA file
     try:
         with upstream_servers(directory) as up:
             yield up
@@ -54,6 +55,7 @@ def run(
         env=env,
         allow=allow,
         add_hosts=hosts,
+        binds=[upstream.ca_bind],
         stdio="capture",
         cwd="/",
         on_event=lambda e: None,
@@ -315,7 +317,9 @@ def test_bad_rules_are_refused_with_a_clear_message(client: Client) -> None:
         assert "\n" not in str(info.value)
 
 
-def test_cli_names_domains_in_event_lines(daemon: Daemon, upstream: Upstream) -> None:
+def test_cli_names_domains_in_event_lines(
+    daemon: Daemon, upstream: Upstream, tmp_path: Path
+) -> None:
     """The CLI prints `blocked dns NAME A`, and allowed connections only with --verbose."""
     base = [
         sys.executable,
@@ -332,6 +336,8 @@ def test_cli_names_domains_in_event_lines(daemon: Daemon, upstream: Upstream) ->
         f"{API}:{UPSTREAM_ADDR}",
         "--env",
         f"CURL_CA_BUNDLE={upstream.ca_file}",
+        "--ro-bind",
+        upstream.ca_file,
     ]
     quiet = subprocess.run(
         [
@@ -349,12 +355,14 @@ def test_cli_names_domains_in_event_lines(daemon: Daemon, upstream: Upstream) ->
     lines = quiet.stderr.decode().splitlines()
     assert "netjail: blocked dns api.stripe.com A" in lines
     assert not any(line.startswith("netjail: allowed") for line in lines)
+    report = tmp_path / "report.json"
     verbose = subprocess.run(
-        [*base, "--verbose", "--", "curl", "-sS", f"https://{API}/"],
+        [*base, "--verbose", "--report", str(report), "--", "curl", "-sS", f"https://{API}/"],
         capture_output=True,
         timeout=60,
         check=False,
     )
+    assert (verbose.returncode, verbose.stdout) == (0, f"hello from {API}\n".encode())
     allowed = [
         line
         for line in verbose.stderr.decode().splitlines()
@@ -362,7 +370,10 @@ def test_cli_names_domains_in_event_lines(daemon: Daemon, upstream: Upstream) ->
     ]
     assert len(allowed) == 1
     assert allowed[0].startswith(f"netjail: allowed tcp {API} (198.18.")
-    assert "):443 uid=65534 out=" in allowed[0]
+    # The uid the job ran as: leased from the daemon's own block.
+    uid = json.loads(report.read_text())["uid"]
+    assert uid in daemon.job_uids
+    assert f"):443 uid={uid} out=" in allowed[0]
 
 
 def test_kernel_events_to_a_synthetic_address_name_the_domain(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import os
 import shutil
 import tempfile
 import threading
@@ -46,8 +45,8 @@ ATTACKER = "other.example.test"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
+    # Private to root: jobs see only the CA certificate, bound into them (Upstream.ca_bind).
     directory = tempfile.mkdtemp(prefix="netjail-up-", dir="/run")
-    os.chmod(directory, 0o755)  # noqa: S103 - jobs (uid 65534) read the CA file
     try:
         with upstream_servers(directory) as up:
             yield up

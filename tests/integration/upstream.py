@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from netjail.kernel import syscalls
+from netjail.protocol import BindMount
 
 LINK = ipaddress.ip_network("198.51.100.248/30")
 HOST_ADDR = str(LINK[1])
@@ -33,8 +34,14 @@ NAMES = ["api.example.test", "a.example.test", "other.example.test", "example.te
 class Upstream:
     netns: str
     address: str
+    #: The test CA's certificate: a host file, so a job sees it only through ``ca_bind``.
     ca_file: str
     requests: list[str]
+
+    @property
+    def ca_bind(self) -> BindMount:
+        """The CA certificate, bound read-only at its own path in the job."""
+        return BindMount(source=self.ca_file, access="ro")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -139,7 +146,7 @@ def make_certificates(directory: str) -> tuple[str, str, str]:
         "-out",
         cert,
     )
-    os.chmod(ca, 0o644)
+    os.chmod(ca, 0o644)  # jobs read it (through a bind) as their own uid
     return ca, cert, key
 
 
