@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import pwd
 import queue
 import socket
@@ -22,8 +21,9 @@ import pytest
 from netjail import Client, JobResult
 from netjail.errors import JailError, NetjailError, NotFoundError
 from netjail.kernel.cgroup import load_cgroup_layout
+from netjail.protocol import BindMount
 
-from .conftest import Daemon
+from .conftest import Daemon, assert_leased_uid
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -163,10 +163,12 @@ def test_cli_prints_blocked_attempts_and_writes_the_report(daemon: Daemon, tmp_p
         "https://203.0.113.9/",
     )
     assert done.returncode == 7
-    assert b"netjail: blocked tcp 203.0.113.9:443 uid=65534\n" in done.stderr
     data = json.loads(report.read_text())
     for key in ("job", "argv", "uid", "exit_code", "signal", "wall_s", "events", "lost_events"):
         assert key in data
+    # The line names the uid the job ran as: leased from the daemon's own block.
+    assert data["uid"] in daemon.job_uids
+    assert f"netjail: blocked tcp 203.0.113.9:443 uid={data['uid']}\n".encode() in done.stderr
     assert data["argv"] == ["curl", "-sS", "https://203.0.113.9/"]
     assert data["exit_code"] == 7
     assert [(e["proto"], e["dst"], e["port"]) for e in data["events"]] == [
@@ -185,7 +187,7 @@ def test_cli_stdio_pipes_and_redirects_work(daemon: Daemon, tmp_path: Path) -> N
     """`netjail run -- cat < f > g` works: the CLI's own fds are the job's stdio."""
     src, dst = tmp_path / "in", tmp_path / "out"
     src.write_bytes(b"line one\nline two\n")
-    os.chmod(tmp_path, 0o755)  # noqa: S103 - the job (uid 65534) reads the input file
+    # The files are the job's fds 0 and 1, opened here: the job needs no path to them.
     with open(src, "rb") as stdin, open(dst, "wb") as stdout:
         done = subprocess.run(
             [*NETJAIL, "--socket", daemon.socket, "run", "--cwd", "/", "--", "cat"],
@@ -225,26 +227,53 @@ def test_cli_command_not_found_is_127(daemon: Daemon) -> None:
     )
 
 
-def test_inaccessible_cwd_is_a_clear_error(client: Client) -> None:
+def test_inaccessible_cwd_is_a_clear_error(client: Client, tmp_path: Path) -> None:
     """A cwd the job user cannot enter fails the start, saying which directory and why."""
+    # Bound into the job, so it is there: root's mode 0700 is what keeps the job out. (/root
+    # itself is not in the job's view at all: test_hidden_cwd_is_a_clear_error.)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(JailError) as caught:
+        client.run(["true"], cwd=str(private), binds=[BindMount(source=str(private))])
+    assert str(caught.value) == (
+        f"cannot start the job (working directory): {private}: Permission denied"
+    )
+
+
+def test_hidden_cwd_is_a_clear_error(client: Client) -> None:
+    """A library cwd outside the job's view (here /root) fails the start: no silent fallback."""
     with pytest.raises(JailError) as caught:
         client.run(["true"], cwd="/root")
-    assert str(caught.value) == "cannot start the job (working directory): /root: Permission denied"
+    assert str(caught.value) == (
+        "cannot start the job (working directory): /root: No such file or directory"
+    )
 
 
-def test_job_runs_as_nobody_without_capabilities(client: Client) -> None:
-    """Root's jobs run as 65534 with no capabilities, no groups, no_new_privs, own session."""
+def test_job_runs_as_its_own_uid_without_capabilities(client: Client, daemon: Daemon) -> None:
+    """Root's jobs run as a leased uid: no capabilities, no groups, no_new_privs, own session."""
     code = (
         "import os\n"
         "s = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
-        "print(os.getuid(), os.getgid(), os.getgroups(), os.getsid(0) == os.getpid())\n"
+        "print(os.getuid(), os.getgid(), os.getgroups(), os.getsid(0))\n"
         "print(*[s[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapAmb', 'NoNewPrivs')])\n"
     )
     result = client.run([PY, "-c", code], stdio="capture", cwd="/")
+    uid = result.report.uid
+    assert_leased_uid(result.report, daemon)
+    # Its session is the one the job's init made (setsid, as PID 1 of the job's namespace): a
+    # session led from outside the namespace, the daemon's say, would show as 0.
     assert result.stdout == (
-        b"65534 65534 [] True\n"
-        b"0000000000000000 0000000000000000 0000000000000000 0000000000000000 1\n"
+        f"{uid} {uid} [] 1\n".encode()
+        + b"0000000000000000 0000000000000000 0000000000000000 0000000000000000 1\n"
     )
+
+
+def test_root_asking_for_uid_65534_runs_as_nobody(client: Client) -> None:
+    """`uid=65534` is a fixed identity, leased from no range: the job runs as nobody."""
+    code = "import os; print(os.getuid(), os.getgid(), os.getgroups())"
+    result = client.run([PY, "-c", code], uid=65534, stdio="capture", cwd="/")
+    assert (result.report.uid, result.report.gid) == (65534, 65534)
+    assert result.stdout == b"65534 65534 []\n"
 
 
 def test_root_asking_for_uid_0_still_gets_no_capabilities(client: Client) -> None:
