@@ -21,11 +21,14 @@ from netjail import Client, JobResult
 from .conftest import (
     STARTED,
     Daemon,
+    home_mounts,
+    jail_table,
     launch_daemon,
     netjail_job_cgroups,
     netjail_netns,
     processes_of_jobs,
     start_daemon,
+    state_leftovers,
     stop_daemon,
 )
 
@@ -36,7 +39,10 @@ def own_base() -> Iterator[str]:
     os.chmod(base, 0o755)  # noqa: S103 - clients must reach the socket's directory
     yield base
     for d in STARTED:
-        d.job_ids()  # remember them for the suite's leak check before the logs go
+        if d.state_dir.startswith(base + "/"):
+            # Stopped if a failed test left it running; either way its jobs and state
+            # leftovers are noted for the suite's leak check before the directory goes.
+            stop_daemon(d)
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -100,7 +106,8 @@ def test_sighup_reloads_the_configuration_for_new_jobs(own_base: str) -> None:
     d = start_daemon(own_base)
     try:
         client = Client(d.socket, timeout=10)
-        assert client.run(["true"], cwd="/").report.limits.pids is None  # type: ignore[union-attr]
+        # The documented default_pids (docs/CONFIG.md): a job that asks for none is capped.
+        assert client.run(["true"], cwd="/").report.limits.pids == 4096  # type: ignore[union-attr]
         config = os.path.join(own_base, "netjaild.toml")
         with open(config, "a") as f:
             f.write("\n[limits]\ndefault_pids = 7\n")
@@ -121,7 +128,8 @@ def test_sighup_reloads_the_configuration_for_new_jobs(own_base: str) -> None:
 
 def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
     """After a SIGKILL with jobs running, the next start removes their jails and serves again."""
-    # Their jails: netns, cgroups and processes; the new daemon's log says it removed them.
+    # Their jails: netns, cgroups, processes, HOME mounts and uid leases; the new daemon's log
+    # says it removed each.
     d = start_daemon(own_base)
     holders = []
     for _ in range(3):
@@ -137,18 +145,43 @@ def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
     for s in holders:
         s.close()
     os.unlink(d.socket)  # a stale socket, as a crash leaves it
+    homes = os.path.join(d.state_dir, "homes")
+    leases = os.path.join(d.state_dir, "uids")
     try:
-        # The crash left the jails behind, processes included.
+        # The crash left the jails behind, processes included: each job's init (PID 1 of its
+        # PID namespace, in the job's cgroup) and its sleep.
         assert {n.removeprefix("netjail-") for n in netjail_netns()} >= jobs
-        assert len(processes_of_jobs(jobs)) == 3
+        assert len(processes_of_jobs(jobs)) == 2 * 3
+        # Each job's HOME, mounted, and its uid lease (a file "<uid>.<job>").
+        assert sorted(home_mounts(homes)) == sorted(os.path.join(homes, j) for j in jobs)
+        leased = {job: int(uid) for uid, _, job in (n.partition(".") for n in os.listdir(leases))}
+        assert set(leased) == jobs
+        assert all(uid in d.job_uids for uid in leased.values())
     finally:
         # Whatever failed above, the restart is what removes the crashed daemon's jails.
         again = start_daemon(own_base)
     try:
-        assert again.log().count("removed a leftover of a previous run") >= 6  # netns + cgroup
+        removed = [
+            line.partition("item=")[2].strip('"')
+            for line in again.log().splitlines()
+            if "removed a leftover of a previous run" in line
+        ]
+        assert sorted(removed) == sorted(
+            item
+            for job in jobs
+            for item in (
+                f"cgroup of {job}",
+                f"netns netjail-{job}",
+                f"home of {job}",
+                f"uid {leased[job]} of {job}",
+            )
+        )
         assert processes_of_jobs(jobs) == []
         assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
         assert [c for c in netjail_job_cgroups() if os.path.basename(c) in jobs] == []
+        # No HOME mount, no HOME directory, no uid lease is left.
+        assert home_mounts(homes) == []
+        assert state_leftovers(again.state_dir) == []
         result = Client(again.socket, timeout=10).run(
             ["sh", "-c", "echo alive"], stdio="capture", cwd="/"
         )
@@ -161,7 +194,7 @@ def test_kmsg_backend_in_a_container_refuses_to_start_with_the_reason(own_base: 
     """Outside the initial netns (a container), log_backend = "kmsg" cannot work: said at once."""
     config = os.path.join(own_base, "kmsg.toml")
     with open(config, "w") as f:
-        f.write('log_backend = "kmsg"\n')
+        f.write('log_backend = "kmsg"\n' + jail_table(own_base))
     os.chmod(config, 0o644)
     done = subprocess.run(
         [
@@ -221,11 +254,17 @@ def test_check_config_reports_every_problem(own_base: str) -> None:
 
 def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, own_base: str) -> None:
     """Starting netjaild on a socket another one serves fails with a clear message."""
+    config = os.path.join(own_base, "netjaild.toml")
+    with open(config, "w") as f:
+        f.write(jail_table(own_base))  # as every daemon of the suite: a uid block of its own
+    os.chmod(config, 0o644)
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             "netjail.daemon",
+            "--config",
+            config,
             "--socket",
             daemon.socket,
             "--state-dir",
