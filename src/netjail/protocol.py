@@ -58,8 +58,14 @@ _Hostname = Annotated[
 ]
 
 
-class _Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
-    """Base of client → daemon messages."""
+class _Request(
+    msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True, omit_defaults=True
+):
+    """Base of client → daemon messages.
+
+    Fields left at their defaults are not sent, so a newer client that uses none of a newer
+    field's features still talks to an older daemon (which refuses unknown fields).
+    """
 
 
 class Hello(_Request, tag="hello"):

@@ -403,3 +403,10 @@ def test_run_request_refuses_bad_hostnames(hostname: str) -> None:
     frame = b'{"op":"run","argv":["true"],"hostname":' + msgspec.json.encode(hostname) + b"}\n"
     with pytest.raises(ProtocolError):
         p.decode_request(frame)
+
+
+def test_requests_leave_default_fields_out() -> None:
+    """A run request sends only what differs from the defaults (older daemons refuse unknown
+    fields, so new ones left at their defaults must not be sent)."""
+    frame = p.encode_message(p.RunRequest(argv=["true"]))
+    assert json.loads(frame) == {"op": "run", "argv": ["true"]}
