@@ -161,11 +161,6 @@ def test_toml_only_types_are_problems_not_crashes(value: object) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="configvalues.Table quotes an unknown key raw: a newline in it splits the problem "
-    "line that netjaild --check-config prints (reported to the config owner)",
-)
 def test_a_key_with_a_newline_is_still_one_problem_line() -> None:
     """An unknown key holding control characters is reported on one line."""
     (problem,) = find_problems({"bad\nkey\x1b[31m": 1})

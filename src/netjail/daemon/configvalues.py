@@ -18,6 +18,7 @@ from netjail import units
 from netjail.daemon.uids import UidRange, parse_uid_range
 from netjail.errors import ConfigError, ProtocolError, RequestError
 from netjail.protocol import BindAccess, BindMount, parse_bind
+from netjail.text import sanitize
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -73,7 +74,8 @@ class Table:
             yield key, value
 
     def problem(self, key: str, message: str) -> None:
-        self._problems.append(f"{self._prefix}{key}: {message}")
+        # Keys come from the file as written: one printable line, whatever they hold.
+        self._problems.append(f"{sanitize(self._prefix + key)}: {message}")
 
     def reject_unknown(self) -> None:
         """Record every key of the table that no ``take``/``subtable`` asked for."""
@@ -88,7 +90,7 @@ class Table:
             )
             if close:
                 hint = f" (did you mean '{self._prefix}{close[0]}'?)"
-            self._problems.append(f"unknown key '{self._prefix}{key}'{hint}")
+            self._problems.append(f"unknown key '{sanitize(self._prefix + key)}'{hint}")
 
     @property
     def data(self) -> Mapping[str, object]:
