@@ -126,10 +126,13 @@ def cli_as_user(
 
 @contextlib.contextmanager
 def unix_server(path: str) -> Iterator[None]:
-    """A world-writable Unix socket at ``path`` that says b"hello" to each connection."""
+    """A world-writable Unix socket at ``path`` ("@name": abstract) that says b"hello" to each
+    connection."""
     server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
-    os.chmod(path, 0o777)  # noqa: S103 - a socket anyone may connect to is the attack
+    abstract = path.startswith("@")
+    server.bind("\0" + path[1:] if abstract else path)
+    if not abstract:
+        os.chmod(path, 0o777)  # noqa: S103 - a socket anyone may connect to is the attack
     server.listen()
 
     def serve() -> None:
@@ -147,11 +150,12 @@ def unix_server(path: str) -> Iterator[None]:
         server.shutdown(socket.SHUT_RDWR)
         server.close()
         thread.join(10)
-        os.unlink(path)
+        if not abstract:
+            os.unlink(path)
 
 
 def test_host_unix_sockets_are_unreachable_unless_bound(client: Client, tmp_path: Path) -> None:
-    """Sockets served in the host's /tmp, /run and /dev/shm are ENOENT; a bound one answers."""
+    """Host sockets in /tmp, /run, /dev/shm are ENOENT, abstract ones refused; a bound one works."""
     tag = f"nj-{os.getpid()}"
     bound = tmp_path / "bound"
     bound.mkdir(mode=0o755)
@@ -161,20 +165,21 @@ def test_host_unix_sockets_are_unreachable_unless_bound(client: Client, tmp_path
         import socket
         for path in sys.argv[1:]:
             s = socket.socket(socket.AF_UNIX)
-            connected = outcome(s.connect, path)
+            connected = outcome(s.connect, "\\0" + path[1:] if path[0] == "@" else path)
             print(path, connected, s.recv(5).decode() if connected == "ok" else "-")
         """
     )
     with contextlib.ExitStack() as stack:
-        for path in [*hidden, str(bound / "s.sock")]:
+        for path in [*hidden, f"@{tag}", str(bound / "s.sock")]:
             stack.enter_context(unix_server(path))
         result = client.run(
-            [PY, "-c", code, *hidden, "/srv/s.sock"],
+            [PY, "-c", code, *hidden, f"@{tag}", "/srv/s.sock"],
             binds=[BindMount(source=str(bound), target="/srv", access="ro")],
             stdio="capture",
         )
     assert text(result).splitlines() == [
         *(f"{path} ENOENT -" for path in hidden),
+        f"@{tag} ECONNREFUSED -",  # abstract names are per network namespace
         "/srv/s.sock ok hello",
     ], result.stderr
     assert result.events == []
