@@ -115,12 +115,21 @@ def run_as_user(
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-def cli_as_user(
-    daemon: Daemon, user: pwd.struct_passwd, cwd: str, *args: str
+def cli_run(
+    daemon: Daemon, cwd: str, *args: str, user: pwd.struct_passwd | None = None
 ) -> subprocess.CompletedProcess[bytes]:
+    """`netjail run ARGS` started in ``cwd``, by root or by ``user``."""
     argv = [sys.executable, "-m", "netjail.cli", "--socket", daemon.socket, "run", *args]
-    return subprocess.run(
-        as_user(user, *argv), capture_output=True, timeout=60, cwd=cwd, check=False
+    if user is not None:
+        argv = as_user(user, *argv)
+    return subprocess.run(argv, capture_output=True, timeout=60, cwd=cwd, check=False)
+
+
+def cwd_note(cwd: str | Path) -> str:
+    """The CLI's line when its cwd is not in the jail's view."""
+    return (
+        f"netjail: {cwd} is not in the jail's view, so the job runs in {JOB_HOME} "
+        f"(--ro-bind {cwd} or --bind {cwd} to run it there)"
     )
 
 
@@ -363,21 +372,36 @@ def test_bashrc_cannot_be_written_unless_bound(
     """A user's job run from their home cannot write its .bashrc; with --bind of the home it can."""
     bashrc = user_home / ".bashrc"
     shell = f'pwd; echo x >> ~/.bashrc; echo x >> "{bashrc}"'
-    hidden = cli_as_user(daemon, test_user, str(user_home), "--", "sh", "-c", shell)
+    hidden = cli_run(daemon, str(user_home), "--", "sh", "-c", shell, user=test_user)
     assert (hidden.returncode, hidden.stdout) == (2, f"{JOB_HOME}\n".encode())
     # The note comes from the CLI and the error from the job, on one stderr: in either order.
     assert sorted(hidden.stderr.decode().splitlines()) == [
-        f"netjail: {user_home} is not in the jail's view, so the job runs in {JOB_HOME} "
-        f"(--ro-bind {user_home} or --bind {user_home} to run it there)",
+        cwd_note(user_home),
         f"sh: 1: cannot create {bashrc}: Directory nonexistent",
     ]
     assert bashrc.read_bytes() == b"# the user's own\n"
-    bound = cli_as_user(
-        daemon, test_user, str(user_home), "--bind", str(user_home), "--", "sh", "-c", shell
+    bound = cli_run(
+        daemon, str(user_home), "--bind", str(user_home), "--", "sh", "-c", shell, user=test_user
     )
     assert (bound.returncode, bound.stdout, bound.stderr) == (0, f"{user_home}\n".encode(), b"")
     # ~ is still the job's HOME; the real home is the cwd, and bound read-write.
     assert bashrc.read_bytes() == b"# the user's own\nx\n"
+
+
+@pytest.mark.parametrize("parent", ["/tmp", "/var/tmp", "/run", "/dev/shm", "/var/lib"])
+def test_cli_runs_from_any_host_directory(daemon: Daemon, parent: str) -> None:
+    """From a host directory the jail does not show, `netjail run` starts in HOME with a note."""
+    # Below /tmp, /var/tmp, /run and /dev/shm the job has mounts of its own: empty ones.
+    cwd = tempfile.mkdtemp(prefix="netjail-test-cwd-", dir=parent)
+    try:
+        done = cli_run(daemon, cwd, "--", "pwd")
+    finally:
+        os.rmdir(cwd)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        f"{JOB_HOME}\n".encode(),
+        f"{cwd_note(cwd)}\n".encode(),
+    )
 
 
 def test_non_root_client_cannot_bind_root_or_another_users_file(
