@@ -388,6 +388,25 @@ def test_bashrc_cannot_be_written_unless_bound(
     assert bashrc.read_bytes() == b"# the user's own\nx\n"
 
 
+def test_a_bound_proc_is_no_way_to_the_users_files(
+    daemon: Daemon, test_user: pwd.struct_passwd, user_home: Path
+) -> None:
+    """`--ro-bind /proc` is refused: its cwd/root links would reach the host's files read-write."""
+    bashrc = user_home / ".bashrc"
+    # A process of the user's in its home, as its shell would be.
+    sleeper = subprocess.Popen(as_user(test_user, "sleep", "60"), cwd=user_home)
+    try:
+        shell = f"echo x >> /hostproc/{sleeper.pid}/cwd/.bashrc"
+        bind = {"source": "/proc", "target": "/hostproc", "access": "ro"}
+        [result] = run_as_user(daemon, test_user, {"argv": ["sh", "-c", shell], "binds": [bind]})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert bashrc.read_bytes() == b"# the user's own\n"
+    assert (result.get("error"), result.get("code")) == ("RequestError", "request"), result
+    assert str(result["message"]).startswith("--ro-bind /proc: ")
+
+
 @pytest.mark.parametrize("parent", ["/tmp", "/var/tmp", "/run", "/dev/shm", "/var/lib"])
 def test_cli_runs_from_any_host_directory(daemon: Daemon, parent: str) -> None:
     """From a host directory the jail does not show, `netjail run` starts in HOME with a note."""
