@@ -134,6 +134,21 @@ def cwd_note(cwd: str | Path) -> str:
 
 
 @contextlib.contextmanager
+def user_sleeper(user: pwd.struct_passwd, cwd: str | Path = "/", **env: str) -> Iterator[str]:
+    """A `sleep 60` of ``user``'s on the host, started in ``cwd`` with ``env``: yields its pid."""
+    sleeper = subprocess.Popen(as_user(user, "sleep", "60"), cwd=cwd, env=env)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{sleeper.pid}/comm").read_text() != "sleep\n":  # setpriv is done
+            assert time.monotonic() < deadline, "the sleeper never exec'd"
+            time.sleep(0.01)
+        yield str(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@contextlib.contextmanager
 def unix_server(path: str) -> Iterator[None]:
     """A world-writable Unix socket at ``path`` ("@name": abstract) that says b"hello" to each
     connection."""
@@ -198,13 +213,7 @@ def test_non_root_job_cannot_reach_its_users_host_processes(
     daemon: Daemon, test_user: pwd.struct_passwd
 ) -> None:
     """The user's host sleeper and its own client are ESRCH/ENOENT to kill, environ and ptrace."""
-    sleeper = subprocess.Popen(as_user(test_user, "sleep", "60"), env={"NJ_SECRET": "hunter2"})
-    try:
-        pid = str(sleeper.pid)
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}/comm").read_text() != "sleep\n":  # setpriv has dropped root
-            assert time.monotonic() < deadline, "the sleeper never exec'd"
-            time.sleep(0.01)
+    with user_sleeper(test_user, NJ_SECRET="hunter2") as pid:  # noqa: S106 - a planted secret
         # On the host, the same user can signal it and read the secret: only the jail stops it.
         host = subprocess.run(
             as_user(test_user, "sh", "-c", f"kill -0 {pid} && cat /proc/{pid}/environ"),
@@ -219,9 +228,6 @@ def test_non_root_job_cannot_reach_its_users_host_processes(
             {"argv": [PY, "-c", PROBE_PROCESSES, pid, "{client_pid}", "1"]},
             {"argv": ["sh", "-c", shell]},
         )
-    finally:
-        sleeper.kill()
-        sleeper.wait()
     lines = str(probe["out"]).splitlines()
     assert (probe["exit"], probe["uid"]) == (0, test_user.pw_uid)
     assert lines[0] == f"{pid} ESRCH ENOENT ESRCH"
@@ -393,15 +399,10 @@ def test_a_bound_proc_is_no_way_to_the_users_files(
 ) -> None:
     """`--ro-bind /proc` is refused: its cwd/root links would reach the host's files read-write."""
     bashrc = user_home / ".bashrc"
-    # A process of the user's in its home, as its shell would be.
-    sleeper = subprocess.Popen(as_user(test_user, "sleep", "60"), cwd=user_home)
-    try:
-        shell = f"echo x >> /hostproc/{sleeper.pid}/cwd/.bashrc"
-        bind = {"source": "/proc", "target": "/hostproc", "access": "ro"}
+    bind = {"source": "/proc", "target": "/hostproc", "access": "ro"}
+    with user_sleeper(test_user, cwd=user_home) as pid:  # in its home, as its shell would be
+        shell = f"echo x >> /hostproc/{pid}/cwd/.bashrc"
         [result] = run_as_user(daemon, test_user, {"argv": ["sh", "-c", shell], "binds": [bind]})
-    finally:
-        sleeper.kill()
-        sleeper.wait()
     assert bashrc.read_bytes() == b"# the user's own\n"
     assert (result.get("error"), result.get("code")) == ("RequestError", "request"), result
     assert str(result["message"]).startswith("--ro-bind /proc: ")
