@@ -181,15 +181,20 @@ def test_a_bad_target_names_itself_safely() -> None:
         ("/proc/self", True),
         ("/home/job/project", True),
         ("/src/lib", True),
-        ("/home", False),
+        ("/home", True),  # on the way to /home/job
+        ("/var", True),
+        ("/var/tmp", True),
+        ("/dev/pts/0", True),
         ("/home/alice", False),
         ("/root", False),
         ("/srcx", False),
-        ("/var", False),
-        ("/var/tmp/x", True),
+        ("/var/tmp/x", False),  # below an empty tmpfs
+        ("/tmp/work", False),
+        ("/dev/sda", False),
     ],
 )
 def test_shows_path(path: str, shown: bool) -> None:
-    """A path is in the job's view only at or below a target of the plan."""
+    """A path is in the job's view at a mount point or on the way to one, and below a bind, a
+    symlink or a kernel file system; below a tmpfs only at mount points made in it."""
     plan = build_fs_plan(host=HOST, home=HOME, binds=[Bind(FdSource(0), "/src", "rw")])
     assert shows_path(plan, path) is shown

@@ -268,9 +268,16 @@ def check_target(target: str) -> None:
 
 
 def shows_path(plan: FsPlan, path: str) -> bool:
-    """Whether the job can find anything at ``path`` (absolute, normalised): it is / or lies at
-    or below one of the plan's targets. Anything else is in the job's empty root, so there is
-    nothing there (pure)."""
-    return path == "/" or any(
-        path == step.target or path.startswith(step.target + "/") for step in plan.steps
-    )
+    """Whether the job can find anything at ``path`` (absolute, normalised) (pure): it is /, a
+    mount point or a directory on the way to one, or it lies below a bind, a symlink or a
+    kernel file system (/proc, /sys, /dev/pts). Below a tmpfs there is nothing but the mount
+    points made in it: the job's tmpfs mounts start empty."""
+    if path == "/":
+        return True
+    for step in plan.steps:
+        target = step.target
+        if path == target or target.startswith(path + "/"):
+            return True
+        if path.startswith(target + "/") and not isinstance(step, Tmpfs | DevTmpfs):
+            return True
+    return False

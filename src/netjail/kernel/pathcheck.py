@@ -285,4 +285,14 @@ def open_bind_source(path: str, creds: Credentials, access: BindAccess) -> BindS
         raise BindSourceError(f"{prefix}: {e}") from None
     except OSError as e:
         raise BindSourceError(f"{prefix}: {_reason(e, creds)}") from None
+    try:
+        on_procfs = _on_procfs(fd)
+    except OSError as e:
+        os.close(fd)
+        raise BindSourceError(f"{prefix}: {_reason(e, creds)}") from None
+    if on_procfs:
+        # /proc/PID/cwd, /root and /fd of the host's processes lead to their files with the
+        # processes' access, whatever the bind's: a read-only bind of /proc is no fence.
+        os.close(fd)
+        raise BindSourceError(f"{prefix}: /proc cannot be bound (it reaches host processes)")
     return BindSource(path, fd, kind)
