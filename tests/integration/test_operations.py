@@ -38,12 +38,21 @@ def own_base() -> Iterator[str]:
     base = tempfile.mkdtemp(prefix="netjail-test-ops-", dir="/run")
     os.chmod(base, 0o755)  # noqa: S103 - clients must reach the socket's directory
     yield base
-    for d in STARTED:
-        if d.state_dir.startswith(base + "/"):
-            # Stopped if a failed test left it running; either way its jobs and state
-            # leftovers are noted for the suite's leak check before the directory goes.
-            stop_daemon(d)
+    here = [d for d in STARTED if d.state_dir.startswith(base + "/")]
+    for d in here:
+        # Stopped if a failed test left it running; either way its jobs and state leftovers
+        # are noted before the directory goes.
+        stop_daemon(d)
     shutil.rmtree(base, ignore_errors=True)
+    # Checked here, not only at the suite's end, so that a leak fails the test that made it:
+    # every daemon on this base stopped (or was killed and its leftovers then removed by the
+    # next start), and nothing of any of their jobs is left.
+    jobs = set().union(*(d.job_ids() for d in here))
+    assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
+    assert [c for c in netjail_job_cgroups() if os.path.basename(c) in jobs] == []
+    assert processes_of_jobs(jobs) == []
+    if here:
+        assert here[-1].leftovers == []  # no HOME, no uid lease
 
 
 def wait_for(predicate: object, timeout: float = 10) -> None:
