@@ -89,28 +89,38 @@ def default_socket() -> str:
     return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
+def _reason(error: Exception) -> str:
+    """The OS's words for ``error`` (some OSErrors, such as a socket path too long, have none)."""
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
+
+
 class _Connection:
     def __init__(self, path: str, timeout: float | None) -> None:
         self.sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            # ValueError: a path with a NUL byte, which no socket can have.
             self.sock.close()
             hint = (
-                "is netjaild running?"
-                if not isinstance(e, PermissionError)
-                else ("are you root or in the netjail group?")
+                "are you root or in the netjail group?"
+                if isinstance(e, PermissionError)
+                else "is netjaild running?"
             )
             raise DaemonConnectionError(
-                f"cannot connect to {path}: {e.strerror} ({hint})"
+                f"cannot connect to {path}: {_reason(e)} ({hint})"
             ) from None
         self.frames = p.FrameBuffer(MAX_REPLY_BYTES)
         self.pending: list[bytes] = []
-        self.send(p.Hello(version=p.PROTOCOL_VERSION, client="netjail-python"))
-        reply = self.recv()
-        if not isinstance(reply, p.HelloReply):
-            raise ProtocolError(f"expected hello from the daemon, got {type(reply).__name__}")
+        try:
+            self.send(p.Hello(version=p.PROTOCOL_VERSION, client="netjail-python"))
+            reply = self.recv()
+            if not isinstance(reply, p.HelloReply):
+                raise ProtocolError(f"expected hello from the daemon, got {type(reply).__name__}")
+        except BaseException:
+            self.sock.close()
+            raise
 
     def send(self, message: msgspec.Struct, fds: Sequence[int] = ()) -> None:
         data = p.encode_message(message)
@@ -125,28 +135,127 @@ class _Connection:
             else:
                 self.sock.sendall(data)
         except OSError as e:
-            raise DaemonConnectionError(f"lost the connection to netjaild: {e.strerror}") from None
+            raise DaemonConnectionError(f"lost the connection to netjaild: {_reason(e)}") from None
 
     def recv(self) -> p.Reply:
+        """The next message, waiting for it as long as the socket's timeout allows."""
         while not self.pending:
-            try:
-                data = self.sock.recv(1 << 20)
-            except TimeoutError:
-                raise DaemonConnectionError("timed out waiting for netjaild") from None
-            except OSError as e:
-                raise DaemonConnectionError(
-                    f"lost the connection to netjaild: {e.strerror}"
-                ) from None
-            if not data:
-                raise DaemonConnectionError("netjaild closed the connection")
-            self.pending.extend(self.frames.feed(data))
-        reply = p.decode_reply(self.pending.pop(0))
+            self.pending.extend(self._read())
+        return self._decode(self.pending.pop(0))
+
+    def receive(self) -> list[p.Reply]:
+        """The messages one read brings (none while a frame is still partial), after those
+        already received. A daemon error is raised in its turn: the messages before it are
+        returned first, and the error is raised by the next call."""
+        if not self.pending:
+            self.pending.extend(self._read())
+        messages: list[p.Reply] = []
+        while self.pending:
+            reply = p.decode_reply(self.pending[0])
+            if isinstance(reply, p.ErrorMessage) and messages:
+                break
+            self.pending.pop(0)
+            messages.append(self._checked(reply))
+        return messages
+
+    def _read(self) -> list[bytes]:
+        try:
+            data = self.sock.recv(1 << 20)
+        except TimeoutError:
+            raise DaemonConnectionError("timed out waiting for netjaild") from None
+        except OSError as e:
+            raise DaemonConnectionError(f"lost the connection to netjaild: {_reason(e)}") from None
+        if not data:
+            raise DaemonConnectionError("netjaild closed the connection")
+        return self.frames.feed(data)
+
+    def _decode(self, frame: bytes) -> p.Reply:
+        return self._checked(p.decode_reply(frame))
+
+    @staticmethod
+    def _checked(reply: p.Reply) -> p.Reply:
         if isinstance(reply, p.ErrorMessage):
             raise error_for_code(reply.code, reply.message, reply.exit_code)
         return reply
 
     def close(self) -> None:
         self.sock.close()
+
+
+class _Stream:
+    """A connection the daemon sends a stream of messages on, to wait on with selectors."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def fileno(self) -> int:
+        """The connection's socket, to wait on with select or selectors."""
+        return self._conn.sock.fileno()
+
+    @property
+    def buffered(self) -> bool:
+        """Whether messages were received with earlier ones and not returned yet: the socket
+        does not announce them again, but ``receive`` returns them without waiting."""
+        return bool(self._conn.pending)
+
+    def _receive(self) -> list[p.Reply]:
+        return self._conn.receive()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class RunningJob(_Stream):
+    """A job the daemon has started, and the connection its events and report come on.
+
+    Closing it (or leaving its ``with`` block) before the report came kills the job: the
+    daemon ends a job whose client went away.
+    """
+
+    def __init__(self, conn: _Connection, started: p.Started) -> None:
+        super().__init__(conn)
+        self.job = started.job
+        self.pid = started.pid
+        #: Where the job started, when not in the cwd asked for (``cwd_fallback="home"``).
+        self.cwd = started.cwd
+
+    def receive(self) -> list[p.EventMessage | p.Exit]:
+        """What the daemon has sent: waits for data, then returns the messages it completed
+        (none while a frame is still partial). Raises the error the daemon reported
+        (``ShutdownError`` when it stops, after any report it still sent) and
+        ``DaemonConnectionError`` when it hangs up."""
+        messages: list[p.EventMessage | p.Exit] = []
+        for message in self._receive():
+            if not isinstance(message, p.EventMessage | p.Exit):
+                raise ProtocolError(f"unexpected {type(message).__name__} during a job")
+            messages.append(message)
+        return messages
+
+    def __enter__(self) -> RunningJob:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class EventStream(_Stream):
+    """The events of ``Client.open_events``: history, then (with ``follow``) new ones."""
+
+    def receive(self) -> list[p.EventMessage | p.EventsEnd]:
+        """What the daemon has sent (waiting for data): events, then, without ``follow``, the
+        end of the history."""
+        messages: list[p.EventMessage | p.EventsEnd] = []
+        for message in self._receive():
+            if not isinstance(message, p.EventMessage | p.EventsEnd):
+                raise ProtocolError(f"unexpected {type(message).__name__} among events")
+            messages.append(message)
+        return messages
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 class Client:
@@ -219,42 +328,57 @@ class Client:
             hostname=hostname,
             cwd_fallback=cwd_fallback,
         )
+        with self.start(request, fds if stdio == "fds" else ()) as job:
+            if on_start is not None:
+                on_start(job.job, job.pid)
+            if on_cwd is not None and job.cwd is not None:
+                on_cwd(job.cwd)
+            while True:
+                for message in job.receive():
+                    if isinstance(message, p.Exit):
+                        return JobResult(message.report, message.dropped_events)
+                    if on_event is not None:
+                        on_event(message.event)
+
+    def start(self, request: p.RunRequest, fds: Sequence[int] = ()) -> RunningJob:
+        """Send ``request`` (with ``fds``, its stdio when ``stdio`` is "fds") and return the
+        job once the daemon has started it; its events and report come on the RunningJob.
+
+        For callers that wait on more than the daemon (a terminal, a pipe), as the CLI does;
+        ``run`` is this and a loop over ``RunningJob.receive``.
+        """
         conn = self._connect()
         try:
-            conn.send(request, list(fds) if stdio == "fds" else ())
+            conn.send(request, list(fds))
             started = conn.recv()
             if not isinstance(started, p.Started):
                 raise ProtocolError(f"expected started, got {type(started).__name__}")
-            # The job may run for as long as it likes: no read timeout from here on.
-            conn.sock.settimeout(None)
-            if on_start is not None:
-                on_start(started.job, started.pid)
-            if on_cwd is not None and started.cwd is not None:
-                on_cwd(started.cwd)
-            while True:
-                message = conn.recv()
-                if isinstance(message, p.EventMessage):
-                    if on_event is not None:
-                        on_event(message.event)
-                elif isinstance(message, p.Exit):
-                    return JobResult(message.report, message.dropped_events)
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        # The job may run for as long as it likes: no read timeout from here on.
+        conn.sock.settimeout(None)
+        return RunningJob(conn, started)
 
     def events(self, job: str | None = None, *, follow: bool = False) -> Iterator[p.Event]:
         """Events of the caller's jobs (root: all), oldest first; with ``follow``, forever."""
+        with self.open_events(job, follow=follow) as stream:
+            while True:
+                for message in stream.receive():
+                    if isinstance(message, p.EventsEnd):
+                        return
+                    yield message.event
+
+    def open_events(self, job: str | None = None, *, follow: bool = False) -> EventStream:
+        """The stream ``events`` iterates over, for callers that wait on more than it."""
         conn = self._connect()
         try:
             conn.send(p.EventsRequest(job=job, follow=follow))
-            conn.sock.settimeout(None if follow else self.timeout)
-            while True:
-                message = conn.recv()
-                if isinstance(message, p.EventMessage):
-                    yield message.event
-                elif isinstance(message, p.EventsEnd):
-                    return
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        conn.sock.settimeout(None if follow else self.timeout)
+        return EventStream(conn)
 
     def _ask(self, request: msgspec.Struct) -> p.Reply:
         conn = self._connect()
