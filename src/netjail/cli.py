@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import select
 import signal
 import sys
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import click
@@ -23,53 +26,30 @@ from netjail.units import format_size, parse_cpus, parse_duration, parse_size
 EXIT_NETJAIL = 125
 EXIT_TIMEOUT = 124
 EXIT_OOM = 137
+#: netjaild stopped while the job ran (it sends every job SIGTERM first): 128 + SIGTERM.
+EXIT_SHUTDOWN = 143
+#: Most often `events --follow` prints counts that grew.
+REFRESH_S = 1.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _say(message: str) -> None:
+    """One line on stderr, in one write, so that it never lands inside another's line."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"netjail: {sanitize(message, 1000)}\n".encode(errors="replace"))
+
+
 def _fail(message: str, code: int = EXIT_NETJAIL) -> NoReturn:
-    click.echo(f"netjail: {sanitize(message, 1000)}", err=True)
+    _say(message)
     sys.exit(code)
 
 
-def format_event(event: p.Event) -> str:
-    """One human line for an event.
-
-    ``blocked tcp 203.0.113.9:443 uid=65534``, ``blocked tcp api.stripe.com (198.18.0.3):443
-    uid=65534``, ``blocked dns api.stripe.com A``, ``allowed tcp pypi.org (198.18.0.2):443
-    uid=65534 out=517 in=6120``, ``redirected udp 8.8.8.8:53 uid=65534 (foreign_resolver)``,
-    ``blocked dns query (short_header)``.
-    """
-    if event.kind == "dns" and event.via == "dns":
-        # A query too broken to have a name (or a type) reads "blocked dns query (malformed)".
-        text = f"{event.verdict} dns {sanitize(event.domain) if event.domain else 'query'}"
-        if event.qtype:
-            text += f" {sanitize(event.qtype)}"
-        if event.reason and event.reason != "not_allowed" and event.verdict == "blocked":
-            text += f" ({event.reason})"
-        return text + (f" x{event.count}" if event.count > 1 else "")
-    dst = event.dst or "?"
-    port = f":{event.port}" if event.port is not None else ""
-    if event.domain:
-        where = f"{sanitize(event.domain)} ({dst}){port}"
-    elif event.family == 6 and port:
-        where = f"[{dst}]{port}"
-    else:
-        where = f"{dst}{port}"
-    text = f"{event.verdict} {event.proto} {where}"
-    if event.uid is not None:
-        text += f" uid={event.uid}"
-    if event.verdict == "allowed" and event.bytes_out is not None:
-        text += f" out={event.bytes_out} in={event.bytes_in}"
-    if event.reason:
-        # An allowed event's reason says how it was let through ("unverified": raw TCP by a
-        # tcp:// rule, the name not checked).
-        text += f" ({sanitize(event.reason)})"
-    if event.count > 1:
-        text += f" x{event.count}"
-    if event.detail and event.verdict != "allowed":
-        text += f": {sanitize(event.detail)}"
-    return text
+def _reason(error: Exception) -> str:
+    """The OS's words for ``error``; a path with a NUL byte (ValueError) is no file at all."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return "not a usable path" if isinstance(error, ValueError) else str(error)
 
 
 def _open_report(path: str | None) -> BinaryIO | None:
@@ -77,22 +57,12 @@ def _open_report(path: str | None) -> BinaryIO | None:
     runs (exit 125), not after it, when the report would be lost."""
     if path is None:
         return None
-    if path == "-":
-        return os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     try:
+        if path == "-":
+            return os.fdopen(os.dup(1), "wb")
         return open(path, "wb")
-    except OSError as e:
-        _fail(f"--report {sanitize(path)}: {e.strerror}")
-
-
-class _StartedJob:
-    """The job ``netjail run`` started, once the daemon said so (for forwarding signals)."""
-
-    def __init__(self) -> None:
-        self.job: str | None = None
-
-    def record(self, job: str, _pid: int) -> None:
-        self.job = job
+    except (OSError, ValueError) as e:
+        _fail(f"--report {path}: {_reason(e)}")
 
 
 def _client(ctx: click.Context) -> Client:
@@ -112,7 +82,17 @@ def _handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """netjail's commands, none of which ever ends in a traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except Exception as e:  # the last line of defence: one line, never a traceback
+            _fail(f"internal error ({type(e).__name__}: {e}); please report it")
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
     default=None,
@@ -264,7 +244,15 @@ def _stdio_fds() -> list[int]:
     default=None,
     help="Write the job report as JSON to FILE ('-': stdout); checked before the job starts.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="Do not print events on stderr.")
+@click.option(
+    "--events",
+    "events_to",
+    metavar="FILE|-|fd:N",
+    default=None,
+    help="Print events to FILE, stdout ('-') or file descriptor N instead of stderr.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="Print no events.")
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 @click.option(
     "--verbose", "-v", is_flag=True, help="Also print allowed connections and DNS answers."
 )
@@ -289,55 +277,44 @@ def run(
     ro_binds: tuple[str, ...],
     hostname: str | None,
     report_path: str | None,
+    events_to: str | None,
     quiet: bool,
+    as_json: bool,
     verbose: bool,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a jail; its exit status is passed through.
 
-    Exit status: the command's; 128+N if killed by signal N; 124 on --timeout; 137 when killed
-    for reaching --memory (as for SIGKILL: stderr says which); 125 when netjail itself failed;
+    Events are printed on stderr, each a whole line between the job's own lines; at the end,
+    a summary of what was blocked and the --allow that would let each name through.
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT go to every process of the job; a second Ctrl-C
+    within 2 s kills it.
+
+    Exit status: the command's; 128+N if killed by signal N (130 after Ctrl-C); 124 on
+    --timeout; 137 when killed for reaching --memory (as for SIGKILL: stderr says which); 143
+    when netjaild stopped while the job ran (stderr says so); 125 when netjail itself failed;
     126/127 when the command could not be executed / was not found; 2 for a usage error.
     """
-    client = _client(ctx)
+    # Imported here: only `run` needs the console (terminals, relays, signals).
+    from netjail import console  # noqa: PLC0415
+
     report_out = _open_report(report_path)
-    started = _StartedJob()
-
-    def forward(signum: int, _frame: object) -> None:
-        # The job is in its own session, so the terminal's ^C reaches only us: pass it on.
-        if started.job is not None:
-            with contextlib.suppress(NetjailError):
-                client.kill(started.job, signum)
-
-    def on_event(event: p.Event) -> None:
-        if quiet or (event.verdict == "allowed" and not verbose):
-            return
-        click.echo(f"netjail: {format_event(event)}", err=True)
-
-    def note_cwd(started_in: str) -> None:
-        here = sanitize(os.getcwd())
-        click.echo(
-            f"netjail: {here} is not in the jail's view, so the job runs in {started_in} "
-            f"(--ro-bind {here} or --bind {here} to run it there)",
-            err=True,
-        )
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    sink = None
+    if not quiet:
+        fd, owned = _open_events(events_to)
+        sink = console.Sink(fd, owned=owned)
     try:
         mounts = [p.parse_bind(b, "rw") for b in binds] + [p.parse_bind(b, "ro") for b in ro_binds]
-        result = client.run(
-            list(command),
+        request = p.RunRequest(
+            argv=list(command),
             env=_parse_env(env),
-            cwd=cwd or os.getcwd(),
+            cwd=cwd or _current_directory(),
             cwd_fallback="error" if cwd else "home",
             binds=mounts,
             hostname=hostname,
-            on_cwd=note_cwd,
             uid=uid,
             gid=gid,
             stdio="fds",
-            fds=_stdio_fds(),
             memory_bytes=memory,
             cpus=cpus,
             pids=pids,
@@ -346,33 +323,72 @@ def run(
             allow=list(allow),
             deny=list(deny),
             add_hosts=list(add_hosts),
-            on_event=on_event,
-            on_start=started.record,
         )
+        display = console.Display(
+            sink,
+            form="json" if as_json else "text",
+            choice="all" if verbose else "blocked",
+            deny=deny,
+        )
+        end = console.run_job(_client(ctx), request, _stdio_fds(), display)
     except ExecError as e:
         _fail(str(e), e.exit_code)
     except NetjailError as e:
         _fail(str(e))
+    if end.result is None:
+        _say(f"job {end.job} ended, and sent no report: {end.shutdown}")
+        sys.exit(EXIT_SHUTDOWN)
+    result = end.result
     report = result.report
     if report_out is not None:
         data = msgspec.json.format(msgspec.json.encode(report), indent=2)
         with report_out:
             report_out.write(data + b"\n")
     if result.lost_events:
-        click.echo(f"netjail: {result.lost_events} events lost (see the report)", err=True)
+        _say(f"{result.lost_events} events lost (see the report)")
+    if end.shutdown is not None:
+        _say(f"job {report.job} ended: {end.shutdown}")
+        sys.exit(EXIT_SHUTDOWN)
     if result.timed_out:
-        click.echo(
-            f"netjail: job {report.job} killed: timeout {_seconds(report)} reached", err=True
-        )
+        _say(f"job {report.job} killed: timeout {_seconds(report)} reached")
         sys.exit(EXIT_TIMEOUT)
     if result.oom_killed:
         limit = report.limits.memory_bytes if report.limits else None
         shown = format_size(limit) if limit else "?"
-        click.echo(f"netjail: job {report.job} killed: memory limit {shown} reached", err=True)
+        _say(f"job {report.job} killed: memory limit {shown} reached")
         sys.exit(EXIT_OOM)
     if result.signal is not None:
         sys.exit(128 + result.signal)
     sys.exit(result.exit_code if result.exit_code is not None else EXIT_NETJAIL)
+
+
+def _current_directory() -> str:
+    try:
+        return os.getcwd()
+    except OSError as e:
+        _fail(f"the current directory cannot be used ({e.strerror}): cd elsewhere or use --cwd DIR")
+
+
+def _open_events(where: str | None) -> tuple[int, bool]:
+    """The file descriptor --events names, opened now, so that a bad one fails before the job
+    runs (exit 125); and whether it is ours to close."""
+    if where is None:
+        return 2, False
+    if where == "-":
+        return 1, False
+    if where.startswith("fd:"):
+        number = where.removeprefix("fd:")
+        if not (number.isdigit() and len(number) < 10):
+            _fail(f"--events {where}: use fd:N, N a file descriptor number, e.g. fd:3")
+        try:
+            os.fstat(int(number))
+        except OSError as e:
+            _fail(f"--events {where}: file descriptor {int(number)} is not open ({e.strerror})")
+        return int(number), False
+    try:
+        return os.open(where, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666), True
+    except (OSError, ValueError) as e:
+        _fail(f"--events {where}: {_reason(e)}")
 
 
 def _seconds(report: p.Report) -> str:
@@ -382,20 +398,77 @@ def _seconds(report: p.Report) -> str:
 
 @main.command()
 @click.option("--job", default=None, help="Only this job's events.")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they happen.")
+@click.option("--follow", "-f", is_flag=True, help="Print new events as they happen, until ^C.")
+@click.option(
+    "--history", is_flag=True, help="With --follow: first the events seen before it started."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
 @_handle_errors
-def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> None:
-    """Show events of your jobs (root: all jobs)."""
+def events(ctx: click.Context, job: str | None, follow: bool, history: bool, as_json: bool) -> None:
+    """Show events of your jobs (root: all jobs): those seen so far, or with --follow the new
+    ones as they happen, one line per destination and its count, kept up to date."""
+    from netjail import eventview  # noqa: PLC0415
+
+    # The daemon sends its history first, then new events: those first seen before we asked
+    # are that history (the wall clock is the daemon's, on this same machine).
+    since = time.time() if follow and not history else None
+    board = eventview.EventBoard()
+    refreshed = 0.0
+
+    def show(event: p.Event) -> None:
+        if as_json:
+            _print(msgspec.json.encode(event).decode())
+            return
+        if not follow:
+            _print(f"{event.time} {event.job} {eventview.format_event(event)}")
+            return
+        line = board.add(event)
+        if line is not None:
+            _print(f"{event.time} {event.job} {line.text()}")
+            line.shown = line.count
+
+    def refresh() -> None:
+        for line in board.grown():
+            _print(f"{line.latest.time} {line.latest.job} {line.text()}")
+            line.shown = line.count
+
+    stream = _client(ctx).open_events(job, follow=follow)
+    # ^C ends a --follow quietly (exit 0): it is the only way to end one.
+    with stream, contextlib.suppress(KeyboardInterrupt):
+        while True:
+            now = time.monotonic()
+            wait = None if not board.grown() else max(0.0, refreshed + REFRESH_S - now)
+            if not stream.buffered and not _readable(stream, wait):
+                refresh()
+                refreshed = time.monotonic()
+                continue
+            for message in stream.receive():
+                if isinstance(message, p.EventsEnd):
+                    return
+                if since is None or _seen_at(message.event) >= since:
+                    show(message.event)
+            if time.monotonic() - refreshed >= REFRESH_S:
+                refresh()
+                refreshed = time.monotonic()
+
+
+def _seen_at(event: p.Event) -> float:
+    """When the daemon first saw ``event`` (its ``time``; ms precision, so rounded up)."""
     try:
-        for event in _client(ctx).events(job, follow=follow):
-            if as_json:
-                click.echo(msgspec.json.encode(event).decode())
-            else:
-                click.echo(f"{event.time} {event.job} {format_event(event)}")
-    except KeyboardInterrupt:
-        pass
+        return datetime.fromisoformat(event.time).timestamp() + 0.001
+    except ValueError:
+        return time.time()
+
+
+def _readable(stream: Any, timeout: float | None) -> bool:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return bool(ready)
+
+
+def _print(text: str) -> None:
+    """One line on stdout."""
+    click.echo(text)
 
 
 @main.command()
@@ -431,8 +504,10 @@ def kill(ctx: click.Context, job: str, sig: str) -> None:
             if sig.isdigit()
             else int(signal.Signals["SIG" + sig.upper().removeprefix("SIG")])
         )
-    except KeyError:
+    except (KeyError, ValueError):
         raise click.BadParameter(f"unknown signal {sig!r}", param_hint="--signal") from None
+    if not 1 <= number <= 64:
+        raise click.BadParameter(f"{sig!r} is not a signal (1-64)", param_hint="--signal")
     _client(ctx).kill(job, number)
 
 

@@ -10,12 +10,14 @@ pure, is also called in-process, at the end, for every line shape it produces.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import msgspec
 import pytest
 
 from netjail import protocol as p
-from netjail.cli import format_event
+from netjail.eventview import format_event
 
 JOB = "j-0123abcd"
 NOBODY = 65534
@@ -96,13 +98,22 @@ class Received:
 
 @dataclass
 class FakeDaemon:
-    """A protocol-speaking stand-in for netjaild; replies to each op with a script."""
+    """A protocol-speaking stand-in for netjaild; replies to each op with a script.
+
+    Besides messages, a script may hold steps for the fake itself: ``{"op": "_hold"}`` waits
+    until ``release`` is set, ``{"op": "_write", "fd": 2, "data": "..."}`` writes to one of the
+    fds the request brought (as the job would), ``{"op": "_close_fds"}`` closes them (as the
+    job's end does), and ``{"op": "_sleep", "s": 0.1}`` pauses.
+    """
 
     path: str
     script: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     hellos: list[p.Request] = field(default_factory=list)
     failures: list[BaseException] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    #: Set once a request has been received (and recorded).
+    got_request: threading.Event = field(default_factory=threading.Event)
 
     def serve(self, listener: socket.socket, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -115,6 +126,7 @@ class FakeDaemon:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        fds: list[int] = []
         with conn:
             conn.settimeout(10)
             try:
@@ -125,9 +137,10 @@ class FakeDaemon:
                 frame, fds = frames.next()
                 request = p.decode_request(frame)
                 raw = json.loads(frame)
-                self.received.append(Received(request, raw, fds))
+                self.received.append(Received(request, raw, len(fds)))
+                self.got_request.set()
                 for message in self.script.get(raw["op"], []):
-                    _send(conn, message)
+                    self._step(conn, message, fds)
                 # As netjaild does: half-close, then wait for the client to hang up. Closing
                 # outright could race the client's last send and turn our reply into EPIPE.
                 conn.shutdown(socket.SHUT_WR)
@@ -135,30 +148,50 @@ class FakeDaemon:
                     pass
             except Exception as e:  # reported by the fixture rather than lost in this thread
                 self.failures.append(e)
+            finally:
+                _close_all(fds)
+
+    def _step(self, conn: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
+        match message["op"]:
+            case "_hold":
+                if not self.release.wait(20):
+                    raise TimeoutError("the test never released the fake daemon")
+            case "_write":
+                os.write(fds[message["fd"]], message["data"].encode())
+            case "_close_fds":
+                _close_all(fds)
+            case "_sleep":
+                time.sleep(message["s"])
+            case _:
+                _send(conn, message)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 class _FrameReader:
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.buffer = p.FrameBuffer()
-        self.frames: list[tuple[bytes, int]] = []
+        self.frames: list[tuple[bytes, list[int]]] = []
 
-    def next(self) -> tuple[bytes, int]:
-        fds = 0
+    def next(self) -> tuple[bytes, list[int]]:
+        fds: list[int] = []
         while not self.frames:
             data, ancdata, _flags, _addr = self.conn.recvmsg(
                 1 << 16, socket.CMSG_SPACE(p.MAX_FDS * 4)
             )
-            if not data:
-                raise ConnectionError("client closed the connection")
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     received = array.array("i")
                     received.frombytes(payload[: len(payload) - len(payload) % 4])
-                    for fd in received:
-                        os.close(fd)
-                    fds += len(received)
-            self.frames.extend((frame, 0) for frame in self.buffer.feed(data))
+                    fds.extend(received)
+            if not data:
+                _close_all(fds)
+                raise ConnectionError("client closed the connection")
+            self.frames.extend((frame, []) for frame in self.buffer.feed(data))
             if self.frames and fds:
                 self.frames[0] = (self.frames[0][0], fds)
         return self.frames.pop(0)
@@ -168,8 +201,9 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
 
-@pytest.fixture
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeDaemon]:
+@contextlib.contextmanager
+def fake_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeDaemon]:
+    """A FakeDaemon serving on a fresh socket until the block ends."""
     # tmp_path_factory keeps the path short: a Unix socket path must fit in 108 bytes.
     path = str(tmp_path_factory.mktemp("s") / "d.sock")
     fake = FakeDaemon(path)
@@ -183,10 +217,17 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeDaemon]:
     try:
         yield fake
     finally:
+        fake.release.set()
         stop.set()
         thread.join(5)
         listener.close()
     assert fake.failures == []
+
+
+@pytest.fixture
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeDaemon]:
+    with fake_daemon(tmp_path_factory) as fake:
+        yield fake
 
 
 def _netjail(socket_path: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -336,23 +377,29 @@ def test_run_reports_lost_events(daemon: FakeDaemon) -> None:
 
 
 def test_run_prints_each_event_on_stderr(daemon: FakeDaemon) -> None:
-    """Each streamed event is one stderr line; IPv6 with a port in brackets, ICMP without."""
-    daemon.script["run"] = _run_script(_report(), [EV_TCP4, EV_TCP6, EV_ICMP])
+    """Each streamed event is one stderr line; IPv6 with a port in brackets, ICMP without; then
+    the summary of what was blocked."""
+    events = [EV_TCP4, EV_TCP6, EV_ICMP]
+    daemon.script["run"] = _run_script(_report(events=events), events)
     result = _netjail(daemon.path, "run", "--", "echo", "hi")
     assert result.returncode == 0
     assert result.stderr.splitlines() == [
         "netjail: blocked tcp 203.0.113.9:443 uid=65534",
         "netjail: blocked tcp [2001:db8::1]:443 uid=65534",
         "netjail: blocked icmp 203.0.113.9 uid=65534",
+        "netjail: blocked 3 destinations: 203.0.113.9:443 (x1), [2001:db8::1]:443 (x1), "
+        "203.0.113.9 (x1)",
     ]
 
 
 def test_run_event_line_shows_count_and_sanitized_domain(daemon: FakeDaemon) -> None:
     """A folded event shows its count, and a job-supplied domain cannot forge lines."""
     event = {**_event("203.0.113.9", 443, count=4), "domain": "evil\n.example"}
-    daemon.script["run"] = _run_script(_report(), [event])
+    daemon.script["run"] = _run_script(_report(events=[event]), [event])
     result = _netjail(daemon.path, "run", "--", "echo", "hi")
-    assert result.stderr == ("netjail: blocked tcp evil?.example (203.0.113.9):443 uid=65534 x4\n")
+    assert result.stderr.splitlines()[0] == (
+        "netjail: blocked tcp evil?.example (203.0.113.9):443 uid=65534 x4"
+    )
 
 
 def test_run_quiet_suppresses_events(daemon: FakeDaemon) -> None:

@@ -17,6 +17,8 @@ PACKAGE = SRC / "netjail"
 CLIENT_SIDE = [
     "netjail.client",
     "netjail.cli",
+    "netjail.console",
+    "netjail.eventview",
     "netjail.protocol",
     "netjail.errors",
     "netjail.text",
