@@ -384,6 +384,11 @@ def test_kill_ends_a_running_job(client: Client) -> None:
     """`kill` with SIGTERM ends the job; the report shows the signal."""
     with background_job(client) as (job, results):
         client.kill(job)
+        # Until the job has ended: the SIGTERM goes through the job's init, and leaving the
+        # block first would let background_job's own SIGKILL win the race.
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert results[0].signal == 15
 
 
