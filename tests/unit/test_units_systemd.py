@@ -302,7 +302,8 @@ def test_install_dry_run_changes_nothing_and_matches_the_units() -> None:
         ("systemd/tmpfiles.d/netjail.conf", "/etc/tmpfiles.d/netjail.conf"),
     ]:
         assert f"{ROOT / shipped} {installed}\n" in out
-    assert "apt-get install -y --no-install-recommends nftables libnftables1 libseccomp2 iproute2" in out
+    packages = "nftables libnftables1 libseccomp2 iproute2"
+    assert f"apt-get install -y --no-install-recommends {packages}" in out
     assert f"pip install --quiet --upgrade {ROOT}\n" in out
 
 
