@@ -87,7 +87,7 @@ def test_a_socket_in_a_shared_directory_is_refused(shared: str) -> None:
         _check_socket_dir(os.path.join(shared, "netjail.sock"))
     assert str(caught.value) == (
         "the socket must be in a directory of its own (e.g. /run/netjail/netjail.sock), "
-        f"not {shared}: jobs get that directory hidden"
+        f"not {shared}: netjaild sets that directory's mode"
     )
 
 
@@ -241,7 +241,7 @@ def test_listener_checks_the_socket_directory_even_when_activated(
     passed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     monkeypatch.setattr(sdnotify, "listen_fds", lambda: [passed])
     try:
-        with pytest.raises(NetjailError, match="not /run: jobs get that directory hidden"):
+        with pytest.raises(NetjailError, match="not /run: netjaild sets that directory's mode"):
             _listener(Config(socket="/run/netjail.sock"))
     finally:
         passed.close()
@@ -367,6 +367,25 @@ def test_reload_keeps_the_running_value_of_restart_only_keys_with_a_warning(
         ),
         ("info", "configuration reloaded", {"path": path}),
     ]
+
+
+def test_reload_keeps_the_running_uid_range_and_applies_the_other_jail_keys(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """jail.job_uids needs a restart (the leases are opened at start); jail.tmp_size applies."""
+    path = write_file(
+        tmp_path / "netjaild.toml", '[jail]\njob_uids = "70000-70099"\ntmp_size = "64M"\n'
+    )
+    log = RecordingLog()
+    running_uids = daemon.server.config.jail.job_uids
+    reload(daemon, path, log)
+    assert daemon.server.config.jail.job_uids == running_uids
+    assert daemon.server.config.jail.tmp_size == 64 << 20
+    assert log.records[0] == (
+        "warning",
+        "reload: these need a restart and keep their running values",
+        {"keys": ["jail.job_uids"]},
+    )
 
 
 def test_reload_compares_with_the_file_not_the_command_line(daemon: Daemon, tmp_path: Path) -> None:

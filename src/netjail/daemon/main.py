@@ -37,9 +37,9 @@ from netjail.kernel.cgroup import CgroupManager, load_cgroup_layout
 from netjail.kernel.host import KernelJailHost
 from netjail.kernel.spawn import ForkServer
 
-# Jobs get the socket's directory hidden (an empty tmpfs over it), so it must not be a directory
-# jobs need.
-# (S108: these are directories we refuse to hide, not temporary files we use.)
+# The daemon makes the socket's directory its own (mode 0755, root's), so it must not be a
+# directory others share.
+# (S108: these are directories we refuse to take over, not temporary files we use.)
 _SHARED_DIRS = {
     "/",
     "/tmp",  # noqa: S108
@@ -61,7 +61,7 @@ def _check_socket_dir(path: str) -> str:
     if parent in _SHARED_DIRS:
         raise NetjailError(
             f"the socket must be in a directory of its own (e.g. /run/netjail/netjail.sock), "
-            f"not {parent}: jobs get that directory hidden"
+            f"not {parent}: netjaild sets that directory's mode"
         )
     return parent
 
@@ -204,9 +204,14 @@ def _reload(server: Server, config_path: str | None, log: Logger) -> None:
     # an overridden value is no change of the file's).
     fixed = ("socket", "state_dir", "firewall", "log_backend", "log_format", "group")
     changed = [name for name in fixed if getattr(new, name) != getattr(server.file_config, name)]
+    # The uid leases are opened once, at start, over the range then in force.
+    if new.jail.job_uids != server.file_config.jail.job_uids:
+        changed.append("jail.job_uids")
     if changed:
         log("warning", "reload: these need a restart and keep their running values", keys=changed)
-    server.apply(replace(new, **{name: getattr(current, name) for name in fixed}), new)
+    kept = replace(new, **{name: getattr(current, name) for name in fixed})
+    kept = replace(kept, jail=replace(kept.jail, job_uids=current.jail.job_uids))
+    server.apply(kept, new)
     log("info", "configuration reloaded", path=config_path or DEFAULT_CONFIG_PATH)
 
 
