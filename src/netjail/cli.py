@@ -16,32 +16,23 @@ from typing import Any, BinaryIO, NoReturn, TypeVar
 import click
 import msgspec
 
+from netjail import console
 from netjail import protocol as p
 from netjail.client import DEFAULT_SOCKET, Client, default_socket
+from netjail.console import EXIT_NETJAIL, say
 from netjail.errors import ExecError, NetjailError
-from netjail.text import sanitize, sanitize_argv
-from netjail.units import format_size, parse_cpus, parse_duration, parse_size
+from netjail.relay import Sink
+from netjail.text import sanitize_argv
+from netjail.units import parse_cpus, parse_duration, parse_size
 
-#: Exit status for netjail's own failures (daemon unreachable, bad request), as docker run.
-EXIT_NETJAIL = 125
-EXIT_TIMEOUT = 124
-EXIT_OOM = 137
-#: netjaild stopped while the job ran (it sends every job SIGTERM first): 128 + SIGTERM.
-EXIT_SHUTDOWN = 143
 #: Most often `events --follow` prints counts that grew.
 REFRESH_S = 1.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _say(message: str) -> None:
-    """One line on stderr, in one write, so that it never lands inside another's line."""
-    with contextlib.suppress(OSError):
-        os.write(2, f"netjail: {sanitize(message, 1000)}\n".encode(errors="replace"))
-
-
 def _fail(message: str, code: int = EXIT_NETJAIL) -> NoReturn:
-    _say(message)
+    say(message)
     sys.exit(code)
 
 
@@ -295,14 +286,11 @@ def run(
     when netjaild stopped while the job ran (stderr says so); 125 when netjail itself failed;
     126/127 when the command could not be executed / was not found; 2 for a usage error.
     """
-    # Imported here: only `run` needs the console (terminals, relays, signals).
-    from netjail import console  # noqa: PLC0415
-
     report_out = _open_report(report_path)
     sink = None
     if not quiet:
-        fd, owned = _open_events(events_to)
-        sink = console.Sink(fd, owned=owned)
+        fd = _open_events(events_to)
+        sink = Sink(fd)
     try:
         mounts = [p.parse_bind(b, "rw") for b in binds] + [p.parse_bind(b, "ro") for b in ro_binds]
         request = p.RunRequest(
@@ -335,31 +323,7 @@ def run(
         _fail(str(e), e.exit_code)
     except NetjailError as e:
         _fail(str(e))
-    if end.result is None:
-        _say(f"job {end.job} ended, and sent no report: {end.shutdown}")
-        sys.exit(EXIT_SHUTDOWN)
-    result = end.result
-    report = result.report
-    if report_out is not None:
-        data = msgspec.json.format(msgspec.json.encode(report), indent=2)
-        with report_out:
-            report_out.write(data + b"\n")
-    if result.lost_events:
-        _say(f"{result.lost_events} events lost (see the report)")
-    if end.shutdown is not None:
-        _say(f"job {report.job} ended: {end.shutdown}")
-        sys.exit(EXIT_SHUTDOWN)
-    if result.timed_out:
-        _say(f"job {report.job} killed: timeout {_seconds(report)} reached")
-        sys.exit(EXIT_TIMEOUT)
-    if result.oom_killed:
-        limit = report.limits.memory_bytes if report.limits else None
-        shown = format_size(limit) if limit else "?"
-        _say(f"job {report.job} killed: memory limit {shown} reached")
-        sys.exit(EXIT_OOM)
-    if result.signal is not None:
-        sys.exit(128 + result.signal)
-    sys.exit(result.exit_code if result.exit_code is not None else EXIT_NETJAIL)
+    sys.exit(console.conclude(end, report_out))
 
 
 def _current_directory() -> str:
@@ -369,13 +333,13 @@ def _current_directory() -> str:
         _fail(f"the current directory cannot be used ({e.strerror}): cd elsewhere or use --cwd DIR")
 
 
-def _open_events(where: str | None) -> tuple[int, bool]:
+def _open_events(where: str | None) -> int:
     """The file descriptor --events names, opened now, so that a bad one fails before the job
-    runs (exit 125); and whether it is ours to close."""
+    runs (exit 125)."""
     if where is None:
-        return 2, False
+        return 2
     if where == "-":
-        return 1, False
+        return 1
     if where.startswith("fd:"):
         number = where.removeprefix("fd:")
         if not (number.isdigit() and len(number) < 10):
@@ -384,16 +348,11 @@ def _open_events(where: str | None) -> tuple[int, bool]:
             os.fstat(int(number))
         except OSError as e:
             _fail(f"--events {where}: file descriptor {int(number)} is not open ({e.strerror})")
-        return int(number), False
+        return int(number)
     try:
-        return os.open(where, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666), True
+        return os.open(where, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     except (OSError, ValueError) as e:
         _fail(f"--events {where}: {_reason(e)}")
-
-
-def _seconds(report: p.Report) -> str:
-    value = report.limits.timeout_s if report.limits else None
-    return f"{value:g}s" if value is not None else "?"
 
 
 @main.command()

@@ -1,14 +1,8 @@
 """The console of ``netjail run``: the job's output, netjail's own lines, and signals, on one
-thread.
+thread, from the request to the exit status.
 
-**Whole lines.** The job writes straight to the files it was given (the user's terminal, a pipe,
-a log), and not always a line at a time: curl writes its error message in pieces. A line
-netjail wrote to the same file could land inside one of the job's. So when netjail's lines go
-to a file the job also writes to, the job gets a pipe in its place (a pty when that file is a
-terminal, so that the job still sees a terminal, of the same size), and netjail copies what
-comes out of it (``Relay``), letting its own lines in only where one of the job's ends: after a
-newline, or, on a terminal, after a carriage return that starts a progress bar's next frame.
-Each of netjail's lines is written with one ``write``.
+**Whole lines.** The job's output is relayed where netjail's lines go to the same file
+(``netjail.relay``), and the event lines are let in between the job's lines.
 
 **Signals.** SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the whole job (a kill request; the job's
 init passes the signal to every process of the job, or to the foreground group of its
@@ -19,16 +13,12 @@ terminal). A second SIGINT within ``SECOND_INTERRUPT_S`` kills the job. They are
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import re
 import selectors
 import signal
-import stat
-import termios
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import msgspec
 
@@ -36,7 +26,19 @@ from netjail import protocol as p
 from netjail.client import Client, JobResult, RunningJob
 from netjail.errors import NetjailError, ShutdownError
 from netjail.eventview import EventBoard, board_of, summarize_blocked
+from netjail.relay import Sink, StdioPlan, write_all
 from netjail.text import sanitize
+from netjail.units import format_size
+
+#: Exit statuses of `netjail run` besides the command's own (128+N when a signal N killed it).
+#: netjail's own failures (daemon unreachable, bad request), as docker run's.
+EXIT_NETJAIL = 125
+#: --timeout fired, as timeout(1)'s.
+EXIT_TIMEOUT = 124
+#: Killed for reaching --memory (as for SIGKILL; stderr says which).
+EXIT_OOM = 137
+#: netjaild stopped while the job ran (it sends every job SIGTERM first): 128 + SIGTERM.
+EXIT_SHUTDOWN = 143
 
 #: A second SIGINT within this many seconds of the first kills the job (SIGKILL).
 SECOND_INTERRUPT_S = 2.0
@@ -46,7 +48,7 @@ REFRESH_S = 1.0
 DRAIN_S = 2.0
 #: After a report that says SIGTERM (which netjaild sends every job when it stops), how long to
 #: wait for its ``shutdown`` error, which follows once every job has ended.
-SHUTDOWN_WAIT_S = 0.3
+SHUTDOWN_WAIT_S = 0.5
 #: Signals passed on to the job.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
@@ -54,15 +56,6 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 EventFormat = Literal["text", "json"]
 #: Which events are printed: those that were not let through, or all of them (--verbose).
 EventChoice = Literal["blocked", "all"]
-
-
-class Sink:
-    """Where event lines go: a file descriptor (closed at the end if ``owned``)."""
-
-    def __init__(self, fd: int, *, owned: bool) -> None:
-        self.fd = fd
-        self.owned = owned
-        self.is_tty = os.isatty(fd)
 
 
 class Display:
@@ -87,6 +80,13 @@ class Display:
         return self.sink is not None and (self.choice == "all" or event.verdict != "allowed")
 
 
+def say(message: str) -> None:
+    """One line of netjail's on stderr, in one write (not through a relay: for when no job's
+    output can be in the way, before or after the job)."""
+    with contextlib.suppress(OSError):
+        write_all(2, f"netjail: {sanitize(message, 2000)}\n".encode(errors="replace"))
+
+
 class JobEnd:
     """How the job ended for the client: its result (None when the daemon sent no report), and
     the daemon's words when it ended the job because it was stopping."""
@@ -95,192 +95,6 @@ class JobEnd:
         self.job = job
         self.result = result
         self.shutdown = shutdown
-
-
-# --- writing -------------------------------------------------------------------------------
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data``: one ``write`` unless the file takes less (a full pipe)."""
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.write(fd, view)
-        except BlockingIOError:
-            # Someone made the file non-blocking (it is shared with other processes).
-            selector = selectors.DefaultSelector()
-            selector.register(fd, selectors.EVENT_WRITE)
-            selector.select()
-            selector.close()
-            continue
-        view = view[written:]
-
-
-# After a newline; or, on a terminal, after a carriage return that is not part of "\r\n": the
-# next frame of a progress bar starts there, at the start of the line.
-_BOUNDARY = re.compile(rb"\n")
-_TTY_BOUNDARY = re.compile(rb"\n|\r(?=[^\n])")
-
-
-class Relay:
-    """Copies what the job writes to ``source`` (the read end of its pipe, or its pty's
-    master) to ``dest``, and lets netjail's lines in only between the job's lines."""
-
-    def __init__(self, source: int, dest: int, *, dest_is_tty: bool) -> None:
-        self.source = source
-        self.dest = dest
-        self.dest_is_tty = dest_is_tty
-        self._boundary = _TTY_BOUNDARY if dest_is_tty else _BOUNDARY
-        #: Whether the job's output, as written so far, ends at the start of a line.
-        self.at_line_start = True
-        #: netjail's lines waiting for the job's current line to end.
-        self.held: list[bytes] = []
-        #: Whether the job's output may still bring data (False at its end, or when ``dest``
-        #: failed).
-        self.open = True
-        self.broken = False
-        self.finished = False
-
-    def fileno(self) -> int:
-        return self.source
-
-    def pump(self) -> None:
-        """Copy what the job wrote (one read), and the held lines where a job line ends."""
-        try:
-            data = os.read(self.source, 1 << 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            # EIO: the pty's other side is closed, every process of the job is gone.
-            data = b""
-        if not data:
-            self._stop()
-            return
-        if self.held:
-            match = self._boundary.search(data)
-            if match is not None:
-                self._write(data[: match.end()])
-                self._write_held(after_cr=data[match.end() - 1 : match.end()] == b"\r")
-                data = data[match.end() :]
-        if data:
-            self._write(data)
-            self.at_line_start = data.endswith(b"\n")
-
-    def insert(self, line: bytes) -> None:
-        """Write ``line`` (netjail's, ending in a newline) now if the job is between lines,
-        else as soon as its current line ends (or at once, on a line of its own, once the job
-        has ended)."""
-        if self.finished and not self.at_line_start:
-            self._write(b"\n")
-            self.at_line_start = True
-        if self.at_line_start:
-            self._write(line)
-        else:
-            self.held.append(line)
-
-    def finish(self) -> None:
-        """The job is over: write the held lines, and any later ones, on lines of their own."""
-        self.finished = True
-        if self.held:
-            if not self.at_line_start:
-                self._write(b"\n")
-            self._write_held(after_cr=False)
-
-    def _write_held(self, *, after_cr: bool) -> None:
-        held, self.held = self.held, []
-        if after_cr:
-            # The cursor is back at the start of a progress bar's line: clear what is left of
-            # the bar after netjail's line.
-            held = [line[:-1] + b"\x1b[K\n" for line in held]
-        self._write(b"".join(held))
-        self.at_line_start = True
-
-    def _write(self, data: bytes) -> None:
-        if self.broken:
-            return
-        try:
-            write_all(self.dest, data)
-        except OSError:
-            # The user's end is gone (a closed pipe, a hung-up terminal): the loop then closes
-            # the job's, so that the job's next write fails as it would have without netjail.
-            self.broken = True
-            self.open = False
-
-    def _stop(self) -> None:
-        self.open = False
-
-    def close(self) -> None:
-        """Close the job's output (once the loop no longer waits on it)."""
-        if self.source >= 0:
-            os.close(self.source)
-            self.source = -1
-
-
-def _identity(fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    if stat.S_ISCHR(st.st_mode) and not os.isatty(fd):
-        # /dev/null and the like: nothing can be spliced there that anyone reads.
-        return None
-    return st.st_dev, st.st_ino
-
-
-def copy_window_size(terminal: int, pty: int) -> None:
-    """Give ``pty`` the size of ``terminal`` (rows, columns, pixels)."""
-    with contextlib.suppress(OSError):
-        size = fcntl.ioctl(terminal, termios.TIOCGWINSZ, b"\0" * 8)
-        fcntl.ioctl(pty, termios.TIOCSWINSZ, size)
-
-
-def _open_pty(terminal: int) -> tuple[int, int]:
-    master, slave = os.openpty()
-    # The job's bytes reach the user's terminal unchanged, and are processed (\n to \r\n) once,
-    # there, not also in this pty.
-    attrs = termios.tcgetattr(slave)
-    attrs[1] &= ~termios.OPOST
-    termios.tcsetattr(slave, termios.TCSANOW, attrs)
-    copy_window_size(terminal, slave)
-    return master, slave
-
-
-class StdioPlan:
-    """The job's stdin, stdout and stderr, and the relay between the job and the sink."""
-
-    def __init__(self, fds: Sequence[int], sink: Sink | None) -> None:
-        self.fds = list(fds)
-        self.relay: Relay | None = None
-        #: Which of the job's stdio (1, 2) go through the relay.
-        self.relayed: tuple[int, ...] = ()
-        #: The job's ends of the relay, closed here once the daemon has its copies.
-        self.job_ends: list[int] = []
-        #: The user's terminal the relay's pty takes its size from.
-        self.terminal: int | None = None
-        target = _identity(sink.fd) if sink is not None else None
-        shared = [i for i in (1, 2) if target is not None and _identity(self.fds[i]) == target]
-        if sink is None or not shared:
-            return
-        if sink.is_tty:
-            source, job_end = _open_pty(sink.fd)
-            self.terminal = sink.fd
-        else:
-            source, job_end = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(source, False)
-        self.relay = Relay(source, sink.fd, dest_is_tty=sink.is_tty)
-        self.job_ends.append(job_end)
-        self.relayed = tuple(shared)
-        for i in shared:
-            self.fds[i] = job_end
-
-    def close_job_ends(self) -> None:
-        for fd in self.job_ends:
-            os.close(fd)
-        self.job_ends.clear()
-
-    def resize(self) -> None:
-        if self.relay is not None and self.terminal is not None and self.relay.source >= 0:
-            copy_window_size(self.terminal, self.relay.source)
 
 
 # --- signals -------------------------------------------------------------------------------
@@ -337,12 +151,10 @@ class _Session:
     # writes to the same file.
 
     def say(self, text: str) -> None:
-        line = f"netjail: {sanitize(text, 2000)}\n".encode(errors="replace")
         if self.plan.relay is not None and 2 in self.plan.relayed:
-            self.plan.relay.insert(line)
+            self.plan.relay.insert(f"netjail: {sanitize(text, 2000)}\n".encode(errors="replace"))
         else:
-            with contextlib.suppress(OSError):
-                write_all(2, line)
+            say(text)
 
     def emit(self, text: str) -> None:
         sink = self.display.sink
@@ -535,3 +347,34 @@ def run_job(client: Client, request: p.RunRequest, fds: Sequence[int], display: 
     plan = StdioPlan(fds, display.sink)
     session = _Session(client, display, plan)
     return session.run(request)
+
+
+def conclude(end: JobEnd, report_out: BinaryIO | None) -> int:
+    """Write the report (if asked for), say how the job ended when the exit status alone does
+    not, and return ``netjail run``'s exit status."""
+    if end.result is None:
+        say(f"job {end.job} ended, and sent no report: {end.shutdown}")
+        return EXIT_SHUTDOWN
+    result = end.result
+    report = result.report
+    if report_out is not None:
+        with report_out:
+            report_out.write(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    if result.lost_events:
+        say(f"{result.lost_events} events lost (see the report)")
+    if end.shutdown is not None:
+        say(f"job {report.job} ended: {end.shutdown}")
+        return EXIT_SHUTDOWN
+    if result.timed_out:
+        limit = report.limits.timeout_s if report.limits else None
+        shown = f"{limit:g}s" if limit is not None else "?"
+        say(f"job {report.job} killed: timeout {shown} reached")
+        return EXIT_TIMEOUT
+    if result.oom_killed:
+        memory = report.limits.memory_bytes if report.limits else None
+        shown = format_size(memory) if memory else "?"
+        say(f"job {report.job} killed: memory limit {shown} reached")
+        return EXIT_OOM
+    if result.signal is not None:
+        return 128 + result.signal
+    return result.exit_code if result.exit_code is not None else EXIT_NETJAIL

@@ -19,6 +19,7 @@ CLIENT_SIDE = [
     "netjail.cli",
     "netjail.console",
     "netjail.eventview",
+    "netjail.relay",
     "netjail.protocol",
     "netjail.errors",
     "netjail.text",

@@ -1,4 +1,4 @@
-"""Tests for netjail.console's relay: the job's output copied whole, netjail's lines let in only
+"""Tests for netjail.relay: the job's output copied whole, netjail's lines let in only
 between the job's lines, and the job given a pipe or a pty only where it shares a file with them.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from netjail.console import Relay, Sink, StdioPlan
+from netjail.relay import Relay, Sink, StdioPlan
 
 EVENT = b"netjail: blocked tcp 203.0.113.9:443 uid=65534\n"
 
@@ -142,7 +142,7 @@ def test_only_the_stdio_that_shares_the_sinks_file_is_relayed() -> None:
     """The job's stderr (the sink's file) goes through a pipe; its stdout, elsewhere, does not."""
     stdout_r, stdout_w = os.pipe()
     stderr_r, stderr_w = os.pipe()
-    plan = StdioPlan([0, stdout_w, stderr_w], Sink(stderr_w, owned=False))
+    plan = StdioPlan([0, stdout_w, stderr_w], Sink(stderr_w))
     try:
         assert plan.relay is not None
         assert plan.relayed == (2,)
@@ -161,7 +161,7 @@ def test_only_the_stdio_that_shares_the_sinks_file_is_relayed() -> None:
 def test_stdout_and_stderr_on_one_file_share_one_relay() -> None:
     """When stdout and stderr are the sink's file (2>&1), both get the same pipe, in order."""
     r, w = os.pipe()
-    plan = StdioPlan([0, w, w], Sink(w, owned=False))
+    plan = StdioPlan([0, w, w], Sink(w))
     try:
         assert plan.relayed == (1, 2)
         assert plan.fds[1] == plan.fds[2] != w
@@ -180,8 +180,8 @@ def test_nothing_is_relayed_when_events_go_elsewhere() -> None:
     other_r, other_w = os.pipe()
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        assert StdioPlan([0, w, w], Sink(other_w, owned=False)).relay is None
-        plan = StdioPlan([0, null, null], Sink(null, owned=False))
+        assert StdioPlan([0, w, w], Sink(other_w)).relay is None
+        plan = StdioPlan([0, null, null], Sink(null))
         assert plan.relay is None
         assert plan.fds == [0, null, null]
         assert StdioPlan([0, w, w], None).relay is None
@@ -195,7 +195,7 @@ def test_a_terminal_is_relayed_through_a_pty_of_the_same_size() -> None:
     user's, that passes its bytes unchanged (no output processing of its own)."""
     master, terminal = os.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 31, 97, 0, 0))
-    plan = StdioPlan([0, terminal, terminal], Sink(terminal, owned=False))
+    plan = StdioPlan([0, terminal, terminal], Sink(terminal))
     try:
         assert plan.relay is not None
         job_end = plan.fds[2]
