@@ -15,7 +15,6 @@ import array
 import os
 import socket as socket_module
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
@@ -33,8 +32,9 @@ SOCKET_ENV = "NETJAIL_SOCKET"
 MAX_REPLY_BYTES = 64 << 20
 
 
-@dataclass(frozen=True)
-class JobResult:
+# A Struct rather than a dataclass: msgspec is loaded anyway, and dataclasses (with copy and
+# its other imports) would be one more thing every `netjail run` pays for at start.
+class JobResult(msgspec.Struct, frozen=True):
     """What a finished job did: its report, with its main facts at hand."""
 
     report: p.Report
