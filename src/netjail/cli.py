@@ -77,10 +77,34 @@ class _Commands(click.Group):
     """netjail's commands, none of which ever ends in a traceback."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        # Called with no arguments, as the `netjail` program (not by a test runner that passes
+        # its own): the process is ours to end.
+        owns_process = not args and "args" not in kwargs
         try:
-            return super().main(*args, **kwargs)
-        except Exception as e:  # the last line of defence: one line, never a traceback
-            _fail(f"internal error ({type(e).__name__}: {e}); please report it")
+            try:
+                return super().main(*args, **kwargs)
+            except Exception as e:  # the last line of defence: one line, never a traceback
+                _fail(f"internal error ({type(e).__name__}: {e}); please report it")
+        except SystemExit as e:
+            if owns_process:
+                _exit_now(e.code)
+            raise
+
+
+def _exit_now(code: str | int | None) -> NoReturn:
+    """Exit with ``code`` without tearing the interpreter down: freeing every module costs
+    netjail about as much as a fifth of its start (7-10 ms here), on every command. Nothing is
+    left to run at exit but the flush of stdio, done first (unless coverage is measuring this
+    process, whose data is saved at exit)."""
+    if "coverage" in sys.modules:
+        sys.exit(code)
+    if isinstance(code, str):
+        say(code)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status & 0xFF)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

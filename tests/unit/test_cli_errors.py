@@ -171,21 +171,20 @@ def test_bad_arguments_no_traceback(args: list[str], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_closed_stdio_no_traceback(command: str, tmp_path: Path) -> None:
-    """Started with stdin, stdout and stderr closed, no command dies in a traceback."""
+    """Started with stdin, stdout and stderr closed, no command dies of an exception."""
     path = str(tmp_path / "missing.sock")
     env = {k: v for k, v in os.environ.items() if k != "NETJAIL_SOCKET"}
+    # The exception hook writes to a copy of the test's pipe, which stays open when 0-2 close.
     script = (
         "import os, runpy, sys\n"
         "out = os.dup(2)\n"
-        "os.set_inheritable(out, False)\n"
+        "def hook(kind, value, tb):\n"
+        "    os.write(out, f'Traceback: {value!r}'.encode())\n"
+        "    os._exit(99)\n"
+        "sys.excepthook = hook\n"
         "for fd in (0, 1, 2): os.close(fd)\n"
         f"sys.argv = ['netjail', '--socket', {path!r}, *{COMMANDS[command]!r}]\n"
-        "try:\n"
-        "    runpy.run_module('netjail.cli', run_name='__main__')\n"
-        "except SystemExit as e:\n"
-        "    os.write(out, f'exit {e.code}'.encode())\n"
-        "except BaseException as e:\n"
-        "    os.write(out, f'Traceback: {e!r}'.encode())\n"
+        "runpy.run_module('netjail.cli', run_name='__main__')\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -195,9 +194,9 @@ def test_closed_stdio_no_traceback(command: str, tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
+    assert "Traceback" not in result.stderr, result.stderr
     # What the command said went nowhere (its stderr was closed): only how it ended is seen.
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("exit "), result.stderr
+    assert result.returncode in (0, 1, 125), result.returncode
 
 
 def test_a_deleted_working_directory_no_traceback(tmp_path: Path) -> None:
