@@ -174,7 +174,8 @@ def _stdio_fds() -> list[int]:
     "--uid",
     type=int,
     default=None,
-    help="Run the job as this uid (root only; default 65534, non-root: yourself).",
+    help="Run the job as this uid (root only; default: for root a uid of the job's own, "
+    "for others yourself).",
 )
 @click.option("--gid", type=int, default=None, help="Run the job with this gid (root only).")
 @click.option(
@@ -266,7 +267,7 @@ def _stdio_fds() -> list[int]:
     default=None,
     help="Print events to FILE, stdout ('-') or file descriptor N instead of stderr.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="Print no events.")
+@click.option("--quiet", "-q", is_flag=True, help="Print no events, nor the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 @click.option(
     "--verbose", "-v", is_flag=True, help="Also print allowed connections and DNS answers."

@@ -220,6 +220,16 @@ def test_the_job_writes_to_a_terminal_of_the_users_size(terminal: type[Terminal]
     assert t.lines() == ["33 100"]
 
 
+def test_window_size_changes_reach_the_job(terminal: type[Terminal]) -> None:
+    """Resizing the user's terminal resizes the job's and sends the job SIGWINCH."""
+    script = "trap 'stty size <&1; exit 0' WINCH; echo ready; while :; do sleep 0.1; done"
+    t = terminal([*NETJAIL, "run", "--cwd", "/", "--", "sh", "-c", script], rows=20)
+    t.read_until(b"ready")
+    fcntl.ioctl(t.master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 132, 0, 0))
+    assert t.wait() == 0
+    assert t.lines()[-1] == "44 132"
+
+
 @pytest.fixture
 def own_daemon() -> Iterator[Daemon]:
     base = tempfile.mkdtemp(prefix="netjail-test-cli-", dir="/run")
