@@ -103,7 +103,8 @@ class FakeDaemon:
     Besides messages, a script may hold steps for the fake itself: ``{"op": "_hold"}`` waits
     until ``release`` is set, ``{"op": "_write", "fd": 2, "data": "..."}`` writes to one of the
     fds the request brought (as the job would), ``{"op": "_close_fds"}`` closes them (as the
-    job's end does), and ``{"op": "_sleep", "s": 0.1}`` pauses.
+    job's end does), ``{"op": "_sleep", "s": 0.1}`` pauses, and ``{"op": "_batch", "messages":
+    [...]}`` sends several messages in one write.
     """
 
     path: str
@@ -162,6 +163,8 @@ class FakeDaemon:
                 _close_all(fds)
             case "_sleep":
                 time.sleep(message["s"])
+            case "_batch":
+                conn.sendall(b"".join(json.dumps(m).encode() + b"\n" for m in message["messages"]))
             case _:
                 _send(conn, message)
 

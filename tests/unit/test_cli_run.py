@@ -318,3 +318,54 @@ def test_a_job_killed_by_sigterm_from_elsewhere_exits_143_quietly(daemon: FakeDa
     assert cli.stderr is not None
     assert cli.stderr.read() == ""
     cli.stderr.close()
+
+
+def test_on_a_terminal_counts_are_printed_as_they_grow(daemon: FakeDaemon) -> None:
+    """With stderr a terminal, a destination seen again gets its count printed while the job
+    runs (not only at the end), and the job's own output still reaches the terminal."""
+    again = _event("203.0.113.9", 443)
+    daemon.script["run"] = [
+        STARTED,
+        _event_message(EV_TCP4),
+        {"op": "_sleep", "s": 0.2},
+        {"op": "_batch", "messages": [_event_message(again), _event_message(again)]},
+        {"op": "_sleep", "s": 0.3},
+        {"op": "_write", "fd": 2, "data": "job says hi\n"},
+        {"op": "_close_fds"},
+        _exit(events=[{**EV_TCP4, "count": 3}]),
+    ]
+    master, slave = os.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "NETJAIL_SOCKET"}
+    try:
+        cli = subprocess.Popen(
+            [*CLI, daemon.path, "run", "--", "true"],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+        )
+        os.close(slave)
+        slave = -1
+        assert cli.wait(timeout=20) == 0
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: every holder of the terminal's other side is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    lines = out.decode().replace("\r\n", "\n").splitlines()
+    first = "netjail: blocked tcp 203.0.113.9:443 uid=65534"
+    assert lines[0] == first
+    assert "job says hi" in lines
+    # Printed before the job's last output, while it ran; the count was final by then.
+    grown = [i for i, line in enumerate(lines) if line.startswith(first + " x")]
+    assert lines[grown[-1]] == first + " x3"
+    assert grown[-1] < lines.index("job says hi")
+    assert lines[-1] == SUMMARY.replace("(x1)", "(x3)")
