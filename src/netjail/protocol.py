@@ -324,6 +324,8 @@ class StatusReply(_Reply, tag="status"):
     events_seen: int
     events_lost: int
     cgroup_mode: str | None = None
+    #: The seccomp profile every job gets (e.g. "netjail-default-1").
+    seccomp_profile: str | None = None
 
 
 class Killed(_Reply, tag="killed"):

@@ -532,6 +532,7 @@ def test_status_reports_the_servers_counters(daemon: Daemon) -> None:
             events_seen=1,
             events_lost=3,
             cgroup_mode="hybrid",
+            seccomp_profile="netjail-default-1",
         )
 
     run(main())

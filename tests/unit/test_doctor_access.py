@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import stat
 
+import msgspec
+
 from netjail import protocol as p
 from netjail.doctor.access import SocketInfo, check_daemon, check_socket
 from netjail.doctor.result import Check, format_checks
@@ -128,6 +130,15 @@ def test_daemon_answers() -> None:
     """A status reply: ok, with version, pid, socket and uptime."""
     assert lines(check_daemon(STATUS, sock())) == [
         f"ok    daemon: netjaild 0.3.0 (pid 4242) answers on {SOCK}, up 62s"
+    ]
+
+
+def test_daemon_says_which_seccomp_profile_its_jobs_get() -> None:
+    """A daemon that names its seccomp profile: doctor shows it, sanitised."""
+    status = msgspec.structs.replace(STATUS, seccomp_profile="netjail-default-1")
+    assert lines(check_daemon(status, sock())) == [
+        f"ok    daemon: netjaild 0.3.0 (pid 4242) answers on {SOCK}, up 62s,"
+        " jobs get seccomp profile netjail-default-1"
     ]
 
 

@@ -353,6 +353,7 @@ def test_status_carries_the_servers_counters(daemon: Daemon) -> None:
             events_seen=7,
             events_lost=2,
             cgroup_mode="hybrid",
+            seccomp_profile="netjail-default-1",
         )
 
     run(main())

@@ -32,6 +32,7 @@ from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobs import JobManager
 from netjail.errors import BusyError
 from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
+from netjail.kernel.seccomp import PROFILE as SECCOMP_PROFILE
 
 #: How long a stopping daemon waits for the reports its clients are owed.
 _REPORTS_WAIT_S = 30.0
@@ -92,6 +93,7 @@ class Server:
             events_seen=self.intake.events_seen,
             events_lost=self.intake.events_lost,
             cgroup_mode=self.cgroup_mode,
+            seccomp_profile=SECCOMP_PROFILE,
         )
 
     def apply(self, config: Config, file_config: Config) -> None:

@@ -14,6 +14,7 @@ from typing import Literal
 from netjail import protocol as p
 from netjail.doctor.result import Check
 from netjail.errors import DaemonConnectionError, NetjailError, PermissionDeniedError
+from netjail.text import sanitize
 
 START_DAEMON_FIX = "start netjaild: sudo netjaild & (with systemd: sudo systemctl start netjaild)"
 
@@ -101,10 +102,15 @@ def check_daemon(answer: p.StatusReply | NetjailError, socket: SocketInfo) -> Ch
     """Whether netjaild answered hello and status on its socket; the fix depends on why not."""
     name = "daemon"
     if isinstance(answer, p.StatusReply):
+        profile = (
+            f", jobs get seccomp profile {sanitize(answer.seccomp_profile)}"
+            if answer.seccomp_profile
+            else ""
+        )
         return Check.ok(
             name,
             f"netjaild {answer.version} (pid {answer.pid}) answers on {socket.path},"
-            f" up {answer.uptime_s:.0f}s",
+            f" up {answer.uptime_s:.0f}s{profile}",
         )
     detail = str(answer)
     if isinstance(answer, PermissionDeniedError):
