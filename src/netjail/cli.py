@@ -16,17 +16,14 @@ from typing import Any, BinaryIO, NoReturn, TypeVar
 import click
 import msgspec
 
-from netjail import console
+from netjail import console, eventview
 from netjail import protocol as p
-from netjail.client import DEFAULT_SOCKET, Client, default_socket
+from netjail.client import DEFAULT_SOCKET, Client, EventStream, default_socket
 from netjail.console import EXIT_NETJAIL, say
 from netjail.errors import ExecError, NetjailError
 from netjail.relay import Sink
 from netjail.text import sanitize_argv
 from netjail.units import parse_cpus, parse_duration, parse_size
-
-#: Most often `events --follow` prints counts that grew.
-REFRESH_S = 1.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -392,8 +389,6 @@ def _open_events(where: str | None) -> int:
 def events(ctx: click.Context, job: str | None, follow: bool, history: bool, as_json: bool) -> None:
     """Show events of your jobs (root: all jobs): those seen so far, or with --follow the new
     ones as they happen, one line per destination and its count, kept up to date."""
-    from netjail import eventview  # noqa: PLC0415
-
     # The daemon sends its history first, then new events: those first seen before we asked
     # are that history (the wall clock is the daemon's, on this same machine).
     since = time.time() if follow and not history else None
@@ -402,19 +397,19 @@ def events(ctx: click.Context, job: str | None, follow: bool, history: bool, as_
 
     def show(event: p.Event) -> None:
         if as_json:
-            _print(msgspec.json.encode(event).decode())
+            click.echo(msgspec.json.encode(event).decode())
             return
         if not follow:
-            _print(f"{event.time} {event.job} {eventview.format_event(event)}")
+            click.echo(f"{event.time} {event.job} {eventview.format_event(event)}")
             return
         line = board.add(event)
         if line is not None:
-            _print(f"{event.time} {event.job} {line.text()}")
+            click.echo(f"{event.time} {event.job} {line.text()}")
             line.shown = line.count
 
     def refresh() -> None:
         for line in board.grown():
-            _print(f"{line.latest.time} {line.latest.job} {line.text()}")
+            click.echo(f"{line.latest.time} {line.latest.job} {line.text()}")
             line.shown = line.count
 
     stream = _client(ctx).open_events(job, follow=follow)
@@ -422,7 +417,7 @@ def events(ctx: click.Context, job: str | None, follow: bool, history: bool, as_
     with stream, contextlib.suppress(KeyboardInterrupt):
         while True:
             now = time.monotonic()
-            wait = None if not board.grown() else max(0.0, refreshed + REFRESH_S - now)
+            wait = None if not board.grown() else max(0.0, refreshed + console.REFRESH_S - now)
             if not stream.buffered and not _readable(stream, wait):
                 refresh()
                 refreshed = time.monotonic()
@@ -432,7 +427,7 @@ def events(ctx: click.Context, job: str | None, follow: bool, history: bool, as_
                     return
                 if since is None or _seen_at(message.event) >= since:
                     show(message.event)
-            if time.monotonic() - refreshed >= REFRESH_S:
+            if time.monotonic() - refreshed >= console.REFRESH_S:
                 refresh()
                 refreshed = time.monotonic()
 
@@ -442,17 +437,12 @@ def _seen_at(event: p.Event) -> float:
     try:
         return datetime.fromisoformat(event.time).timestamp() + 0.001
     except ValueError:
-        return time.time()
+        return time.time()  # no time to tell by: shown, as new
 
 
-def _readable(stream: Any, timeout: float | None) -> bool:
+def _readable(stream: EventStream, timeout: float | None) -> bool:
     ready, _, _ = select.select([stream], [], [], timeout)
     return bool(ready)
-
-
-def _print(text: str) -> None:
-    """One line on stdout."""
-    click.echo(text)
 
 
 @main.command()

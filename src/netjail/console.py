@@ -42,7 +42,7 @@ EXIT_SHUTDOWN = 143
 
 #: A second SIGINT within this many seconds of the first kills the job (SIGKILL).
 SECOND_INTERRUPT_S = 2.0
-#: Most often live counts are refreshed on a terminal.
+#: Most often counts that grew are printed again (`run` on a terminal, `events --follow`).
 REFRESH_S = 1.0
 #: How long the job's last output may take to come out of the relay once the job has ended.
 DRAIN_S = 2.0
