@@ -184,3 +184,7 @@ class JobManager:
         for job in running:
             with contextlib.suppress(Exception):
                 await job.finished
+            # And until each jail is gone: the loop ends when this returns, and an undo still
+            # queued then (a netns delete, a cgroup removal) would never run, while the later
+            # ones (the lease, the record) would, hiding the leftover from recovery.
+            await job.removed.wait()

@@ -161,8 +161,9 @@ async def start_job(
         async with AsyncExitStack() as always_cleanup, AsyncExitStack() as cleanup_on_fail:
             feed = open_feed(cleanup_on_fail, ctx, job_id, spec, sink)
             write_record(cleanup_on_fail, ctx, job_id, netns_name, started_wall)  # 1
-            user = lease_uid(cleanup_on_fail, ctx, job_id, spec)  # 2
-            cgroup = await make_cgroup(cleanup_on_fail, ctx, job_id, spec)  # 3
+            removal = CgroupRemoval()
+            user = lease_uid(cleanup_on_fail, ctx, job_id, spec, removal)  # 2
+            cgroup = await make_cgroup(cleanup_on_fail, ctx, job_id, spec, removal)  # 3
             marks.mark()
             inside = await build_jail(cleanup_on_fail, ctx, job_id, netns_name, spec)  # 4
             inode = ctx.host.netns_inode(netns_name)
@@ -244,25 +245,59 @@ def write_record(
     stack.callback(ctx.records.remove, job_id)
 
 
-def lease_uid(stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec) -> FixedUser:
+@dataclass
+class CgroupRemoval:
+    """Whether the job's cgroup could not be removed: then its uid stays leased (a process of
+    the job may still hold it) until recovery at the next start removes the cgroup."""
+
+    failed: bool = False
+
+
+def lease_uid(
+    stack: AsyncExitStack,
+    ctx: JailContext,
+    job_id: str,
+    spec: JobSpec,
+    removal: CgroupRemoval,
+) -> FixedUser:
     """2. Who the job runs as. A leased uid goes back only after the cgroup is gone (its undo
-    runs after the cgroup's), so no process of this job can still hold it."""
+    runs after the cgroup's, and not at all if that failed), so no process of this job can
+    still hold it."""
     if isinstance(spec.user, FixedUser):
         return spec.user
     lease = ctx.uids.lease(job_id)
-    stack.callback(ctx.uids.release, lease)
+
+    def release() -> None:
+        if removal.failed:
+            ctx.log("warning", "uid kept leased: the job's cgroup is still there", uid=lease.uid)
+            return
+        ctx.uids.release(lease)
+
+    stack.callback(release)
     return FixedUser(lease.uid, lease.gid)
 
 
 async def make_cgroup(
-    stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec
+    stack: AsyncExitStack,
+    ctx: JailContext,
+    job_id: str,
+    spec: JobSpec,
+    removal: CgroupRemoval,
 ) -> JobCgroupHandle:
     """3. The job's cgroup with its limits (defaults for pids and memory come from the spec)."""
     limits = cgroups.Limits(
         memory_bytes=spec.limits.memory_bytes, cpus=spec.limits.cpus, pids=spec.limits.pids
     )
     cgroup = await asyncio.to_thread(ctx.host.create_cgroup, job_id, limits)
-    _push_undo(stack, ctx, "cgroup", _in_thread(_kill_and_remove, cgroup))
+
+    async def remove() -> None:
+        try:
+            await asyncio.to_thread(_kill_and_remove, cgroup)
+        except BaseException:
+            removal.failed = True
+            raise
+
+    _push_undo(stack, ctx, "cgroup", remove)
     return cgroup
 
 
