@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, BinaryIO, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -31,26 +31,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _fail(message: str, code: int = EXIT_NETJAIL) -> NoReturn:
     say(message)
     sys.exit(code)
-
-
-def _reason(error: Exception) -> str:
-    """The OS's words for ``error``; a path with a NUL byte (ValueError) is no file at all."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return "not a usable path" if isinstance(error, ValueError) else str(error)
-
-
-def _open_report(path: str | None) -> BinaryIO | None:
-    """Where --report goes, opened now: a path that cannot be written fails before the job
-    runs (exit 125), not after it, when the report would be lost."""
-    if path is None:
-        return None
-    try:
-        if path == "-":
-            return os.fdopen(os.dup(1), "wb")
-        return open(path, "wb")
-    except (OSError, ValueError) as e:
-        _fail(f"--report {path}: {_reason(e)}")
 
 
 def _client(ctx: click.Context) -> Client:
@@ -151,18 +131,6 @@ _memory = _parsed(parse_size, minimum=p.MIN_MEMORY_BYTES, maximum=2**62, bounds=
 _cpus = _parsed(parse_cpus, maximum=p.MAX_CPUS, bounds=f"at most {p.MAX_CPUS:g}")
 _timeout = _parsed(parse_duration, maximum=p.MAX_TIMEOUT_S, bounds="at most 30 days (720h)")
 _kill_grace = _parsed(parse_duration, maximum=p.MAX_KILL_GRACE_S, bounds="at most 1h")
-
-
-def _stdio_fds() -> list[int]:
-    fds = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
-            # A closed stdio fd: the job gets /dev/null there instead.
-            fds.append(os.open(os.devnull, os.O_RDWR))
-    return fds
 
 
 # Options after COMMAND belong to COMMAND (`netjail run ls -l`), as with sudo or timeout.
@@ -308,17 +276,15 @@ def run(
     when netjaild stopped while the job ran (stderr says so); 125 when netjail itself failed;
     126/127 when the command could not be executed / was not found; 2 for a usage error.
     """
-    report_out = _open_report(report_path)
-    sink = None
-    if not quiet:
-        fd = _open_events(events_to)
-        sink = Sink(fd)
     try:
+        # Opened before the job: a bad path fails now, not once the job has run.
+        report_out = console.open_report(report_path)
+        sink = None if quiet else Sink(console.open_events(events_to))
         mounts = [p.parse_bind(b, "rw") for b in binds] + [p.parse_bind(b, "ro") for b in ro_binds]
         request = p.RunRequest(
             argv=list(command),
             env=_parse_env(env),
-            cwd=cwd or _current_directory(),
+            cwd=cwd or console.current_directory(),
             cwd_fallback="error" if cwd else "home",
             binds=mounts,
             hostname=hostname,
@@ -340,41 +306,12 @@ def run(
             choice="all" if verbose else "blocked",
             deny=deny,
         )
-        end = console.run_job(_client(ctx), request, _stdio_fds(), display)
+        end = console.run_job(_client(ctx), request, console.stdio_fds(), display)
     except ExecError as e:
         _fail(str(e), e.exit_code)
     except NetjailError as e:
         _fail(str(e))
     sys.exit(console.conclude(end, report_out))
-
-
-def _current_directory() -> str:
-    try:
-        return os.getcwd()
-    except OSError as e:
-        _fail(f"the current directory cannot be used ({e.strerror}): cd elsewhere or use --cwd DIR")
-
-
-def _open_events(where: str | None) -> int:
-    """The file descriptor --events names, opened now, so that a bad one fails before the job
-    runs (exit 125)."""
-    if where is None:
-        return 2
-    if where == "-":
-        return 1
-    if where.startswith("fd:"):
-        number = where.removeprefix("fd:")
-        if not (number.isdigit() and len(number) < 10):
-            _fail(f"--events {where}: use fd:N, N a file descriptor number, e.g. fd:3")
-        try:
-            os.fstat(int(number))
-        except OSError as e:
-            _fail(f"--events {where}: file descriptor {int(number)} is not open ({e.strerror})")
-        return int(number)
-    try:
-        return os.open(where, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-    except (OSError, ValueError) as e:
-        _fail(f"--events {where}: {_reason(e)}")
 
 
 @main.command()
