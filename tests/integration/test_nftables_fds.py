@@ -9,6 +9,7 @@ the real jail ruleset into it through netjail.kernel.nftables.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -40,6 +41,7 @@ def helper_facts():
     with open(f"/proc/{pid}/limits") as f:
         soft = next(line.split()[3] for line in f if line.startswith("Max open files"))
     return {
+        "helper_pid": pid,
         "helper_netns": os.stat(f"/proc/{pid}/ns/net").st_ino,
         "helper_fds": len(os.listdir(f"/proc/{pid}/fd")),
         "helper_soft_nofile": int(soft),
@@ -76,7 +78,8 @@ def run_script(work: str) -> dict[str, object]:
 
 def test_a_ruleset_loads_while_the_process_holds_fds_above_1023() -> None:
     """With 1,100 fds open (the select() abort before), the jail's table is loaded in its
-    netns, and the helper lives in the daemon's netns with a soft fd limit of 1024."""
+    netns; the helper lives in the daemon's netns with a soft fd limit of 1024, and is gone
+    once the process exits."""
     result = run_script(
         """
         held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
@@ -95,6 +98,8 @@ def test_a_ruleset_loads_while_the_process_holds_fds_above_1023() -> None:
     assert result["helper_soft_nofile"] == 1024
     assert isinstance(result["helper_fds"], int)
     assert result["helper_fds"] < 16
+    # Stopped and reaped when the process exits (no zombie left for an init that may not reap).
+    assert not os.path.exists(f"/proc/{result['helper_pid']}")
 
 
 def test_running_out_of_fds_fails_the_load_and_the_process_lives_on() -> None:

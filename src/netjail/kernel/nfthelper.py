@@ -25,6 +25,7 @@ of the socket closes, which also happens when the daemon dies.
 from __future__ import annotations
 
 import array
+import atexit
 import contextlib
 import ctypes
 import os
@@ -356,6 +357,8 @@ def _describe_exit(status: int | None) -> str:
 
 
 _helper = NftHelper()
+# Reaped at exit: its parent is gone after that, and not every init reaps orphans.
+atexit.register(_helper.close)
 
 
 def load_in_calling_netns(text: str) -> None:
