@@ -38,14 +38,6 @@ def load_base() -> Iterator[str]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def stop_when_idle(daemon: Daemon) -> None:
-    """Stop the daemon once its jobs are gone (listed until their jails are): a SIGTERM before
-    cuts their teardown short (JobManager.shutdown awaits reports only; reported)."""
-    with contextlib.suppress(NetjailError):
-        until(lambda: Client(daemon.socket, timeout=10).ps() == [])
-    stop_daemon(daemon)
-
-
 def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         kib = next(line.split()[1] for line in f if line.startswith("VmRSS:"))
@@ -107,7 +99,7 @@ def test_300_unread_ps_replies_keep_the_daemons_rss_within_its_bound(load_base: 
     finally:
         for held in holders:
             held.close()
-        stop_when_idle(daemon)
+        stop_daemon(daemon)
     assert daemon.process.returncode == 0, daemon.log()
 
 
@@ -202,7 +194,7 @@ def test_a_connection_flood_at_1024_fds_leaves_the_daemon_serving(
         assert log.count("refused a connection over the per-uid limit") == 1
         assert daemon.process.poll() is None
     finally:
-        stop_when_idle(daemon)
+        stop_daemon(daemon)
     assert daemon.process.returncode == 0, daemon.log()
 
 
