@@ -382,7 +382,9 @@ class JobCgroup:
         still cannot be removed.
         """
         deadline = time.monotonic() + _REMOVE_RETRY_S
-        for top in self.directories:
+        # The directory processes are listed and killed through goes last: a crash half-way
+        # must leave recovery the handle it kills the rest with.
+        for top in reversed(self.directories):
             # Bottom-up, in case the job made cgroups of its own below its cgroup.
             for cgroup in reversed(self._fs.list_tree(top)):
                 self._remove_one(cgroup, deadline)
