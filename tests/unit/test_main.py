@@ -804,3 +804,18 @@ def test_main_that_cannot_start_says_why_and_exits_1(tmp_path: Path, start_up: S
     assert start_up.config_paths == [None]
     assert start_up.forkserver.closed == 1
     assert start_up.served == []
+
+
+def test_the_fd_limit_is_raised_to_the_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soft RLIMIT_NOFILE becomes the hard one; an already raised limit is left alone."""
+    calls: list[tuple[int, tuple[int, int]]] = []
+    limits = {"now": (1024, 65536)}
+    monkeypatch.setattr(main_module.resource, "getrlimit", lambda kind: limits["now"])
+    monkeypatch.setattr(
+        main_module.resource, "setrlimit", lambda kind, value: calls.append((kind, value))
+    )
+    main_module.raise_fd_limit()
+    assert calls == [(main_module.resource.RLIMIT_NOFILE, (65536, 65536))]
+    limits["now"] = (65536, 65536)
+    main_module.raise_fd_limit()
+    assert len(calls) == 1

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import grp
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -273,6 +274,7 @@ def main(
             "netjaild: must run as root (it builds network namespaces and firewalls)", err=True
         )
         sys.exit(1)
+    raise_fd_limit()
     # First, while this process has one thread: every job is forked from this helper.
     try:
         forkserver = ForkServer.start()
@@ -352,6 +354,15 @@ def _check_backends(config: Config) -> kmsg.KmsgReader | None:
     # be set from the initial network namespace (not from a container).
     kmsg.enable_nf_log_all_netns()
     return kmsg.KmsgReader()
+
+
+def raise_fd_limit() -> None:
+    """Take the hard RLIMIT_NOFILE as the soft one: every running job holds ~9 fds and every
+    connection one, and the default soft limit (1024) would end the daemon's service at about
+    a hundred jobs. (The helpers it starts set their own, lower limits.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def make_homes_dir(state_dir: str) -> str:
