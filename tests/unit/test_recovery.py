@@ -87,3 +87,19 @@ def test_a_record_is_written_and_removed(tmp_path: Path) -> None:
     records.remove("j-0000dddd")
     assert os.listdir(records.directory) == []
     assert oct(os.stat(records.directory).st_mode & 0o777) == "0o700"
+
+
+def test_a_lease_stays_held_while_its_job_is_not_cleaned_up(tmp_path: Path) -> None:
+    """A job whose leftovers could not be removed keeps its uid; a lease with no record goes."""
+    records = StateRecords(str(tmp_path))
+    records.write("j-0000aaaa", "netjail-j-0000aaaa", 1.0)
+    leases = _leases(tmp_path)
+    stuck, orphan = leases.lease("j-0000aaaa"), leases.lease("j-0000bbbb")
+    host = FakeJailHost()
+    host.leftovers_cgroups = ["j-0000aaaa"]
+    host.fail_at = "remove_leftover_cgroup"
+    # A new start: the leases on disk are a crashed run's.
+    removed = recover(host, records, Logged(), _leases(tmp_path), str(tmp_path / "homes"))
+    assert removed == [f"uid {orphan.uid} of j-0000bbbb"]
+    reopened = _leases(tmp_path)
+    assert [lease.uid for lease in reopened.recover()] == [stuck.uid]

@@ -75,6 +75,7 @@ def recover(
     leases = {lease.job_id: lease for lease in uids.recover()}
     leftover_cgroups = set(host.leftover_cgroups())
     leftover_netns = set(host.leftover_netns())
+    unclean: set[str] = set()
     for job_id, netns_name in records.read_all(log):
         clean = True
         if job_id in leftover_cgroups:
@@ -106,10 +107,12 @@ def recover(
                 uids.release(lease)
                 removed.append(f"uid {lease.uid} of {job_id}")
             records.remove(job_id)
+        else:
+            unclean.add(job_id)
     for lease in leases.values():
         # Leased after its record was written and released before it was removed, so a lease
         # with no record is one whose job was cleaned up but not released: nothing holds it.
-        if lease.job_id not in {job for job, _ in records.read_all(log)}:
+        if lease.job_id not in unclean:
             uids.release(lease)
             removed.append(f"uid {lease.uid} of {lease.job_id}")
     return removed
