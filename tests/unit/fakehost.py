@@ -187,8 +187,11 @@ class FakeJailHost:
         self._maybe_fail("remove_leftover_cgroup")
         self.leftovers_cgroups.remove(job_id)
 
-    def cgroup_marker(self) -> str:
-        return "/netjail/j-"
+    def in_job_cgroup(self, proc_cgroup_text: str) -> bool:
+        # As CgroupManager.in_job_cgroup, for the parent cgroup "netjail".
+        return any(
+            "/netjail/j-" in line.split(":", 2)[-1] + "/" for line in proc_cgroup_text.splitlines()
+        )
 
     # ------------------------------------------------------------------ netns
 

@@ -187,9 +187,11 @@ def test_a_peer_in_another_netns_is_jailed_by_its_cgroup_only(
     monkeypatch.setattr(server_module, "namespace_inode", lambda pid, kind: 1)
     me = PeerCred(pid=os.getpid(), uid=0, gid=0)
     try:
-        monkeypatch.setattr(daemon.host, "cgroup_marker", lambda: "/netjail-no-such-parent/j-")
+        monkeypatch.setattr(daemon.host, "in_job_cgroup", lambda text: False)
         assert daemon.server.jailed(me) is False
-        monkeypatch.setattr(daemon.host, "cgroup_marker", own_cgroup_first_line)
+        monkeypatch.setattr(
+            daemon.host, "in_job_cgroup", lambda text: own_cgroup_first_line() in text
+        )
         assert daemon.server.jailed(me) is True
     finally:
         daemon.close()
@@ -201,7 +203,7 @@ def test_a_peer_whose_cgroup_cannot_be_read_is_jailed(
     """A peer in another netns whose /proc/PID/cgroup is unreadable (gone) is jailed."""
     daemon = make_daemon(str(tmp_path))
     monkeypatch.setattr(server_module, "namespace_inode", lambda pid, kind: 1)
-    monkeypatch.setattr(daemon.host, "cgroup_marker", lambda: "/netjail-no-such-parent/j-")
+    monkeypatch.setattr(daemon.host, "in_job_cgroup", lambda text: False)
     try:
         # Above the kernel's PID_MAX_LIMIT: no such process can exist.
         assert daemon.server.jailed(PeerCred(pid=(1 << 22) + 1, uid=0, gid=0)) is True

@@ -62,8 +62,7 @@ class JobManager:
             return True
         if any(netns_inode == job.netns_inode for job in self.jobs.values()):
             return True
-        marker = self.ctx.host.cgroup_marker()
-        return any(marker in line for line in cgroup_text.splitlines())
+        return self.ctx.host.in_job_cgroup(cgroup_text)
 
     # ------------------------------------------------------------------ start
 

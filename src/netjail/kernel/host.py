@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from netjail.errors import JailError, map_os_errors
-from netjail.jobid import JOB_ID_PREFIX
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, listeners, netns, nflog, pathcheck, rootfs, syscalls
 from netjail.kernel.backends import FirewallBackend, LogBackend
@@ -87,7 +86,7 @@ class JailHost(Protocol):
 
     def remove_leftover_cgroup(self, job_id: str) -> None: ...
 
-    def cgroup_marker(self) -> str: ...
+    def in_job_cgroup(self, proc_cgroup_text: str) -> bool: ...
 
     # network namespaces
     def in_new_netns(self, name: str, work: Callable[[], T]) -> Future[T]: ...
@@ -156,9 +155,9 @@ class KernelJailHost:
         leftover.kill_all()
         leftover.remove()
 
-    def cgroup_marker(self) -> str:
-        """What a line of /proc/PID/cgroup contains when PID is in one of our job cgroups."""
-        return f"/{self._cgroups.parent_name}/{JOB_ID_PREFIX}"
+    def in_job_cgroup(self, proc_cgroup_text: str) -> bool:
+        """Whether a /proc/PID/cgroup text puts its process in one of our job cgroups."""
+        return self._cgroups.in_job_cgroup(proc_cgroup_text)
 
     # ------------------------------------------------------------------ netns
 
