@@ -23,6 +23,8 @@ from netjail import Client
 from netjail.mountinfo import unescape
 from netjail.protocol import Report
 
+from .upstream import Upstream, upstream_servers
+
 TEST_USER = "netjail-test"
 TEST_GROUP = "netjail"
 
@@ -396,3 +398,15 @@ def no_leaks(client: Client) -> Iterator[None]:
     # HOMEs are named <job>, leases <uid>.<job>.
     left = state_leftovers(serving.state_dir)
     assert [p for p in left if os.path.basename(p).rpartition(".")[2] in ours] == []
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    """HTTP and TLS upstreams in a test netns, for the policy tests of one module."""
+    # Private to root: jobs see only the CA certificate, bound into them (Upstream.ca_bind).
+    directory = tempfile.mkdtemp(prefix="netjail-up-", dir="/run")
+    try:
+        with upstream_servers(directory) as up:
+            yield up
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -7,11 +7,8 @@ them through --add-host, the only way a test name gets an address (there is no i
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import pytest
 from netjail import Client, Event, JobResult
 
 from .conftest import Daemon
-from .upstream import UPSTREAM_ADDR, Upstream, upstream_servers
+from .upstream import UPSTREAM_ADDR, Upstream
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -32,17 +29,6 @@ def client(backend_daemon: Daemon) -> Client:
 
 PY = "/usr/bin/python3"
 API = "api.example.test"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    # Private to root: jobs see only the CA certificate, bound into them (Upstream.ca_bind).
-    directory = tempfile.mkdtemp(prefix="netjail-up-", dir="/run")
-    try:
-        with upstream_servers(directory) as up:
-            yield up
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def run(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -20,7 +18,7 @@ import pytest
 from netjail import Client, Event, JobResult
 
 from .test_policy import API, PY, by_kind, run
-from .upstream import Upstream, upstream_servers
+from .upstream import Upstream
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -41,17 +39,6 @@ except ConnectionResetError:
 """
 
 ATTACKER = "other.example.test"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    # Private to root: jobs see only the CA certificate, bound into them (Upstream.ca_bind).
-    directory = tempfile.mkdtemp(prefix="netjail-up-", dir="/run")
-    try:
-        with upstream_servers(directory) as up:
-            yield up
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def send(
