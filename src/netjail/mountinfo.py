@@ -1,4 +1,4 @@
-"""Reading cgroup mounts out of /proc/<pid>/mountinfo (pure).
+"""Reading mounts, and cgroup mounts, out of /proc/<pid>/mountinfo (pure).
 
 Shared by the daemon's cgroup manager and by ``netjail doctor``, which, being client side,
 may not import anything under ``netjail.kernel``.
@@ -49,19 +49,42 @@ def unescape(field: str) -> str:
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def parse_cgroup_mounts(mountinfo_text: str) -> list[CgroupMount]:
-    """The cgroup and cgroup2 mounts listed in a mountinfo text, in order."""
+class Mount(NamedTuple):
+    """One line of a mountinfo text: the fields netjail reads."""
+
+    #: The path inside the mounted file system that is the mount's root.
+    root: str
+    mount_point: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def parse_mounts(mountinfo_text: str) -> list[Mount]:
+    """The mounts listed in a mountinfo text, in order; lines that are not mounts are skipped."""
     mounts = []
     for line in mountinfo_text.splitlines():
         fields = line.split(" ")
         # Optional fields (shared:, master:) vary in number; a lone "-" ends them.
         try:
             sep = fields.index("-", 6)
-            fstype, super_options = fields[sep + 1], fields[sep + 3]
-        except (ValueError, IndexError):
+            fstype, source, super_options = fields[sep + 1 : sep + 4]
+        except ValueError:
             continue
-        if fstype not in ("cgroup", "cgroup2"):
-            continue
-        controllers = frozenset(o for o in super_options.split(",") if o in V1_CONTROLLERS)
-        mounts.append(CgroupMount(fstype, unescape(fields[3]), unescape(fields[4]), controllers))
+        root, mount_point = unescape(fields[3]), unescape(fields[4])
+        mounts.append(Mount(root, mount_point, fstype, source, super_options))
     return mounts
+
+
+def parse_cgroup_mounts(mountinfo_text: str) -> list[CgroupMount]:
+    """The cgroup and cgroup2 mounts listed in a mountinfo text, in order."""
+    return [
+        CgroupMount(
+            m.fstype,
+            m.root,
+            m.mount_point,
+            frozenset(o for o in m.super_options.split(",") if o in V1_CONTROLLERS),
+        )
+        for m in parse_mounts(mountinfo_text)
+        if m.fstype in ("cgroup", "cgroup2")
+    ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from netjail import Client
-from netjail.mountinfo import unescape
+from netjail.mountinfo import parse_mounts
 from netjail.protocol import Report
 
 from .upstream import Upstream, upstream_servers
@@ -108,16 +108,13 @@ def home_mounts(under: str) -> list[str]:
     Read from this process's mount namespace, which is every daemon's: none is started in a
     mount namespace of its own.
     """
-    found = []
     with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ")
-            # Optional fields (shared:, master:) vary in number; a lone "-" ends them.
-            sep = fields.index("-", 6)
-            mount_point, source = unescape(fields[4]), fields[sep + 2]
-            if source == "netjail-home" and (mount_point + "/").startswith(under + "/"):
-                found.append(mount_point)
-    return found
+        mounts = parse_mounts(f.read())
+    return [
+        m.mount_point
+        for m in mounts
+        if m.source == "netjail-home" and (m.mount_point + "/").startswith(under + "/")
+    ]
 
 
 def state_leftovers(state_dir: str) -> list[str]:

@@ -15,7 +15,7 @@ from netjail.doctor.host import (
     root_fstype,
 )
 from netjail.doctor.result import Check, format_checks
-from netjail.mountinfo import CgroupMount, parse_cgroup_mounts
+from netjail.mountinfo import CgroupMount, Mount, parse_cgroup_mounts, parse_mounts
 
 
 def lines(check: Check) -> list[str]:
@@ -320,4 +320,16 @@ def test_pivot_root_in_a_chroot_or_without_mountinfo_warns() -> None:
     assert lines(check_pivot_root(None)) == [
         "warn  pivot_root: cannot read /proc/self/mountinfo",
         "  fix: nothing, if jobs start; otherwise see that / is a mount other than rootfs",
+    ]
+
+
+def test_parse_mounts_reads_each_field_unescaped_and_skips_other_lines() -> None:
+    """Each mount line gives root, mount point, type, source and options; junk lines are skipped."""
+    text = (
+        "36 35 98:0 /a\\040b /mnt/x\\040y rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"
+        "not a mountinfo line\n"
+        "40 35 0:9 / /short rw - tmpfs\n"
+    )
+    assert parse_mounts(text) == [
+        Mount("/a b", "/mnt/x y", "ext3", "/dev/root", "rw,errors=continue")
     ]

@@ -14,7 +14,7 @@ import errno
 from collections.abc import Mapping, Sequence
 
 from netjail.doctor.result import Check
-from netjail.mountinfo import CgroupMount, unescape
+from netjail.mountinfo import CgroupMount, parse_mounts
 
 ALL_NETNS_FIX = (
     "sysctl -w net.netfilter.nf_log_all_netns=1"
@@ -214,18 +214,8 @@ def check_nf_log_all_netns(value: str | None, initial: bool | None) -> Check:
 
 def root_fstype(mountinfo_text: str) -> str | None:
     """The file system type of the mount this process sees at ``/`` (the last one listed)."""
-    # The same field layout netjail.mountinfo reads for cgroup mounts; it has no general parser.
-    fstype = None
-    for line in mountinfo_text.splitlines():
-        fields = line.split(" ")
-        # Optional fields (shared:, master:) vary in number; a lone "-" ends them.
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) > sep + 1 and unescape(fields[4]) == "/":
-            fstype = fields[sep + 1]
-    return fstype
+    roots = [m.fstype for m in parse_mounts(mountinfo_text) if m.mount_point == "/"]
+    return roots[-1] if roots else None
 
 
 def check_pivot_root(mountinfo_text: str | None) -> Check:
