@@ -241,12 +241,6 @@ def test_argv_up_to_the_exec_bound_reaches_the_job_and_past_it_is_refused(
     }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="kernel/spawn.py sends each spawn on its non-blocking socket and fails the job on "
-    "EAGAIN: started together, ~10 KB plans overflow the socket's 208 KiB send buffer "
-    "(reported to the spawn owner)",
-)
 def test_concurrent_starts_with_large_command_lines_all_start(
     daemon: Daemon, no_leaks: None
 ) -> None:

@@ -7,7 +7,6 @@ tests/integration/test_nftables_fds.py.
 
 from __future__ import annotations
 
-import array
 import os
 import signal
 import socket
@@ -20,6 +19,7 @@ import pytest
 
 from netjail.errors import FirewallError
 from netjail.kernel import nfthelper
+from netjail.kernel.fdpass import sealed_payload, send_with_fds
 from netjail.kernel.nfthelper import NftHelper
 
 from .daemonfakes import open_fds
@@ -86,14 +86,11 @@ def alive(pid: int) -> bool:
 
 
 def send_load(sock: socket.socket, seq: int, fds: list[int]) -> None:
-    data = nfthelper._encode(nfthelper._Load(seq=seq))
-    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    send_with_fds(sock, nfthelper._encode(nfthelper._Load(seq=seq)), fds)
 
 
 def text_memfd(text: str) -> int:
-    fd = os.memfd_create("ruleset", os.MFD_CLOEXEC)
-    os.write(fd, text.encode())
-    return fd
+    return sealed_payload("ruleset", text.encode())
 
 
 def test_serve_hands_the_loader_the_netns_fd_and_the_memfd_text_and_closes_both() -> None:
@@ -144,6 +141,32 @@ def test_serve_refuses_a_request_without_both_fds() -> None:
         ours.close()
         server.join(10)
         theirs.close()
+
+
+def test_serve_refuses_a_ruleset_memfd_that_is_not_sealed() -> None:
+    """A ruleset in a memfd the sender could still change is refused, not loaded."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    loaded: list[str] = []
+
+    def loader(netns_fd: int, text: str) -> None:
+        loaded.append(text)
+
+    server = threading.Thread(target=nfthelper.serve, args=(theirs, loader))
+    server.start()
+    try:
+        netns_fd, memfd = own_netns_fd(), os.memfd_create("ruleset", os.MFD_CLOEXEC)
+        os.write(memfd, b"table inet netjail {}")
+        send_load(ours, 3, [netns_fd, memfd])
+        os.close(netns_fd)
+        os.close(memfd)
+        assert nfthelper._outcome_decoder.decode(ours.recv(65536)) == nfthelper._Outcome(
+            seq=3, error="unreadable ruleset: the payload memfd is not sealed"
+        )
+    finally:
+        ours.close()
+        server.join(10)
+        theirs.close()
+    assert loaded == []
 
 
 # ---------------------------------------------------------------------- NftHelper

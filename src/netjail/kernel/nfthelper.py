@@ -24,7 +24,6 @@ of the socket closes, which also happens when the daemon dies.
 
 from __future__ import annotations
 
-import array
 import atexit
 import contextlib
 import ctypes
@@ -41,6 +40,7 @@ import msgspec
 
 from netjail.errors import FirewallError, map_os_errors
 from netjail.kernel import syscalls
+from netjail.kernel.fdpass import read_payload, recv_with_fds, sealed_payload, send_with_fds
 
 #: How long the daemon waits for one ruleset to be loaded (it takes about 1 ms).
 ANSWER_TIMEOUT_S = 10.0
@@ -49,6 +49,8 @@ _FD_SETSIZE = 1024
 #: The longest error text an outcome carries (the first line of libnftables' message).
 _MAX_ERROR = 2000
 _MAX_DATAGRAM = 65536
+#: The largest ruleset text the helper reads (a jail's is a few KiB; a huge policy, some MiB).
+_MAX_RULESET = 64 << 20
 
 
 class _Load(msgspec.Struct, frozen=True, tag="load"):
@@ -140,29 +142,11 @@ def load_in_netns(lib: Libnftables, home_fd: int) -> Loader:
     return load
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
-    fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(4 * fds.itemsize))
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % fds.itemsize
-            fds.frombytes(payload[:usable])
-    return data, list(fds)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def serve(sock: socket.socket, load: Loader) -> None:
     """Answer ``_Load`` requests until the other end closes (then return)."""
     while True:
         try:
-            data, fds = _recv(sock)
+            data, fds = recv_with_fds(sock, _MAX_DATAGRAM, 4)
         except InterruptedError:
             continue
         if not data:
@@ -175,7 +159,12 @@ def serve(sock: socket.socket, load: Loader) -> None:
                 error: str | None = f"expected a netns fd and a ruleset memfd, got {len(fds)} fds"
             else:
                 netns_fd, text_fd = fds
-                error = load(netns_fd, _read_all(text_fd).decode())
+                try:
+                    text = read_payload(text_fd, _MAX_RULESET).decode()
+                except (ValueError, UnicodeDecodeError) as e:
+                    error = f"unreadable ruleset: {e}"
+                else:
+                    error = load(netns_fd, text)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -232,12 +221,8 @@ class NftHelper:
         in force (refused by nftables, or the helper ended or hung: then a new one starts)."""
         with self._lock:
             with map_os_errors(FirewallError, "cannot hand the ruleset to the nftables helper"):
-                memfd = os.memfd_create("netjail-ruleset", os.MFD_CLOEXEC)
+                memfd = sealed_payload("netjail-ruleset", text.encode())
             try:
-                with map_os_errors(FirewallError, "cannot hand the ruleset to the nftables helper"):
-                    view = memoryview(text.encode())
-                    while view:
-                        view = view[os.write(memfd, view) :]
                 self._seq += 1
                 sock = self._send(_Load(seq=self._seq), [netns_fd, memfd])
             finally:
@@ -250,11 +235,10 @@ class NftHelper:
         """Send to the running helper; if it has ended since the last ruleset (nothing of this
         one reached it), start a new one and send once more."""
         data = _encode(request)
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         for attempt in range(2):
             sock = self._running()
             try:
-                sock.sendmsg([data], ancillary)
+                send_with_fds(sock, data, fds)
             except OSError as e:
                 self._stop()
                 if attempt:

@@ -16,12 +16,15 @@ signals never reach a recycled pid.
 
 Messages are typed msgspec structs (``_ToServer``, ``_FromServer``), one per datagram of a
 SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with SCM_RIGHTS). Both ends are
-ours: the daemon validated everything before it got here.
+ours: the daemon validated everything before it got here. A job's plan, which carries its argv
+and env (up to the protocol's bound), travels in a sealed memfd passed with the datagram
+(``netjail.kernel.fdpass``), so every datagram is a few bytes and many jobs started at once
+never fill the socket; should they still, a spawn waits in an outbox until the socket is
+writable again, in order, rather than fail.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -30,21 +33,27 @@ import selectors
 import signal
 import socket
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
 
-from netjail.errors import ExecError, SpawnError
+from netjail.errors import ExecError, SpawnError, map_os_errors
 from netjail.kernel import syscalls
-from netjail.kernel.jailinit import ExecHook, read_job_exit, spawn_job
+from netjail.kernel.fdpass import read_payload, recv_with_fds, sealed_payload, send_with_fds
+from netjail.kernel.jailinit import ExecHook, StartedJob, read_job_exit, spawn_job
 from netjail.kernel.jobplan import JobPlan, SpawnFailure
 from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
 from netjail.protocol import MAX_BINDS
 
-_MAX_MESSAGE = 1 << 21
-#: Fds one spawn message may carry: the job's stdio and one per bind source.
-_MAX_SPAWN_FDS = 3 + MAX_BINDS + 8
+#: Every datagram is small: what may be large (a job's plan) comes in a memfd.
+_MAX_MESSAGE = 1 << 16
+#: The largest plan the fork server reads: argv and env are bounded at 120 KiB by the protocol,
+#: the binds' paths by MAX_BINDS; this leaves ample room and still bounds a reader's memory.
+_MAX_PLAN = 16 << 20
+#: Fds one spawn message may carry: the plan's memfd, the job's stdio and one per bind source.
+_MAX_SPAWN_FDS = 1 + 3 + MAX_BINDS + 8
 
 
 class ExitStatus(msgspec.Struct, frozen=True):
@@ -58,10 +67,10 @@ class ExitStatus(msgspec.Struct, frozen=True):
 
 
 class _Spawn(msgspec.Struct, frozen=True, tag="spawn"):
-    """Start ``plan``; the message's fds are the job's stdio (3), then its bind sources."""
+    """Start a job. The message's fds: a sealed memfd holding its ``JobPlan`` (msgpack), the
+    job's stdio (3), then its bind sources."""
 
     id: int
-    plan: JobPlan
 
 
 class _Spawned(msgspec.Struct, frozen=True, tag="spawned"):
@@ -85,28 +94,29 @@ _ToServer = _Spawn
 _FromServer = _Spawned | _SpawnFailed | _Exited
 _to_server = msgspec.msgpack.Decoder(_ToServer)
 _from_server = msgspec.msgpack.Decoder(_FromServer)
+_plans = msgspec.msgpack.Decoder(JobPlan)
 _encode = msgspec.msgpack.encode
 
 
-def _send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = None) -> None:
-    data = _encode(message)
-    if fds:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    else:
-        sock.send(data)
+def _send(sock: socket.socket, message: msgspec.Struct, fds: Sequence[int] = ()) -> None:
+    send_with_fds(sock, _encode(message), fds)
 
 
 def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One datagram and the fds that came with it; b"" when the other end closed."""
-    fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(
-        _MAX_MESSAGE, socket.CMSG_SPACE(_MAX_SPAWN_FDS * fds.itemsize)
-    )
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % fds.itemsize
-            fds.frombytes(payload[:usable])
-    return data, list(fds)
+    return recv_with_fds(sock, _MAX_MESSAGE, _MAX_SPAWN_FDS)
+
+
+def _start_job(message: _Spawn, fds: list[int]) -> StartedJob | SpawnFailure:
+    """Read the plan from the message's memfd and start the job with the fds after it."""
+    if len(fds) < 4:
+        detail = f"expected a plan and 3 stdio fds, got {len(fds)} fds"
+        return SpawnFailure(stage="plan", errno=0, detail=detail)
+    try:
+        plan = _plans.decode(read_payload(fds[0], _MAX_PLAN))
+    except (ValueError, msgspec.DecodeError) as e:
+        return SpawnFailure(stage="plan", errno=0, detail=f"unreadable plan: {e}")
+    return spawn_job(plan, fds[1:4], fds[4:], _HOOKS)
 
 
 # ---------------------------------------------------------------- the fork server process
@@ -168,7 +178,7 @@ def _serve(sock: socket.socket) -> None:
                 os._exit(0)
             try:
                 message = _to_server.decode(data)
-                outcome = spawn_job(message.plan, fds[:3], fds[3:], _HOOKS)
+                outcome = _start_job(message, fds)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -206,6 +216,15 @@ class SpawnedJob:
             self.pidfd = -1
 
 
+@dataclass(frozen=True)
+class _Outgoing:
+    """A spawn request waiting for room in the socket; ``sent`` is done once it was sent."""
+
+    data: bytes
+    fds: list[int]
+    sent: asyncio.Future[None]
+
+
 class ForkServer:
     """The daemon's handle on the fork server process."""
 
@@ -216,6 +235,7 @@ class ForkServer:
         self._pending: dict[int, asyncio.Future[SpawnedJob]] = {}
         self._exits: dict[int, ExitStatus] = {}
         self._waiters: dict[int, asyncio.Future[ExitStatus]] = {}
+        self._outbox: deque[_Outgoing] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -280,9 +300,17 @@ class ForkServer:
             future.set_exception(SpawnError("fork server sent no pidfd"))
 
     def _fail_all(self, error: Exception) -> None:
-        for future in list(self._pending.values()) + list(self._waiters.values()):
+        if self._outbox and self._loop is not None:
+            self._loop.remove_writer(self._sock.fileno())
+        futures: list[
+            asyncio.Future[None] | asyncio.Future[SpawnedJob] | asyncio.Future[ExitStatus]
+        ]
+        futures = [request.sent for request in self._outbox]
+        futures += [*self._pending.values(), *self._waiters.values()]
+        for future in futures:
             if not future.done():
                 future.set_exception(error)
+        self._outbox.clear()
         self._pending.clear()
         self._waiters.clear()
 
@@ -295,16 +323,62 @@ class ForkServer:
         """
         if self._loop is None:
             raise SpawnError("fork server not attached to the event loop")
-        self._next_id += 1
-        future: asyncio.Future[SpawnedJob] = self._loop.create_future()
-        self._pending[self._next_id] = future
-        message = _Spawn(id=self._next_id, plan=plan)
+        with map_os_errors(SpawnError, "cannot hand the job's plan to the fork server"):
+            plan_fd = sealed_payload("netjail-plan", _encode(plan))
         try:
-            _send(self._sock, message, [*stdio, *source_fds])
-        except OSError as e:
-            self._pending.pop(self._next_id, None)
-            raise SpawnError(f"cannot reach the fork server: {e.strerror}") from None
+            self._next_id += 1
+            spawn_id = self._next_id
+            request = _Outgoing(
+                data=_encode(_Spawn(id=spawn_id)),
+                fds=[plan_fd, *stdio, *source_fds],
+                sent=self._loop.create_future(),
+            )
+            future: asyncio.Future[SpawnedJob] = self._loop.create_future()
+            self._pending[spawn_id] = future
+            try:
+                await self._deliver(self._loop, request)
+            except BaseException:
+                self._pending.pop(spawn_id, None)
+                raise
+        finally:
+            os.close(plan_fd)
         return await future
+
+    async def _deliver(self, loop: asyncio.AbstractEventLoop, request: _Outgoing) -> None:
+        """Send now, or, when the socket is full, queue behind earlier spawns until it drains.
+
+        The caller keeps the fds open until this returns; a cancelled wait never sends them.
+        """
+        if not self._outbox:
+            try:
+                send_with_fds(self._sock, request.data, request.fds)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise SpawnError(f"cannot reach the fork server: {e.strerror}") from None
+        if not self._outbox:
+            loop.add_writer(self._sock.fileno(), self._flush)
+        self._outbox.append(request)
+        await request.sent
+
+    def _flush(self) -> None:
+        while self._outbox:
+            request = self._outbox[0]
+            if not request.sent.done():  # else its spawn was cancelled: its fds may be closed
+                try:
+                    send_with_fds(self._sock, request.data, request.fds)
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    request.sent.set_exception(
+                        SpawnError(f"cannot reach the fork server: {e.strerror}")
+                    )
+                else:
+                    request.sent.set_result(None)
+            self._outbox.popleft()
+        if self._loop is not None:
+            self._loop.remove_writer(self._sock.fileno())
 
     async def wait(self, pid: int) -> ExitStatus:
         """Wait for job ``pid`` to exit."""
