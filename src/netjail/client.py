@@ -12,7 +12,6 @@ fast and works unprivileged.
 from __future__ import annotations
 
 import array
-import os
 import socket as socket_module
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -20,16 +19,19 @@ from typing import Literal
 import msgspec
 
 from netjail import protocol as p
-from netjail.errors import (
-    DaemonConnectionError,
-    ProtocolError,
-    error_for_code,
-)
+from netjail import session
+from netjail.errors import ProtocolError
+from netjail.session import DEFAULT_SOCKET, SOCKET_ENV, default_socket
 
-DEFAULT_SOCKET = "/run/netjail/netjail.sock"
-SOCKET_ENV = "NETJAIL_SOCKET"
-#: Daemon frames can be large (a report with captured output and many events).
-MAX_REPLY_BYTES = 64 << 20
+__all__ = [
+    "DEFAULT_SOCKET",
+    "SOCKET_ENV",
+    "Client",
+    "EventStream",
+    "JobResult",
+    "RunningJob",
+    "default_socket",
+]
 
 
 # A Struct rather than a dataclass: msgspec is loaded anyway, and dataclasses (with copy and
@@ -85,15 +87,6 @@ class JobResult(msgspec.Struct, frozen=True):
         return self.exit_code if self.exit_code is not None else -1
 
 
-def default_socket() -> str:
-    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-
-
-def _reason(error: Exception) -> str:
-    """The OS's words for ``error`` (some OSErrors, such as a socket path too long, have none)."""
-    return (error.strerror if isinstance(error, OSError) else None) or str(error)
-
-
 class _Connection:
     def __init__(self, path: str, timeout: float | None) -> None:
         self.sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
@@ -103,27 +96,19 @@ class _Connection:
         except (OSError, ValueError) as e:
             # ValueError: a path with a NUL byte, which no socket can have.
             self.sock.close()
-            hint = (
-                "are you root or in the netjail group?"
-                if isinstance(e, PermissionError)
-                else "is netjaild running?"
-            )
-            raise DaemonConnectionError(
-                f"cannot connect to {path}: {_reason(e)} ({hint})"
-            ) from None
-        self.frames = p.FrameBuffer(MAX_REPLY_BYTES)
-        self.pending: list[bytes] = []
+            raise session.connect_error(path, e) from None
+        self.replies = session.ReplyReader()
         try:
-            self.send(p.Hello(version=p.PROTOCOL_VERSION, client="netjail-python"))
-            reply = self.recv()
-            if not isinstance(reply, p.HelloReply):
-                raise ProtocolError(f"expected hello from the daemon, got {type(reply).__name__}")
+            self._send_frame(session.hello_frame("netjail-python"))
+            session.expect(self.recv(), p.HelloReply, "hello")
         except BaseException:
             self.sock.close()
             raise
 
-    def send(self, message: msgspec.Struct, fds: Sequence[int] = ()) -> None:
-        data = p.encode_message(message)
+    def send(self, message: p.Request, fds: Sequence[int] = ()) -> None:
+        self._send_frame(p.encode_request(message), fds)
+
+    def _send_frame(self, data: bytes, fds: Sequence[int] = ()) -> None:
         try:
             if fds:
                 ancillary = [
@@ -135,48 +120,30 @@ class _Connection:
             else:
                 self.sock.sendall(data)
         except OSError as e:
-            raise DaemonConnectionError(f"lost the connection to netjaild: {_reason(e)}") from None
+            raise session.lost_error(e) from None
 
     def recv(self) -> p.Reply:
         """The next message, waiting for it as long as the socket's timeout allows."""
-        while not self.pending:
-            self.pending.extend(self._read())
-        return self._decode(self.pending.pop(0))
+        while not self.replies.buffered:
+            self._read()
+        return self.replies.next_reply()
 
     def receive(self) -> list[p.Reply]:
         """The messages one read brings (none while a frame is still partial), after those
         already received. A daemon error is raised in its turn: the messages before it are
         returned first, and the error is raised by the next call."""
-        if not self.pending:
-            self.pending.extend(self._read())
-        messages: list[p.Reply] = []
-        while self.pending:
-            reply = p.decode_reply(self.pending[0])
-            if isinstance(reply, p.ErrorMessage) and messages:
-                break
-            self.pending.pop(0)
-            messages.append(self._checked(reply))
-        return messages
+        if not self.replies.buffered:
+            self._read()
+        return self.replies.take_replies()
 
-    def _read(self) -> list[bytes]:
+    def _read(self) -> None:
         try:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(session.RECV_BYTES)
         except TimeoutError:
-            raise DaemonConnectionError("timed out waiting for netjaild") from None
+            raise session.timeout_error() from None
         except OSError as e:
-            raise DaemonConnectionError(f"lost the connection to netjaild: {_reason(e)}") from None
-        if not data:
-            raise DaemonConnectionError("netjaild closed the connection")
-        return self.frames.feed(data)
-
-    def _decode(self, frame: bytes) -> p.Reply:
-        return self._checked(p.decode_reply(frame))
-
-    @staticmethod
-    def _checked(reply: p.Reply) -> p.Reply:
-        if isinstance(reply, p.ErrorMessage):
-            raise error_for_code(reply.code, reply.message, reply.exit_code)
-        return reply
+            raise session.lost_error(e) from None
+        self.replies.feed(data)
 
     def close(self) -> None:
         self.sock.close()
@@ -196,7 +163,7 @@ class _Stream:
     def buffered(self) -> bool:
         """Whether messages were received with earlier ones and not returned yet: the socket
         does not announce them again, but ``receive`` returns them without waiting."""
-        return bool(self._conn.pending)
+        return self._conn.replies.buffered
 
     def _receive(self) -> list[p.Reply]:
         return self._conn.receive()
@@ -291,6 +258,7 @@ class Client:
         binds: Sequence[p.BindMount] = (),
         hostname: str | None = None,
         cwd_fallback: Literal["error", "home"] = "error",
+        stdin: bytes | None = None,
         on_event: Callable[[p.Event], None] | None = None,
         on_start: Callable[[str, int], None] | None = None,
         on_cwd: Callable[[str], None] | None = None,
@@ -306,6 +274,8 @@ class Client:
         are host paths the job sees (``BindMount``; read-only unless ``access="rw"``), opened
         with this client's credentials. ``cwd_fallback="home"`` starts the job in its HOME when
         ``cwd`` is not in the jail's view, and then calls ``on_cwd`` with where it started.
+        ``stdin`` (with ``stdio="capture"``, at most ``protocol.MAX_STDIN_BYTES``) is what the
+        job reads on its stdin, then EOF.
         """
         request = p.RunRequest(
             argv=list(argv),
@@ -327,6 +297,7 @@ class Client:
             binds=list(binds),
             hostname=hostname,
             cwd_fallback=cwd_fallback,
+            stdin=stdin,
         )
         with self.start(request, fds if stdio == "fds" else ()) as job:
             if on_start is not None:
@@ -350,9 +321,7 @@ class Client:
         conn = self._connect()
         try:
             conn.send(request, list(fds))
-            started = conn.recv()
-            if not isinstance(started, p.Started):
-                raise ProtocolError(f"expected started, got {type(started).__name__}")
+            started = session.expect(conn.recv(), p.Started, "started")
         except BaseException:
             conn.close()
             raise
@@ -380,7 +349,7 @@ class Client:
         conn.sock.settimeout(None if follow else self.timeout)
         return EventStream(conn)
 
-    def _ask(self, request: msgspec.Struct) -> p.Reply:
+    def _ask(self, request: p.Request) -> p.Reply:
         conn = self._connect()
         try:
             conn.send(request)
@@ -390,17 +359,11 @@ class Client:
 
     def ps(self) -> list[p.JobInfo]:
         """Running jobs the caller may see."""
-        reply = self._ask(p.PsRequest())
-        if not isinstance(reply, p.PsReply):
-            raise ProtocolError(f"expected ps, got {type(reply).__name__}")
-        return reply.jobs
+        return session.expect(self._ask(p.PsRequest()), p.PsReply, "ps").jobs
 
     def status(self) -> p.StatusReply:
         """The daemon's version, uptime and counters."""
-        reply = self._ask(p.StatusRequest())
-        if not isinstance(reply, p.StatusReply):
-            raise ProtocolError(f"expected status, got {type(reply).__name__}")
-        return reply
+        return session.expect(self._ask(p.StatusRequest()), p.StatusReply, "status")
 
     def kill(self, job: str, signal: int = 15) -> None:
         """Send ``signal`` to a job's main process (SIGKILL: to all its processes)."""

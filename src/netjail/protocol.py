@@ -3,7 +3,8 @@
 Pure: no I/O. One JSON object per line over a Unix stream socket, in both directions. The
 client sends ``hello`` first; the daemon answers ``hello`` with its protocol version. A ``run``
 request may carry the client's stdin/stdout/stderr as SCM_RIGHTS ancillary data on the same
-``sendmsg`` as the frame (``stdio: "fds"``).
+``sendmsg`` as the frame (``stdio: "fds"``), or, with ``stdio: "capture"``, its stdin as bytes
+in the frame (``stdin``, base64 in JSON), so that a client without fd passing can feed a job.
 
 Requests are decoded strictly (unknown fields, wrong types, unknown ops and oversize frames are
 errors); daemon messages are decoded leniently by clients, so that a newer daemon may add
@@ -28,6 +29,9 @@ MAX_FDS = 3
 #: Most captured bytes per stream a library client may ask for.
 MAX_CAPTURE_BYTES = 16 << 20
 DEFAULT_CAPTURE_BYTES = 1 << 20
+#: Most bytes a run request's ``stdin`` payload may hold. Base64 makes it 4/3 as large in the
+#: frame (699,052 bytes), which leaves a third of ``MAX_FRAME_BYTES`` for the rest of the request.
+MAX_STDIN_BYTES = 512 << 10
 #: Bounds of a run request's limits (the CLI checks the same ones before sending).
 MIN_MEMORY_BYTES = 1 << 20
 MAX_CPUS = _UNITS_MAX_CPUS
@@ -131,6 +135,9 @@ class RunRequest(_Request, tag="run"):
     #: What to do when ``cwd`` is not in the jail's view: fail ("error"), or start in the job's
     #: HOME ("home", what the CLI asks for its own working directory).
     cwd_fallback: Literal["error", "home"] = "error"
+    #: Bytes the job reads on its stdin (a pipe, closed after them), with stdio "capture"; at
+    #: most MAX_STDIN_BYTES. None: its stdin is /dev/null.
+    stdin: bytes | None = None
 
     def __post_init__(self) -> None:
         # Raised as is by both decoding and construction, so the client fails before sending.
@@ -140,6 +147,22 @@ class RunRequest(_Request, tag="run"):
                 f"argv and env together must be under {MAX_EXEC_BYTES} bytes (as execve counts "
                 f"them: each string, its NUL and its pointer); these are {size}"
             )
+        if self.stdin is not None:
+            check_stdin(self.stdin, self.stdio)
+
+
+def check_stdin(data: bytes, stdio: str) -> None:
+    """A run request's stdin payload as the protocol bounds it; ProtocolError otherwise."""
+    if stdio != "capture":
+        raise ProtocolError(
+            f'a stdin payload needs stdio "capture" (this request has "{stdio}"); with "fds" '
+            "the job reads the passed stdin instead"
+        )
+    if len(data) > MAX_STDIN_BYTES:
+        raise ProtocolError(
+            f"stdin payload of {len(data)} bytes is over the {MAX_STDIN_BYTES}-byte bound "
+            '(512 KiB): pass larger input through a file (binds) or stdio "fds"'
+        )
 
 
 def exec_size(argv: list[str], env: dict[str, str]) -> int:
@@ -356,6 +379,18 @@ _reply_decoder = msgspec.json.Decoder(Reply)
 def encode_message(message: msgspec.Struct) -> bytes:
     """Encode one message as a frame: compact JSON and a newline."""
     return _encoder.encode(message) + b"\n"
+
+
+def encode_request(request: Request) -> bytes:
+    """Encode a client request as a frame; ProtocolError when it is over ``MAX_FRAME_BYTES``,
+    which the daemon would refuse (and close the connection)."""
+    frame = encode_message(request)
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(
+            f"request of {len(frame)} bytes is over the protocol's {MAX_FRAME_BYTES}-byte frame "
+            "bound: send less argv, env or stdin"
+        )
+    return frame
 
 
 def _describe(error: msgspec.MsgspecError) -> str:

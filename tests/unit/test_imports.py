@@ -16,6 +16,8 @@ PACKAGE = SRC / "netjail"
 #: Modules that make up the client side; none may reach the daemon or the kernel.
 CLIENT_SIDE = [
     "netjail.client",
+    "netjail.asyncclient",
+    "netjail.session",
     "netjail.cli",
     "netjail.console",
     "netjail.eventview",

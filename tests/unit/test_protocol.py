@@ -410,3 +410,45 @@ def test_requests_leave_default_fields_out() -> None:
     fields, so new ones left at their defaults must not be sent)."""
     frame = p.encode_message(p.RunRequest(argv=["true"]))
     assert json.loads(frame) == {"op": "run", "argv": ["true"]}
+
+
+def test_run_request_carries_a_stdin_payload_as_base64() -> None:
+    """A stdin payload (any bytes) goes out as base64 and decodes back to the same bytes."""
+    request = p.RunRequest(argv=["cat"], stdio="capture", stdin=b"\x00\xffline\n")
+    frame = p.encode_request(request)
+    assert json.loads(frame)["stdin"] == "AP9saW5lCg=="
+    assert p.decode_request(frame[:-1]) == request
+
+
+def test_stdin_payload_of_exactly_the_bound_is_accepted() -> None:
+    """MAX_STDIN_BYTES of stdin fit, and the frame stays under the frame bound."""
+    request = p.RunRequest(argv=["cat"], stdio="capture", stdin=bytes(p.MAX_STDIN_BYTES))
+    assert len(p.encode_request(request)) <= p.MAX_FRAME_BYTES
+
+
+def test_stdin_payload_over_the_bound_is_refused_by_name() -> None:
+    """One byte over MAX_STDIN_BYTES is a ProtocolError naming the bound, built or decoded."""
+    too_big = bytes(p.MAX_STDIN_BYTES + 1)
+    with pytest.raises(ProtocolError, match=r"stdin payload of 524289 bytes is over the 524288"):
+        p.RunRequest(argv=["cat"], stdio="capture", stdin=too_big)
+    request = {"op": "run", "argv": ["cat"], "stdio": "capture", "stdin": too_big}
+    frame = msgspec.json.encode(request)
+    with pytest.raises(ProtocolError, match=r"over the 524288-byte bound"):
+        p.decode_request(frame)
+
+
+@pytest.mark.parametrize("stdio", ["null", "fds"])
+def test_stdin_payload_needs_capture_mode(stdio: str) -> None:
+    """A stdin payload with stdio "null" or "fds" is refused, saying it needs "capture"."""
+    frame = _frame({"op": "run", "argv": ["cat"], "stdio": stdio, "stdin": "aGk="})
+    with pytest.raises(ProtocolError, match=r'a stdin payload needs stdio "capture"'):
+        p.decode_request(frame)
+
+
+def test_encode_request_refuses_a_frame_the_daemon_would_refuse() -> None:
+    """A request whose frame is over MAX_FRAME_BYTES fails before it is sent."""
+    request = p.RunRequest(
+        argv=["cat", "\x01" * 60000], stdio="capture", stdin=bytes(p.MAX_STDIN_BYTES)
+    )
+    with pytest.raises(ProtocolError, match=r"over the protocol's 1048576-byte frame bound"):
+        p.encode_request(request)

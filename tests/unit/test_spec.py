@@ -101,6 +101,13 @@ def test_stdio_modes() -> None:
     assert job_spec(request(stdio="null"), ROOT, Config()).stdio == PassedStdio()
 
 
+def test_capture_mode_carries_the_stdin_payload() -> None:
+    """A stdin payload reaches the spec with capture mode; without one, stdin stays None."""
+    asked = request(stdio="capture", capture_bytes=7, stdin=b"in\x00put")
+    assert job_spec(asked, ROOT, Config()).stdio == CapturedStdio(7, b"in\x00put")
+    assert job_spec(request(stdio="capture"), ROOT, Config()).stdio == CapturedStdio(1 << 20)
+
+
 def test_limits_take_defaults_and_maxima() -> None:
     """Unset limits take the defaults, or the maximum when there is no default."""
     settings = Limits(default_memory=1 << 30, default_pids=None, max_pids=64, kill_grace=2.0)

@@ -33,6 +33,7 @@ from netjail.daemon.proxy import Proxy
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.report import Capture
 from netjail.daemon.spec import FixedUser, JobSpec, PassedStdio
+from netjail.daemon.stdinfeed import open_stdin_feed
 from netjail.daemon.uids import UidLeases
 from netjail.dnsanswer import SYNTHETIC_NETWORK
 from netjail.errors import JailError, NetjailError
@@ -474,13 +475,17 @@ def start_dir(spec: JobSpec, fs: FsPlan) -> str:
 def wire_stdio(
     always: AsyncExitStack, stack: AsyncExitStack, spec: JobSpec, stdio: list[int]
 ) -> tuple[list[int], tuple[Capture, ...]]:
-    """11. The child's fds 0-2: the client's own, or /dev/null and two capture pipes."""
+    """11. The child's fds 0-2: the client's own, or /dev/null (or a pipe fed the request's
+    stdin payload) and two capture pipes."""
     if isinstance(spec.stdio, PassedStdio):
         return stdio, ()
     limit = spec.stdio.limit
-    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    always.callback(os.close, null)
-    child = [null]
+    if spec.stdio.stdin is not None:
+        child = [open_stdin_feed(always, stack, spec.stdio.stdin)]
+    else:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        always.callback(os.close, null)
+        child = [null]
     captures = []
     loop = asyncio.get_running_loop()
     for _ in range(2):

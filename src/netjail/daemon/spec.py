@@ -54,9 +54,10 @@ class PassedStdio:
 @dataclass(frozen=True)
 class CapturedStdio:
     """The job's stdout and stderr are captured, up to ``limit`` bytes each, into the report;
-    its stdin is /dev/null."""
+    its stdin is a pipe that gives ``stdin`` and then EOF, or /dev/null when that is None."""
 
     limit: int
+    stdin: bytes | None = None
 
 
 #: How the job's stdio is wired ("null" requests arrive as passed /dev/null fds).
@@ -213,7 +214,9 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
         kill_grace=request.kill_grace_s,
     )
     stdio: StdioMode = (
-        CapturedStdio(request.capture_bytes) if request.stdio == "capture" else PassedStdio()
+        CapturedStdio(request.capture_bytes, request.stdin)
+        if request.stdio == "capture"
+        else PassedStdio()
     )
     return JobSpec(
         argv=list(request.argv),
