@@ -204,6 +204,48 @@ _kill_grace = _parsed(parse_duration, maximum=p.MAX_KILL_GRACE_S, bounds="at mos
     help="Connect NAME to IP instead of resolving it (may be private) (repeatable).",
 )
 @click.option(
+    "--intercept",
+    multiple=True,
+    metavar="NAME",
+    help="Allow NAME (as --allow NAME) and see its HTTP inside TLS: the job trusts a CA of "
+    "its own (repeatable).",
+)
+@click.option(
+    "--mock",
+    "mocks",
+    multiple=True,
+    metavar="'METHOD NAME/GLOB=STATUS[:BODY|:@FILE]'",
+    help="Answer matching requests without the upstream; intercepts NAME (repeatable).",
+)
+@click.option(
+    "--deny-request",
+    "deny_requests",
+    multiple=True,
+    metavar="'METHOD NAME/GLOB'",
+    help="Refuse matching requests with a 403; intercepts NAME (repeatable).",
+)
+@click.option(
+    "--allow-request",
+    "allow_requests",
+    multiple=True,
+    metavar="'METHOD NAME/GLOB'",
+    help="Allow matching requests; NAME's other requests get a 403 (repeatable).",
+)
+@click.option(
+    "--redact",
+    multiple=True,
+    metavar="NAME:REGEX|NAME:@secrets",
+    help="Remove matches from NAME's responses (bodies and headers) (repeatable).",
+)
+@click.option(
+    "--inject-header",
+    "inject_headers",
+    multiple=True,
+    metavar="NAME:Header=VALUE",
+    help="Add a header to requests to NAME; $VAR is taken from this shell, never seen by the "
+    "job (repeatable).",
+)
+@click.option(
     "--bind",
     "binds",
     multiple=True,
@@ -254,6 +296,12 @@ def run(
     allow: tuple[str, ...],
     deny: tuple[str, ...],
     add_hosts: tuple[str, ...],
+    intercept: tuple[str, ...],
+    mocks: tuple[str, ...],
+    deny_requests: tuple[str, ...],
+    allow_requests: tuple[str, ...],
+    redact: tuple[str, ...],
+    inject_headers: tuple[str, ...],
     binds: tuple[str, ...],
     ro_binds: tuple[str, ...],
     hostname: str | None,
@@ -299,6 +347,12 @@ def run(
             allow=list(allow),
             deny=list(deny),
             add_hosts=list(add_hosts),
+            intercept=list(intercept),
+            mocks=console.expand_mocks(mocks),
+            deny_requests=list(deny_requests),
+            allow_requests=list(allow_requests),
+            redact=list(redact),
+            inject_headers=console.expand_headers(inject_headers),
         )
         display = console.Display(
             sink,

@@ -259,6 +259,12 @@ class Client:
         hostname: str | None = None,
         cwd_fallback: Literal["error", "home"] = "error",
         stdin: bytes | None = None,
+        intercept: Sequence[str] = (),
+        mocks: Sequence[str] = (),
+        deny_requests: Sequence[str] = (),
+        allow_requests: Sequence[str] = (),
+        redact: Sequence[str] = (),
+        inject_headers: Sequence[str] = (),
         on_event: Callable[[p.Event], None] | None = None,
         on_start: Callable[[str, int], None] | None = None,
         on_cwd: Callable[[str], None] | None = None,
@@ -276,6 +282,12 @@ class Client:
         ``cwd`` is not in the jail's view, and then calls ``on_cwd`` with where it started.
         ``stdin`` (with ``stdio="capture"``, at most ``protocol.MAX_STDIN_BYTES``) is what the
         job reads on its stdin, then EOF.
+
+        Interception (README, "Seeing inside TLS"): ``intercept`` names whose TLS the proxy
+        terminates; ``mocks`` ("METHOD NAME/PATHGLOB=STATUS[:BODY]"), ``deny_requests`` and
+        ``allow_requests`` ("METHOD NAME/PATHGLOB"), ``redact`` ("NAME:REGEX",
+        "NAME:@secrets") and ``inject_headers`` ("NAME:Header=VALUE", the value as it is: no
+        ``$VAR`` or ``@FILE`` expansion here) each intercept their name too.
         """
         request = p.RunRequest(
             argv=list(argv),
@@ -298,6 +310,12 @@ class Client:
             hostname=hostname,
             cwd_fallback=cwd_fallback,
             stdin=stdin,
+            intercept=list(intercept),
+            mocks=list(mocks),
+            deny_requests=list(deny_requests),
+            allow_requests=list(allow_requests),
+            redact=list(redact),
+            inject_headers=list(inject_headers),
         )
         with self.start(request, fds if stdio == "fds" else ()) as job:
             if on_start is not None:

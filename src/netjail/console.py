@@ -110,6 +110,31 @@ def open_report(path: str | None) -> BinaryIO | None:
         raise RequestError(f"--report {path}: {_reason(e)}") from None
 
 
+def expand_mocks(mocks: Sequence[str]) -> list[str]:
+    """--mock options with each ``:@FILE`` body read now (UTF-8 text; RequestError, exit 125)."""
+    if not mocks:
+        return []
+    from netjail.httppolicy import expand_mock_file  # noqa: PLC0415 - only runs that mock
+
+    def read(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, ValueError) as e:
+            raise RequestError(f"--mock body @{path}: {_reason(e)}") from None
+
+    return [expand_mock_file(text, read) for text in mocks]
+
+
+def expand_headers(injections: Sequence[str]) -> list[str]:
+    """--inject-header options with ``$VAR`` taken from this process's environment."""
+    if not injections:
+        return []
+    from netjail.httppolicy import expand_header_value  # noqa: PLC0415 - only runs that inject
+
+    return [expand_header_value(text, os.environ) for text in injections]
+
+
 def open_events(where: str | None) -> int:
     """The file descriptor --events names (FILE, ``-`` for stdout, ``fd:N``; default stderr),
     opened now, so that a bad one fails before the job runs (RequestError, exit 125)."""

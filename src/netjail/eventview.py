@@ -41,6 +41,8 @@ def format_event(event: Event) -> str:
     uid=65534 out=517 in=6120``, ``redirected udp 8.8.8.8:53 uid=65534 (foreign_resolver)``,
     ``blocked dns query (short_header)``.
     """
+    if event.kind == "http":
+        return _format_request(event)
     if event.kind == "dns" and event.via == "dns":
         # A query too broken to have a name (or a type) reads "blocked dns query (malformed)".
         text = f"{event.verdict} dns {sanitize(event.domain) if event.domain else 'query'}"
@@ -65,6 +67,29 @@ def format_event(event: Event) -> str:
     return text
 
 
+def _format_request(event: Event) -> str:
+    """``mocked POST api.stripe.com/v1/customers 201``, ``blocked GET api.example.com/admin 403
+    (deny_request): --deny-request GET api.example.com/admin*``."""
+    text = f"{event.verdict} {_request(event)}"
+    if event.status is not None:
+        text += f" {event.status}"
+    if event.verdict == "allowed" and event.bytes_in is not None:
+        text += f" out={event.bytes_out} in={event.bytes_in}"
+    if event.reason:
+        text += f" ({sanitize(event.reason)})"
+    if event.count > 1:
+        text += f" x{event.count}"
+    if event.detail and event.verdict == "blocked":
+        text += f": {sanitize(event.detail)}"
+    return text
+
+
+def _request(event: Event) -> str:
+    """``POST api.stripe.com/v1/customers``."""
+    method = sanitize(event.method or "?", 32)
+    return f"{method} {sanitize(event.domain or '?')}{sanitize(event.path or '', 200)}"
+
+
 def _where(event: Event) -> str:
     """``name (address):port``, ``address:port``, ``[v6 address]:port`` or a bare address."""
     dst = sanitize(event.dst) if event.dst else "?"
@@ -83,6 +108,17 @@ def line_key(event: Event) -> Hashable:
     if event.kind == "dns":
         reason = event.reason if event.verdict == "blocked" else None
         return ("dns", event.job, event.verdict, event.domain, reason)
+    if event.kind == "http":
+        return (
+            "http",
+            event.job,
+            event.verdict,
+            event.method,
+            event.domain,
+            event.path,
+            event.status,
+            event.reason,
+        )
     return (
         "egress",
         event.job,
@@ -201,7 +237,10 @@ def summarize_blocked(events: Iterable[Event], deny: Sequence[str] = ()) -> str 
     """
     destinations: dict[str, _Destination] = {}
     for line in board_of(e for e in events if e.verdict == "blocked").lines():
-        label, hint = _destination(line.first)
+        # A refused request names its rule in its own line; no --allow would help it.
+        label, hint = (
+            (_request(line.first), None) if line.first.kind == "http" else _destination(line.first)
+        )
         destination = destinations.get(label)
         if destination is None:
             destination = destinations[label] = _Destination(label, hint)

@@ -146,6 +146,10 @@ class NameRule:
         prefix = "*." if self.wildcard else ""
         return f"{prefix}{self.name}:{_format_ports(self.ports)}"
 
+    def matches(self, name: str) -> bool:
+        """Whether the canonical ``name`` is this rule's, whatever the port."""
+        return name.endswith("." + self.name) if self.wildcard else name == self.name
+
 
 @dataclass(frozen=True, slots=True)
 class CidrRule:

@@ -53,6 +53,10 @@ _Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFE)]
 _Signal = Annotated[int, msgspec.Meta(ge=1, le=64)]
 _Rule = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 _Path = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+#: A --mock: its rule and status, and a body of at most 256 KiB.
+_Mock = Annotated[str, msgspec.Meta(min_length=1, max_length=(256 << 10) + 1024)]
+#: An --inject-header: a name, a header and a value of at most 8 KiB.
+_Injection = Annotated[str, msgspec.Meta(min_length=1, max_length=(8 << 10) + 512)]
 #: Most --bind/--ro-bind mounts one request may ask for.
 MAX_BINDS = 64
 #: RFC 1123 host name labels, as sethostname and the jail's /etc/hostname take them.
@@ -138,6 +142,15 @@ class RunRequest(_Request, tag="run"):
     #: Bytes the job reads on its stdin (a pipe, closed after them), with stdio "capture"; at
     #: most MAX_STDIN_BYTES. None: its stdin is /dev/null.
     stdin: bytes | None = None
+    #: HTTP inside TLS (README, "Seeing inside TLS"): names whose TLS the proxy terminates,
+    #: and per-request rules, each of which intercepts its name too. Texts as on the CLI, with
+    #: mock bodies and header values already expanded.
+    intercept: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
+    mocks: Annotated[list[_Mock], msgspec.Meta(max_length=256)] = []
+    deny_requests: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
+    allow_requests: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
+    redact: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
+    inject_headers: Annotated[list[_Injection], msgspec.Meta(max_length=256)] = []
 
     def __post_init__(self) -> None:
         # Raised as is by both decoding and construction, so the client fails before sending.
@@ -193,10 +206,12 @@ class EventsRequest(_Request, tag="events"):
 Request = Hello | RunRequest | KillRequest | PsRequest | StatusRequest | EventsRequest
 
 
-#: What an event is about: a packet or connection leaving the jail, or a DNS query.
-EventKind = Literal["egress", "dns"]
-#: What became of it. "redirected": a DNS packet to a foreign resolver, answered by the stub.
-Verdict = Literal["allowed", "blocked", "redirected"]
+#: What an event is about: a packet or connection leaving the jail, a DNS query, or one HTTP
+#: request on an intercepted connection.
+EventKind = Literal["egress", "dns", "http"]
+#: What became of it. "redirected": a DNS packet to a foreign resolver, answered by the stub;
+#: "mocked": an HTTP request answered by a --mock, without the upstream.
+Verdict = Literal["allowed", "blocked", "redirected", "mocked"]
 #: Who saw it: the kernel (NFLOG or the kernel log), the DNS stub, or the proxy.
 Via = Literal["nflog", "kmsg", "dns", "proxy"]
 
@@ -229,6 +244,12 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: One line for people: why, and the fix (e.g. which address the proxy refused and the
     #: --add-host that would allow it). Not part of what makes two events the same.
     detail: str | None = None
+    #: An "http" event's request: method, path (no query; bounded, sanitised), the status
+    #: the job got, and how long it took. ``bytes_out``/``bytes_in`` are its bodies.
+    method: str | None = None
+    path: str | None = None
+    status: int | None = None
+    duration_ms: float | None = None
 
 
 class AppliedLimits(msgspec.Struct, kw_only=True):
@@ -246,6 +267,8 @@ class DomainSummary(msgspec.Struct, kw_only=True):
 
     allowed: int = 0
     blocked: int = 0
+    #: HTTP requests answered by a --mock.
+    mocked: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
 

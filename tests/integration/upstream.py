@@ -10,6 +10,7 @@ with "hello from <Host>".
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.server
 import ipaddress
 import json
@@ -37,6 +38,8 @@ class Upstream:
     #: The test CA's certificate: a host file, so a job sees it only through ``ca_bind``.
     ca_file: str
     requests: list[str]
+    #: The headers of every GET (names in lower case), in order.
+    headers: list[dict[str, str]]
 
     @property
     def ca_bind(self) -> BindMount:
@@ -44,12 +47,30 @@ class Upstream:
         return BindMount(source=self.ca_file, access="ro")
 
 
+#: What GET /secret answers: a body and a header holding a Stripe-shaped live key.
+SECRET_KEY = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"  # noqa: S105 - a made-up key, to be redacted
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = f"hello from {self.headers.get('Host', '?')}\n".encode()
         self.server.requests.append(self.headers.get("Host", "?"))  # type: ignore[attr-defined]
+        seen = {name.lower(): value for name, value in self.headers.items()}
+        self.server.headers.append(seen)  # type: ignore[attr-defined]
+        extra: dict[str, str] = {}
+        if self.path.startswith("/secret"):
+            body = f"key={SECRET_KEY} card=4242 4242 4242 4242 ok\n".encode()
+            extra["X-Echo-Key"] = SECRET_KEY
+            if self.path == "/secret.gz":
+                body = gzip.compress(body)
+                extra["Content-Encoding"] = "gzip"
+        elif self.path.startswith("/big"):
+            body = b"x" * int(self.path.removeprefix("/big/") or "0")
+        else:
+            body = f"hello from {self.headers.get('Host', '?')}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in extra.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -160,6 +181,7 @@ def upstream_servers(directory: str) -> Iterator[Upstream]:
     subprocess.run(["ip", "netns", "add", name], check=True)
     servers: list[http.server.ThreadingHTTPServer] = []
     requests: list[str] = []
+    headers: list[dict[str, str]] = []
     try:
         subprocess.run(
             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if, "netns", name],
@@ -187,6 +209,7 @@ def upstream_servers(directory: str) -> Iterator[Upstream]:
                 for port, tls in ((80, False), (8080, False), (443, True), (8443, True)):
                     server = http.server.ThreadingHTTPServer((UPSTREAM_ADDR, port), _Handler)
                     server.requests = requests  # type: ignore[attr-defined]
+                    server.headers = headers  # type: ignore[attr-defined]
                     if tls:
                         server.socket = context.wrap_socket(server.socket, server_side=True)
                     servers.append(server)
@@ -204,7 +227,9 @@ def upstream_servers(directory: str) -> Iterator[Upstream]:
             raise failure[0]
         for server in servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
-        yield Upstream(netns=name, address=UPSTREAM_ADDR, ca_file=ca, requests=requests)
+        yield Upstream(
+            netns=name, address=UPSTREAM_ADDR, ca_file=ca, requests=requests, headers=headers
+        )
     finally:
         for server in servers:
             server.shutdown()

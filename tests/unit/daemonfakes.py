@@ -261,6 +261,7 @@ def make_daemon(
         uids=UidLeases(UidRange(70000, 70009), state_dir, frozenset()),
         homes_dir=os.path.join(state_dir, "homes"),
         resolv_conf=os.path.join(state_dir, "resolv.conf"),
+        trust_dir=os.path.join(state_dir, "trust"),
     )
     jobs = StubJobs(ctx)
     server = Server(

@@ -18,6 +18,7 @@ from netjail.daemon.config import (
     Jail,
     Limits,
     Policy,
+    Proxy,
     check_config,
     config_keys,
     find_problems,
@@ -491,12 +492,13 @@ def test_example_file_mentions_every_key() -> None:
 
 
 def test_config_keys_match_the_dataclasses() -> None:
-    """config_keys lists every field of Config, Limits, Policy and Jail."""
-    tables = ("limits", "policy", "jail")
+    """config_keys lists every field of Config, Limits, Policy, Jail and Proxy."""
+    tables = ("limits", "policy", "jail", "proxy")
     expected = [f.name for f in dataclasses.fields(Config) if f.name not in tables]
     expected += [f"limits.{f.name}" for f in dataclasses.fields(Limits)]
     expected += [f"policy.{f.name}" for f in dataclasses.fields(Policy)]
     expected += [f"jail.{f.name}" for f in dataclasses.fields(Jail)]
+    expected += [f"proxy.{f.name}" for f in dataclasses.fields(Proxy)]
     assert sorted(config_keys()) == sorted(expected)
 
 

@@ -74,6 +74,7 @@ def ctx(host: FakeJailHost, tmp_path: Path) -> JailContext:
         uids=UidLeases(UidRange(70000, 70009), str(tmp_path), frozenset()),
         homes_dir="/var/lib/netjail/homes",
         resolv_conf="/var/lib/netjail/resolv.conf",
+        trust_dir=str(tmp_path / "trust"),
     )
 
 

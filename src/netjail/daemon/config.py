@@ -33,6 +33,7 @@ from netjail.daemon.configvalues import (
     read_duration,
     read_group_name,
     read_host_name,
+    read_http_rules,
     read_pids,
     read_rules,
     read_size,
@@ -99,6 +100,23 @@ class Policy:
     default_allow: tuple[str, ...] = ()
     default_deny: tuple[str, ...] = ()
     blocked_dns_answer: BlockedDnsAnswer = "NXDOMAIN"
+    #: Interception (docs/POLICY.md): added to every job's, except default_allow_requests,
+    #: which, like default_allow, applies only to a job that names none of its own.
+    default_intercept: tuple[str, ...] = ()
+    default_mocks: tuple[str, ...] = ()
+    default_deny_requests: tuple[str, ...] = ()
+    default_allow_requests: tuple[str, ...] = ()
+    default_redact: tuple[str, ...] = ()
+    default_inject_headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """How the proxy reaches upstreams for intercepted names."""
+
+    #: A PEM file of the CAs upstream certificates are verified against; None: the host's
+    #: trust store.
+    upstream_ca: str | None = None
 
 
 def _no_hosts() -> Mapping[str, IPAddress]:
@@ -120,6 +138,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
     jail: Jail = field(default_factory=Jail)
+    proxy: Proxy = field(default_factory=Proxy)
     # Host name (lower case, no trailing dot) -> address; the proxy uses it instead of DNS.
     hosts: Mapping[str, IPAddress] = field(default_factory=_no_hosts)
 
@@ -129,10 +148,11 @@ def config_keys() -> list[str]:
 
     ``hosts`` is listed as one key: its entries are host names chosen by the operator.
     """
-    tables: dict[str, type[Limits | Policy | Jail]] = {
+    tables: dict[str, type[Limits | Policy | Jail | Proxy]] = {
         "limits": Limits,
         "policy": Policy,
         "jail": Jail,
+        "proxy": Proxy,
     }
     keys: list[str] = []
     for top in fields(Config):
@@ -233,7 +253,22 @@ def _read_policy(table: Table) -> Policy:
         # As in a request, a deny rule without ports means every port.
         default_deny=table.take("default_deny", read_rules(None), base.default_deny),
         blocked_dns_answer=cast("BlockedDnsAnswer", answer),
+        **{
+            name: table.take(name, read_http_rules(name), ())
+            for name in (
+                "default_intercept",
+                "default_mocks",
+                "default_deny_requests",
+                "default_allow_requests",
+                "default_redact",
+                "default_inject_headers",
+            )
+        },
     )
+
+
+def _read_proxy(table: Table) -> Proxy:
+    return Proxy(upstream_ca=table.take("upstream_ca", read_absolute_path, None))
 
 
 def _read_jail(table: Table) -> Jail:
@@ -253,7 +288,7 @@ def _read_jail(table: Table) -> Jail:
 def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
     top = Table(data, "", problems)
     limits, policy, hosts = top.subtable("limits"), top.subtable("policy"), top.subtable("hosts")
-    jail = top.subtable("jail")
+    jail, proxy = top.subtable("jail"), top.subtable("proxy")
     base = Config()
     config = Config(
         socket=top.take("socket", read_socket_path, base.socket),
@@ -274,8 +309,9 @@ def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
         policy=_read_policy(policy),
         hosts=_read_hosts(hosts),
         jail=_read_jail(jail),
+        proxy=_read_proxy(proxy),
     )
-    for table in (top, limits, policy, hosts, jail):
+    for table in (top, limits, policy, hosts, jail, proxy):
         table.reject_unknown()
     return config
 

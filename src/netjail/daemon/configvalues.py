@@ -203,6 +203,24 @@ def read_rules(default_ports: rules.PortSet) -> Callable[[object], tuple[str, ..
     return convert
 
 
+def read_http_rules(key: str) -> Callable[[object], tuple[str, ...]]:
+    """Texts of one interception option (``default_mocks``…), each checked by its parser."""
+    # Imported here: only a config that sets these keys needs the HTTP rule parsers.
+    from netjail.httppolicy import parse_http_policy  # noqa: PLC0415
+
+    option = key.removeprefix("default_")
+
+    def check(value: object) -> str:
+        text = read_string(value)
+        try:
+            parse_http_policy(**{option: [text]})
+        except RequestError as exc:
+            raise BadValueError(str(exc)) from None
+        return text
+
+    return read_array(check)
+
+
 # Sizes, durations and CPU counts obey the same rules as in a client's request (netjail.units),
 # so that every default the file sets is one a request could also ask for.
 

@@ -32,6 +32,9 @@ def event_key(event: Event) -> Hashable:
         event.domain,
         event.qtype,
         event.reason,
+        event.method,
+        event.path,
+        event.status,
     )
 
 

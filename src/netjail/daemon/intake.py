@@ -272,7 +272,7 @@ def _synthetic_name(pool: SyntheticPool, dst: str) -> str | None:
 
 
 def _count_domain(domains: dict[str, DomainSummary], event: Event) -> None:
-    if event.domain is None or event.verdict not in ("allowed", "blocked"):
+    if event.domain is None or event.verdict == "redirected":
         return
     name = event.domain
     if name not in domains and event.verdict == "blocked" and len(domains) >= MAX_BLOCKED_NAMES:
@@ -280,6 +280,8 @@ def _count_domain(domains: dict[str, DomainSummary], event: Event) -> None:
     entry = domains.setdefault(name, DomainSummary())
     if event.verdict == "allowed":
         entry.allowed += event.count
+    elif event.verdict == "mocked":
+        entry.mocked += event.count
     else:
         entry.blocked += event.count
     entry.bytes_out += event.bytes_out or 0

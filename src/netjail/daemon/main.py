@@ -31,6 +31,7 @@ from netjail.daemon.recovery import StateRecords, recover
 from netjail.daemon.selftest import run_self_test
 from netjail.daemon.server import Server
 from netjail.daemon.spec import DEFAULT_PATH
+from netjail.daemon.trust import make_trust_dir
 from netjail.daemon.uids import UidLeases
 from netjail.errors import ConfigError, NetjailError
 from netjail.kernel import kmsg
@@ -314,6 +315,7 @@ def main(
             uids=UidLeases.open(config.jail.job_uids, config.state_dir),
             homes_dir=make_homes_dir(config.state_dir),
             resolv_conf=write_resolv_conf(config.state_dir),
+            trust_dir=make_trust_dir(config.state_dir),
         )
         sdnotify.notify_status("removing leftovers of a previous run")
         for item in recover(host, records, log, ctx.uids, ctx.homes_dir):

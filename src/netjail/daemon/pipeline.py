@@ -27,13 +27,16 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 
+from netjail.daemon.certauthority import JobCA
 from netjail.daemon.dnsstub import DnsStub
 from netjail.daemon.intake import EventIntake, EventSink, JobFeed
+from netjail.daemon.interception import Interception
 from netjail.daemon.proxy import Proxy
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.report import Capture
 from netjail.daemon.spec import FixedUser, JobSpec, PassedStdio
 from netjail.daemon.stdinfeed import open_stdin_feed
+from netjail.daemon.trust import TrustFiles, remove_trust_files, write_trust_files
 from netjail.daemon.uids import UidLeases
 from netjail.dnsanswer import SYNTHETIC_NETWORK
 from netjail.errors import JailError, NetjailError
@@ -79,6 +82,8 @@ class JailContext:
     homes_dir: str
     #: The file bind-mounted read-only at every job's /etc/resolv.conf: the stub.
     resolv_conf: str
+    #: Where the trust files of jobs that intercept are written, root only.
+    trust_dir: str
 
 
 @dataclass(frozen=True)
@@ -172,8 +177,15 @@ async def start_job(
             await start_dns_stub(  # 6
                 cleanup_on_fail, ctx, feed, user=user, spec=spec, listeners=inside.listeners
             )
+            trust = await make_trust(cleanup_on_fail, ctx, job_id, spec)  # 7a
             await start_proxy(  # 7
-                cleanup_on_fail, ctx, feed, user=user, spec=spec, listeners=inside.listeners
+                cleanup_on_fail,
+                ctx,
+                feed,
+                user=user,
+                spec=spec,
+                listeners=inside.listeners,
+                trust=trust,
             )
             home = await make_home(cleanup_on_fail, ctx, job_id, user, spec)  # 8
             sources = await open_binds(always_cleanup, ctx, spec)  # 9
@@ -186,6 +198,7 @@ async def start_job(
                 cgroup=cgroup,
                 home=home,
                 sources=sources,
+                trust=trust,
             )
             child_stdio, captures = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 11
             marks.mark()
@@ -370,6 +383,27 @@ async def start_dns_stub(
     await stub.start(list(listeners.dns_udp), list(listeners.dns_tcp))
 
 
+@dataclass(frozen=True)
+class JobTrust:
+    """A job that intercepts: what its proxy needs, and the trust files its jail shows."""
+
+    interception: Interception
+    files: TrustFiles
+
+
+async def make_trust(
+    stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec
+) -> JobTrust | None:
+    """7a. For a job that intercepts: its CA (the key stays in the daemon), and its trust
+    bundle files, bound into the jail at step 10."""
+    if not spec.http.active:
+        return None
+    ca = await asyncio.to_thread(JobCA, job_id)
+    files = await asyncio.to_thread(write_trust_files, ctx.trust_dir, job_id, ca.cert_pem)
+    _push_undo(stack, ctx, "trust", _in_thread(remove_trust_files, files))
+    return JobTrust(Interception(spec.http, ca, spec.upstream_ca), files)
+
+
 async def start_proxy(
     stack: AsyncExitStack,
     ctx: JailContext,
@@ -378,6 +412,7 @@ async def start_proxy(
     user: FixedUser,
     spec: JobSpec,
     listeners: JailListeners,
+    trust: JobTrust | None = None,
 ) -> None:
     """7. The transparent proxy, checking each connection's name before relaying it."""
     proxy = Proxy(
@@ -388,6 +423,7 @@ async def start_proxy(
         job_hosts=spec.job_hosts,
         daemon_hosts=spec.daemon_hosts,
         record=ctx.intake.recorder(feed),
+        interception=trust.interception if trust is not None else None,
     )
     stack.callback(proxy.close)
     await proxy.start(list(listeners.proxy))
@@ -434,8 +470,10 @@ def plan_job(
     cgroup: JobCgroupHandle,
     home: str,
     sources: list[tuple[BindMount, BindSource]],
+    trust: JobTrust | None = None,
 ) -> JobPlan:
     """10. Everything the job's init needs, as one struct (pure)."""
+    trust_binds = trust.files.binds() if trust is not None else []
     fs = build_fs_plan(
         host=ctx.host.host_layout(),
         home=PathSource(home),
@@ -443,7 +481,7 @@ def plan_job(
             Bind(FdSource(index), bind.target or bind.source, bind.access)
             for index, (bind, _) in enumerate(sources)
         ],
-        files=[Bind(PathSource(ctx.resolv_conf), "/etc/resolv.conf", "ro")],
+        files=[Bind(PathSource(ctx.resolv_conf), "/etc/resolv.conf", "ro"), *trust_binds],
         sizes=TmpfsSizes(
             tmp=spec.jail.tmp_size,
             var_tmp=spec.jail.var_tmp_size,

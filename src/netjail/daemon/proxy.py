@@ -28,6 +28,8 @@ from typing import Literal
 
 from netjail import sniff
 from netjail.daemon.events import rfc3339
+from netjail.daemon.intercept import RequestRecord, UpstreamRefused
+from netjail.daemon.interception import Interception, request_event, serve_intercepted
 from netjail.daemon.upstream import (
     Refusal,
     Upstream,
@@ -61,6 +63,7 @@ BlockReason = Literal[
     "upstream_unresolvable",
     "upstream_forbidden",  # every address is special-purpose or the daemon host's, unnamed
     "upstream_unreachable",
+    "tls_refused",  # an intercepted name: the job did not complete TLS with netjail's certificate
 ]
 
 
@@ -136,6 +139,10 @@ class _Route:
     access: Literal["checked", "unverified", "address"]
 
 
+#: Where a connection was going: the address dialled, its port, and the name it stands for.
+_Where = tuple[IPAddress, int, str]
+
+
 class Proxy:
     """Serves one job's proxy listeners on the running loop."""
 
@@ -150,6 +157,7 @@ class Proxy:
         daemon_hosts: Mapping[str, IPAddress],
         record: Callable[[Event], None],
         host_addresses: Callable[[], frozenset[IPAddress]] = daemon_host_addresses,
+        interception: Interception | None = None,
     ) -> None:
         self._job_id = job_id
         self._uid = uid
@@ -159,6 +167,7 @@ class Proxy:
         self._daemon_hosts = daemon_hosts
         self._record = record
         self._host_addresses = host_addresses
+        self._interception = interception
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, listeners: list[socket.socket]) -> None:
@@ -231,6 +240,15 @@ class Proxy:
             domain = self._pool.name_for(dst)
             try:
                 route = await self._route(conn, dst, port, domain)
+                interception = self._interception
+                if (
+                    interception is not None
+                    and domain is not None
+                    and route.access == "checked"
+                    and interception.http.intercepts(domain)
+                ):
+                    await self._intercept(interception, conn, route, (dst, port, domain))
+                    return
                 upstream = await self._connect(route, port, domain or str(dst))
                 if route.first:
                     try:
@@ -259,6 +277,31 @@ class Proxy:
             conn.close()
             if upstream is not None:
                 upstream.close()
+
+    async def _intercept(
+        self, interception: Interception, conn: socket.socket, route: _Route, where: _Where
+    ) -> None:
+        """The connection's requests, each checked (netjail.daemon.interception)."""
+        dst, port, domain = where
+
+        async def connect() -> socket.socket | UpstreamRefused:
+            try:
+                return await self._connect(route, port, domain)
+            except Blocked as blocked:
+                return UpstreamRefused(blocked.reason, blocked.detail)
+
+        def record(request: RequestRecord) -> None:
+            self._record(
+                request_event(
+                    request, job_id=self._job_id, uid=self._uid, dst=dst, port=port, domain=domain
+                )
+            )
+
+        refused = await serve_intercepted(
+            interception, conn, route.first, domain, port, connect=connect, record=record
+        )
+        if refused is not None:
+            raise Blocked("tls_refused", refused.detail)
 
     async def _route(
         self, conn: socket.socket, dst: IPAddress, port: int, domain: str | None

@@ -17,8 +17,9 @@ from typing import Literal
 from netjail import protocol as p
 from netjail.daemon.config import BlockedDnsAnswer, Config, Jail, Limits
 from netjail.errors import PermissionDeniedError, RequestError
+from netjail.httppolicy import HttpPolicy, intercepted_allow_rules, parse_http_policy
 from netjail.ipaddr import IPAddress
-from netjail.kernel.fsplan import JOB_HOME
+from netjail.kernel.fsplan import JOB_CA_BUNDLE, JOB_CA_FILE, JOB_HOME
 from netjail.kernel.peer import PeerCred
 from netjail.policy import Policy, canonical_name
 from netjail.text import sanitize
@@ -27,6 +28,16 @@ from netjail.units import format_size
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The uid of a root job that chose only its gid.
 NOBODY = 65534
+#: Where the usual tools look for a CA bundle, set for a job that intercepts anything (Node
+#: adds NODE_EXTRA_CA_CERTS to its own store, so it gets the job's CA alone).
+TRUST_ENV = {
+    "SSL_CERT_FILE": JOB_CA_BUNDLE,
+    "REQUESTS_CA_BUNDLE": JOB_CA_BUNDLE,
+    "CURL_CA_BUNDLE": JOB_CA_BUNDLE,
+    "PIP_CERT": JOB_CA_BUNDLE,
+    "GIT_SSL_CAINFO": JOB_CA_BUNDLE,
+    "NODE_EXTRA_CA_CERTS": JOB_CA_FILE,
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,9 @@ class JobSpec:
     client_binds: tuple[p.BindMount, ...] = ()
     hostname: str | None = None
     jail: Jail = field(default_factory=Jail)
+    #: Interception and per-request rules; the upstreams' CA file (None: the host's store).
+    http: HttpPolicy = field(default_factory=HttpPolicy)
+    upstream_ca: str | None = None
 
 
 def job_user(request: p.RunRequest, peer: PeerCred) -> JobUser:
@@ -110,9 +124,12 @@ def job_user(request: p.RunRequest, peer: PeerCred) -> JobUser:
     return FixedUser(peer.uid, peer.gid)
 
 
-def job_env(request: p.RunRequest) -> dict[str, str]:
-    """The job's environment: safe defaults, overridden by what the client sent."""
+def job_env(request: p.RunRequest, http: HttpPolicy) -> dict[str, str]:
+    """The job's environment: safe defaults (the trust bundle's variables when it intercepts),
+    overridden by what the client sent."""
     env = {"PATH": DEFAULT_PATH, "HOME": JOB_HOME, "LANG": "C.UTF-8"}
+    if http.active:
+        env.update(TRUST_ENV)
     env.update(request.env)
     return env
 
@@ -129,14 +146,32 @@ def check_strings(request: p.RunRequest) -> None:
         raise RequestError("cwd must be an absolute path")
 
 
-def job_policy(request: p.RunRequest, config: Config) -> Policy:
-    """The job's rules: its own allow rules (else the daemon's default), plus every deny.
+def job_policy(request: p.RunRequest, config: Config, http: HttpPolicy) -> Policy:
+    """The job's rules: its own allow rules and intercepted names (else the daemon's default
+    allow rules), plus every deny.
 
     The operator's default_deny always applies, so a client cannot allow it back.
     """
-    allow = request.allow or list(config.policy.default_allow)
+    own = [*request.allow, *intercepted_allow_rules(http)]
+    allow = own or list(config.policy.default_allow)
     deny = [*request.deny, *config.policy.default_deny]
     return Policy.parse(allow, deny)
+
+
+def job_http_policy(request: p.RunRequest, config: Config) -> HttpPolicy:
+    """The job's interception: its own options with the daemon's defaults (docs/CONFIG.md).
+
+    The operator's injected headers come last, so they win over a job's of the same name.
+    """
+    defaults = config.policy
+    return parse_http_policy(
+        intercept=[*request.intercept, *defaults.default_intercept],
+        mocks=[*request.mocks, *defaults.default_mocks],
+        deny_requests=[*request.deny_requests, *defaults.default_deny_requests],
+        allow_requests=request.allow_requests or list(defaults.default_allow_requests),
+        redact=[*request.redact, *defaults.default_redact],
+        inject_headers=[*request.inject_headers, *defaults.default_inject_headers],
+    )
 
 
 def job_hosts(entries: list[str]) -> dict[str, IPAddress]:
@@ -203,7 +238,8 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
     """
     user = job_user(request, peer)
     check_strings(request)
-    policy = job_policy(request, config)
+    http = job_http_policy(request, config)
+    policy = job_policy(request, config, http)
     hosts = job_hosts(request.add_hosts)
     limits = applied_limits(
         config.limits,
@@ -220,7 +256,7 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
     )
     return JobSpec(
         argv=list(request.argv),
-        env=job_env(request),
+        env=job_env(request, http),
         cwd=request.cwd or JOB_HOME,
         user=user,
         owner=peer,
@@ -235,4 +271,6 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
         client_binds=tuple(request.binds),
         hostname=request.hostname,
         jail=config.jail,
+        http=http,
+        upstream_ca=config.proxy.upstream_ca,
     )

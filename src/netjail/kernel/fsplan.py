@@ -50,6 +50,18 @@ KiB = 1 << 10
 
 #: Where the per-job HOME appears in the jail; also the job's default cwd and $HOME.
 JOB_HOME = "/home/job"
+#: For a job that intercepts: the trust bundle (the host's CAs and the job's) and the job's CA
+#: alone, where the job's trust variables point. The bundle is also bound over each of
+#: TRUST_BUNDLES that the host has as a regular file.
+JOB_CA_BUNDLE = "/run/netjail/ca-bundle.pem"
+JOB_CA_FILE = "/run/netjail/job-ca.pem"
+#: The system trust bundles of Debian/Ubuntu, Fedora/RHEL (and its older path), and Alpine.
+TRUST_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+)
 
 #: Read-write or read-only; a field of the data, not a mode of any function.
 Access = Literal["ro", "rw"]

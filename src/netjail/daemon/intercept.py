@@ -1,0 +1,495 @@
+"""HTTP/1.1 inside an intercepted connection: every request checked, then relayed or answered.
+
+The proxy hands over the job's side (TLS terminated with the job's CA, or plain HTTP) once it
+has checked the connection's name. Here, with h11 on both sides, each request of a kept-alive
+connection is parsed and must name that host in its ``Host`` header, with an origin-form
+target (:func:`netjail.httppolicy.parse_target`); then the job's :class:`HttpPolicy` decides:
+
+- **deny** (a ``--deny-request`` rule, or a host whose ``--allow-request`` rules all miss):
+  ``403`` with a short body and ``X-Netjail-Reason`` naming the rule;
+- **mock**: the mock's answer, without contacting the upstream;
+- **relay**: the request goes upstream, over a connection made on first need (so a mock answers
+  with the upstream down), with the ``--inject-header`` headers set; the response comes back,
+  redacted if ``--redact`` names the host.
+
+Redaction buffers the whole body, at most :data:`MAX_REDACT_BYTES` (a larger one is refused
+with a ``502``, never passed unredacted), decodes ``gzip`` and ``deflate`` (asking the upstream
+for ``identity`` first), refuses other content codings, and sends the result with a new
+``Content-Length``. A WebSocket upgrade is checked like any request; after the upstream's
+``101`` both sides are relayed as they are. Each request becomes one :class:`RequestRecord`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import h11
+
+from netjail.daemon.tlsstream import Stream
+from netjail.httppolicy import (
+    Answer,
+    Deny,
+    HttpPolicy,
+    Mock,
+    RequestPath,
+    parse_host_header,
+    parse_target,
+)
+from netjail.redaction import redact
+from netjail.text import sanitize
+
+#: Largest request head (request line and headers) or response head.
+MAX_HEAD_BYTES = 64 << 10
+#: Largest response body buffered for redaction, decoded.
+MAX_REDACT_BYTES = 16 << 20
+#: Largest request body read and dropped to keep a connection open after a 403 or a mock.
+MAX_DRAIN_BYTES = 1 << 20
+#: How long a kept-alive connection may wait for its next request.
+IDLE_S = 120.0
+#: The longest path shown in an event.
+MAX_EVENT_PATH = 200
+
+#: What became of one request.
+RequestVerdict = Literal["allowed", "blocked", "mocked"]
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"content-encoding"})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request, for its event."""
+
+    verdict: RequestVerdict
+    method: str
+    path: str
+    status: int | None
+    bytes_out: int
+    bytes_in: int
+    duration_s: float
+    reason: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRefused:
+    """The upstream could not be used: ``reason`` for the 502 and the event."""
+
+    reason: str
+    detail: str | None = None
+
+
+Connect = Callable[[], Awaitable[Stream | UpstreamRefused]]
+
+
+@dataclass(slots=True)
+class _Upstream:
+    stream: Stream
+    conn: h11.Connection
+
+
+class _Closed(Exception):  # noqa: N818 - the end of a side's stream, carried up; not an error
+    """A side closed, or broke the protocol: the connection ends."""
+
+
+class HttpRelay:
+    """Serves the requests of one intercepted connection."""
+
+    def __init__(
+        self,
+        *,
+        job: Stream,
+        domain: str,
+        port: int,
+        policy: HttpPolicy,
+        connect: Connect,
+        record: Callable[[RequestRecord], None],
+    ) -> None:
+        self._job = job
+        self._domain = domain
+        self._port = port
+        self._policy = policy
+        self._connect = connect
+        self._record = record
+        self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._upstream: _Upstream | None = None
+        self._redactions = policy.redactions_for(domain)
+
+    async def serve(self) -> None:
+        """Every request until either side closes."""
+        try:
+            while await self._one_request():
+                if self._server.our_state is not h11.DONE:
+                    break
+                self._server.start_next_cycle()
+                await self._next_upstream_cycle()
+        except (_Closed, h11.ProtocolError, OSError):
+            pass
+        finally:
+            await self._close_upstream()
+            with contextlib.suppress(OSError):
+                await self._job.close()
+
+    async def _next_upstream_cycle(self) -> None:
+        """Keep the upstream connection for the next request, or close it (a new one is made
+        when one is needed)."""
+        upstream = self._upstream
+        if upstream is None:
+            return
+        if upstream.conn.our_state is h11.DONE and upstream.conn.their_state is h11.DONE:
+            upstream.conn.start_next_cycle()
+        else:
+            await self._close_upstream()
+
+    async def _close_upstream(self) -> None:
+        if self._upstream is not None:
+            with contextlib.suppress(OSError):
+                await self._upstream.stream.close()
+            self._upstream = None
+
+    async def _one_request(self) -> bool:
+        """Serve one request; False when the connection is to end."""
+        try:
+            event = await asyncio.wait_for(_next_event(self._job, self._server), IDLE_S)
+        except TimeoutError:
+            return False
+        if not isinstance(event, h11.Request):
+            return False
+        started = time.monotonic()
+        method = event.method.decode("ascii", "replace")
+        shown = _shown_path(event.target)
+        checked = self._check(event)
+        if isinstance(checked, tuple):
+            reason, detail = checked
+            await self._refuse(403, reason, detail, close=True)
+            self._record(self._blocked(method, shown, started, 403, why=(reason, detail)))
+            return False
+        decision = self._policy.decide(method, self._domain, checked.path)
+        if isinstance(decision, Deny):
+            keep = await self._drain()
+            await self._refuse(403, decision.reason, decision.rule, close=not keep)
+            self._record(
+                self._blocked(method, shown, started, 403, why=(decision.reason, decision.rule))
+            )
+            return keep
+        if isinstance(decision, Answer):
+            keep = await self._drain()
+            await self._answer(decision.mock, method, keep=keep)
+            self._record(
+                RequestRecord("mocked", method, shown, decision.mock.status, 0, 0, _since(started))
+            )
+            return keep
+        return await self._relay(event, method, shown, started)
+
+    def _check(self, request: h11.Request) -> RequestPath | tuple[str, str]:
+        """The request's path, or why it is refused before any rule: (reason, detail)."""
+        hosts = [value for name, value in request.headers if name == b"host"]
+        host = parse_host_header(hosts[0], self._port) if len(hosts) == 1 else None
+        if host != self._domain:
+            seen = sanitize(hosts[0].decode("ascii", "replace"), 100) if hosts else "no host"
+            return "host_mismatch", f"the request names {seen}, not {self._domain}"
+        target = parse_target(request.target)
+        if isinstance(target, str):
+            return target, f"the request target is {target.replace('_', ' ')}"
+        return target
+
+    async def _answer(self, mock: Mock, method: str, *, keep: bool) -> None:
+        headers = [
+            ("content-type", mock.content_type),
+            ("content-length", str(len(mock.body))),
+            ("x-netjail-mock", _header_text(mock.rule.text)),
+        ]
+        if not keep:
+            headers.append(("connection", "close"))
+        await self._send_job(h11.Response(status_code=mock.status, headers=headers))
+        if method != "HEAD":
+            await self._send_job(h11.Data(data=mock.body))
+        await self._send_job(h11.EndOfMessage())
+
+    async def _relay(self, request: h11.Request, method: str, shown: str, started: float) -> bool:
+        upstream = await self._open_upstream()
+        if isinstance(upstream, UpstreamRefused):
+            await self._refuse(502, upstream.reason, upstream.detail, close=True)
+            self._record(
+                self._blocked(method, shown, started, 502, why=(upstream.reason, upstream.detail))
+            )
+            return False
+        upgrade = any(name == b"upgrade" for name, _ in request.headers)
+        headers = self._upstream_headers(request, upgrade=upgrade)
+        if self._server.they_are_waiting_for_100_continue:
+            await self._send_job(h11.InformationalResponse(status_code=100, headers=[]))
+        await self._send_upstream(
+            upstream,
+            h11.Request(method=request.method, target=request.target, headers=headers),
+        )
+        sent = await self._pump_request_body(upstream)
+        status, received, keep = await self._relay_response(upstream, method)
+        if status == 101:
+            received += await self._tunnel(upstream)
+            keep = False
+        self._record(
+            RequestRecord("allowed", method, shown, status, sent, received, _since(started))
+        )
+        return keep
+
+    async def _open_upstream(self) -> _Upstream | UpstreamRefused:
+        if self._upstream is None:
+            stream = await self._connect()
+            if isinstance(stream, UpstreamRefused):
+                return stream
+            self._upstream = _Upstream(
+                stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+            )
+        return self._upstream
+
+    def _upstream_headers(
+        self, request: h11.Request, *, upgrade: bool
+    ) -> list[tuple[bytes, bytes]]:
+        injected = self._policy.injections_for(self._domain)
+        replaced = {i.header.encode() for i in injected}
+        if self._redactions:
+            replaced.add(b"accept-encoding")
+        headers = [
+            (name, value)
+            for name, value in request.headers
+            if name not in replaced and name != b"expect" and (upgrade or name not in _HOP_BY_HOP)
+        ]
+        headers += [(i.header.encode(), i.value.encode()) for i in injected]
+        if self._redactions:
+            headers.append((b"accept-encoding", b"identity"))
+        return headers
+
+    async def _pump_request_body(self, upstream: _Upstream) -> int:
+        sent = 0
+        while True:
+            event = await _next_event(self._job, self._server)
+            if isinstance(event, h11.Data):
+                sent += len(event.data)
+                await self._send_upstream(upstream, h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send_upstream(upstream, h11.EndOfMessage())
+                return sent
+            else:
+                raise _Closed
+
+    async def _relay_response(self, upstream: _Upstream, method: str) -> tuple[int, int, bool]:
+        """The upstream's response, sent on to the job: (status, body bytes, keep-alive)."""
+        while True:
+            event = await _next_event(upstream.stream, upstream.conn)
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    await self._send_job(
+                        h11.InformationalResponse(status_code=101, headers=list(event.headers))
+                    )
+                    return 101, 0, False
+                continue  # 100 was sent already, by the proxy itself; 103 is only a hint
+            if isinstance(event, h11.Response):
+                break
+            raise _Closed
+        bodyless = method == "HEAD" or event.status_code in (204, 304)
+        if self._redactions:
+            return await self._relay_redacted(upstream, event, bodyless=bodyless)
+        headers = [(n, v) for n, v in event.headers if n not in _HOP_BY_HOP]
+        await self._send_job(
+            h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
+        )
+        received = 0
+        while True:
+            body = await _next_event(upstream.stream, upstream.conn)
+            if isinstance(body, h11.Data):
+                received += len(body.data)
+                await self._send_job(h11.Data(data=body.data))
+            elif isinstance(body, h11.EndOfMessage):
+                await self._send_job(h11.EndOfMessage())
+                return event.status_code, received, True
+            else:
+                raise _Closed
+
+    async def _relay_redacted(
+        self, upstream: _Upstream, response: h11.Response, *, bodyless: bool
+    ) -> tuple[int, int, bool]:
+        body = bytearray()
+        while True:
+            event = await _next_event(upstream.stream, upstream.conn)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_REDACT_BYTES:
+                    return await self._redaction_failed("redact_too_large")
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise _Closed
+        coding = dict(response.headers).get(b"content-encoding", b"identity").strip().lower()
+        decoded = _decode(bytes(body), coding)
+        if decoded is None:
+            return await self._redaction_failed(
+                "redact_too_large" if coding in _DECODERS else "redact_undecodable"
+            )
+        data, _ = redact(decoded, self._redactions)
+        headers = [
+            (name, redact(value, self._redactions)[0])
+            for name, value in response.headers
+            if name not in _HOP_BY_HOP and (bodyless or name not in _FRAMING)
+        ]
+        if not bodyless:
+            headers.append((b"content-length", str(len(data)).encode()))
+        await self._send_job(
+            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+        )
+        if not bodyless and data:
+            await self._send_job(h11.Data(data=data))
+        await self._send_job(h11.EndOfMessage())
+        return response.status_code, len(data), True
+
+    async def _redaction_failed(self, reason: str) -> tuple[int, int, bool]:
+        """A response that cannot be redacted is never passed on: a 502, and the end."""
+        await self._close_upstream()
+        detail = (
+            f"a response over {MAX_REDACT_BYTES >> 20} MiB cannot be redacted"
+            if reason == "redact_too_large"
+            else "a response in a content coding other than gzip or deflate cannot be redacted"
+        )
+        await self._refuse(502, reason, detail, close=True)
+        return 502, 0, False
+
+    async def _tunnel(self, upstream: _Upstream) -> int:
+        """After a 101: the bytes of both sides as they are, until either ends."""
+        job_rest, _ = self._server.trailing_data
+        up_rest, _ = upstream.conn.trailing_data
+        received = len(up_rest)
+        if up_rest:
+            await self._job.send(up_rest)
+        if job_rest:
+            await upstream.stream.send(job_rest)
+
+        async def pump(src: Stream, dst: Stream) -> int:
+            total = 0
+            while data := await src.recv():
+                total += len(data)
+                await dst.send(data)
+            return total
+
+        down = asyncio.ensure_future(pump(upstream.stream, self._job))
+        up = asyncio.ensure_future(pump(self._job, upstream.stream))
+        try:
+            await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (down, up):
+                task.cancel()
+        with contextlib.suppress(BaseException):
+            received += down.result()
+        return received
+
+    async def _drain(self) -> bool:
+        """Read the request's body and drop it; False when the connection cannot be reused
+        (the job waits for a 100 Continue, or sends more than MAX_DRAIN_BYTES)."""
+        if self._server.they_are_waiting_for_100_continue:
+            return False
+        drained = 0
+        while True:
+            event = await _next_event(self._job, self._server)
+            if isinstance(event, h11.Data):
+                drained += len(event.data)
+                if drained > MAX_DRAIN_BYTES:
+                    return False
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            else:
+                raise _Closed
+
+    async def _refuse(self, status: int, reason: str, detail: str | None, *, close: bool) -> None:
+        response, body = _refusal(status, reason, detail, close=close)
+        await self._send_job(response)
+        await self._send_job(h11.Data(data=body))
+        await self._send_job(h11.EndOfMessage())
+
+    @staticmethod
+    def _blocked(
+        method: str, path: str, started: float, status: int, *, why: tuple[str, str | None]
+    ) -> RequestRecord:
+        reason, detail = why
+        return RequestRecord("blocked", method, path, status, 0, 0, _since(started), reason, detail)
+
+    async def _send_job(self, event: h11.Event) -> None:
+        data = self._server.send(event)
+        if data:
+            await self._job.send(data)
+
+    async def _send_upstream(self, upstream: _Upstream, event: h11.Event) -> None:
+        data = upstream.conn.send(event)
+        if data:
+            await upstream.stream.send(data)
+
+
+async def _next_event(stream: Stream, conn: h11.Connection) -> h11.Event | type[h11.PAUSED]:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.recv())
+            continue
+        if isinstance(event, h11.ConnectionClosed):
+            raise _Closed
+        return cast("h11.Event | type[h11.PAUSED]", event)
+
+
+def _refusal(
+    status: int, reason: str, detail: str | None, *, close: bool
+) -> tuple[h11.Response, bytes]:
+    """A 403 or 502 from the proxy itself: the reason in a header and a one-line body."""
+    why = f"{reason}: {detail}" if detail else reason
+    body = f"netjail: {_header_text(why)}\n".encode("ascii")
+    headers = [
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("x-netjail-reason", _header_text(why)),
+    ]
+    if close:
+        headers.append(("connection", "close"))
+    return h11.Response(status_code=status, headers=headers), body
+
+
+_DECODERS = {
+    b"gzip": 16 + zlib.MAX_WBITS,
+    b"x-gzip": 16 + zlib.MAX_WBITS,
+    b"deflate": zlib.MAX_WBITS,
+}
+
+
+def _decode(body: bytes, coding: bytes) -> bytes | None:
+    """The body without its content coding, at most MAX_REDACT_BYTES; None if it cannot be."""
+    if coding in (b"", b"identity"):
+        return body
+    wbits = _DECODERS.get(coding)
+    if wbits is None:
+        return None
+    for bits in (wbits, -zlib.MAX_WBITS) if coding == b"deflate" else (wbits,):
+        decoder = zlib.decompressobj(bits)
+        try:
+            data = decoder.decompress(body, MAX_REDACT_BYTES + 1)
+        except zlib.error:
+            continue
+        if len(data) > MAX_REDACT_BYTES or decoder.unconsumed_tail:
+            return None
+        return data
+    return None
+
+
+def _header_text(text: str) -> str:
+    """A header value from rule text: one printable ASCII line, bounded."""
+    return sanitize(text, 200).encode("ascii", "replace").decode("ascii")
+
+
+def _shown_path(target: bytes) -> str:
+    """The target as events show it: no query (it may hold secrets), bounded, printable."""
+    path, question, _ = target.partition(b"?")
+    text = path.decode("utf-8", "replace") + ("?…" if question else "")
+    return sanitize(text, MAX_EVENT_PATH)
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
