@@ -143,6 +143,12 @@ class AsyncClient:
         hostname: str | None = None,
         cwd_fallback: Literal["error", "home"] = "error",
         stdin: bytes | None = None,
+        intercept: Sequence[str] = (),
+        mocks: Sequence[str] = (),
+        deny_requests: Sequence[str] = (),
+        allow_requests: Sequence[str] = (),
+        redact: Sequence[str] = (),
+        inject_headers: Sequence[str] = (),
         on_event: Callable[[p.Event], None] | None = None,
         on_start: Callable[[str, int], None] | None = None,
         on_cwd: Callable[[str], None] | None = None,
@@ -171,6 +177,12 @@ class AsyncClient:
             hostname=hostname,
             cwd_fallback=cwd_fallback,
             stdin=stdin,
+            intercept=list(intercept),
+            mocks=list(mocks),
+            deny_requests=list(deny_requests),
+            allow_requests=list(allow_requests),
+            redact=list(redact),
+            inject_headers=list(inject_headers),
         )
         conn = await self._connect()
         try:
