@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import msgspec
 
-from netjail import console, eventview
+from netjail import console, eventview, statusview
 from netjail import protocol as p
 from netjail.client import DEFAULT_SOCKET, Client, EventStream, default_socket
 from netjail.console import EXIT_NETJAIL, say
@@ -492,6 +492,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"jobs: {st.jobs_running} running, {st.jobs_total} run in all")
     click.echo(f"events: {st.events_seen} seen, {st.events_lost} lost")
     click.echo(f"cgroups: {st.cgroup_mode or 'unknown'}")
+    fork_server = statusview.describe_fork_server(st)
+    if fork_server is not None:
+        click.echo(f"fork server: {fork_server}")
 
 
 @main.command()

@@ -372,6 +372,13 @@ class StatusReply(_Reply, tag="status"):
     cgroup_mode: str | None = None
     #: The seccomp profile every job gets (e.g. "netjail-default-1").
     seccomp_profile: str | None = None
+    #: The fork server: "up"; "starting" (a new one, not yet serving); "down" (it ended, a new
+    #: one starts after a back-off, and jobs are refused until then).
+    fork_server: str | None = None
+    #: How many times a new fork server was started because the last one ended.
+    fork_server_restarts: int | None = None
+    #: How the last fork server that ended did ("was killed by SIGKILL"), if one has.
+    fork_server_last_exit: str | None = None
 
 
 class Killed(_Reply, tag="killed"):

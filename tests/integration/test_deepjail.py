@@ -9,6 +9,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -198,6 +199,25 @@ def test_proc_shows_only_the_jobs_processes(client: Client) -> None:
     lines = text(client.run(["sh", "-c", shell], stdio="capture")).splitlines()
     # init (its parent is outside the namespace: 0), sh, then ps; then ls saw 1, 2 and itself.
     assert [line.split() for line in lines] == [["1", "0"], ["2", "1"], ["3", "2"], ["3"]]
+
+
+def test_the_jobs_init_shows_the_fork_servers_command_line_not_the_daemons(
+    client: Client, daemon: Daemon
+) -> None:
+    """/proc/1/cmdline in a job is the lean fork server's (python -I -m
+    netjail.kernel.forkserver), with none of the daemon's arguments: no config, socket or state
+    path."""
+    result = client.run(["cat", "/proc/1/cmdline"], stdio="capture")
+    assert result.stdout is not None
+    assert result.stdout.split(b"\0") == [
+        sys.executable.encode(),
+        b"-I",
+        b"-m",
+        b"netjail.kernel.forkserver",
+        b"",
+    ]
+    for secret in (daemon.socket, daemon.state_dir):
+        assert secret.encode() not in result.stdout
 
 
 def test_network_view_is_the_jails_only(client: Client) -> None:

@@ -24,7 +24,7 @@ from netjail.kernel.fsplan import HostDir, HostLayout, HostLink
 from netjail.kernel.host import JailListeners, JobCgroupHandle
 from netjail.kernel.jobplan import JobPlan
 from netjail.kernel.pathcheck import BindSource, Credentials
-from netjail.kernel.spawn import ExitStatus
+from netjail.kernel.spawn import ExitStatus, ForkServerHealth
 from netjail.protocol import BindAccess
 
 T = TypeVar("T")
@@ -115,6 +115,8 @@ class FakeJailHost:
     """``JailHost`` for unit tests; see the module docstring."""
 
     def __init__(self) -> None:
+        #: What fork_server_health() answers.
+        self.fork_server = ForkServerHealth(state="up", restarts=0, last_exit=None)
         self.journal: list[str] = []
         self.made: list[str] = []
         self.undone_order: list[str] = []
@@ -319,6 +321,9 @@ class FakeJailHost:
 
     async def wait(self, pid: int) -> ExitStatus:
         return await self._exits[pid]
+
+    def fork_server_health(self) -> ForkServerHealth:
+        return self.fork_server
 
     def end(self, pid: int, status: ExitStatus) -> None:
         """The fake process ``pid`` exits with ``status`` (once)."""

@@ -583,6 +583,30 @@ def test_status_json(daemon: FakeDaemon) -> None:
     assert daemon.received[0].request == p.StatusRequest()
 
 
+def test_status_says_how_the_fork_server_is(daemon: FakeDaemon) -> None:
+    """status prints the fork server's state, its restarts and how the last one ended."""
+    status = {
+        "version": "0.1.0",
+        "pid": 1,
+        "uptime_s": 12.5,
+        "jobs_running": 0,
+        "jobs_total": 7,
+        "events_seen": 30,
+        "events_lost": 0,
+        "cgroup_mode": "hybrid",
+        "fork_server": "up",
+        "fork_server_restarts": 2,
+        "fork_server_last_exit": "was killed by SIGKILL",
+    }
+    daemon.script["status"] = [{"op": "status", **status}]
+    result = _netjail(daemon.path, "status")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == [
+        "cgroups: hybrid",
+        "fork server: up; restarted 2 times; the last one was killed by SIGKILL",
+    ]
+
+
 def test_kill_sends_the_named_signal(daemon: FakeDaemon) -> None:
     """kill JOB --signal KILL sends a kill request with signal 9."""
     daemon.script["kill"] = [{"op": "killed", "job": JOB}]

@@ -533,6 +533,9 @@ def test_status_reports_the_servers_counters(daemon: Daemon) -> None:
             events_lost=3,
             cgroup_mode="hybrid",
             seccomp_profile="netjail-default-1",
+            fork_server="up",
+            fork_server_restarts=0,
+            fork_server_last_exit=None,
         )
 
     run(main())

@@ -197,3 +197,35 @@ def test_daemon_speaking_another_protocol() -> None:
         "  fix: see netjaild's log (journalctl -u netjaild); a netjail client and daemon of"
         " different versions may not understand each other: upgrade both",
     ]
+
+
+def test_daemon_whose_fork_server_was_restarted_is_a_warning() -> None:
+    """A fork server that ended and was replaced: a warning that says how it ended."""
+    status = msgspec.structs.replace(
+        STATUS, fork_server="up", fork_server_restarts=1, fork_server_last_exit="was killed by X"
+    )
+    check = check_daemon(status, sock())
+    assert (check.status, check.detail) == (
+        "warn",
+        f"netjaild 0.3.0 (pid 4242) answers on {SOCK}, up 62s; its fork server is up; "
+        "restarted 1 time; the last one was killed by X",
+    )
+
+
+def test_daemon_whose_fork_server_is_down_is_a_warning() -> None:
+    """A fork server that is down (a new one not started yet): a warning saying so."""
+    status = msgspec.structs.replace(
+        STATUS, fork_server="down", fork_server_restarts=0, fork_server_last_exit="exited\x1b[2J"
+    )
+    assert check_daemon(status, sock()).detail == (
+        f"netjaild 0.3.0 (pid 4242) answers on {SOCK}, up 62s; its fork server is down, a new "
+        "one starts shortly (jobs are refused until then); the last one exited?[2J"
+    )
+
+
+def test_daemon_whose_fork_server_is_up_and_never_restarted_is_ok() -> None:
+    """fork_server "up" with no restart changes nothing."""
+    status = msgspec.structs.replace(STATUS, fork_server="up", fork_server_restarts=0)
+    assert lines(check_daemon(status, sock())) == [
+        f"ok    daemon: netjaild 0.3.0 (pid 4242) answers on {SOCK}, up 62s"
+    ]

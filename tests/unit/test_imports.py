@@ -22,6 +22,7 @@ CLIENT_SIDE = [
     "netjail.console",
     "netjail.eventview",
     "netjail.relay",
+    "netjail.statusview",
     "netjail.protocol",
     "netjail.errors",
     "netjail.text",

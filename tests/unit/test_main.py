@@ -410,7 +410,7 @@ class FakeForkServer:
     closed: int = 0
     started: int = 0
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop, log: object) -> None:
         self.attached.append(loop)
 
     def close(self) -> None:

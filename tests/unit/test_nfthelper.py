@@ -321,6 +321,6 @@ def test_load_in_calling_netns_goes_through_the_modules_helper(
         helper.close()
 
 
-def test_the_real_helper_command_runs_this_package_without_the_working_directory() -> None:
-    """The daemon execs its own interpreter with -P on this module."""
-    assert nfthelper.helper_command() == [sys.executable, "-P", "-m", "netjail.kernel.nfthelper"]
+def test_the_real_helper_command_runs_this_package_isolated() -> None:
+    """The daemon execs its own interpreter in isolated mode (-I) on this module."""
+    assert NftHelper()._command == [sys.executable, "-I", "-m", "netjail.kernel.nfthelper"]

@@ -19,6 +19,7 @@ from netjail.daemon import server as server_module
 from netjail.daemon.config import Config
 from netjail.daemon.connection import Connection
 from netjail.kernel.peer import PeerCred
+from netjail.kernel.spawn import ForkServerHealth
 
 from .daemonfakes import (
     ALICE,
@@ -31,6 +32,7 @@ from .daemonfakes import (
     run,
     spec_for,
 )
+from .fakehost import FakeJailHost
 
 SOCKET_NAME = "netjail.sock"
 
@@ -336,9 +338,15 @@ def test_a_connection_that_fails_is_logged_and_forgotten(
 
 
 def test_status_carries_the_servers_counters(daemon: Daemon) -> None:
-    """status(): version, pid, running and total jobs, event counters, cgroup mode."""
+    """status(): version, pid, running and total jobs, event counters, cgroup mode, and the
+    fork server's health as the host tells it."""
 
     async def main() -> None:
+        host = daemon.jobs.ctx.host
+        assert isinstance(host, FakeJailHost)
+        host.fork_server = ForkServerHealth(
+            state="starting", restarts=3, last_exit="exited with status 1"
+        )
         daemon.jobs.add_job(spec_for(ALICE))
         done = daemon.jobs.add_job(spec_for(BOB))
         daemon.jobs.finish(done)
@@ -356,6 +364,9 @@ def test_status_carries_the_servers_counters(daemon: Daemon) -> None:
             events_lost=2,
             cgroup_mode="hybrid",
             seccomp_profile="netjail-default-1",
+            fork_server="starting",
+            fork_server_restarts=3,
+            fork_server_last_exit="exited with status 1",
         )
 
     run(main())

@@ -1,27 +1,71 @@
-"""The daemon's side of the fork-server channel (netjail.kernel.spawn.ForkServer), driven against
-a stand-in server thread on a real socketpair: plans travel in sealed memfds, and spawns that
-find the socket full wait their turn instead of failing."""
+"""The daemon's handle on its fork server (netjail.kernel.spawn.ForkServer), driven against a
+stand-in server process: plans travel in sealed memfds, spawns that find the socket full wait
+their turn, and a server that ends fails what is in flight, is logged, and is replaced.
+
+The real server (namespaces, the job's init) needs root and is tested in tests/integration.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
-import threading
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from netjail.errors import SpawnError
 from netjail.kernel import spawn
-from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
 from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
 from netjail.kernel.jobplan import JobPlan
-from netjail.kernel.spawn import ForkServer
+from netjail.kernel.spawn import ForkServer, ForkServerHealth, restart_delay
 
-from .daemonfakes import open_fds
+from .daemonfakes import RecordingLog, open_fds
+
+#: A fork server that reads each plan, notes its argv's marker in a file, and answers with its
+#: own pidfd. Modes: serve; held (serves only after SIGUSR1); first (answers only the first
+#: spawn); refuse (StartFailed); die (exits before Ready).
+STAND_IN = """\
+import os, signal, sys
+from netjail.kernel import forkserver as fs
+from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
+
+mode, notes = sys.argv[1], sys.argv[2]
+sock = fs._take_socket()
+if mode == "die":
+    os._exit(3)
+if mode == "refuse":
+    sock.send(fs.encode(fs.StartFailed(detail="no seccomp filter here")))
+    os._exit(1)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+sock.send(fs.encode(fs.Ready()))
+if mode == "held":
+    signal.sigwait({signal.SIGUSR1})
+answered = 0
+while True:
+    data, fds = recv_with_fds(sock, fs.MAX_MESSAGE, fs.MAX_FDS)
+    if not data:
+        os._exit(0)
+    request = fs.to_server.decode(data)
+    plan = fs.plan_decoder.decode(read_payload(fds[0], 1 << 24))
+    with open(notes, "a") as f:
+        f.write(f"{plan.argv[3][:3]} {len(fds)}\\n")
+    for fd in fds:
+        os.close(fd)
+    if mode == "first" and answered:
+        continue
+    answered += 1
+    pidfd = os.pidfd_open(os.getpid())
+    reply = fs.Spawned(id=request.id, pid=1000 + request.id)
+    send_with_fds(sock, fs.encode(reply), [pidfd])
+    os.close(pidfd)
+"""
 
 
-def plan_for(n: int, size: int) -> JobPlan:
+def plan_for(n: int, size: int = 10) -> JobPlan:
     return JobPlan(
         argv=["sh", "-c", "exit 0", f"{n:03d}" + "x" * size],
         env={"PATH": "/usr/bin"},
@@ -35,115 +79,184 @@ def plan_for(n: int, size: int) -> JobPlan:
     )
 
 
-class StandIn:
-    """A fork server that, once ``go`` is set, answers each spawn with its own pidfd."""
+@pytest.fixture
+def stand_in(tmp_path: Path) -> tuple[list[str], Path]:
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    notes = tmp_path / "notes"
+    notes.touch()
+    return [sys.executable, "-I", str(script)], notes
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.go = threading.Event()
-        self.plans: list[JobPlan] = []
-        self.fd_counts: list[int] = []
-        #: Released once per answered spawn, after the stand-in closed its copies of the fds.
-        self.answered = threading.Semaphore(0)
-        self.thread = threading.Thread(target=self._serve)
-        self.thread.start()
 
-    def _serve(self) -> None:
-        self.go.wait(10)
-        while True:
-            data, fds = recv_with_fds(self.sock, 65536, 16)
-            if not data:
-                return
-            request = spawn._to_server.decode(data)
-            self.plans.append(spawn._plans.decode(read_payload(fds[0], 1 << 24)))
-            self.fd_counts.append(len(fds))
-            for fd in fds:
-                os.close(fd)
-            pidfd = os.pidfd_open(os.getpid())
-            reply = spawn._Spawned(id=request.id, pid=1000 + request.id)
-            send_with_fds(self.sock, spawn._encode(reply), [pidfd])
-            os.close(pidfd)
-            self.answered.release()
+def noted(notes: Path) -> list[str]:
+    return notes.read_text().split("\n")[:-1]
 
 
 @pytest.fixture
-def channel() -> Iterator[tuple[ForkServer, StandIn]]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # As small as the kernel allows: a few spawns fill it.
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
-    stand_in = StandIn(theirs)
-    try:
-        yield ForkServer(-1, ours), stand_in
-    finally:
-        stand_in.go.set()
-        ours.close()
-        stand_in.thread.join(10)
-        theirs.close()
+def pipe() -> Iterator[list[int]]:
+    r, w = os.pipe()
+    yield [r, w, w]
+    os.close(r)
+    os.close(w)
+
+
+def held_server(command: list[str], notes: Path) -> ForkServer:
+    """A server that serves only after SIGUSR1, its socket's send buffer as small as can be."""
+    server = ForkServer.start([*command, "held", str(notes)])
+    assert server._server is not None
+    server._server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    return server
 
 
 def test_spawns_that_fill_the_socket_wait_their_turn_and_all_start(
-    channel: tuple[ForkServer, StandIn],
+    stand_in: tuple[list[str], Path], pipe: list[int]
 ) -> None:
     """30 spawns with 7 KB command lines, asked for while the server reads nothing, all start,
-    in order, each plan read whole from its memfd, and no fd is left open."""
-    server, stand_in = channel
+    in order, each plan read whole from its memfd; nothing is left open."""
+    command, notes = stand_in
     before = open_fds()
+    server = held_server(command, notes)
 
     async def main() -> list[spawn.SpawnedJob]:
-        server.attach(asyncio.get_running_loop())
-        r, w = os.pipe()
-        try:
-            started = [
-                asyncio.ensure_future(server.spawn(plan_for(n, 7000), [r, w, w])) for n in range(30)
-            ]
-            await asyncio.sleep(0.05)
-            queued = len(server._outbox)
-            stand_in.go.set()
-            jobs = await asyncio.wait_for(asyncio.gather(*started), 10)
-        finally:
-            os.close(r)
-            os.close(w)
+        server.attach(asyncio.get_running_loop(), RecordingLog())
+        started = [asyncio.ensure_future(server.spawn(plan_for(n, 7000), pipe)) for n in range(30)]
+        await asyncio.sleep(0.05)
+        queued = sum(len(s.outbox) for s in [server._server] if s is not None)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGUSR1)
+        jobs = await asyncio.wait_for(asyncio.gather(*started), 10)
         assert queued > 0  # the socket did fill: the outbox was used
         return jobs
 
-    jobs = asyncio.run(main())
+    try:
+        jobs = asyncio.run(main())
+    finally:
+        server.close()
     assert [job.pid for job in jobs] == [1001 + n for n in range(30)]
-    assert [plan.argv[3][:3] for plan in stand_in.plans] == [f"{n:03d}" for n in range(30)]
-    assert stand_in.plans[7] == plan_for(7, 7000)
-    assert stand_in.fd_counts == [4] * 30
+    assert noted(notes) == [f"{n:03d} 4" for n in range(30)]
     for job in jobs:
         job.close()
-    for _ in range(30):
-        assert stand_in.answered.acquire(timeout=10)
     assert open_fds() == before
 
 
-def test_a_spawn_cancelled_while_queued_is_never_sent(channel: tuple[ForkServer, StandIn]) -> None:
+def test_a_spawn_cancelled_while_queued_is_never_sent(
+    stand_in: tuple[list[str], Path], pipe: list[int]
+) -> None:
     """A queued spawn whose caller gave up is dropped from the outbox: the server never sees it,
     and the spawns around it still start."""
-    server, stand_in = channel
+    command, notes = stand_in
+    server = held_server(command, notes)
 
     async def main() -> list[spawn.SpawnedJob]:
-        server.attach(asyncio.get_running_loop())
-        r, w = os.pipe()
-        try:
-            started = [
-                asyncio.ensure_future(server.spawn(plan_for(n, 7000), [r, w, w])) for n in range(12)
-            ]
-            await asyncio.sleep(0.05)
-            assert len(server._outbox) > 2
-            victim = started.pop(-2)
-            victim.cancel()
-            stand_in.go.set()
-            jobs = await asyncio.wait_for(asyncio.gather(*started), 10)
-        finally:
-            os.close(r)
-            os.close(w)
-        return jobs
+        server.attach(asyncio.get_running_loop(), RecordingLog())
+        started = [asyncio.ensure_future(server.spawn(plan_for(n, 7000), pipe)) for n in range(12)]
+        await asyncio.sleep(0.05)
+        assert server._server is not None
+        assert len(server._server.outbox) > 2
+        victim = started.pop(-2)
+        victim.cancel()
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGUSR1)
+        return await asyncio.wait_for(asyncio.gather(*started), 10)
 
-    jobs = asyncio.run(main())
-    assert [plan.argv[3][:3] for plan in stand_in.plans] == [
-        f"{n:03d}" for n in range(12) if n != 10
-    ]
+    try:
+        jobs = asyncio.run(main())
+    finally:
+        server.close()
+    assert [line.split()[0] for line in noted(notes)] == [f"{n:03d}" for n in range(12) if n != 10]
     for job in jobs:
         job.close()
+
+
+def test_a_server_that_cannot_serve_fails_the_start_with_its_reason(
+    stand_in: tuple[list[str], Path],
+) -> None:
+    """start() raises SpawnError with the server's own reason, or how it ended, and reaps it."""
+    command, notes = stand_in
+    with pytest.raises(SpawnError) as refused:
+        ForkServer.start([*command, "refuse", str(notes)])
+    assert str(refused.value) == "no seccomp filter here"
+    with pytest.raises(SpawnError) as died:
+        ForkServer.start([*command, "die", str(notes)])
+    assert str(died.value) == "the fork server exited with status 3 at start"
+
+
+def test_a_killed_server_fails_jobs_in_flight_is_logged_and_replaced(
+    stand_in: tuple[list[str], Path], pipe: list[int]
+) -> None:
+    """SIGKILL the server with one job running and one spawn unanswered: both fail with errors
+    naming the fork server, one error line is logged, a job asked for before the new server is
+    up is refused, and once it is, jobs start again and health counts the restart."""
+    command, notes = stand_in
+    log = RecordingLog()
+    server = ForkServer.start([*command, "first", str(notes)])
+    healths: list[ForkServerHealth] = [server.health()]
+
+    async def main() -> tuple[BaseException | None, BaseException | None, str, spawn.SpawnedJob]:
+        server.attach(asyncio.get_running_loop(), log)
+        running = await server.spawn(plan_for(1), pipe)
+        waiting = asyncio.ensure_future(server.wait(running.pid))
+        unanswered = asyncio.ensure_future(server.spawn(plan_for(2), pipe))
+        while len(noted(notes)) < 2:
+            await asyncio.sleep(0.01)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        await asyncio.wait([waiting, unanswered], timeout=10)
+        healths.append(server.health())
+        with pytest.raises(SpawnError) as down:
+            await server.spawn(plan_for(3), pipe)
+        while server.health().state != "up":
+            await asyncio.sleep(0.01)
+        healths.append(server.health())
+        again = await asyncio.wait_for(server.spawn(plan_for(4), pipe), 10)
+        running.close()
+        return waiting.exception(), unanswered.exception(), str(down.value), again
+
+    try:
+        lost, refused, down, again = asyncio.run(main())
+    finally:
+        server.close()
+    again.close()
+    assert str(lost) == "the fork server was killed by SIGKILL, and with it the job's exit status"
+    assert str(refused) == "the fork server was killed by SIGKILL; the job was not started"
+    assert down == (
+        "the fork server was killed by SIGKILL and a new one is starting; the job was not "
+        "started, try again shortly"
+    )
+    assert healths == [
+        ForkServerHealth(state="up", restarts=0, last_exit=None),
+        ForkServerHealth(state="down", restarts=0, last_exit="was killed by SIGKILL"),
+        ForkServerHealth(state="up", restarts=1, last_exit="was killed by SIGKILL"),
+    ]
+    errors = [r for r in log.records if r[0] == "error"]
+    assert [(level, message) for level, message, _ in errors] == [
+        (
+            "error",
+            "the fork server was killed by SIGKILL; the jobs in flight failed, a new one starts "
+            "shortly",
+        )
+    ]
+    assert {k: errors[0][2][k] for k in ("spawning", "running", "restart_in_s")} == {
+        "spawning": 1,
+        "running": 1,
+        "restart_in_s": spawn.RESTART_FIRST_S,
+    }
+
+
+def test_the_restart_back_off_doubles_while_servers_die_young() -> None:
+    """The first end, or one after a long run, waits the first delay; each quick end doubles
+    it, up to the bound."""
+    assert restart_delay(None, 0.0) == spawn.RESTART_FIRST_S
+    assert restart_delay(0.4, 1.0) == 0.8
+    assert restart_delay(spawn.RESTART_MAX_S, 0.0) == spawn.RESTART_MAX_S
+    assert restart_delay(8.0, spawn.STABLE_S) == spawn.RESTART_FIRST_S
+
+
+def test_the_real_server_command_runs_this_package_isolated() -> None:
+    """The daemon execs its own interpreter, isolated (-I), on the server module."""
+    assert spawn.helper_command(spawn._SERVER_MODULE) == [
+        sys.executable,
+        "-I",
+        "-m",
+        "netjail.kernel.forkserver",
+    ]

@@ -1,7 +1,8 @@
 """``netjaild``: the daemon's entry point and start-up order.
 
-Order: fork server first (while we have one thread), then configuration, cgroups, recovery of
-a previous run's leftovers, the socket (bound, or passed by systemd), and only then READY.
+Order: fork server first (exec'd; a daemon whose jobs cannot get their seccomp filter does not
+start), then configuration, cgroups, recovery of a previous run's leftovers, the socket (bound,
+or passed by systemd), and only then READY.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ async def _serve(
     """Self-test, serve until SIGTERM/SIGINT, stop gracefully; the exit status."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(loop_error_handler(log))
-    forkserver.attach(loop)
+    forkserver.attach(loop, log)
     config = server.config
     stop = _Stop()
     if kmsg_reader is not None:
@@ -276,7 +277,8 @@ def main(
         )
         sys.exit(1)
     raise_fd_limit()
-    # First, while this process has one thread: every job is forked from this helper.
+    # First: every job is forked from this helper, and it compiles the jobs' seccomp filter, so
+    # a host where that fails is refused before anything else is set up.
     try:
         forkserver = ForkServer.start()
     except NetjailError as e:

@@ -84,6 +84,7 @@ class Server:
         self._connection_tasks: set[asyncio.Task[None]] = set()
 
     def status(self) -> p.StatusReply:
+        fork_server = self.jobs.ctx.host.fork_server_health()
         return p.StatusReply(
             version=__version__,
             pid=os.getpid(),
@@ -94,6 +95,9 @@ class Server:
             events_lost=self.intake.events_lost,
             cgroup_mode=self.cgroup_mode,
             seccomp_profile=SECCOMP_PROFILE,
+            fork_server=fork_server.state,
+            fork_server_restarts=fork_server.restarts,
+            fork_server_last_exit=fork_server.last_exit,
         )
 
     def apply(self, config: Config, file_config: Config) -> None:

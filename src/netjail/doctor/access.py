@@ -14,6 +14,7 @@ from typing import Literal
 from netjail import protocol as p
 from netjail.doctor.result import Check
 from netjail.errors import DaemonConnectionError, NetjailError, PermissionDeniedError
+from netjail.statusview import describe_fork_server, fork_server_troubled
 from netjail.text import sanitize
 
 START_DAEMON_FIX = "start netjaild: sudo netjaild & (with systemd: sudo systemctl start netjaild)"
@@ -98,20 +99,32 @@ def check_socket(info: SocketInfo) -> Check:
     return Check.ok(name, f"{shown}: you may connect ({why})")
 
 
+def _daemon_answered(name: str, answer: p.StatusReply, socket: SocketInfo) -> Check:
+    """ok with what the daemon says of itself; a warning when its fork server is in trouble."""
+    profile = (
+        f", jobs get seccomp profile {sanitize(answer.seccomp_profile)}"
+        if answer.seccomp_profile
+        else ""
+    )
+    detail = (
+        f"netjaild {answer.version} (pid {answer.pid}) answers on {socket.path},"
+        f" up {answer.uptime_s:.0f}s{profile}"
+    )
+    if fork_server_troubled(answer):
+        return Check.warn(
+            name,
+            f"{detail}; its fork server is {describe_fork_server(answer)}",
+            "the daemon's log says why its fork server ended (journalctl -u netjaild); "
+            "jobs in flight then failed, and it restarts it by itself",
+        )
+    return Check.ok(name, detail)
+
+
 def check_daemon(answer: p.StatusReply | NetjailError, socket: SocketInfo) -> Check:
     """Whether netjaild answered hello and status on its socket; the fix depends on why not."""
     name = "daemon"
     if isinstance(answer, p.StatusReply):
-        profile = (
-            f", jobs get seccomp profile {sanitize(answer.seccomp_profile)}"
-            if answer.seccomp_profile
-            else ""
-        )
-        return Check.ok(
-            name,
-            f"netjaild {answer.version} (pid {answer.pid}) answers on {socket.path},"
-            f" up {answer.uptime_s:.0f}s{profile}",
-        )
+        return _daemon_answered(name, answer, socket)
     detail = str(answer)
     if isinstance(answer, PermissionDeniedError):
         return Check.fail(

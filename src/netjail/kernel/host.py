@@ -31,7 +31,7 @@ from netjail.kernel.backends import FirewallBackend, LogBackend
 from netjail.kernel.fsplan import HostLayout
 from netjail.kernel.jobplan import JobPlan
 from netjail.kernel.peer import pids_in_netns
-from netjail.kernel.spawn import ExitStatus, ForkServer
+from netjail.kernel.spawn import ExitStatus, ForkServer, ForkServerHealth
 from netjail.protocol import BindAccess
 
 T = TypeVar("T")
@@ -123,6 +123,8 @@ class JailHost(Protocol):
     async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> JobProcess: ...
 
     async def wait(self, pid: int) -> ExitStatus: ...
+
+    def fork_server_health(self) -> ForkServerHealth: ...
 
 
 class KernelJailHost:
@@ -251,6 +253,9 @@ class KernelJailHost:
 
     async def wait(self, pid: int) -> ExitStatus:
         return await self._forkserver.wait(pid)
+
+    def fork_server_health(self) -> ForkServerHealth:
+        return self._forkserver.health()
 
 
 def _allow_ping_sockets() -> None:

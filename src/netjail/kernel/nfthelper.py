@@ -11,8 +11,9 @@ The helper holds a handful of fds and caps its own RLIMIT_NOFILE at FD_SETSIZE, 
 cannot happen; should the second, only the helper ends: the jail being built fails closed with
 a FirewallError, and the next ruleset starts a new helper.
 
-How. The helper is exec'd (``python -P -m netjail.kernel.nfthelper``), not merely forked: it
-may have to be (re)started while the daemon runs threads, and only exec makes that safe. It is
+How. The helper is exec'd (``python -I -m netjail.kernel.nfthelper``, see
+``netjail.kernel.helperproc``), not merely forked: it may have to be (re)started while the
+daemon runs threads, and only exec makes that safe. It is
 single-threaded and serves one request at a time over a SOCK_SEQPACKET socketpair: a ``_Load``
 datagram carrying, as SCM_RIGHTS, the jail's netns fd and a memfd holding the ruleset text (so
 a ruleset of any size fits one datagram), answered by one ``_Outcome``. For each, it setns()s
@@ -25,7 +26,6 @@ of the socket closes, which also happens when the daemon dies.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import ctypes
 import os
 import resource
@@ -41,6 +41,7 @@ import msgspec
 from netjail.errors import FirewallError, map_os_errors
 from netjail.kernel import syscalls
 from netjail.kernel.fdpass import read_payload, recv_with_fds, sealed_payload, send_with_fds
+from netjail.kernel.helperproc import describe_exit, helper_command
 
 #: How long the daemon waits for one ruleset to be loaded (it takes about 1 ms).
 ANSWER_TIMEOUT_S = 10.0
@@ -190,11 +191,6 @@ def main(argv: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- the daemon's side
 
 
-def helper_command() -> list[str]:
-    """How the daemon starts a helper (``-P``: nothing is imported from the working directory)."""
-    return [sys.executable, "-P", "-m", "netjail.kernel.nfthelper"]
-
-
 class NftHelper:
     """The daemon's handle on the helper: started on first use, started again after it ends.
 
@@ -204,7 +200,8 @@ class NftHelper:
     def __init__(
         self, command: Sequence[str] | None = None, timeout: float = ANSWER_TIMEOUT_S
     ) -> None:
-        self._command = list(command) if command is not None else helper_command()
+        default = helper_command("netjail.kernel.nfthelper")
+        self._command = list(command) if command is not None else default
         self._timeout = timeout
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -263,7 +260,7 @@ class NftHelper:
         except OSError:
             data = b""
         if not data:
-            ended = _describe_exit(self._stop())
+            ended = describe_exit(self._stop())
             raise FirewallError(
                 f"the nftables helper {ended} while loading the jail's ruleset (its last words, "
                 "if any, are in the daemon's log); the job was not started, and a new helper "
@@ -328,16 +325,6 @@ class NftHelper:
         """Stop the helper (it ends once its socket closes)."""
         with self._lock:
             self._stop()
-
-
-def _describe_exit(status: int | None) -> str:
-    if status is None:
-        return "ended"
-    if status < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-status).name}"
-        return f"was killed by signal {-status}"
-    return f"exited with status {status}"
 
 
 _helper = NftHelper()

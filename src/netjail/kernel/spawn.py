@@ -1,26 +1,20 @@
-"""The fork server: the only process that forks jobs.
+"""The daemon's handle on its fork server (``netjail.kernel.forkserver``): start it, hand it
+jobs, and, when it ends, say so and start another.
 
-Why a fork server: the daemon is multi-threaded (namespace builder threads), and forking a
-multi-threaded process then running Python before exec can deadlock on locks other threads held
-at fork time. So ``ForkServer.start`` forks one helper at daemon start-up, before any thread
-exists; that helper stays single-threaded and starts every job with ``jailinit.spawn_job``: the
-job's init, PID 1 of a new PID namespace, enters the jail's netns and cgroups, builds the job's
-file system in new mount, IPC and UTS namespaces, drops privileges, loads the seccomp filter
-(compiled here once, before the first job) and spawns the command. A failure at any step is
-reported back with the step's name; the job never runs.
+``ForkServer.start`` execs the server at daemon start-up and waits for its ``Ready``: a server
+that cannot compile the jobs' seccomp filter fails the start, closed. From then on the server
+is watched through its pidfd and its socket. When it ends:
 
-The helper is also a child subreaper, so whatever leaves a job's namespaces is re-parented to
-it and reaped: zombies never pile up. It reports every init's exit with the command's status
-(read from the init's status pipe) and the rusage; the daemon holds a pidfd per job, so
-signals never reach a recycled pid.
+- one log line says how it ended (killed by SIGKILL, exited with status 1…);
+- every job in flight fails closed with an error that names the fork server: spawns not yet
+  answered, and running jobs, whose exit status it alone could report (their cgroups are
+  killed by the daemon's teardown as for any job that failed);
+- a new server is exec'd after a back-off (``restart_delay``), so a server that dies at once
+  does not make the daemon spin; until it is up, a job is refused at once with the reason;
+- ``health()`` tells ``status`` all of that.
 
-Messages are typed msgspec structs (``_ToServer``, ``_FromServer``), one per datagram of a
-SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with SCM_RIGHTS). Both ends are
-ours: the daemon validated everything before it got here. A job's plan, which carries its argv
-and env (up to the protocol's bound), travels in a sealed memfd passed with the datagram
-(``netjail.kernel.fdpass``), so every datagram is a few bytes and many jobs started at once
-never fill the socket; should they still, a spawn waits in an outbox until the socket is
-writable again, in order, rather than fail.
+Spawns are sent in order; should the socket be full, they wait in an outbox until it drains
+rather than fail.
 """
 
 from __future__ import annotations
@@ -29,170 +23,62 @@ import asyncio
 import contextlib
 import errno
 import os
-import selectors
 import signal
 import socket
-import threading
+import subprocess
+import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import msgspec
 
 from netjail.errors import ExecError, SpawnError, map_os_errors
-from netjail.kernel import syscalls
-from netjail.kernel.fdpass import read_payload, recv_with_fds, sealed_payload, send_with_fds
-from netjail.kernel.jailinit import ExecHook, StartedJob, read_job_exit, spawn_job
+from netjail.kernel.fdpass import recv_with_fds, sealed_payload, send_with_fds
+from netjail.kernel.forkserver import (
+    MAX_FDS,
+    MAX_MESSAGE,
+    Exited,
+    ExitStatus,
+    FromServer,
+    Ready,
+    SpawnFailed,
+    SpawnRequest,
+    StartFailed,
+    encode,
+    from_server,
+)
+from netjail.kernel.helperproc import describe_exit, helper_command
 from netjail.kernel.jobplan import JobPlan, SpawnFailure
-from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
-from netjail.protocol import MAX_BINDS
 
-#: Every datagram is small: what may be large (a job's plan) comes in a memfd.
-_MAX_MESSAGE = 1 << 16
-#: The largest plan the fork server reads: argv and env are bounded at 120 KiB by the protocol,
-#: the binds' paths by MAX_BINDS; this leaves ample room and still bounds a reader's memory.
-_MAX_PLAN = 16 << 20
-#: Fds one spawn message may carry: the plan's memfd, the job's stdio and one per bind source.
-_MAX_SPAWN_FDS = 1 + 3 + MAX_BINDS + 8
+__all__ = ["ExitStatus", "ForkServer", "ForkServerHealth", "SpawnedJob", "spawn_error"]
 
+#: How long the daemon waits for a new fork server's ``Ready``.
+READY_TIMEOUT_S = 10.0
+#: The first back-off before a new fork server is started, and the longest.
+RESTART_FIRST_S = 0.05
+RESTART_MAX_S = 10.0
+#: A fork server that ran this long was healthy: the back-off starts over after it ends.
+STABLE_S = 30.0
 
-class ExitStatus(msgspec.Struct, frozen=True):
-    """How a job's main process ended, and its resource usage (its reaped children included)."""
-
-    exit_code: int | None
-    signal: int | None
-    cpu_user_s: float
-    cpu_system_s: float
-    max_rss_bytes: int
+#: up: serving; starting: exec'd, not yet ready (jobs sent now wait for it); down: ended, a
+#: new one is due after the back-off (jobs are refused until then).
+ForkServerState = Literal["up", "starting", "down"]
 
 
-class _Spawn(msgspec.Struct, frozen=True, tag="spawn"):
-    """Start a job. The message's fds: a sealed memfd holding its ``JobPlan`` (msgpack), the
-    job's stdio (3), then its bind sources."""
-
-    id: int
+class _Log(Protocol):
+    def __call__(self, level: str, message: str, **fields: Any) -> None: ...
 
 
-class _Spawned(msgspec.Struct, frozen=True, tag="spawned"):
-    """The job runs; its pidfd comes with this message (SCM_RIGHTS)."""
+@dataclass(frozen=True)
+class ForkServerHealth:
+    """What ``status`` says about the fork server: its state, how many times it was restarted,
+    and how the last one that ended did (None if none has)."""
 
-    id: int
-    pid: int
-
-
-class _SpawnFailed(msgspec.Struct, frozen=True, tag="failed"):
-    id: int
-    failure: SpawnFailure
-
-
-class _Exited(msgspec.Struct, frozen=True, tag="exited"):
-    pid: int
-    status: ExitStatus
-
-
-_ToServer = _Spawn
-_FromServer = _Spawned | _SpawnFailed | _Exited
-_to_server = msgspec.msgpack.Decoder(_ToServer)
-_from_server = msgspec.msgpack.Decoder(_FromServer)
-_plans = msgspec.msgpack.Decoder(JobPlan)
-_encode = msgspec.msgpack.encode
-
-
-def _send(sock: socket.socket, message: msgspec.Struct, fds: Sequence[int] = ()) -> None:
-    send_with_fds(sock, _encode(message), fds)
-
-
-def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One datagram and the fds that came with it; b"" when the other end closed."""
-    return recv_with_fds(sock, _MAX_MESSAGE, _MAX_SPAWN_FDS)
-
-
-def _start_job(message: _Spawn, fds: list[int]) -> StartedJob | SpawnFailure:
-    """Read the plan from the message's memfd and start the job with the fds after it."""
-    if len(fds) < 4:
-        detail = f"expected a plan and 3 stdio fds, got {len(fds)} fds"
-        return SpawnFailure(stage="plan", errno=0, detail=detail)
-    try:
-        plan = _plans.decode(read_payload(fds[0], _MAX_PLAN))
-    except (ValueError, msgspec.DecodeError) as e:
-        return SpawnFailure(stage="plan", errno=0, detail=f"unreadable plan: {e}")
-    return spawn_job(plan, fds[1:4], fds[4:], _HOOKS)
-
-
-# ---------------------------------------------------------------- the fork server process
-
-#: The steps a job's init runs last before its command is spawned.
-_HOOKS = (ExecHook(stage="seccomp filter", run=load_job_filter),)
-
-
-def _reap(sock: socket.socket, jobs: dict[int, int]) -> None:
-    """Reap every exited child; report jobs' inits with how their command ended."""
-    while True:
-        try:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        status_fd = jobs.pop(pid, None)
-        if status_fd is None:
-            continue  # not a job's init: nothing to report
-        ended = read_job_exit(status_fd, status)
-        os.close(status_fd)
-        exit_status = ExitStatus(
-            exit_code=ended.exit_code,
-            signal=ended.signal,
-            cpu_user_s=usage.ru_utime,
-            cpu_system_s=usage.ru_stime,
-            max_rss_bytes=usage.ru_maxrss * 1024,
-        )
-        _send(sock, _Exited(pid=pid, status=exit_status))
-
-
-def _serve(sock: socket.socket) -> None:
-    """The fork server's main loop. Exits when the daemon's end of the socket closes."""
-    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    prepare_job_filter()  # compiled already: the inits only load it
-    jobs: dict[int, int] = {}  # init pid -> its status pipe
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj == wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wake_r, 4096)
-                _reap(sock, jobs)
-                continue
-            try:
-                data, fds = _recv(sock)
-            except InterruptedError:
-                continue
-            if not data:
-                os._exit(0)
-            try:
-                message = _to_server.decode(data)
-                outcome = _start_job(message, fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            if isinstance(outcome, SpawnFailure):
-                _send(sock, _SpawnFailed(id=message.id, failure=outcome))
-            else:
-                jobs[outcome.init_pid] = outcome.status_fd
-                pidfd = os.pidfd_open(outcome.init_pid)
-                _send(sock, _Spawned(id=message.id, pid=outcome.init_pid), [pidfd])
-                os.close(pidfd)
-            _reap(sock, jobs)
-
-
-# ---------------------------------------------------------------- the daemon's side
+    state: ForkServerState
+    restarts: int
+    last_exit: str | None
 
 
 @dataclass
@@ -225,94 +111,280 @@ class _Outgoing:
     sent: asyncio.Future[None]
 
 
-class ForkServer:
-    """The daemon's handle on the fork server process."""
+@dataclass(eq=False)
+class _Server:
+    """One fork server process, and what is in flight with it."""
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid = pid
-        self._sock = sock
+    process: subprocess.Popen[bytes]
+    sock: socket.socket
+    pidfd: int
+    started: float
+    ready: bool = False
+    #: Why it cannot serve, if it said so (``StartFailed``).
+    refusal: str | None = None
+    pending: dict[int, asyncio.Future[SpawnedJob]] = field(default_factory=dict)
+    waiters: dict[int, asyncio.Future[ExitStatus]] = field(default_factory=dict)
+    exits: dict[int, ExitStatus] = field(default_factory=dict)
+    outbox: deque[_Outgoing] = field(default_factory=deque)
+    reading: bool = False
+
+    def release(self) -> int | None:
+        """Close its socket and pidfd; make sure it is gone and reap it: its exit status."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        try:
+            status = self.process.wait(1)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            status = self.process.wait()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+        return status
+
+
+def _launch(command: Sequence[str]) -> _Server:
+    """Exec a fork server, its end of a new socketpair on its fd 0."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        with map_os_errors(SpawnError, "cannot start the fork server"):
+            process = subprocess.Popen(
+                list(command),
+                stdin=theirs.fileno(),
+                stdout=subprocess.DEVNULL,
+                env={},
+            )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except OSError as e:
+        process.kill()
+        process.wait()
+        ours.close()
+        raise SpawnError(f"cannot watch the fork server: {e.strerror}") from None
+    return _Server(process=process, sock=ours, pidfd=pidfd, started=time.monotonic())
+
+
+def _wait_ready(server: _Server, timeout: float) -> None:
+    """Block until ``server`` says Ready; SpawnError with the reason if it cannot serve."""
+    server.sock.settimeout(timeout)
+    try:
+        data, fds = recv_with_fds(server.sock, MAX_MESSAGE, MAX_FDS)
+    except TimeoutError:
+        raise SpawnError(f"the fork server did not start within {timeout:g} s") from None
+    except OSError:
+        data, fds = b"", []
+    for fd in fds:
+        os.close(fd)
+    message = from_server.decode(data) if data else None
+    if isinstance(message, StartFailed):
+        raise SpawnError(message.detail)
+    if not isinstance(message, Ready):
+        try:
+            status = server.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            status = None
+        raise SpawnError(f"the fork server {describe_exit(status)} at start")
+    server.ready = True
+
+
+def restart_delay(previous_s: float | None, ran_s: float) -> float:
+    """The back-off before the next fork server: the first delay after one that ran for a
+    while (or the first end), else twice the last one, up to RESTART_MAX_S."""
+    if previous_s is None or ran_s >= STABLE_S:
+        return RESTART_FIRST_S
+    return min(previous_s * 2, RESTART_MAX_S)
+
+
+class ForkServer:
+    """The daemon's handle on the fork server process, restarted whenever it ends."""
+
+    def __init__(self, server: _Server, command: Sequence[str]) -> None:
+        self._server: _Server | None = server
+        self._command = list(command)
         self._next_id = 0
-        self._pending: dict[int, asyncio.Future[SpawnedJob]] = {}
-        self._exits: dict[int, ExitStatus] = {}
-        self._waiters: dict[int, asyncio.Future[ExitStatus]] = {}
-        self._outbox: deque[_Outgoing] = deque()
+        self._owners: dict[int, _Server] = {}  # a running job's pid -> the server that owns it
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._log: _Log | None = None
+        self._restarts = 0
+        self._last_exit: str | None = None
+        self._delay_s: float | None = None
+        self._restart: asyncio.TimerHandle | None = None
+        self._closed = False
 
     @classmethod
-    def start(cls) -> ForkServer:
-        """Fork the server. Must be called while the daemon still has a single thread."""
-        if threading.active_count() != 1:
-            raise RuntimeError("ForkServer.start() must run before any thread is started")
-        # Fail closed here, before serving: a daemon whose jobs cannot get their seccomp
-        # filter must not start (SpawnError names the reason).
-        prepare_job_filter()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            parent.close()
-            try:
-                _serve(child)
-            finally:
-                os._exit(1)
-        child.close()
-        return cls(pid, parent)
+    def start(
+        cls, command: Sequence[str] | None = None, timeout: float = READY_TIMEOUT_S
+    ) -> ForkServer:
+        """Exec the fork server and wait until it is ready; SpawnError if it cannot serve (the
+        jobs' seccomp filter cannot be compiled, say): the daemon must not start then."""
+        command = list(command) if command is not None else helper_command(_SERVER_MODULE)
+        server = _launch(command)
+        try:
+            _wait_ready(server, timeout)
+        except BaseException:
+            server.process.kill()
+            server.release()
+            raise
+        return cls(server, command)
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start reading the server's messages from ``loop``."""
-        self._loop = loop
-        self._sock.setblocking(False)
-        loop.add_reader(self._sock.fileno(), self._on_readable)
+    @property
+    def pid(self) -> int | None:
+        """The running fork server's pid, if one runs."""
+        return self._server.process.pid if self._server is not None else None
 
-    def _on_readable(self) -> None:
+    def health(self) -> ForkServerHealth:
+        """The fork server's state, restarts and last end, for ``status``."""
+        server = self._server
+        state: ForkServerState = "down"
+        if server is not None:
+            state = "up" if server.ready else "starting"
+        return ForkServerHealth(state=state, restarts=self._restarts, last_exit=self._last_exit)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, log: _Log) -> None:
+        """Start reading the server's messages from ``loop``; ``log`` hears of its ends."""
+        self._loop, self._log = loop, log
+        if self._server is not None:
+            self._watch(loop, self._server)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, server: _Server) -> None:
+        server.sock.setblocking(False)
+        loop.add_reader(server.sock.fileno(), self._on_readable, server)
+        loop.add_reader(server.pidfd, self._on_ended, server)
+        server.reading = True
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_readable(self, server: _Server) -> None:
         while True:
             try:
-                data, fds = _recv(self._sock)
+                data, fds = recv_with_fds(server.sock, MAX_MESSAGE, MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
+            except OSError:
                 data, fds = b"", []
-                self._fail_all(SpawnError(f"lost the fork server: {e.strerror}"))
             if not data:
-                self._fail_all(SpawnError("the fork server exited"))
-                if self._loop is not None:
-                    self._loop.remove_reader(self._sock.fileno())
+                # It closed its end: it is ending. Its pidfd says how, and then it is replaced.
+                self._stop_reading(server)
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(server.pidfd, signal.SIGKILL)
                 return
-            self._dispatch(_from_server.decode(data), fds)
+            try:
+                message = from_server.decode(data)
+            except msgspec.DecodeError:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self._dispatch(server, message, fds)
 
-    def _dispatch(self, message: _FromServer, fds: list[int]) -> None:
-        if isinstance(message, _Exited):
-            waiter = self._waiters.pop(message.pid, None)
+    def _dispatch(self, server: _Server, message: FromServer, fds: list[int]) -> None:
+        if isinstance(message, Exited):
+            waiter = server.waiters.pop(message.pid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message.status)
             else:
-                self._exits[message.pid] = message.status
+                server.exits[message.pid] = message.status
             return
-        future = self._pending.pop(message.id, None)
+        if isinstance(message, Ready):
+            server.ready = True
+            if self._log is not None and self._restarts:
+                self._log("info", "a new fork server is up", pid=server.process.pid)
+            return
+        if isinstance(message, StartFailed):
+            server.refusal = message.detail
+            return
+        future = server.pending.pop(message.id, None)
         if future is None or future.done():
             for fd in fds:
                 os.close(fd)
             return
-        if isinstance(message, _SpawnFailed):
+        if isinstance(message, SpawnFailed):
             future.set_exception(spawn_error(message.failure))
         elif fds:
+            self._owners[message.pid] = server
             future.set_result(SpawnedJob(pid=message.pid, pidfd=fds[0]))
         else:
             future.set_exception(SpawnError("fork server sent no pidfd"))
 
-    def _fail_all(self, error: Exception) -> None:
-        if self._outbox and self._loop is not None:
-            self._loop.remove_writer(self._sock.fileno())
-        futures: list[
-            asyncio.Future[None] | asyncio.Future[SpawnedJob] | asyncio.Future[ExitStatus]
-        ]
-        futures = [request.sent for request in self._outbox]
-        futures += [*self._pending.values(), *self._waiters.values()]
-        for future in futures:
+    def _stop_reading(self, server: _Server) -> None:
+        if server.reading and self._loop is not None:
+            self._loop.remove_reader(server.sock.fileno())
+            if server.outbox:
+                self._loop.remove_writer(server.sock.fileno())
+        server.reading = False
+
+    # ------------------------------------------------------------------ its end, and the next
+
+    def _on_ended(self, server: _Server) -> None:
+        """The server's pidfd is readable: it has ended. Read what it sent before, fail what
+        is still in flight, say so, and start another after the back-off."""
+        loop = self._loop
+        if loop is None:  # pragma: no cover - only registered once attached
+            return
+        loop.remove_reader(server.pidfd)
+        if server.reading:
+            self._on_readable(server)  # its last Exited and Spawned messages
+            self._stop_reading(server)
+        ended = describe_exit(server.release())
+        if server.refusal is not None:
+            ended = f"{ended} ({server.refusal})"
+        self._last_exit = ended
+        spawning, running = len(server.pending), len(server.waiters)
+        self._fail_in_flight(server, ended)
+        if self._server is server:
+            self._server = None
+        if self._closed:
+            return
+        self._delay_s = restart_delay(self._delay_s, time.monotonic() - server.started)
+        if self._log is not None:
+            self._log(
+                "error",
+                f"the fork server {ended}; the jobs in flight failed, a new one starts shortly",
+                pid=server.process.pid,
+                spawning=spawning,
+                running=running,
+                restart_in_s=round(self._delay_s, 3),
+            )
+        self._restart = loop.call_later(self._delay_s, self._start_again)
+
+    def _fail_in_flight(self, server: _Server, ended: str) -> None:
+        """Fail ``server``'s unanswered spawns and its running jobs' waits, closed."""
+        refused = SpawnError(f"the fork server {ended}; the job was not started")
+        for request in server.outbox:
+            if not request.sent.done():
+                request.sent.set_exception(refused)
+        for future in server.pending.values():
             if not future.done():
-                future.set_exception(error)
-        self._outbox.clear()
-        self._pending.clear()
-        self._waiters.clear()
+                future.set_exception(refused)
+        for waiter in server.waiters.values():
+            if not waiter.done():
+                waiter.set_exception(_lost_exit(ended))
+        server.outbox.clear()
+        server.pending.clear()
+        server.waiters.clear()
+        for pid in [pid for pid, owner in self._owners.items() if owner is server]:
+            del self._owners[pid]
+
+    def _start_again(self) -> None:
+        self._restart = None
+        if self._closed or self._loop is None:
+            return
+        try:
+            server = _launch(self._command)
+        except SpawnError as e:
+            self._delay_s = restart_delay(self._delay_s, 0.0)
+            if self._log is not None:
+                self._log("error", "cannot start a new fork server", error=str(e))
+            self._restart = self._loop.call_later(self._delay_s, self._start_again)
+            return
+        self._restarts += 1
+        self._server = server
+        self._watch(self._loop, server)
+
+    # ------------------------------------------------------------------ jobs
 
     async def spawn(
         self, plan: JobPlan, stdio: list[int], source_fds: Sequence[int] = ()
@@ -323,51 +395,58 @@ class ForkServer:
         """
         if self._loop is None:
             raise SpawnError("fork server not attached to the event loop")
+        server = self._server
+        if server is None:
+            raise SpawnError(
+                f"the fork server {self._last_exit or 'ended'} and a new one is starting; "
+                "the job was not started, try again shortly"
+            )
         with map_os_errors(SpawnError, "cannot hand the job's plan to the fork server"):
-            plan_fd = sealed_payload("netjail-plan", _encode(plan))
+            plan_fd = sealed_payload("netjail-plan", encode(plan))
         try:
             self._next_id += 1
             spawn_id = self._next_id
             request = _Outgoing(
-                data=_encode(_Spawn(id=spawn_id)),
+                data=encode(SpawnRequest(id=spawn_id)),
                 fds=[plan_fd, *stdio, *source_fds],
                 sent=self._loop.create_future(),
             )
             future: asyncio.Future[SpawnedJob] = self._loop.create_future()
-            self._pending[spawn_id] = future
+            server.pending[spawn_id] = future
             try:
-                await self._deliver(self._loop, request)
+                await self._deliver(self._loop, server, request)
             except BaseException:
-                self._pending.pop(spawn_id, None)
+                server.pending.pop(spawn_id, None)
                 raise
         finally:
             os.close(plan_fd)
         return await future
 
-    async def _deliver(self, loop: asyncio.AbstractEventLoop, request: _Outgoing) -> None:
+    async def _deliver(
+        self, loop: asyncio.AbstractEventLoop, server: _Server, request: _Outgoing
+    ) -> None:
         """Send now, or, when the socket is full, queue behind earlier spawns until it drains.
 
         The caller keeps the fds open until this returns; a cancelled wait never sends them.
         """
-        if not self._outbox:
+        if not server.outbox:
             try:
-                send_with_fds(self._sock, request.data, request.fds)
+                send_with_fds(server.sock, request.data, request.fds)
                 return
             except BlockingIOError:
                 pass
             except OSError as e:
                 raise SpawnError(f"cannot reach the fork server: {e.strerror}") from None
-        if not self._outbox:
-            loop.add_writer(self._sock.fileno(), self._flush)
-        self._outbox.append(request)
+            loop.add_writer(server.sock.fileno(), self._flush, server)
+        server.outbox.append(request)
         await request.sent
 
-    def _flush(self) -> None:
-        while self._outbox:
-            request = self._outbox[0]
+    def _flush(self, server: _Server) -> None:
+        while server.outbox:
+            request = server.outbox[0]
             if not request.sent.done():  # else its spawn was cancelled: its fds may be closed
                 try:
-                    send_with_fds(self._sock, request.data, request.fds)
+                    send_with_fds(server.sock, request.data, request.fds)
                 except BlockingIOError:
                     return
                 except OSError as e:
@@ -376,29 +455,48 @@ class ForkServer:
                     )
                 else:
                     request.sent.set_result(None)
-            self._outbox.popleft()
+            server.outbox.popleft()
         if self._loop is not None:
-            self._loop.remove_writer(self._sock.fileno())
+            self._loop.remove_writer(server.sock.fileno())
 
     async def wait(self, pid: int) -> ExitStatus:
         """Wait for job ``pid`` to exit."""
-        if pid in self._exits:
-            return self._exits.pop(pid)
+        server = self._owners.get(pid)
+        if server is None:
+            raise _lost_exit(self._last_exit or "ended")
+        if pid in server.exits:
+            del self._owners[pid]
+            return server.exits.pop(pid)
         if self._loop is None:
             raise SpawnError("fork server not attached to the event loop")
         future: asyncio.Future[ExitStatus] = self._loop.create_future()
-        self._waiters[pid] = future
-        return await future
+        server.waiters[pid] = future
+        try:
+            return await future
+        finally:
+            self._owners.pop(pid, None)
 
     def close(self) -> None:
-        """Close our end: the server exits; reap it."""
+        """Stop: no new server; close our end, so the running one exits; reap it."""
+        self._closed = True
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stop_reading(server)
         if self._loop is not None:
             with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._sock.fileno())
-        with contextlib.suppress(OSError):
-            self._sock.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+                self._loop.remove_reader(server.pidfd)
+        server.release()
+
+
+_SERVER_MODULE = "netjail.kernel.forkserver"
+
+
+def _lost_exit(ended: str) -> SpawnError:
+    return SpawnError(f"the fork server {ended}, and with it the job's exit status")
 
 
 def spawn_error(failure: SpawnFailure) -> SpawnError:

@@ -1,0 +1,236 @@
+"""The fork server process: the only process that forks jobs.
+
+Why a fork server: the daemon is multi-threaded (namespace builder threads), and forking a
+multi-threaded process then running Python before exec can deadlock on locks other threads held
+at fork time. So every job is forked from this helper, which stays single-threaded and starts
+each with ``jailinit.spawn_job``: the job's init, PID 1 of a new PID namespace, enters the
+jail's netns and cgroups, builds the job's file system in new mount, IPC and UTS namespaces,
+drops privileges, loads the seccomp filter (compiled here once, before the first job) and
+spawns the command. A failure at any step is reported back with the step's name; the job never
+runs.
+
+Why exec'd, lean. The daemon starts it as a fresh interpreter (``python -I -m
+netjail.kernel.forkserver``, see ``netjail.kernel.helperproc``), at start-up and again whenever
+one ends, from a daemon that runs threads by then: only exec is safe there. It imports only the
+kernel modules a job needs, so each fork of it copies a small process (a fork of the whole
+daemon copied every page table of the daemon's heap), and a job's init, forked from it, shows
+this short command line as /proc/1/cmdline, not the daemon's (its config, socket and state
+paths).
+
+The helper is also a child subreaper, so whatever leaves a job's namespaces is re-parented to
+it and reaped: zombies never pile up. It reports every init's exit with the command's status
+(read from the init's status pipe) and the rusage; the daemon holds a pidfd per job, so signals
+never reach a recycled pid.
+
+The channel. Its socket (one end of a SOCK_SEQPACKET socketpair) comes as fd 0. Messages are
+typed msgspec structs (``ToServer``, ``FromServer``), one per datagram, fds passed with
+SCM_RIGHTS; a job's plan, which carries its argv and env, travels in a sealed memfd
+(``netjail.kernel.fdpass``), so every datagram is a few bytes. The first message is ``Ready``,
+once the seccomp filter is compiled, or ``StartFailed`` with the reason. Both ends are ours:
+the daemon validated everything before it got here. A new request is one more struct in the
+``ToServer`` union and one more branch in ``_handle``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+
+import msgspec
+
+from netjail.errors import NetjailError
+from netjail.kernel import syscalls
+from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
+from netjail.kernel.jailinit import ExecHook, StartedJob, read_job_exit, spawn_job
+from netjail.kernel.jobplan import JobPlan, SpawnFailure
+from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
+
+#: Every datagram is small: what may be large (a job's plan) comes in a memfd.
+MAX_MESSAGE = 1 << 16
+#: The kernel's bound on the fds one SCM_RIGHTS message carries (SCM_MAX_FD).
+MAX_FDS = 253
+#: The largest plan read: argv and env are bounded at 120 KiB by the protocol, the binds by
+#: MAX_BINDS; this leaves ample room and still bounds what one plan costs to read.
+_MAX_PLAN = 16 << 20
+
+
+class ExitStatus(msgspec.Struct, frozen=True):
+    """How a job's main process ended, and its resource usage (its reaped children included)."""
+
+    exit_code: int | None
+    signal: int | None
+    cpu_user_s: float
+    cpu_system_s: float
+    max_rss_bytes: int
+
+
+class SpawnRequest(msgspec.Struct, frozen=True, tag="spawn"):
+    """Start a job. The message's fds: a sealed memfd holding its ``JobPlan`` (msgpack), the
+    job's stdio (3), then its bind sources."""
+
+    id: int
+
+
+class Ready(msgspec.Struct, frozen=True, tag="ready"):
+    """The server is serving: the seccomp filter is compiled."""
+
+
+class StartFailed(msgspec.Struct, frozen=True, tag="start_failed"):
+    """The server cannot serve (say, the seccomp filter cannot be compiled); it exits."""
+
+    detail: str
+
+
+class Spawned(msgspec.Struct, frozen=True, tag="spawned"):
+    """The job runs; its pidfd comes with this message (SCM_RIGHTS)."""
+
+    id: int
+    pid: int
+
+
+class SpawnFailed(msgspec.Struct, frozen=True, tag="failed"):
+    id: int
+    failure: SpawnFailure
+
+
+class Exited(msgspec.Struct, frozen=True, tag="exited"):
+    pid: int
+    status: ExitStatus
+
+
+ToServer = SpawnRequest
+FromServer = Ready | StartFailed | Spawned | SpawnFailed | Exited
+to_server = msgspec.msgpack.Decoder(ToServer)
+from_server = msgspec.msgpack.Decoder(FromServer)
+plan_decoder = msgspec.msgpack.Decoder(JobPlan)
+encode = msgspec.msgpack.encode
+
+#: The steps a job's init runs last before its command is spawned.
+_HOOKS = (ExecHook(stage="seccomp filter", run=load_job_filter),)
+
+
+def _send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = None) -> None:
+    send_with_fds(sock, encode(message), fds or ())
+
+
+def _reap(sock: socket.socket, jobs: dict[int, int]) -> None:
+    """Reap every exited child; report jobs' inits with how their command ended."""
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        status_fd = jobs.pop(pid, None)
+        if status_fd is None:
+            continue  # not a job's init: nothing to report
+        ended = read_job_exit(status_fd, status)
+        os.close(status_fd)
+        exit_status = ExitStatus(
+            exit_code=ended.exit_code,
+            signal=ended.signal,
+            cpu_user_s=usage.ru_utime,
+            cpu_system_s=usage.ru_stime,
+            max_rss_bytes=usage.ru_maxrss * 1024,
+        )
+        _send(sock, Exited(pid=pid, status=exit_status))
+
+
+def _start_job(fds: list[int]) -> StartedJob | SpawnFailure:
+    """Read the plan from the request's memfd and start the job with the fds after it."""
+    if len(fds) < 4:
+        detail = f"expected a plan and 3 stdio fds, got {len(fds)} fds"
+        return SpawnFailure(stage="plan", errno=0, detail=detail)
+    try:
+        plan = plan_decoder.decode(read_payload(fds[0], _MAX_PLAN))
+    except (ValueError, msgspec.DecodeError) as e:
+        return SpawnFailure(stage="plan", errno=0, detail=f"unreadable plan: {e}")
+    return spawn_job(plan, fds[1:4], fds[4:], _HOOKS)
+
+
+def _handle(sock: socket.socket, request: ToServer, fds: list[int], jobs: dict[int, int]) -> None:
+    """Serve one request (the fds are closed by the caller)."""
+    outcome = _start_job(fds)
+    if isinstance(outcome, SpawnFailure):
+        _send(sock, SpawnFailed(id=request.id, failure=outcome))
+        return
+    jobs[outcome.init_pid] = outcome.status_fd
+    pidfd = os.pidfd_open(outcome.init_pid)
+    try:
+        _send(sock, Spawned(id=request.id, pid=outcome.init_pid), [pidfd])
+    finally:
+        os.close(pidfd)
+
+
+def serve(sock: socket.socket) -> None:
+    """The fork server's main loop; returns when the daemon's end of the socket closes."""
+    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    jobs: dict[int, int] = {}  # init pid -> its status pipe
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    _send(sock, Ready())
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+                _reap(sock, jobs)
+                continue
+            try:
+                data, fds = recv_with_fds(sock, MAX_MESSAGE, MAX_FDS)
+            except InterruptedError:
+                continue
+            if not data:
+                return
+            try:
+                _handle(sock, to_server.decode(data), fds, jobs)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            _reap(sock, jobs)
+
+
+def _take_socket() -> socket.socket:
+    """The daemon's end comes as fd 0: move it above 2 (close-on-exec) and put /dev/null on 0.
+
+    A job's init keeps fds 0-2 of this process and closes the rest, so it never holds the
+    channel: when this process dies, the daemon sees the socket's end at once.
+    """
+    fd = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return socket.socket(fileno=fd)
+
+
+def main() -> None:
+    """The exec'd fork server's entry point."""
+    sock = _take_socket()
+    # The daemon dies: so does this. (Set from the daemon's main thread's child, so it follows
+    # the daemon's life, not a thread's.) Should the daemon be gone already, the socket's end
+    # ends the loop at once.
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # A Ctrl-C meant for a daemon in the foreground reaches its whole process group: the daemon
+    # stops gracefully, and this ends when the daemon closes its socket.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        prepare_job_filter()  # compiled once: the inits only load it
+    except NetjailError as e:
+        _send(sock, StartFailed(detail=str(e)))
+        os._exit(1)
+    serve(sock)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
