@@ -204,14 +204,15 @@ def test_proc_shows_only_the_jobs_processes(client: Client) -> None:
 def test_the_jobs_init_shows_the_fork_servers_command_line_not_the_daemons(
     client: Client, daemon: Daemon
 ) -> None:
-    """/proc/1/cmdline in a job is the lean fork server's (python -I -m
+    """/proc/1/cmdline in a job is the lean fork server's (python -s -P -m
     netjail.kernel.forkserver), with none of the daemon's arguments: no config, socket or state
     path."""
     result = client.run(["cat", "/proc/1/cmdline"], stdio="capture")
     assert result.stdout is not None
     assert result.stdout.split(b"\0") == [
         sys.executable.encode(),
-        b"-I",
+        b"-s",
+        b"-P",
         b"-m",
         b"netjail.kernel.forkserver",
         b"",

@@ -322,5 +322,6 @@ def test_load_in_calling_netns_goes_through_the_modules_helper(
 
 
 def test_the_real_helper_command_runs_this_package_isolated() -> None:
-    """The daemon execs its own interpreter in isolated mode (-I) on this module."""
-    assert NftHelper()._command == [sys.executable, "-I", "-m", "netjail.kernel.nfthelper"]
+    """The daemon execs its own interpreter on this module, without the working directory (-P)
+    or the user's site-packages (-s)."""
+    assert NftHelper()._command == [sys.executable, "-s", "-P", "-m", "netjail.kernel.nfthelper"]

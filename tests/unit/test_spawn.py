@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from netjail.errors import SpawnError
-from netjail.kernel import spawn
+from netjail.kernel import forkserver, spawn
 from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
+from netjail.kernel.helperproc import helper_env
 from netjail.kernel.jobplan import JobPlan
 from netjail.kernel.spawn import ForkServer, ForkServerHealth, restart_delay
 
@@ -85,7 +86,7 @@ def stand_in(tmp_path: Path) -> tuple[list[str], Path]:
     script.write_text(STAND_IN)
     notes = tmp_path / "notes"
     notes.touch()
-    return [sys.executable, "-I", str(script)], notes
+    return [sys.executable, "-s", "-P", str(script)], notes
 
 
 def noted(notes: Path) -> list[str]:
@@ -252,11 +253,16 @@ def test_the_restart_back_off_doubles_while_servers_die_young() -> None:
     assert restart_delay(8.0, spawn.STABLE_S) == spawn.RESTART_FIRST_S
 
 
-def test_the_real_server_command_runs_this_package_isolated() -> None:
-    """The daemon execs its own interpreter, isolated (-I), on the server module."""
+def test_the_real_server_command_runs_the_daemons_own_package() -> None:
+    """The daemon execs its own interpreter on the server module, without the working directory
+    or the user's site-packages, its only variable the path to the daemon's netjail package."""
     assert spawn.helper_command(spawn._SERVER_MODULE) == [
         sys.executable,
-        "-I",
+        "-s",
+        "-P",
         "-m",
         "netjail.kernel.forkserver",
     ]
+    (path,) = helper_env().values()
+    assert list(helper_env()) == ["PYTHONPATH"]
+    assert os.path.join(path, "netjail", "kernel", "forkserver.py") == forkserver.__file__

@@ -9,7 +9,7 @@ drops privileges, loads the seccomp filter (compiled here once, before the first
 spawns the command. A failure at any step is reported back with the step's name; the job never
 runs.
 
-Why exec'd, lean. The daemon starts it as a fresh interpreter (``python -I -m
+Why exec'd, lean. The daemon starts it as a fresh interpreter (``python -s -P -m
 netjail.kernel.forkserver``, see ``netjail.kernel.helperproc``), at start-up and again whenever
 one ends, from a daemon that runs threads by then: only exec is safe there. It imports only the
 kernel modules a job needs, so each fork of it copies a small process (a fork of the whole

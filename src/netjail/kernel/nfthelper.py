@@ -11,7 +11,7 @@ The helper holds a handful of fds and caps its own RLIMIT_NOFILE at FD_SETSIZE, 
 cannot happen; should the second, only the helper ends: the jail being built fails closed with
 a FirewallError, and the next ruleset starts a new helper.
 
-How. The helper is exec'd (``python -I -m netjail.kernel.nfthelper``, see
+How. The helper is exec'd (``python -s -P -m netjail.kernel.nfthelper``, see
 ``netjail.kernel.helperproc``), not merely forked: it may have to be (re)started while the
 daemon runs threads, and only exec makes that safe. It is
 single-threaded and serves one request at a time over a SOCK_SEQPACKET socketpair: a ``_Load``
@@ -41,7 +41,7 @@ import msgspec
 from netjail.errors import FirewallError, map_os_errors
 from netjail.kernel import syscalls
 from netjail.kernel.fdpass import read_payload, recv_with_fds, sealed_payload, send_with_fds
-from netjail.kernel.helperproc import describe_exit, helper_command
+from netjail.kernel.helperproc import describe_exit, helper_command, helper_env
 
 #: How long the daemon waits for one ruleset to be loaded (it takes about 1 ms).
 ANSWER_TIMEOUT_S = 10.0
@@ -290,6 +290,7 @@ class NftHelper:
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
                         pass_fds=(theirs.fileno(), home),
+                        env=helper_env(),
                     )
             finally:
                 os.close(home)

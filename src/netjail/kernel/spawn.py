@@ -49,7 +49,7 @@ from netjail.kernel.forkserver import (
     encode,
     from_server,
 )
-from netjail.kernel.helperproc import describe_exit, helper_command
+from netjail.kernel.helperproc import describe_exit, helper_command, helper_env
 from netjail.kernel.jobplan import JobPlan, SpawnFailure
 
 __all__ = ["ExitStatus", "ForkServer", "ForkServerHealth", "SpawnedJob", "spawn_error"]
@@ -151,7 +151,7 @@ def _launch(command: Sequence[str]) -> _Server:
                 list(command),
                 stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
-                env={},
+                env=helper_env(),
             )
     except BaseException:
         ours.close()
