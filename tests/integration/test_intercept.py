@@ -294,3 +294,29 @@ def test_plain_http_to_an_intercepted_name_is_checked_too(client: Client) -> Non
         client, command("curl", "GET", f"http://{API}/admin"), deny_requests=[f"GET {API}/admin"]
     )
     assert status_line(result)[0].startswith("403 deny_request"), (result.stdout, result.stderr)
+
+
+def test_quic_is_refused_at_once_so_clients_fall_back_to_tcp(client: Client) -> None:
+    """UDP to an intercepted name's port 443 gets an immediate error, and a blocked event."""
+    script = f"""
+import socket
+address = socket.getaddrinfo("{API}", 443, socket.AF_INET)[0][4][0]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect((address, 443))
+try:
+    s.send(b"\\xc0QUIC initial")
+    s.recv(100)
+    print("answered")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print("refused", e.errno)
+"""
+    result = run(client, [PY, "-c", script], intercept=[API])
+    out = (result.stdout or b"").decode()
+    assert out.startswith("refused"), (out, result.stderr)
+    assert any(
+        e.kind == "egress" and e.proto == "udp" and e.port == 443 and e.verdict == "blocked"
+        for e in result.events
+    )

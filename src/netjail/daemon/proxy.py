@@ -11,7 +11,8 @@ special-purpose and daemon-host addresses unless a rule names them (:func:`refus
 connects from the daemon's own netns and relays both ways with backpressure.
 
 What the first-bytes check cannot see: later requests on a kept-alive HTTP connection, a second
-ClientHello, and the inner name of an Encrypted Client Hello.
+ClientHello, and the inner name of an Encrypted Client Hello. For the names a job intercepts,
+the connection goes to netjail.daemon.interception instead, which checks every request.
 """
 
 from __future__ import annotations
