@@ -76,7 +76,6 @@ def test_300_unread_ps_replies_keep_the_daemons_rss_within_its_bound(load_base: 
     holders: list[socket.socket] = []
     try:
         client = Client(daemon.socket, timeout=10)
-        # One after another: started together, some fail (see test_concurrent_starts_...).
         holders = [
             hold_job(daemon, ["sh", "-c", "sleep 100", f"{n:03d}" + "x" * 7000]) for n in range(20)
         ]
@@ -265,3 +264,28 @@ def test_concurrent_starts_with_large_command_lines_all_start(
         kinds.append(type(p.decode_reply(replies[1])).__name__ if len(replies) > 1 else "none")
         s.close()
     assert kinds == ["Started"] * 20
+
+
+def test_past_max_jobs_a_job_is_refused_busy_and_the_daemon_serves_on(load_base: str) -> None:
+    """With max_jobs = 2 and two jobs running, a third gets the busy error naming max_jobs; the
+    daemon goes on answering, and once a job has ended a new one runs."""
+    daemon = start_daemon(load_base, config_extra="max_jobs = 2\n")
+    holders: list[socket.socket] = []
+    try:
+        client = Client(daemon.socket, timeout=10)
+        holders = [hold_job(daemon, ["sleep", "100"]) for _ in range(2)]
+        with pytest.raises(BusyError) as busy:
+            client.run(["true"], cwd="/")
+        assert str(busy.value) == (
+            "netjaild is running as many jobs as it may at once (2, its max_jobs); try again "
+            "when one has ended"
+        )
+        assert client.status().jobs_running == 2
+        holders.pop().close()  # its job is killed with its connection
+        until(lambda: len(client.ps()) < 2)
+        assert client.run(["true"], cwd="/").exit_code == 0
+    finally:
+        for held in holders:
+            held.close()
+        stop_daemon(daemon)
+    assert daemon.process.returncode == 0, daemon.log()

@@ -192,6 +192,14 @@ def test_default_equal_to_maximum_is_accepted() -> None:
 # --- unknown keys ------------------------------------------------------------------------------
 
 
+def test_job_and_connection_limits_are_read() -> None:
+    """max_jobs and max_connections_per_uid are read as given; absent, max_jobs is None (sized
+    to the fd limit at start) and the connection limit 64."""
+    config = parse_config({"max_jobs": 500, "max_connections_per_uid": 8})
+    assert (config.max_jobs, config.max_connections_per_uid) == (500, 8)
+    assert (Config().max_jobs, Config().max_connections_per_uid) == (None, 64)
+
+
 def test_unknown_top_level_key_is_named() -> None:
     """A typo at the top level stops start-up and names the key and file."""
     message = error_of('sockt = "/run/x.sock"')
@@ -242,6 +250,10 @@ def test_known_table_given_as_value_is_rejected() -> None:
         ("allowed_uids = [4294967295]", "allowed_uids: item 0: uid 4294967295 is out of range"),
         ("allowed_uids = [true]", "allowed_uids: item 0: expected an integer uid, got a boolean"),
         ('allowed_groups = ["ok", "no:colon"]', "allowed_groups: item 1: invalid group name"),
+        ("max_jobs = 0", "max_jobs: must be between 1 and 1000000, got 0"),
+        ('max_jobs = "10"', "max_jobs: expected an integer, got a string"),
+        ("max_connections_per_uid = 70000", "max_connections_per_uid: must be between 1 and"),
+        ("max_connections_per_uid = true", "max_connections_per_uid: expected an integer, got"),
     ],
 )
 def test_bad_top_level_values_are_named(text: str, problem: str) -> None:

@@ -531,7 +531,12 @@ def test_serve_serves_until_sigterm_then_stops_jobs_and_clients(
         (
             "info",
             "netjaild ready",
-            {"version": __version__, "socket": socket_path, "pid": os.getpid()},
+            {
+                "version": __version__,
+                "socket": socket_path,
+                "pid": os.getpid(),
+                "max_jobs": serving_daemon.jobs.max_jobs,
+            },
         ),
         ("info", "stopping: no new connections, ending running jobs", {"jobs": 0}),
     ]

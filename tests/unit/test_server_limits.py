@@ -15,6 +15,8 @@ import pytest
 
 from netjail import protocol as p
 from netjail.daemon import server as server_module
+from netjail.daemon.config import Config
+from netjail.daemon.jobs import max_jobs_for
 from netjail.kernel.peer import PeerCred
 
 from .daemonfakes import Daemon, WireClient, connect, listening_socket, make_daemon, run
@@ -266,6 +268,21 @@ def test_roots_connections_are_not_limited(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_the_default_limit_is_64_connections_per_uid(daemon: Daemon) -> None:
-    """A server made without a limit allows 64 connections per non-root uid."""
-    assert server_module.MAX_CONNECTIONS_PER_UID == 64
+    """A server whose configuration names no limit allows 64 connections per non-root uid."""
+    assert Config().max_connections_per_uid == 64
     assert daemon.server.max_connections_per_uid == 64
+
+
+def test_the_configured_limits_apply_and_follow_a_reload(daemon: Daemon) -> None:
+    """max_connections_per_uid and max_jobs from the configuration are what the server and the
+    job manager enforce, and a reload's values replace them; an absent max_jobs is sized to the
+    fd limit."""
+    configured = Config(max_connections_per_uid=3, max_jobs=7)
+    daemon.server.apply(configured, configured)
+    assert (daemon.server.max_connections_per_uid, daemon.jobs.max_jobs) == (3, 7)
+    daemon.server.apply(Config(), Config())
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert (daemon.server.max_connections_per_uid, daemon.jobs.max_jobs) == (
+        64,
+        max_jobs_for(soft),
+    )

@@ -29,6 +29,7 @@ from netjail.daemon.configvalues import (
     read_array,
     read_bind,
     read_choice,
+    read_count,
     read_cpus,
     read_duration,
     read_group_name,
@@ -51,6 +52,11 @@ from netjail.protocol import BindMount
 
 DEFAULT_CONFIG_PATH = "/etc/netjail/netjaild.toml"
 DEFAULT_SOCKET = "/run/netjail/netjail.sock"
+#: Connections one non-root uid may hold open at once.
+DEFAULT_MAX_CONNECTIONS_PER_UID = 64
+#: Bounds a configured count must keep (a typo of a few zeros is refused, not obeyed).
+_MAX_JOBS_BOUND = 1_000_000
+_MAX_CONNECTIONS_BOUND = 65536
 
 LogFormat = Literal["text", "json"]
 BlockedDnsAnswer = Literal["NXDOMAIN", "REFUSED"]
@@ -135,6 +141,10 @@ class Config:
     allowed_groups: tuple[str, ...] = ()
     log_backend: LogBackend = "nflog"
     firewall: Firewall = "nftables"
+    #: The most jobs built or running at once; None: sized to the fd limit at start
+    #: (``jobs.max_jobs_for``).
+    max_jobs: int | None = None
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
     jail: Jail = field(default_factory=Jail)
@@ -304,6 +314,12 @@ def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
         ),
         firewall=cast(
             "Firewall", top.take("firewall", read_choice(get_args(Firewall)), "nftables")
+        ),
+        max_jobs=top.take("max_jobs", read_count(_MAX_JOBS_BOUND), base.max_jobs),
+        max_connections_per_uid=top.take(
+            "max_connections_per_uid",
+            read_count(_MAX_CONNECTIONS_BOUND),
+            base.max_connections_per_uid,
         ),
         limits=_read_limits(limits),
         policy=_read_policy(policy),

@@ -271,6 +271,19 @@ def read_pids(value: object) -> int:
     return value
 
 
+def read_count(maximum: int) -> Callable[[object], int]:
+    """A reader of a whole number from 1 to ``maximum`` (a count of jobs, connections…)."""
+
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadValueError(f"expected an integer, got {describe(value)}")
+        if not 1 <= value <= maximum:
+            raise BadValueError(f"must be between 1 and {maximum}, got {value}")
+        return value
+
+    return convert
+
+
 def read_host_name(name: str) -> str:
     """The canonical form of a host name key (as the policy matcher writes names)."""
     canonical = rules.canonical_name(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 import time
 
@@ -17,13 +18,32 @@ from netjail.daemon.intake import EventSink
 from netjail.daemon.pipeline import JailContext, Job, NflogSource, drain_capture, start_job
 from netjail.daemon.report import Ending, build_report
 from netjail.daemon.spec import JobSpec
-from netjail.errors import JailError, NotFoundError
+from netjail.errors import BusyError, JailError, NotFoundError
 from netjail.kernel.peer import PeerCred
 from netjail.kernel.spawn import ExitStatus
 from netjail.protocol import Report
 
 #: How often a graceful stop checks whether the job's processes are gone.
 _GRACE_POLL_S = 0.02
+#: The fds a job holds in the daemon while it is built or runs (measured by bench/load.py: its
+#: netns, NFLOG socket, DNS stub and proxy listeners, pidfd and pipes, about 9), and its client's
+#: connection.
+FDS_PER_JOB = 10
+#: The fds kept for all else: the listener, connections without a job, the helpers, the log,
+#: state files, and the proxies' upstream connections (not counted per job: a job without
+#: network traffic has none). At least this many, or an eighth of the limit if more.
+FD_RESERVE = 256
+
+
+def max_jobs_for(nofile: int) -> int:
+    """The default ``max_jobs``: as many jobs as the fd limit ``nofile`` holds, after the
+    reserve (at least one)."""
+    reserve = max(FD_RESERVE, nofile // 8)
+    return max(1, (nofile - reserve) // FDS_PER_JOB)
+
+
+def _fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def may_see(peer: PeerCred, owner_uid: int | None) -> bool:
@@ -34,10 +54,14 @@ def may_see(peer: PeerCred, owner_uid: int | None) -> bool:
 class JobManager:
     """Runs jobs; owned by the daemon's one asyncio loop."""
 
-    def __init__(self, ctx: JailContext) -> None:
+    def __init__(self, ctx: JailContext, max_jobs: int | None = None) -> None:
         self.ctx = ctx
         self.jobs: dict[str, Job] = {}
         self.jobs_total = 0
+        #: The most jobs built or running at once (``max_jobs``); past it, a new one is busy.
+        self.max_jobs = max_jobs if max_jobs is not None else max_jobs_for(_fd_limit())
+        #: Jobs being built now: not in ``jobs`` yet, but already holding fds.
+        self._starting = 0
         # Strong references: the loop keeps only weak ones to running tasks.
         self._supervisors: set[asyncio.Task[None]] = set()
 
@@ -67,8 +91,18 @@ class JobManager:
     # ------------------------------------------------------------------ start
 
     async def start(self, spec: JobSpec, stdio: list[int], sink: EventSink | None) -> Job:
-        """Build the jail, start the job in it and supervise it; JailError if it cannot start."""
-        job = await start_job(self.ctx, spec, stdio, sink)
+        """Build the jail, start the job in it and supervise it; JailError if it cannot start,
+        BusyError if ``max_jobs`` jobs are built or running already."""
+        if len(self.jobs) + self._starting >= self.max_jobs:
+            raise BusyError(
+                f"netjaild is running as many jobs as it may at once ({self.max_jobs}, its "
+                "max_jobs); try again when one has ended"
+            )
+        self._starting += 1
+        try:
+            job = await start_job(self.ctx, spec, stdio, sink)
+        finally:
+            self._starting -= 1
         self.jobs[job.id] = job
         self.jobs_total += 1
         task = asyncio.get_running_loop().create_task(self._supervise(job))

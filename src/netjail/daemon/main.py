@@ -164,7 +164,14 @@ async def _serve(
     if stop.event.is_set():
         return stop.status()  # asked to stop while starting: nothing was served, nothing is left
     serving = asyncio.ensure_future(server.serve_forever())
-    log("info", "netjaild ready", version=__version__, socket=config.socket, pid=os.getpid())
+    log(
+        "info",
+        "netjaild ready",
+        version=__version__,
+        socket=config.socket,
+        pid=os.getpid(),
+        max_jobs=server.jobs.max_jobs,
+    )
     sdnotify.notify_ready(f"serving {config.socket}")
     await stop.event.wait()
     sdnotify.notify_stopping()

@@ -2,8 +2,9 @@
 
 Each connection is served by its own task pair (netjail.daemon.connection), isolated from the
 others. The server refuses clients the configuration does not allow, clients inside a jail and
-a uid's connections beyond ``max_connections_per_uid``, and it owns the configuration in force
-(``apply`` takes a reloaded one).
+a uid's connections beyond the configured ``max_connections_per_uid``, and it owns the
+configuration in force (``apply`` takes a reloaded one, and with it the connection and job
+limits).
 
 The accept loop never ends on an error. When the daemon is out of fds (EMFILE, ENFILE) or
 kernel memory, accept() fails and the pending connection stays queued, so the loop would spin:
@@ -19,6 +20,7 @@ import contextlib
 import errno
 import grp
 import os
+import resource
 import socket
 import time
 from collections import Counter
@@ -29,15 +31,13 @@ from netjail._version import __version__
 from netjail.daemon.config import Config
 from netjail.daemon.connection import Connection, close_gracefully
 from netjail.daemon.intake import EventIntake
-from netjail.daemon.jobs import JobManager
+from netjail.daemon.jobs import JobManager, max_jobs_for
 from netjail.errors import BusyError
 from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
 from netjail.kernel.seccomp import PROFILE as SECCOMP_PROFILE
 
 #: How long a stopping daemon waits for the reports its clients are owed.
 _REPORTS_WAIT_S = 30.0
-#: Connections one non-root uid may hold at once; root's are not counted.
-MAX_CONNECTIONS_PER_UID = 64
 #: accept() errors that mean "out of fds or kernel memory": pause and retry.
 _STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: accept() errors about one connection that went away before it was accepted: skip it.
@@ -62,7 +62,6 @@ class Server:
         log: Callable[..., None],
         cgroup_mode: str | None,
         config: Config,
-        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
     ) -> None:
         self.listener = listener
         self.config = config
@@ -75,7 +74,8 @@ class Server:
         self.started = time.monotonic()
         self.own_netns = namespace_inode(os.getpid(), "net")
         self.connections: set[Connection] = set()
-        self.max_connections_per_uid = max_connections_per_uid
+        #: Connections one non-root uid may hold at once; root's are not counted.
+        self.max_connections_per_uid = config.max_connections_per_uid
         #: Connections being served, per uid.
         self._per_uid: Counter[int] = Counter()
         #: Uids refused for the limit since their count last dropped below it (logged once).
@@ -108,6 +108,11 @@ class Server:
         """
         self.config = config
         self.file_config = file_config
+        self.max_connections_per_uid = config.max_connections_per_uid
+        if config.max_jobs is not None:
+            self.jobs.max_jobs = config.max_jobs
+        else:
+            self.jobs.max_jobs = max_jobs_for(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
     async def serve_forever(self) -> None:
         """Accept and serve connections until cancelled; no error ends it."""
