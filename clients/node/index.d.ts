@@ -10,8 +10,8 @@ export const PROTOCOL_VERSION: number;
 /** Most bytes a stdin payload may hold: 524288 (512 KiB). */
 export const MAX_STDIN_BYTES: number;
 
-export type EventKind = 'egress' | 'dns';
-export type Verdict = 'allowed' | 'blocked' | 'redirected';
+export type EventKind = 'egress' | 'dns' | 'http';
+export type Verdict = 'allowed' | 'blocked' | 'redirected' | 'mocked';
 export type Via = 'nflog' | 'kmsg' | 'dns' | 'proxy';
 
 /** One egress attempt (a packet, a DNS query or a proxied connection) seen for a job. */
@@ -33,6 +33,11 @@ export interface Event {
   bytes_out?: number | null;
   bytes_in?: number | null;
   detail?: string | null;
+  /** An "http" event's request: method, path (no query), the status the job got, its time. */
+  method?: string | null;
+  path?: string | null;
+  status?: number | null;
+  duration_ms?: number | null;
   /** Fields a newer daemon adds. */
   [field: string]: unknown;
 }
@@ -48,6 +53,7 @@ export interface AppliedLimits {
 export interface DomainSummary {
   allowed: number;
   blocked: number;
+  mocked: number;
   bytes_out: number;
   bytes_in: number;
 }
@@ -129,6 +135,15 @@ export interface RunOptions {
   addHosts?: string[];
   binds?: BindMount[];
   hostname?: string;
+  /** Interception (README, "Seeing inside TLS"): names whose TLS the proxy terminates, and
+   * per-request rules, as the CLI's --intercept, --mock, --deny-request, --allow-request,
+   * --redact and --inject-header texts (no $VAR or @FILE expansion here). */
+  intercept?: string[];
+  mocks?: string[];
+  denyRequests?: string[];
+  allowRequests?: string[];
+  redact?: string[];
+  injectHeaders?: string[];
   /** Called for each event as it happens (events are streamed only when given, or with start). */
   onEvent?: (event: Event) => void;
   /** Called with the job id and pid once the job runs. */

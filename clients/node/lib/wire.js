@@ -119,6 +119,13 @@ const RUN_FIELDS = {
   binds: 'binds',
   hostname: 'hostname',
   cwdFallback: 'cwd_fallback',
+  // Interception: the CLI's texts, as the Python client takes them (README, "Seeing inside TLS").
+  intercept: 'intercept',
+  mocks: 'mocks',
+  denyRequests: 'deny_requests',
+  allowRequests: 'allow_requests',
+  redact: 'redact',
+  injectHeaders: 'inject_headers',
 };
 // Options of run() and start() that are not request fields.
 const CLIENT_OPTIONS = new Set(['stdio', 'stdin', 'onEvent', 'onStart', 'signal']);

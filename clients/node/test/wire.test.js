@@ -87,6 +87,25 @@ test('a run request carries only the fields that were set, in the wire names', (
   });
 });
 
+test('the interception options go in the wire names, as the CLI texts', () => {
+  const request = wire.runRequest(
+    ['curl', 'https://api.example.test/'],
+    {
+      intercept: ['api.example.test'],
+      mocks: ['GET api.example.test/v1/*=200:{}'],
+      denyRequests: ['POST api.example.test/*'],
+      allowRequests: ['GET api.example.test/*'],
+      redact: ['api.example.test:token'],
+      injectHeaders: ['api.example.test:Authorization=Bearer x'],
+    },
+    false,
+  );
+  assert.deepEqual(
+    Object.keys(request).filter((key) => !['op', 'argv', 'stdio', 'events'].includes(key)),
+    ['intercept', 'mocks', 'deny_requests', 'allow_requests', 'redact', 'inject_headers'],
+  );
+});
+
 test('stdin goes as base64; over the bound, or without capture, it is refused', () => {
   const request = wire.runRequest(['cat'], { stdin: Buffer.from([0, 255, 10]) }, false);
   assert.equal(request.stdin, 'AP8K');
