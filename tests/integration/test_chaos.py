@@ -198,12 +198,6 @@ def test_sigkill_at_random_points_of_build_and_teardown_leaves_nothing(chaos_bas
     assert failure is None, failure
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the daemon now removes the cgroup2 directory (the kill handle) last, so its own "
-    "teardown cannot leave this state; but recovery lists leftovers from that hierarchy only, "
-    "so v1 cgroups whose cgroup2 directory something else removed are not found",
-)
 def test_a_crash_between_removing_a_jobs_cgroups_is_recovered(chaos_base: str) -> None:
     """The state a SIGKILL leaves half-way through a job's cgroup removal (its processes gone,
     its cgroup2 directory removed, its v1 ones not) is cleaned up by the next start: cgroups,

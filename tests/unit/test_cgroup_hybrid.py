@@ -159,16 +159,29 @@ def test_hybrid_kill_all_before_cgroup_kill_uses_the_cgroup2_freezer(tmp_path: P
         assert {os.path.basename(path) for path, _value in fs.writes} == {"cgroup.freeze"}
 
 
-def test_hybrid_leftover_without_its_unified_cgroup_cannot_be_killed(tmp_path: Path) -> None:
-    """open_job() of a leftover lacking its cgroup2 cgroup opens it, but kill_all() refuses."""
+def test_hybrid_leftover_without_its_unified_cgroup_is_removed_when_empty(tmp_path: Path) -> None:
+    """A leftover whose cgroup2 cgroup is gone and whose v1 ones hold no process needs no kill:
+    kill_all() returns and remove() clears every hierarchy."""
     manager, fs = hybrid_manager(tmp_path)
-    fs.make_dir(str(tmp_path / "sys/fs/cgroup/pids/netjail/j-0ld"))
+    for hierarchy in ("pids", "cpuacct"):
+        fs.make_dir(str(tmp_path / f"sys/fs/cgroup/{hierarchy}/netjail/j-0ld"))
     job = manager.open_job("j-0ld")
-    assert _hierarchy_names(tmp_path, job.directories) == ["pids"]
-    with pytest.raises(CgroupError, match="cannot kill job j-0ld: it has no cgroup to kill it by"):
-        job.kill_all()
+    assert _hierarchy_names(tmp_path, job.directories) == ["cpuacct", "pids"]
+    job.kill_all()
     job.remove()
     assert manager.leftover_job_ids() == []
+
+
+def test_hybrid_leftover_with_processes_but_no_unified_cgroup_is_refused(tmp_path: Path) -> None:
+    """Processes in a leftover's v1 cgroups with no cgroup2 cgroup to kill them by: kill_all()
+    refuses, naming how many (killing by pid without a handle could hit a reused pid)."""
+    manager, fs = hybrid_manager(tmp_path)
+    leftover = tmp_path / "sys/fs/cgroup/pids/netjail/j-0ld"
+    fs.make_dir(str(leftover))
+    (leftover / "cgroup.procs").write_text(f"{os.getpid()}\n{os.getppid()}\n")  # alive
+    job = manager.open_job("j-0ld")
+    with pytest.raises(CgroupError, match=r"j-0ld: it has 2 process\(es\) but no cgroup to kill"):
+        job.kill_all()
 
 
 def test_hybrid_usage_reads_v1_accounting(tmp_path: Path) -> None:

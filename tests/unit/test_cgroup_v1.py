@@ -152,13 +152,18 @@ def test_v1_limit_without_its_hierarchy_is_refused(tmp_path: Path) -> None:
     assert all_dirs(tmp_path) == before
 
 
-def test_v1_leftover_without_its_freezer_cgroup_cannot_be_killed(tmp_path: Path) -> None:
-    """A v1 leftover whose freezer cgroup is gone opens, but kill_all() refuses clearly."""
+def test_v1_leftover_without_its_freezer_cgroup_is_killed_only_when_empty(tmp_path: Path) -> None:
+    """A v1 leftover whose freezer cgroup is gone: with a process in it, kill_all() refuses
+    clearly; once empty, it returns, and remove() clears it."""
     manager, fs = v1_manager(tmp_path)
     manager.setup()
-    fs.make_dir(str(tmp_path / "sys/fs/cgroup/memory/netjail/j-0ld"))
+    leftover = tmp_path / "sys/fs/cgroup/memory/netjail/j-0ld"
+    fs.make_dir(str(leftover))
+    (leftover / "cgroup.procs").write_text(f"{os.getpid()}\n")  # a live process
     job = manager.open_job("j-0ld")
-    with pytest.raises(CgroupError, match="it has no cgroup to kill it by"):
+    with pytest.raises(CgroupError, match=r"1 process\(es\) but no cgroup to kill them by"):
         job.kill_all()
+    (leftover / "cgroup.procs").write_text("")
+    job.kill_all()
     job.remove()
     assert manager.leftover_job_ids() == []

@@ -299,7 +299,10 @@ class JobCgroup:
     def kill_all(self, timeout: float = 2.0) -> None:
         """SIGKILL every process of the job and wait until none is left.
 
-        Raises CgroupError if processes remain after *timeout* seconds.
+        Raises CgroupError if processes remain after *timeout* seconds. A leftover whose kill
+        handle is gone (its cgroup2 or freezer cgroup, removed by something else) holds no
+        process once its kill handle's own processes were killed, and so needs no killing; if
+        its other cgroups still list processes, it cannot be killed safely, and is refused.
         """
         deadline = time.monotonic() + timeout
         match self._strategy.kill_method(self._dirs):
@@ -308,7 +311,12 @@ class JobCgroup:
             case KillByFreezing() as method:
                 self._kill_frozen(method, deadline)
             case None:
-                raise CgroupError(f"cannot kill job {self.job_id}: it has no cgroup to kill it by")
+                left = self.pids()
+                if left:
+                    raise CgroupError(
+                        f"cannot kill job {self.job_id}: it has {len(left)} process(es) but no"
+                        " cgroup to kill them by"
+                    )
 
     def _kill_with_cgroup_kill(self, cgroup: str, deadline: float) -> None:
         kill_file = os.path.join(cgroup, "cgroup.kill")
