@@ -39,7 +39,8 @@ def format_event(event: Event) -> str:
     ``blocked tcp 203.0.113.9:443 uid=65534``, ``blocked tcp api.stripe.com (198.18.0.3):443
     uid=65534``, ``blocked dns api.stripe.com A``, ``allowed tcp pypi.org (198.18.0.2):443
     uid=65534 out=517 in=6120``, ``redirected udp 8.8.8.8:53 uid=65534 (foreign_resolver)``,
-    ``blocked dns query (short_header)``.
+    ``blocked dns query (short_header)``; with the sending process when known: ``blocked tcp
+    api.stripe.com (198.18.0.3):443 by node (pid 12) uid=65534``.
     """
     if event.kind == "http":
         return _format_request(event)
@@ -48,10 +49,11 @@ def format_event(event: Event) -> str:
         text = f"{event.verdict} dns {sanitize(event.domain) if event.domain else 'query'}"
         if event.qtype:
             text += f" {sanitize(event.qtype)}"
+        text += _by(event)
         if event.reason and event.reason != "not_allowed" and event.verdict == "blocked":
             text += f" ({sanitize(event.reason)})"
         return text + (f" x{event.count}" if event.count > 1 else "")
-    text = f"{event.verdict} {event.proto} {_where(event)}"
+    text = f"{event.verdict} {event.proto} {_where(event)}{_by(event)}"
     if event.uid is not None:
         text += f" uid={event.uid}"
     if event.verdict == "allowed" and event.bytes_out is not None:
@@ -88,6 +90,13 @@ def _request(event: Event) -> str:
     """``POST api.stripe.com/v1/customers``."""
     method = sanitize(event.method or "?", 32)
     return f"{method} {sanitize(event.domain or '?')}{sanitize(event.path or '', 200)}"
+
+
+def _by(event: Event) -> str:
+    """`` by node (pid 12)``: the process that sent it (its pid inside the job), if known."""
+    if event.process is None:
+        return ""
+    return f" by {sanitize(event.process.comm, 15) or '?'} (pid {event.process.pid})"
 
 
 def _where(event: Event) -> str:

@@ -216,6 +216,22 @@ Verdict = Literal["allowed", "blocked", "redirected", "mocked"]
 Via = Literal["nflog", "kmsg", "dns", "proxy"]
 
 
+class EventProcess(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The process that owned an event's socket, as the daemon found it when the event came.
+
+    ``pid`` is as seen inside the job's own PID namespace (its init is 1), not the host's.
+    ``comm`` is the kernel's short name (at most 15 characters), ``exe`` the executable's
+    path (absent when unreadable), ``argv`` the command line (at most 16 arguments of at most
+    128 characters). All of it comes from the job: sanitised, and only as true as the job
+    let it be (a process may rename itself or rewrite its argv).
+    """
+
+    pid: int
+    comm: str
+    exe: str | None = None
+    argv: list[str] = []
+
+
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One egress attempt (a packet, a DNS query or a proxied connection) seen for a job.
 
@@ -250,6 +266,9 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     path: str | None = None
     status: int | None = None
     duration_ms: float | None = None
+    #: Who sent it: absent when the process was gone (or its socket closed) before the daemon
+    #: looked. Not part of what makes two events the same: a folded event names the first.
+    process: EventProcess | None = None
 
 
 class AppliedLimits(msgspec.Struct, kw_only=True):

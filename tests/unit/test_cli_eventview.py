@@ -198,3 +198,16 @@ def test_a_comes_before_aaaa_whichever_was_asked_first() -> None:
     """A line names A before AAAA even when the resolver asked for AAAA first."""
     board = board_of([_dns("x.example", "AAAA"), _dns("x.example", "TXT"), _dns("x.example", "A")])
     assert [line.text() for line in board.lines()] == ["blocked dns x.example A,AAAA,TXT"]
+
+
+def test_an_event_names_the_process_that_sent_it() -> None:
+    """A known sender reads ``by COMM (pid N)``, its name sanitised; DNS lines say it too."""
+    node = p.EventProcess(pid=12, comm="node", exe="/usr/bin/node", argv=["node", "a.js"])
+    assert format_event(_event(domain="api.stripe.com", process=node)) == (
+        "blocked tcp api.stripe.com (203.0.113.9):443 by node (pid 12) uid=65534"
+    )
+    evil = p.EventProcess(pid=3, comm="x\x1b[2J")
+    assert format_event(_dns("a.example", process=evil)) == (
+        "blocked dns a.example A by x?[2J (pid 3)"
+    )
+    assert "by" not in format_event(_event())

@@ -6,11 +6,12 @@ import ipaddress
 import json
 from pathlib import Path
 
+from netjail.daemon.attribution import SocketEnd
 from netjail.daemon.intake import MAX_BLOCKED_NAMES, OTHER_NAMES, EventIntake
 from netjail.errors import KmsgError
 from netjail.kernel import kmsg
-from netjail.kernel.nflog import PacketSummary
-from netjail.protocol import DomainSummary, Event, Verdict
+from netjail.kernel.nflog import PacketSource, PacketSummary
+from netjail.protocol import DomainSummary, Event, EventProcess, Verdict
 
 NFLOG_CAPTURE = Path(__file__).parent / "data" / "nflog_capture.json"
 
@@ -237,3 +238,42 @@ def test_forget_history_clears_counters() -> None:
     intake.events_lost = 2
     intake.forget_history()
     assert (list(intake.history), intake.events_seen, intake.events_lost) == ([], 0, 0)
+
+
+def test_only_new_events_are_attributed_and_a_closed_feed_adds_its_misses() -> None:
+    """The sender is looked up once per new event (a folded repeat costs nothing), from the
+    packet's source; a job's misses join the daemon's count when its feed closes."""
+    intake = EventIntake()
+    feed = intake.open_feed("j-test", 65534, None)
+    asked: list[object] = []
+    process = EventProcess(pid=5, comm="curl")
+
+    def owner_of(origin: object) -> EventProcess | None:
+        asked.append(origin)
+        return process
+
+    feed.owners.owner_of = owner_of  # type: ignore[method-assign]
+    for now in (0.0, 0.5):
+        intake.record_packet(
+            feed,
+            prefix="netjail j-test ",
+            uid=65534,
+            summary=PacketSummary(4, "udp", "192.0.2.1", 9),
+            via="nflog",
+            now=now,
+            source=PacketSource("169.254.77.1", 40000),
+        )
+    (only,) = feed.events.events
+    assert (only.count, only.process) == (2, process)
+    assert asked == [
+        SocketEnd(
+            "udp",
+            ipaddress.IPv4Address("169.254.77.1"),
+            40000,
+            ipaddress.IPv4Address("192.0.2.1"),
+            9,
+        )
+    ]
+    feed.owners.misses["gone"] = 3
+    intake.close_feed(feed)
+    assert intake.events_unattributed == 3

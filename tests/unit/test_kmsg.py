@@ -21,7 +21,7 @@ from netjail.kernel.kmsg import (
     parse_log_message,
     parse_logged_packet,
 )
-from netjail.kernel.nflog import PacketSummary, SequenceTracker
+from netjail.kernel.nflog import PacketSource, PacketSummary, SequenceTracker
 
 # Read from /dev/kmsg on kernel 6.18 with nf_log_all_netns=1, the nftables kernel-log ruleset
 # (JailFirewall.for_backends("nftables", "kmsg")) of j-0123abcd in a jail, as uid 65534: curl
@@ -131,19 +131,24 @@ def test_user_facility_records_are_not_kernel_records() -> None:
 
 
 @pytest.mark.parametrize(
-    ("record", "family", "proto", "dst", "port"),
+    ("record", "shape"),
     [
-        pytest.param(V4_TCP, 4, "tcp", "203.0.113.9", 80, id="v4-tcp"),
-        pytest.param(V4_UDP, 4, "udp", "198.51.100.7", 53, id="v4-udp"),
-        pytest.param(V4_ICMP, 4, "icmp", "198.51.100.7", None, id="v4-icmp"),
-        pytest.param(V6_TCP, 6, "tcp", "2001:db8::9", 8443, id="v6-tcp"),
-        pytest.param(V6_ICMP, 6, "icmpv6", "2001:db8::5", None, id="v6-icmpv6"),
+        pytest.param(V4_TCP, (4, "tcp", "203.0.113.9", 80, "169.254.77.1", 47704), id="v4-tcp"),
+        pytest.param(V4_UDP, (4, "udp", "198.51.100.7", 53, "169.254.77.1", 38422), id="v4-udp"),
+        pytest.param(
+            V4_ICMP, (4, "icmp", "198.51.100.7", None, "169.254.77.1", None), id="v4-icmp"
+        ),
+        pytest.param(V6_TCP, (6, "tcp", "2001:db8::9", 8443, "fd6e:6a00::1", 53244), id="v6-tcp"),
+        pytest.param(
+            V6_ICMP, (6, "icmpv6", "2001:db8::5", None, "fd6e:6a00::1", None), id="v6-icmpv6"
+        ),
     ],
 )
 def test_parse_log_message_captured_lines(
-    record: bytes, family: int, proto: str, dst: str, port: int | None
+    record: bytes, shape: tuple[int, str, str, int | None, str, int | None]
 ) -> None:
-    """Each captured line gives job, family, protocol, short-form destination, port, uid."""
+    """Each captured line gives job, family, protocol, short-form addresses, ports, uid."""
+    family, proto, dst, port, src, sport = shape
     assert parse_log_message(_message(record)) == LoggedPacket(
         job_id="j-0123abcd",
         prefix="netjail j-0123abcd ",
@@ -153,6 +158,8 @@ def test_parse_log_message_captured_lines(
         port=port,
         uid=65534,
         gid=65534,
+        src=src,
+        sport=sport,
     )
 
 
@@ -161,6 +168,7 @@ def test_logged_packet_summary_matches_nflog_shape() -> None:
     packet = parse_log_message(_message(V6_TCP))
     assert packet is not None
     assert packet.summary == PacketSummary(6, "tcp", "2001:db8::9", 8443)
+    assert packet.source == PacketSource("fd6e:6a00::1", 53244)
 
 
 def test_parse_log_message_without_uid() -> None:

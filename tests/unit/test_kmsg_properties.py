@@ -89,6 +89,8 @@ def log_lines(draw: st.DrawFn) -> tuple[str, kmsg.LoggedPacket]:
         port=port if proto in ("tcp", "udp") else None,
         uid=uid,
         gid=gid if uid is not None else None,
+        src=str(src),
+        sport=40000 if proto in ("tcp", "udp") else None,
     )
     return line, packet
 

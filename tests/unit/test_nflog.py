@@ -405,3 +405,22 @@ def test_an_overrun_counts_at_once_and_is_not_counted_twice() -> None:
     assert tracker.overrun() == 1
     assert tracker.record(4) == 2  # messages 1, 2 and 3 were lost: one already counted
     assert tracker.record(5) == 0
+
+
+def test_ipv4_source_gives_address_and_port() -> None:
+    """The source of a UDP datagram is its address and source port (what finds its socket)."""
+    packet = _ipv4(17, bytes([192, 0, 2, 1]), _ports(40001, 9))
+    assert nflog.parse_ip_source(packet) == nflog.PacketSource("10.0.0.2", 40001)
+
+
+def test_ipv6_source_after_extension_headers() -> None:
+    """An IPv6 source port is read after the extension headers, like the destination port."""
+    packet = _ipv6(0, bytes([6, 0]) + b"\0" * 6 + _ports(40002, 8080))
+    assert nflog.parse_ip_source(packet) == nflog.PacketSource("fd00::2", 40002)
+
+
+def test_source_of_a_non_first_fragment_has_no_port() -> None:
+    """A non-first fragment has no transport header: the source has an address, no port."""
+    packet = _ipv4(17, bytes([8, 8, 8, 8]), b"\0" * 8, frag=0x0010)
+    assert nflog.parse_ip_source(packet) == nflog.PacketSource("10.0.0.2", None)
+    assert nflog.parse_ip_source(b"") is None

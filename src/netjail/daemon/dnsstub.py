@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from netjail.daemon.attribution import Origin, OwnerLookup, peer_end, unknown_owner
 from netjail.daemon.events import rfc3339
 from netjail.dnsanswer import BlockedRcode, DnsOutcome, SyntheticPool, answer_query
 from netjail.policy import Policy
@@ -39,6 +40,7 @@ class DnsStub:
         pool: SyntheticPool,
         blocked_rcode: BlockedRcode,
         record: Callable[[Event], None],
+        owner_of: OwnerLookup = unknown_owner,
     ) -> None:
         self._job_id = job_id
         self._uid = uid
@@ -46,6 +48,7 @@ class DnsStub:
         self._pool = pool
         self._blocked_rcode: BlockedRcode = blocked_rcode
         self._record = record
+        self._owner_of = owner_of
         self._udp: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
         self._tcp_tasks: set[asyncio.Task[None]] = set()
@@ -72,12 +75,13 @@ class DnsStub:
         for task in self._tcp_tasks:
             task.cancel()
 
-    def _answer(self, query: bytes, proto: str, family: int) -> bytes | None:
+    def _answer(self, query: bytes, proto: str, family: int, origin: Origin) -> bytes | None:
         outcome = answer_query(query, self._policy, self._pool, blocked_rcode=self._blocked_rcode)
-        self._report(outcome, proto, family)
+        self._report(outcome, proto, family, origin)
         return outcome.reply
 
-    def _report(self, outcome: DnsOutcome, proto: str, family: int) -> None:
+    def _report(self, outcome: DnsOutcome, proto: str, family: int, origin: Origin) -> None:
+        # Looked up before the answer goes out: the asking socket is surely still open.
         self._record(
             Event(
                 job=self._job_id,
@@ -94,6 +98,7 @@ class DnsStub:
                 domain=outcome.domain,
                 qtype=outcome.qtype,
                 reason=outcome.reason,
+                process=self._owner_of(origin),
             )
         )
 
@@ -106,7 +111,7 @@ class DnsStub:
                 return
             except OSError:
                 return  # e.g. ECONNREFUSED from an earlier reply's ICMP: nothing to do
-            reply = self._answer(query, "udp", family)
+            reply = self._answer(query, "udp", family, peer_end("udp", peer))
             if reply is not None:
                 with contextlib.suppress(OSError):
                     sock.sendto(reply, peer)
@@ -119,12 +124,13 @@ class DnsStub:
         self._tcp_tasks.add(task)
         sock = writer.get_extra_info("socket")
         family = 4 if sock is not None and sock.family == socket.AF_INET else 6
+        origin = peer_end("tcp", writer.get_extra_info("peername"))
         try:
             for _ in range(_TCP_MAX_QUERIES):
                 header = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_S)
                 length = int.from_bytes(header, "big")
                 query = await asyncio.wait_for(reader.readexactly(length), _TCP_IDLE_S)
-                reply = self._answer(query, "tcp", family)
+                reply = self._answer(query, "tcp", family, origin)
                 if reply is None:
                     break
                 writer.write(len(reply).to_bytes(2, "big") + reply)

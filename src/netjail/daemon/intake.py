@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from netjail.daemon.attribution import Origin, SocketOwners, socket_end
 from netjail.daemon.events import JobEvents, rfc3339
 from netjail.dnsanswer import SyntheticPool
 from netjail.errors import KmsgError
@@ -60,6 +61,8 @@ class JobFeed:
     domains: dict[str, DomainSummary] = field(default_factory=dict)
     #: Counts NFLOG messages lost before they reached us (sequence gaps, ENOBUFS).
     nflog_seq: nflog.SequenceTracker = field(default_factory=nflog.SequenceTracker)
+    #: Which of the job's processes sent each new event.
+    owners: SocketOwners = field(default_factory=SocketOwners)
 
     @property
     def lost(self) -> int:
@@ -74,6 +77,8 @@ class EventIntake:
         self.followers: list[EventSink] = []
         self.events_seen = 0
         self.events_lost = 0
+        #: Lookups of the sending process that found none, from jobs that have ended.
+        self.events_unattributed = 0
         self._feeds: dict[str, JobFeed] = {}
         self._kmsg: kmsg.KmsgReader | None = None
         self._on_kmsg_failure: Callable[[str], None] = _ignore
@@ -81,7 +86,7 @@ class EventIntake:
     def forget_history(self) -> None:
         """Clear counters and history (after the start-up self-test)."""
         self.history.clear()
-        self.events_seen = self.events_lost = 0
+        self.events_seen = self.events_lost = self.events_unattributed = 0
 
     def open_feed(self, job_id: str, owner_uid: int, sink: EventSink | None) -> JobFeed:
         """A new job's feed; routed from now on (kernel-log events may come before it runs)."""
@@ -95,6 +100,7 @@ class EventIntake:
         """The job is over: its losses join the daemon's count, and it is routed no more."""
         if self._feeds.pop(feed.job_id, None) is not None:
             self.events_lost += feed.lost
+            self.events_unattributed += feed.owners.unattributed
 
     def open_feed_ids(self) -> list[str]:
         """The jobs whose events are being routed (running, or being built)."""
@@ -112,13 +118,22 @@ class EventIntake:
 
     # ------------------------------------------------------------------ recording
 
-    def record(self, feed: JobFeed, event: Event, now: float | None = None) -> None:
-        """Fold ``event`` into the job's events; stream it if it is new."""
+    def record(
+        self,
+        feed: JobFeed,
+        event: Event,
+        now: float | None = None,
+        origin: Origin | None = None,
+    ) -> None:
+        """Fold ``event`` into the job's events; stream it if it is new, with the process that
+        sent it from ``origin`` when it names none yet."""
         self.events_seen += 1
         _count_domain(feed.domains, event)
         new = feed.events.add(event, time.monotonic() if now is None else now)
         if new is None:
             return
+        if origin is not None and new.process is None:
+            new.process = feed.owners.owner_of(origin)
         self.history.append(Seen(feed.owner_uid, new))
         for sink in [*feed.sinks, *self.followers]:
             sink(new)
@@ -140,6 +155,7 @@ class EventIntake:
         summary: nflog.PacketSummary,
         via: Via,
         now: float,
+        source: nflog.PacketSource | None = None,
     ) -> None:
         """One packet the jail's ruleset logged (from NFLOG or the kernel log) as an event."""
         if uid is None:
@@ -165,6 +181,13 @@ class EventIntake:
                 via=via,
             ),
             now,
+            socket_end(
+                summary.proto,
+                source.src if source else None,
+                source.sport if source else None,
+                summary.dst,
+                summary.port,
+            ),
         )
 
     # ------------------------------------------------------------------ NFLOG
@@ -208,6 +231,7 @@ class EventIntake:
                     summary=summary,
                     via="nflog",
                     now=now,
+                    source=nflog.parse_ip_source(packet.payload),
                 )
 
     # ------------------------------------------------------------------ kernel log
@@ -257,6 +281,7 @@ class EventIntake:
                     summary=packet.summary,
                     via="kmsg",
                     now=now,
+                    source=packet.source,
                 )
 
 

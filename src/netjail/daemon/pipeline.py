@@ -170,6 +170,7 @@ async def start_job(
             removal = CgroupRemoval()
             user = lease_uid(cleanup_on_fail, ctx, job_id, spec, removal)  # 2
             cgroup = await make_cgroup(cleanup_on_fail, ctx, job_id, spec, removal)  # 3
+            feed.owners.list_pids = cgroup.pids  # events name their process, from the cgroup
             marks.mark()
             inside = await build_jail(cleanup_on_fail, ctx, job_id, netns_name, spec)  # 4
             inode = ctx.host.netns_inode(netns_name)
@@ -378,6 +379,7 @@ async def start_dns_stub(
         pool=feed.pool,
         blocked_rcode=spec.blocked_dns_answer,
         record=ctx.intake.recorder(feed),
+        owner_of=feed.owners.owner_of,
     )
     stack.callback(stub.close)
     await stub.start(list(listeners.dns_udp), list(listeners.dns_tcp))
@@ -424,6 +426,7 @@ async def start_proxy(
         daemon_hosts=spec.daemon_hosts,
         record=ctx.intake.recorder(feed),
         interception=trust.interception if trust is not None else None,
+        owner_of=feed.owners.owner_of,
     )
     stack.callback(proxy.close)
     await proxy.start(list(listeners.proxy))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from netjail import sniff
+from netjail.daemon.attribution import OwnerLookup, peer_end, unknown_owner
 from netjail.daemon.events import rfc3339
 from netjail.daemon.intercept import RequestRecord, UpstreamRefused
 from netjail.daemon.interception import Interception, request_event, serve_intercepted
@@ -44,7 +45,7 @@ from netjail.ipaddr import IPAddress
 from netjail.kernel.listeners import original_destination
 from netjail.kernel.splice import splice_relay
 from netjail.policy import Policy
-from netjail.protocol import Event, Verdict
+from netjail.protocol import Event, EventProcess, Verdict
 
 #: How long a job has to send its ClientHello or request head before it is blocked (no_hello).
 FIRST_BYTES_WAIT_S = 5.0
@@ -159,6 +160,7 @@ class Proxy:
         record: Callable[[Event], None],
         host_addresses: Callable[[], frozenset[IPAddress]] = daemon_host_addresses,
         interception: Interception | None = None,
+        owner_of: OwnerLookup = unknown_owner,
     ) -> None:
         self._job_id = job_id
         self._uid = uid
@@ -169,6 +171,7 @@ class Proxy:
         self._record = record
         self._host_addresses = host_addresses
         self._interception = interception
+        self._owner_of = owner_of
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, listeners: list[socket.socket]) -> None:
@@ -196,6 +199,7 @@ class Proxy:
         detail: str | None = None,
         bytes_out: int | None = None,
         bytes_in: int | None = None,
+        process: EventProcess | None = None,
     ) -> None:
         event = Event(
             job=self._job_id,
@@ -214,6 +218,7 @@ class Proxy:
             bytes_out=bytes_out,
             bytes_in=bytes_in,
             detail=detail,
+            process=process,
         )
         self._record(event)
 
@@ -239,6 +244,12 @@ class Proxy:
                 _reset(conn)
                 return
             domain = self._pool.name_for(dst)
+            # Looked up now: by the time an allowed connection is reported (when it closes),
+            # the job's socket may be gone.
+            try:
+                process = self._owner_of(peer_end("tcp", conn.getpeername()))
+            except OSError:
+                process = None  # reset by the job already
             try:
                 route = await self._route(conn, dst, port, domain)
                 interception = self._interception
@@ -259,7 +270,13 @@ class Proxy:
                         raise Blocked("upstream_unreachable") from None
             except Blocked as blocked:
                 self._event(
-                    "blocked", dst, port, domain, reason=blocked.reason, detail=blocked.detail
+                    "blocked",
+                    dst,
+                    port,
+                    domain,
+                    reason=blocked.reason,
+                    detail=blocked.detail,
+                    process=process,
                 )
                 _reset(conn)
                 return
@@ -273,6 +290,7 @@ class Proxy:
                 reason="unverified" if route.access == "unverified" else None,
                 bytes_out=sent + len(route.first),
                 bytes_in=received,
+                process=process,
             )
         finally:
             conn.close()

@@ -32,7 +32,7 @@ from types import TracebackType
 
 from netjail import hostns
 from netjail.errors import KmsgError, map_os_errors
-from netjail.kernel.nflog import PacketSummary, SequenceTracker
+from netjail.kernel.nflog import PacketSource, PacketSummary, SequenceTracker
 
 KMSG_PATH = "/dev/kmsg"
 NF_LOG_ALL_NETNS = hostns.NF_LOG_ALL_NETNS
@@ -76,11 +76,18 @@ class LoggedPacket:
     port: int | None
     uid: int | None  # None: no UID= (the kernel's own packets, which have no socket)
     gid: int | None
+    src: str | None = None
+    sport: int | None = None
 
     @property
     def summary(self) -> PacketSummary:
         """The same summary NFLOG's parse_ip_packet gives, so both backends make one event."""
         return PacketSummary(self.family, self.proto, self.dst, self.port)
+
+    @property
+    def source(self) -> PacketSource | None:
+        """Where it was sent from, as NFLOG's parse_ip_source gives it."""
+        return None if self.src is None else PacketSource(self.src, self.sport)
 
 
 # --------------------------------------------------------------------------- parsers
@@ -186,7 +193,7 @@ def parse_log_message(message: str) -> LoggedPacket | None:
         return None
     try:
         dst = ipaddress.ip_address(match["dst"])
-        ipaddress.ip_address(match["src"])
+        src = ipaddress.ip_address(match["src"])
     except ValueError:
         return None
     fields = _top_level_fields(match["rest"])
@@ -217,6 +224,8 @@ def parse_log_message(message: str) -> LoggedPacket | None:
         port=port,
         uid=_number(fields.get("UID"), 0xFFFFFFFF),
         gid=_number(fields.get("GID"), 0xFFFFFFFF),
+        src=str(src),
+        sport=_number(fields.get("SPT"), 0xFFFF) if proto in _PORTED else None,
     )
 
 

@@ -78,6 +78,14 @@ class PacketSummary:
     port: int | None
 
 
+@dataclass(frozen=True)
+class PacketSource:
+    """Where a logged packet was sent from: what finds the socket (and process) that sent it."""
+
+    src: str
+    sport: int | None
+
+
 @dataclass
 class NetlinkBatch:
     """The result of parsing one datagram from an NFLOG socket."""
@@ -140,6 +148,17 @@ def parse_netlink_messages(data: bytes) -> NetlinkBatch:
 
 def parse_ip_packet(payload: bytes) -> PacketSummary | None:
     """Destination, protocol and port of an IPv4/IPv6 packet; None if it is not parseable."""
+    parsed = _parse_ip(payload)
+    return None if parsed is None else parsed[0]
+
+
+def parse_ip_source(payload: bytes) -> PacketSource | None:
+    """Source address and port of an IPv4/IPv6 packet; None if it is not parseable."""
+    parsed = _parse_ip(payload)
+    return None if parsed is None else parsed[1]
+
+
+def _parse_ip(payload: bytes) -> tuple[PacketSummary, PacketSource] | None:
     if not payload:
         return None
     version = payload[0] >> 4
@@ -149,11 +168,17 @@ def parse_ip_packet(payload: bytes) -> PacketSummary | None:
         dst = str(ipaddress.IPv4Address(payload[16:20]))
         fragment_offset = struct.unpack_from(">H", payload, 6)[0] & 0x1FFF
         l4 = ihl if ihl >= 20 and fragment_offset == 0 else None
-        return PacketSummary(4, _PROTO_NAMES.get(proto, proto), dst, _port(payload, l4, proto))
+        return (
+            PacketSummary(4, _PROTO_NAMES.get(proto, proto), dst, _port(payload, l4, proto, 2)),
+            PacketSource(str(ipaddress.IPv4Address(payload[12:16])), _port(payload, l4, proto, 0)),
+        )
     if version == 6 and len(payload) >= 40:
         dst = str(ipaddress.IPv6Address(payload[24:40]))
         proto, l4 = _walk_ipv6_extensions(payload)
-        return PacketSummary(6, _PROTO_NAMES.get(proto, proto), dst, _port(payload, l4, proto))
+        return (
+            PacketSummary(6, _PROTO_NAMES.get(proto, proto), dst, _port(payload, l4, proto, 2)),
+            PacketSource(str(ipaddress.IPv6Address(payload[8:24])), _port(payload, l4, proto, 0)),
+        )
     return None
 
 
@@ -173,10 +198,11 @@ def _walk_ipv6_extensions(payload: bytes) -> tuple[int, int | None]:
     return proto, offset
 
 
-def _port(payload: bytes, l4: int | None, proto: int) -> int | None:
+def _port(payload: bytes, l4: int | None, proto: int, offset: int) -> int | None:
+    """The source (``offset`` 0) or destination (2) port of a TCP/UDP/SCTP header."""
     if l4 is None or proto not in _PORTED or l4 + 4 > len(payload):
         return None
-    return int(struct.unpack_from(">H", payload, l4 + 2)[0])
+    return int(struct.unpack_from(">H", payload, l4 + offset)[0])
 
 
 @dataclass

@@ -1,0 +1,232 @@
+"""Which of a job's processes sent an event: socket → inode → process, cheaply and bounded.
+
+The kernel says who sent a logged packet only by uid, and every process of a job shares it.
+So the daemon looks, when the event comes: the sending socket's inode from the jail's socket
+table (netjail.kernel.sockowner), then the job's process that holds it, searched in the job's
+cgroup only, the processes that owned sockets lately first. It runs on the loop, so it is
+bounded: at most ``LOOKUP_BURST`` lookups at once, refilled at ``LOOKUPS_PER_S``; at most
+``MAX_FDS_SCANNED`` descriptors per process; a cache of the socket inodes seen. Whatever
+cannot be attributed is counted by why (``Miss``), never guessed.
+
+What can be known: the DNS stub and the proxy see the job's end of each query and connection
+while its socket is open, so those are attributed as long as the process waits for the answer.
+A logged UDP datagram is attributed while its socket is still open. A REJECTed TCP connect
+mostly is not: the reset reaches the socket at once, which leaves the table (CLOSE) before the
+daemon reads the log, so only a socket still connecting (SYN_SENT) is found.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from netjail.errors import CgroupError
+from netjail.ipaddr import IPAddress
+from netjail.kernel import sockowner
+from netjail.protocol import EventProcess
+from netjail.text import sanitize
+
+#: Lookups one job may make at once, and how many it gets back per second.
+LOOKUP_BURST = 64
+LOOKUPS_PER_S = 128.0
+#: Descriptors read per process in one lookup.
+MAX_FDS_SCANNED = 4096
+#: Socket inodes remembered per job (then the cache starts again).
+MAX_CACHED_SOCKETS = 8192
+#: How long a listing of the job's processes is used before it is read again (a process that
+#: is not in it yet makes one more listing).
+PIDS_TTL_S = 0.1
+#: What an event shows of a command line.
+MAX_ARGS = 16
+MAX_ARG_CHARS = 128
+_COMM_CHARS = 15
+
+#: Why an event names no process: its socket or process was gone, the job's lookup budget was
+#: spent, or the protocol has no socket table netjail reads (ICMP, SCTP…).
+Miss = Literal["gone", "budget", "unsupported"]
+
+
+@dataclass(frozen=True)
+class SocketEnd:
+    """The job's end of a query or connection: the address and port its socket sent from, and
+    where to when known."""
+
+    proto: sockowner.SocketProto
+    local: IPAddress
+    local_port: int
+    remote: IPAddress | None = None
+    remote_port: int | None = None
+
+
+@dataclass(frozen=True)
+class NoSocket:
+    """What was seen names no socket netjail can look up (ICMP, a fragment without ports)."""
+
+
+#: Where an event came from, as far as the daemon can tell.
+Origin = SocketEnd | NoSocket
+
+
+def socket_end(
+    proto: str | int | None,
+    src: str | None,
+    sport: int | None,
+    dst: str | None = None,
+    dport: int | None = None,
+) -> Origin:
+    """The socket end of what was seen, or NoSocket when it cannot name one."""
+    if src is None or sport is None:
+        return NoSocket()
+    if proto == "tcp":
+        kind: sockowner.SocketProto = "tcp"
+    elif proto == "udp":
+        kind = "udp"
+    else:
+        return NoSocket()
+    try:
+        local = ipaddress.ip_address(src)
+        remote = ipaddress.ip_address(dst) if dst is not None else None
+    except ValueError:
+        return NoSocket()
+    return SocketEnd(kind, local, sport, remote, dport)
+
+
+def peer_end(proto: sockowner.SocketProto, peer: object) -> Origin:
+    """The job's end of a query or connection the stub or proxy took, from its peer address
+    (``(host, port)``, or ``(host, port, flow, scope)`` for IPv6)."""
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return NoSocket()
+    host, port = peer[0], peer[1]
+    if not isinstance(host, str) or not isinstance(port, int):
+        return NoSocket()
+    return socket_end(proto, host.partition("%")[0], port)
+
+
+#: What the stub and the proxy are given to name the process behind a query or connection.
+OwnerLookup = Callable[[Origin], EventProcess | None]
+
+
+def unknown_owner(_origin: Origin) -> EventProcess | None:
+    """No lookup at all (a stub or proxy outside a job, as in unit tests)."""
+    return None
+
+
+def _no_pids() -> list[int]:
+    return []
+
+
+@dataclass(eq=False)
+class SocketOwners:
+    """One job's socket-owner lookups, with their cache, their budget and their misses."""
+
+    #: The host pids of the job's processes (its cgroup's), set once the cgroup exists.
+    list_pids: Callable[[], list[int]] = _no_pids
+    clock: Callable[[], float] = time.monotonic
+    attributed: int = 0
+    misses: dict[Miss, int] = field(default_factory=dict)
+    _tokens: float = LOOKUP_BURST
+    _refilled: float | None = None
+    _pids: list[int] = field(default_factory=list)
+    _pids_read: float | None = None
+    _inode_pid: dict[int, int] = field(default_factory=dict)
+    _recent: list[int] = field(default_factory=list)
+
+    @property
+    def unattributed(self) -> int:
+        return sum(self.misses.values())
+
+    def owner_of(self, end: Origin) -> EventProcess | None:
+        """The process holding the socket ``end`` names, or None (the miss counted)."""
+        if isinstance(end, NoSocket):
+            return self._miss("unsupported")
+        if not self._spend():
+            return self._miss("budget")
+        pids = self._job_pids(fresh=False)
+        inode = self._inode(pids, end)
+        if inode is None:
+            return self._miss("gone")
+        pid = self._holder(pids, inode)
+        identity = sockowner.read_process(pid) if pid is not None else None
+        if identity is None:
+            return self._miss("gone")
+        self.attributed += 1
+        return EventProcess(
+            pid=identity.ns_pid,
+            comm=sanitize(identity.comm, _COMM_CHARS),
+            exe=sanitize(identity.exe) if identity.exe is not None else None,
+            argv=[sanitize(arg, MAX_ARG_CHARS) for arg in identity.argv[:MAX_ARGS]],
+        )
+
+    def _miss(self, why: Miss) -> EventProcess | None:
+        """Count a lookup that found nobody; None, what the lookup returns then."""
+        self.misses[why] = self.misses.get(why, 0) + 1
+        return None
+
+    def _spend(self) -> bool:
+        now = self.clock()
+        if self._refilled is not None:
+            self._tokens = min(LOOKUP_BURST, self._tokens + (now - self._refilled) * LOOKUPS_PER_S)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _job_pids(self, *, fresh: bool) -> list[int]:
+        now = self.clock()
+        if fresh or self._pids_read is None or now - self._pids_read > PIDS_TTL_S:
+            try:
+                self._pids = self.list_pids()
+            except CgroupError:  # being removed: nobody is left to name
+                self._pids = []
+            self._pids_read = now
+        return self._pids
+
+    def _inode(self, pids: list[int], end: SocketEnd) -> int | None:
+        """The inode of the socket in the jail's table, read through any process of the job
+        (all of them are in the jail's netns)."""
+        families = (4, 6) if end.local.version == 4 else (6,)
+        for pid in pids:
+            found_table = False
+            for family in families:
+                table = sockowner.read_socket_table(pid, end.proto, family)
+                if table is None:
+                    break  # this process is gone: try the next one
+                found_table = True
+                inode = sockowner.find_socket(
+                    table, end.local, end.local_port, end.remote, end.remote_port
+                )
+                if inode is not None:
+                    return inode
+            if found_table:
+                return None
+        return None
+
+    def _holder(self, pids: list[int], inode: int) -> int | None:
+        """The job's process that holds socket ``inode``: the cache, then the processes that
+        owned sockets lately, then the rest, then those started since the listing."""
+        cached = self._inode_pid.get(inode)
+        if cached is not None and cached in pids:
+            return cached
+        order = [pid for pid in self._recent if pid in pids]
+        order += [pid for pid in pids if pid not in order]
+        found = self._scan(order, inode)
+        if found is None:
+            newer = [pid for pid in self._job_pids(fresh=True) if pid not in order]
+            found = self._scan(newer, inode)
+        if found is not None:
+            self._recent = [found, *(pid for pid in self._recent if pid != found)][:8]
+        return found
+
+    def _scan(self, pids: list[int], inode: int) -> int | None:
+        for pid in pids:
+            for held in sockowner.socket_inodes(pid, MAX_FDS_SCANNED):
+                if len(self._inode_pid) >= MAX_CACHED_SOCKETS:
+                    self._inode_pid.clear()
+                self._inode_pid[held] = pid
+                if held == inode:
+                    return pid
+        return None

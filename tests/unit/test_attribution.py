@@ -1,0 +1,102 @@
+"""The per-job process lookup: found, gone, unsupported, over budget, and sanitised."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+import pytest
+
+from netjail.daemon import attribution
+from netjail.daemon.attribution import (
+    LOOKUP_BURST,
+    NoSocket,
+    SocketEnd,
+    SocketOwners,
+    peer_end,
+    socket_end,
+)
+from netjail.kernel import sockowner
+
+LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_socket_of_this_process_is_attributed_to_it() -> None:
+    """The lookup finds the process holding the socket (here, the test's own) and names it."""
+    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        process = owners.owner_of(SocketEnd("udp", LOCALHOST, sock.getsockname()[1]))
+    assert process is not None
+    assert process.pid == os.getpid()
+    assert process.exe is not None
+    assert os.path.samefile(process.exe, "/proc/self/exe")
+    with open("/proc/self/comm") as comm:
+        assert process.comm == comm.read().strip()
+    assert (owners.attributed, owners.unattributed) == (1, 0)
+
+
+def test_a_socket_no_job_process_holds_is_gone() -> None:
+    """A socket outside the job's processes, or none at all, is a counted miss, not a guess."""
+    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert owners.owner_of(SocketEnd("udp", LOCALHOST, port)) is None
+    assert SocketOwners().owner_of(SocketEnd("udp", LOCALHOST, port)) is None
+    assert owners.misses == {"gone": 1}
+
+
+def test_what_names_no_socket_is_unsupported() -> None:
+    """ICMP, or a packet without ports, cannot name a socket: counted as unsupported."""
+    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    assert socket_end("icmp", "169.254.77.1", None) == NoSocket()
+    assert socket_end("udp", "not an address", 1) == NoSocket()
+    assert peer_end("tcp", "/a/unix/path") == NoSocket()
+    assert owners.owner_of(NoSocket()) is None
+    assert owners.misses == {"unsupported": 1}
+
+
+def test_lookups_beyond_the_burst_wait_for_the_budget() -> None:
+    """A burst beyond LOOKUP_BURST is counted over budget, until time refills it."""
+    clock = Clock()
+    owners = SocketOwners(list_pids=lambda: [], clock=clock)
+    end = SocketEnd("tcp", LOCALHOST, 1)
+    for _ in range(LOOKUP_BURST + 5):
+        owners.owner_of(end)
+    assert owners.misses == {"gone": LOOKUP_BURST, "budget": 5}
+    clock.now = 1.0
+    owners.owner_of(end)
+    assert owners.misses == {"gone": LOOKUP_BURST + 1, "budget": 5}
+
+
+def test_what_the_job_controls_is_sanitised_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """comm, exe and argv come from the job: control characters replaced, lengths bounded."""
+    hostile = sockowner.ProcessIdentity(
+        ns_pid=7,
+        comm="evil\x1b[31mname-longer-than-15",
+        exe="/tmp/\nfake",
+        argv=["a\x07", "x" * 1000, *(["y"] * 100)],
+    )
+    monkeypatch.setattr(attribution.sockowner, "read_process", lambda pid: hostile)
+    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        process = owners.owner_of(peer_end("udp", sock.getsockname()))
+    assert process is not None
+    assert process.pid == 7
+    assert "\x1b" not in process.comm
+    assert len(process.comm) <= 16
+    assert process.exe == "/tmp/?fake"
+    assert process.argv[0] == "a?"
+    assert len(process.argv) == attribution.MAX_ARGS
+    assert all(len(arg) <= attribution.MAX_ARG_CHARS + 1 for arg in process.argv)
