@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from netjail import Client, Event, JobResult
+from netjail import Client, JobResult
 
 from .conftest import Daemon
 from .upstream import UPSTREAM_ADDR, Upstream
@@ -12,45 +12,55 @@ from .upstream import UPSTREAM_ADDR, Upstream
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 PY = "/usr/bin/python3"
-#: A UDP datagram that the job's python3 sends to a blocked documentation address, holding its
-#: socket open a moment after (as a client waiting for an answer would).
-PY_SENDTO = (
+#: Allowed on 443 only: the stub answers them, and a connection to port 80 is the proxy's to
+#: block. One each, so that the two refusals are not folded into one event.
+PY_NAME = "py.example.test"
+CURL_NAME = "curl.example.test"
+#: python3 sends a UDP datagram to a blocked documentation address (sendto fails with EPERM,
+#: the REJECT), then tries port 80 of the name; it keeps its sockets open a moment after, as a
+#: client that handles the error and goes on would.
+PY_SCRIPT = (
     "import socket, time\n"
-    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-    "s.sendto(b'x', ('192.0.2.10', 9))\n"
-    "time.sleep(1)\n"
+    "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "try: u.sendto(b'x', ('192.0.2.10', 9))\n"
+    "except OSError: pass\n"
+    "t = socket.socket()\n"
+    f"try: t.connect(('{PY_NAME}', 80)); t.recv(1)\n"
+    "except OSError: pass\n"
+    "time.sleep(0.5)\n"
 )
-#: curl's TFTP client: a UDP request to a blocked documentation address, then it waits.
-CURL_TFTP = "curl -s --max-time 1 tftp://198.51.100.10/file"
+CURL = f"curl -s --max-time 5 http://{CURL_NAME}:80/from-curl"
 
 
 def run(client: Client, argv: list[str], **kwargs: object) -> JobResult:
     return client.run(argv, stdio="capture", cwd="/", on_event=lambda e: None, **kwargs)  # type: ignore[arg-type]
 
 
-def event_to(result: JobResult, dst: str) -> Event:
-    [event] = [e for e in result.events if e.dst == dst]
-    return event
-
-
 def test_two_binaries_in_one_job_are_each_named(client: Client) -> None:
-    """python3 and curl in one job, each sending to its own blocked address: each event names
-    its own process (pid in the job's namespace, comm, exe, argv)."""
-    script = f'{PY} -c "$0" & {CURL_TFTP} & wait'
-    result = run(client, ["sh", "-c", script, PY_SENDTO])
-    by_python = event_to(result, "192.0.2.10")
-    by_curl = event_to(result, "198.51.100.10")
-    assert by_python.verdict == by_curl.verdict == "blocked"
-    assert by_python.process is not None, result.events
-    assert by_curl.process is not None, result.events
-    assert (by_python.process.comm, by_python.process.exe) == ("python3", "/usr/bin/python3.11")
-    assert by_python.process.argv[:2] == [PY, "-c"]
-    assert (by_curl.process.comm, by_curl.process.exe) == ("curl", "/usr/bin/curl")
-    assert by_curl.process.argv[-1] == "tftp://198.51.100.10/file"
-    # Pids as the job sees them: small, distinct, and neither is the job's init (1).
-    assert 1 < by_python.process.pid < 100
-    assert 1 < by_curl.process.pid < 100
-    assert by_python.process.pid != by_curl.process.pid
+    """python3 and curl in one job, each blocked: the logged datagram and both refused
+    connections each name their own process (pid in the job's namespace, comm, exe, argv)."""
+    script = f'{PY} -c "$0" & {CURL}; wait'
+    allow = [f"{PY_NAME}:443", f"{CURL_NAME}:443"]
+    result = run(client, ["sh", "-c", script, PY_SCRIPT], allow=allow)
+    [datagram] = [e for e in result.events if e.dst == "192.0.2.10"]
+    proxied = [e for e in result.events if e.via == "proxy"]
+    assert datagram.verdict == "blocked"
+    assert datagram.process is not None, result.events
+    assert (datagram.process.comm, datagram.process.exe) == ("python3", "/usr/bin/python3.11")
+    assert datagram.process.argv[:2] == [PY, "-c"]
+    senders = {}
+    for event in proxied:
+        assert (event.verdict, event.reason, event.port) == ("blocked", "port_not_allowed", 80)
+        assert event.process is not None, result.events
+        senders[event.process.comm] = event.process
+    assert set(senders) == {"python3", "curl"}, proxied
+    assert senders["curl"].exe == "/usr/bin/curl"
+    assert senders["curl"].argv[-1] == f"http://{CURL_NAME}:80/from-curl"
+    assert senders["python3"].pid == datagram.process.pid
+    # Pids as the job sees them: small and distinct, and neither is the job's init (1).
+    assert 1 < senders["python3"].pid < 100
+    assert 1 < senders["curl"].pid < 100
+    assert senders["python3"].pid != senders["curl"].pid
 
 
 def test_dns_queries_name_the_asking_process(client: Client) -> None:

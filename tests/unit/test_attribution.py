@@ -22,6 +22,13 @@ from netjail.kernel import sockowner
 LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
 
 
+def _diag_here(_pid: int) -> socket.socket:
+    """The diag socket in the test's own netns (the daemon's enters the jail's)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, sockowner.NETLINK_SOCK_DIAG)
+    sock.setblocking(False)
+    return sock
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -32,7 +39,7 @@ class Clock:
 
 def test_a_socket_of_this_process_is_attributed_to_it() -> None:
     """The lookup finds the process holding the socket (here, the test's own) and names it."""
-    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    owners = SocketOwners(list_pids=lambda: [os.getpid()], open_diag=_diag_here)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         process = owners.owner_of(SocketEnd("udp", LOCALHOST, sock.getsockname()[1]))
@@ -47,18 +54,18 @@ def test_a_socket_of_this_process_is_attributed_to_it() -> None:
 
 def test_a_socket_no_job_process_holds_is_gone() -> None:
     """A socket outside the job's processes, or none at all, is a counted miss, not a guess."""
-    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    owners = SocketOwners(list_pids=lambda: [os.getpid()], open_diag=_diag_here)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     assert owners.owner_of(SocketEnd("udp", LOCALHOST, port)) is None
-    assert SocketOwners().owner_of(SocketEnd("udp", LOCALHOST, port)) is None
+    assert SocketOwners(open_diag=_diag_here).owner_of(SocketEnd("udp", LOCALHOST, port)) is None
     assert owners.misses == {"gone": 1}
 
 
 def test_what_names_no_socket_is_unsupported() -> None:
     """ICMP, or a packet without ports, cannot name a socket: counted as unsupported."""
-    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    owners = SocketOwners(list_pids=lambda: [os.getpid()], open_diag=_diag_here)
     assert socket_end("icmp", "169.254.77.1", None) == NoSocket()
     assert socket_end("udp", "not an address", 1) == NoSocket()
     assert peer_end("tcp", "/a/unix/path") == NoSocket()
@@ -69,7 +76,7 @@ def test_what_names_no_socket_is_unsupported() -> None:
 def test_lookups_beyond_the_burst_wait_for_the_budget() -> None:
     """A burst beyond LOOKUP_BURST is counted over budget, until time refills it."""
     clock = Clock()
-    owners = SocketOwners(list_pids=lambda: [], clock=clock)
+    owners = SocketOwners(list_pids=lambda: [], clock=clock, open_diag=_diag_here)
     end = SocketEnd("tcp", LOCALHOST, 1)
     for _ in range(LOOKUP_BURST + 5):
         owners.owner_of(end)
@@ -88,7 +95,7 @@ def test_what_the_job_controls_is_sanitised_and_bounded(monkeypatch: pytest.Monk
         argv=["a\x07", "x" * 1000, *(["y"] * 100)],
     )
     monkeypatch.setattr(attribution.sockowner, "read_process", lambda pid: hostile)
-    owners = SocketOwners(list_pids=lambda: [os.getpid()])
+    owners = SocketOwners(list_pids=lambda: [os.getpid()], open_diag=_diag_here)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         process = owners.owner_of(peer_end("udp", sock.getsockname()))

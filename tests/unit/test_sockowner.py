@@ -1,68 +1,98 @@
-"""Socket tables and /proc parsers of the process lookup, and the lookup on this process."""
+"""sock_diag requests and replies, /proc parsers, and real lookups of this process's sockets."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import socket
+import struct
+from collections.abc import Iterator
 
-from hypothesis import given
-from hypothesis import strategies as st
+import pytest
 
 from netjail.kernel import sockowner
-from netjail.kernel.sockowner import SocketEntry, find_socket, parse_address, parse_socket_table
+from netjail.kernel.sockowner import SocketEnd, find_socket_inode
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
-#: Lines as the kernel prints them (little-endian words, as on x86_64 and aarch64).
-TCP = """\
-  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:0035 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 153 1 0
-   1: 014DFEA9:9C40 0A7100CB:01BB 02 00000001:00000000 01:00000064 00000002 61184 0 4711 1 0
-   2: 014DFEA9:8E6C 0100007F:8135 06 00000000:00000000 03:00001610 00000000     0        0 0 3 0
-garbage line
-"""
-_ZERO6 = "0" * 32
-_TAIL = " 07 00000000:00000000 00:00000000 00000000     0        0"
-UDP6 = (
-    "  sl  local_address                         remote_address                        st\n"
-    f" 2014: {_ZERO6}:9FF4 {_ZERO6}:0000{_TAIL} 99 2 0 0\n"
-    f" 2015: 0000000000000000FFFF00000100007F:A000 {_ZERO6}:0000{_TAIL} 98 2 0 0\n"
-)
+LOCALHOST = V4("127.0.0.1")
 
 
-def test_parse_address_reads_the_kernels_host_order_words() -> None:
-    """IPv4 and IPv6 table addresses become the addresses and ports they stand for."""
-    assert parse_address("0100007F:0035") == (V4("127.0.0.1"), 53)
-    assert parse_address("0000000000000000FFFF00000100007F:A000") == (
-        V6("::ffff:127.0.0.1"),
-        0xA000,
-    )
+@pytest.fixture
+def diag() -> Iterator[socket.socket]:
+    """A sock_diag socket in this process's own netns (no privilege needed to ask it)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, sockowner.NETLINK_SOCK_DIAG) as sock:
+        sock.setblocking(False)
+        yield sock
 
 
-def test_parse_socket_table_keeps_entries_and_skips_garbage() -> None:
-    """Every well-formed line gives its entry (inode included); the header and garbage do not."""
-    entries = parse_socket_table(TCP)
-    assert entries[1] == SocketEntry(V4("169.254.77.1"), 0x9C40, V4("203.0.113.10"), 443, 4711)
-    assert [e.inode for e in entries] == [153, 4711, 0]
+def _inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
 
 
-def test_find_socket_prefers_the_exact_socket_and_skips_inode_zero() -> None:
-    """A connecting socket is found by its local end and peer; TIME_WAIT (inode 0) is never."""
-    entries = parse_socket_table(TCP)
-    assert find_socket(entries, V4("169.254.77.1"), 0x9C40, V4("203.0.113.10"), 443) == 4711
-    assert find_socket(entries, V4("169.254.77.1"), 0x9C40, V4("203.0.113.11"), 443) is None
-    assert find_socket(entries, V4("169.254.77.1"), 0x8E6C) is None
-    assert find_socket(entries, V4("169.254.77.1"), 1) is None
+def test_a_tcp_request_names_the_socket_by_its_own_end_first() -> None:
+    """TCP: the socket's own end is the request's source, its peer the destination."""
+    end = SocketEnd("tcp", V4("169.254.77.1"), 40000, V4("203.0.113.9"), 443)
+    request = sockowner.build_diag_request(end, socket.AF_INET, seq=7)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", request)
+    assert (length, kind, flags, seq) == (len(request), 20, 1, 7)
+    assert request[16:18] == bytes([socket.AF_INET, socket.IPPROTO_TCP])
+    assert struct.unpack_from(">HH", request, 24) == (40000, 443)
+    assert request[28:32] == V4("169.254.77.1").packed
+    assert request[44:48] == V4("203.0.113.9").packed
 
 
-def test_find_socket_matches_wildcard_and_mapped_udp_sockets() -> None:
-    """An unconnected UDP socket bound to :: matches any local address of its port; a dual-stack
-    socket's IPv4-mapped address matches its IPv4 form."""
-    entries = parse_socket_table(UDP6)
-    assert find_socket(entries, V4("169.254.77.1"), 0x9FF4, V4("192.0.2.1"), 9) == 99
-    assert find_socket(entries, V4("127.0.0.1"), 0xA000) == 98
-    assert find_socket(entries, V4("127.0.0.2"), 0xA000) is None
+def test_a_udp_request_swaps_the_ends_as_the_kernel_expects() -> None:
+    """UDP: udp_diag looks up with source and destination swapped, so the socket's own end is
+    the destination; an IPv4 end asked as IPv6 is in its mapped form."""
+    end = SocketEnd("udp", V4("169.254.77.1"), 40000)
+    request = sockowner.build_diag_request(end, socket.AF_INET6)
+    assert struct.unpack_from(">HH", request, 24) == (0, 40000)
+    assert request[28:44] == bytes(16)
+    assert request[44:60] == V6("::ffff:169.254.77.1").packed
+
+
+def test_parse_diag_reply_takes_the_inode_and_refuses_errors() -> None:
+    """A socket message gives its inode; an error message, or a short one, gives None."""
+    body = bytearray(72)
+    struct.pack_into("=I", body, 68, 4711)
+    reply = struct.pack("=IHHII", 16 + len(body), 20, 0, 1, 0) + bytes(body)
+    assert sockowner.parse_diag_reply(reply) == 4711
+    error = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -2) + bytes(16)
+    assert sockowner.parse_diag_reply(error) is None
+    assert sockowner.parse_diag_reply(reply[:40]) is None
+
+
+def test_the_kernel_finds_udp_and_tcp_sockets_by_their_ends(diag: socket.socket) -> None:
+    """Real lookups: an unconnected wildcard UDP socket by its port, a connected one by both
+    ends, an IPv6 dual-stack one by its IPv4 form, and a connected TCP socket."""
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wild,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as connected,
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as dual,
+        socket.socket() as listener,
+        socket.socket() as client,
+    ):
+        wild.bind(("0.0.0.0", 0))  # noqa: S104 - a wildcard bind is what is looked up
+        port = wild.getsockname()[1]
+        sent_to = SocketEnd("udp", V4("169.254.77.1"), port, V4("192.0.2.1"), 9)
+        assert find_socket_inode(diag, sent_to) == _inode(wild)
+        connected.connect(("127.0.0.1", 9))
+        own = connected.getsockname()[1]
+        assert find_socket_inode(diag, SocketEnd("udp", LOCALHOST, own, LOCALHOST, 9)) == _inode(
+            connected
+        )
+        dual.bind(("::", 0))
+        dual_port = dual.getsockname()[1]
+        assert find_socket_inode(diag, SocketEnd("udp", LOCALHOST, dual_port)) == _inode(dual)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client.connect(listener.getsockname())
+        end = SocketEnd(
+            "tcp", LOCALHOST, client.getsockname()[1], LOCALHOST, listener.getsockname()[1]
+        )
+        assert find_socket_inode(diag, end) == _inode(client)
+        assert find_socket_inode(diag, SocketEnd("tcp", LOCALHOST, 1, LOCALHOST, 2)) is None
 
 
 def test_parse_ns_pid_takes_the_innermost_namespace() -> None:
@@ -78,22 +108,11 @@ def test_parse_cmdline_splits_on_nul_and_replaces_undecodable_bytes() -> None:
     assert sockowner.parse_cmdline(b"") == []
 
 
-@given(st.text(max_size=2000))
-def test_parse_socket_table_never_raises(text: str) -> None:
-    """Whatever the table holds, parsing gives entries and never raises."""
-    assert isinstance(parse_socket_table(text), list)
-
-
-def test_this_process_holds_its_own_socket() -> None:
-    """A socket this process binds is in its netns's table, and its descriptors name its inode."""
+def test_this_process_is_read_from_proc(diag: socket.socket) -> None:
+    """This process's own socket is among its descriptors' inodes, and /proc names it."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        table = sockowner.read_socket_table(os.getpid(), "udp", 4)
-        assert table is not None
-        inode = find_socket(table, V4("127.0.0.1"), port)
-        assert inode == os.fstat(sock.fileno()).st_ino
-        assert inode in set(sockowner.socket_inodes(os.getpid(), 4096))
+        assert _inode(sock) in set(sockowner.socket_inodes(os.getpid(), 4096))
     me = sockowner.read_process(os.getpid())
     assert me is not None
     assert me.ns_pid == os.getpid()
@@ -104,6 +123,5 @@ def test_this_process_holds_its_own_socket() -> None:
 def test_a_gone_process_reads_as_none() -> None:
     """A pid that is not there has no table, no sockets and no identity."""
     gone = 2**22 + 1  # above pid_max's largest value
-    assert sockowner.read_socket_table(gone, "tcp", 4) is None
     assert list(sockowner.socket_inodes(gone, 10)) == []
     assert sockowner.read_process(gone) is None

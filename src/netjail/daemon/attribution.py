@@ -1,31 +1,35 @@
 """Which of a job's processes sent an event: socket → inode → process, cheaply and bounded.
 
 The kernel says who sent a logged packet only by uid, and every process of a job shares it.
-So the daemon looks, when the event comes: the sending socket's inode from the jail's socket
-table (netjail.kernel.sockowner), then the job's process that holds it, searched in the job's
-cgroup only, the processes that owned sockets lately first. It runs on the loop, so it is
+So the daemon looks, when the event comes: the sending socket's inode, asked of sock_diag in
+the jail's netns (netjail.kernel.sockowner; one netlink socket per job, made at the first
+lookup), then the job's process that holds it, searched in the job's cgroup only, the
+processes that owned sockets lately first. It runs on the loop, so it is
 bounded: at most ``LOOKUP_BURST`` lookups at once, refilled at ``LOOKUPS_PER_S``; at most
-``MAX_FDS_SCANNED`` descriptors per process; a cache of the socket inodes seen. Whatever
+``MAX_FDS_SCANNED`` descriptors per process; a cache of the socket inodes seen (a lookup is
+about 20 µs, a scan about 6 µs a descriptor). Whatever
 cannot be attributed is counted by why (``Miss``), never guessed.
 
 What can be known: the DNS stub and the proxy see the job's end of each query and connection
 while its socket is open, so those are attributed as long as the process waits for the answer.
-A logged UDP datagram is attributed while its socket is still open. A REJECTed TCP connect
-mostly is not: the reset reaches the socket at once, which leaves the table (CLOSE) before the
-daemon reads the log, so only a socket still connecting (SYN_SENT) is found.
+A logged UDP datagram is attributed while its socket is still open (the REJECT makes sendto
+fail with EPERM, and many programs exit on it). A REJECTed TCP connect mostly is not: the
+reset reaches the socket at once, which leaves the kernel's tables (CLOSE) before the daemon
+reads the log, so only a socket still connecting (SYN_SENT) is found.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from netjail.errors import CgroupError
-from netjail.ipaddr import IPAddress
+from netjail.errors import CgroupError, JailError
 from netjail.kernel import sockowner
+from netjail.kernel.sockowner import SocketEnd
 from netjail.protocol import EventProcess
 from netjail.text import sanitize
 
@@ -47,18 +51,6 @@ _COMM_CHARS = 15
 #: Why an event names no process: its socket or process was gone, the job's lookup budget was
 #: spent, or the protocol has no socket table netjail reads (ICMP, SCTP…).
 Miss = Literal["gone", "budget", "unsupported"]
-
-
-@dataclass(frozen=True)
-class SocketEnd:
-    """The job's end of a query or connection: the address and port its socket sent from, and
-    where to when known."""
-
-    proto: sockowner.SocketProto
-    local: IPAddress
-    local_port: int
-    remote: IPAddress | None = None
-    remote_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,15 +86,27 @@ def socket_end(
     return SocketEnd(kind, local, sport, remote, dport)
 
 
-def peer_end(proto: sockowner.SocketProto, peer: object) -> Origin:
+def peer_end(proto: sockowner.SocketProto, peer: object, toward: object = None) -> Origin:
     """The job's end of a query or connection the stub or proxy took, from its peer address
-    (``(host, port)``, or ``(host, port, flow, scope)`` for IPv6)."""
-    if not isinstance(peer, tuple) or len(peer) < 2:
+    (``(host, port)``, or ``(host, port, flow, scope)`` for IPv6), and where the job's socket
+    is connected to (``toward``, same form), when known: a connected socket is found only by
+    both ends."""
+    own = _host_port(peer)
+    if own is None:
         return NoSocket()
-    host, port = peer[0], peer[1]
+    remote = _host_port(toward)
+    if remote is None:
+        return socket_end(proto, own[0], own[1])
+    return socket_end(proto, own[0], own[1], remote[0], remote[1])
+
+
+def _host_port(address: object) -> tuple[str, int] | None:
+    if not isinstance(address, tuple) or len(address) < 2:
+        return None
+    host, port = address[0], address[1]
     if not isinstance(host, str) or not isinstance(port, int):
-        return NoSocket()
-    return socket_end(proto, host.partition("%")[0], port)
+        return None
+    return host.partition("%")[0], port
 
 
 #: What the stub and the proxy are given to name the process behind a query or connection.
@@ -125,6 +129,8 @@ class SocketOwners:
     #: The host pids of the job's processes (its cgroup's), set once the cgroup exists.
     list_pids: Callable[[], list[int]] = _no_pids
     clock: Callable[[], float] = time.monotonic
+    #: Makes the sock_diag socket inside the netns of a job's process (given its host pid).
+    open_diag: Callable[[int], socket.socket] = sockowner.open_diag_socket
     attributed: int = 0
     misses: dict[Miss, int] = field(default_factory=dict)
     _tokens: float = LOOKUP_BURST
@@ -133,6 +139,7 @@ class SocketOwners:
     _pids_read: float | None = None
     _inode_pid: dict[int, int] = field(default_factory=dict)
     _recent: list[int] = field(default_factory=list)
+    _diag: socket.socket | None = None
 
     @property
     def unattributed(self) -> int:
@@ -185,25 +192,25 @@ class SocketOwners:
             self._pids_read = now
         return self._pids
 
+    def close(self) -> None:
+        """The job is over: close its sock_diag socket."""
+        if self._diag is not None:
+            self._diag.close()
+            self._diag = None
+
     def _inode(self, pids: list[int], end: SocketEnd) -> int | None:
-        """The inode of the socket in the jail's table, read through any process of the job
-        (all of them are in the jail's netns)."""
-        families = (4, 6) if end.local.version == 4 else (6,)
-        for pid in pids:
-            found_table = False
-            for family in families:
-                table = sockowner.read_socket_table(pid, end.proto, family)
-                if table is None:
-                    break  # this process is gone: try the next one
-                found_table = True
-                inode = sockowner.find_socket(
-                    table, end.local, end.local_port, end.remote, end.remote_port
-                )
-                if inode is not None:
-                    return inode
-            if found_table:
+        """The inode of the socket, asked in the jail's netns (made through any process of the
+        job: all of them are in it)."""
+        if self._diag is None:
+            for pid in pids:
+                try:
+                    self._diag = self.open_diag(pid)
+                    break
+                except JailError:
+                    continue  # this process is gone: try the next one
+            else:
                 return None
-        return None
+        return sockowner.find_socket_inode(self._diag, end)
 
     def _holder(self, pids: list[int], inode: int) -> int | None:
         """The job's process that holds socket ``inode``: the cache, then the processes that

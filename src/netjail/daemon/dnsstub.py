@@ -111,7 +111,8 @@ class DnsStub:
                 return
             except OSError:
                 return  # e.g. ECONNREFUSED from an earlier reply's ICMP: nothing to do
-            reply = self._answer(query, "udp", family, peer_end("udp", peer))
+            origin = peer_end("udp", peer, sock.getsockname())
+            reply = self._answer(query, "udp", family, origin)
             if reply is not None:
                 with contextlib.suppress(OSError):
                     sock.sendto(reply, peer)
@@ -124,7 +125,9 @@ class DnsStub:
         self._tcp_tasks.add(task)
         sock = writer.get_extra_info("socket")
         family = 4 if sock is not None and sock.family == socket.AF_INET else 6
-        origin = peer_end("tcp", writer.get_extra_info("peername"))
+        origin = peer_end(
+            "tcp", writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        )
         try:
             for _ in range(_TCP_MAX_QUERIES):
                 header = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_S)

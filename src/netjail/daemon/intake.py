@@ -101,6 +101,7 @@ class EventIntake:
         if self._feeds.pop(feed.job_id, None) is not None:
             self.events_lost += feed.lost
             self.events_unattributed += feed.owners.unattributed
+            feed.owners.close()
 
     def open_feed_ids(self) -> list[str]:
         """The jobs whose events are being routed (running, or being built)."""

@@ -247,7 +247,8 @@ class Proxy:
             # Looked up now: by the time an allowed connection is reported (when it closes),
             # the job's socket may be gone.
             try:
-                process = self._owner_of(peer_end("tcp", conn.getpeername()))
+                toward = (str(dst), port)
+                process = self._owner_of(peer_end("tcp", conn.getpeername(), toward))
             except OSError:
                 process = None  # reset by the job already
             try:

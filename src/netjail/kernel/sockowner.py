@@ -1,48 +1,63 @@
-"""Which process owns a socket: the jail's socket tables and the job's descriptor tables.
+"""Which process owns a socket: sock_diag in the jail's netns, and the job's descriptors.
 
-``/proc/<pid>/net/{tcp,udp}{,6}`` of any process in a jail list the sockets of the jail's
-network namespace (not the reader's), each with its inode; the links in
-``/proc/<pid>/fd`` name the inode of every socket a process holds (``socket:[123]``). A socket
-that is closed, or a TCP socket that a reset already moved to CLOSE (unhashed), is in no
-table: its owner cannot be known.
+A sock_diag request (NETLINK_SOCK_DIAG, ``inet_diag_req_v2`` without NLM_F_DUMP) names one
+socket by its addresses and ports; the kernel looks it up in its hash tables, as for an
+incoming packet, and answers with its inode. The netlink socket must be made inside the jail's
+netns, since the kernel answers for the netns of the socket asked (``open_diag_socket``). The
+links in ``/proc/<pid>/fd`` then name the inode of every socket a process holds
+(``socket:[123]``). A socket that is closed, or a TCP socket that a reset already moved to
+CLOSE (unhashed), is found by neither: its owner cannot be known.
 
-The parsers are pure; the readers are thin and bounded (a table read stops at
-``MAX_TABLE_BYTES``, a descriptor scan at the limit it is given), and every OSError means
-"gone": the process exited, or never was.
+Reading /proc/<pid>/net/tcp instead would walk the whole established hash of the host
+(measured: 5.6 ms a read here, against about 20 µs a lookup).
+
+The request and reply formats are pure; the readers are thin and bounded, and every OSError
+means "gone": the process exited, or never was.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from netjail.errors import JailError, map_os_errors
 from netjail.ipaddr import IPAddress
+from netjail.kernel import syscalls
 
 SocketProto = Literal["tcp", "udp"]
 
-#: Most bytes read of one socket table: a job that opens 10,000 sockets only makes its own
-#: lookups miss, never the daemon slow.
-MAX_TABLE_BYTES = 1 << 20
 #: Most bytes read of a process's command line.
 MAX_CMDLINE_BYTES = 4096
 _SOCKET_LINK = "socket:["
-_WORD = struct.Struct("=I")
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_NLMSG = struct.Struct("=IHHII")
+_ALL_STATES = 0xFFFFFFFF
+_NO_COOKIE = 0xFFFFFFFF
+#: inet_diag_msg's inode: after family, state, timer, retrans (4), the sockid (48), expires,
+#: rqueue, wqueue and uid (16).
+_INODE_OFFSET = 68
+_PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 
 @dataclass(frozen=True)
-class SocketEntry:
-    """One socket of a table: where it is bound, where it is connected (unspecified: not),
-    and its inode (0: no owner, e.g. TIME_WAIT)."""
+class SocketEnd:
+    """One end of a query or connection, as seen by the job: the address and port its socket
+    sent from, and where to when known (a connected socket is found only by both)."""
 
+    proto: SocketProto
     local: IPAddress
     local_port: int
-    remote: IPAddress
-    remote_port: int
-    inode: int
+    remote: IPAddress | None = None
+    remote_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,77 +71,101 @@ class ProcessIdentity:
     argv: list[str]
 
 
-def parse_address(text: str) -> tuple[IPAddress, int]:
-    """``0100007F:0035`` (the kernel's host-order hex words) as (127.0.0.1, 53); ValueError
-    when malformed."""
-    hex_address, _, hex_port = text.partition(":")
-    if len(hex_address) not in (8, 32) or not hex_port:
-        raise ValueError(f"not a socket address: {text!r}")
-    raw = b"".join(
-        _WORD.pack(int(hex_address[i : i + 8], 16)) for i in range(0, len(hex_address), 8)
-    )
-    address: IPAddress = ipaddress.IPv4Address(raw) if len(raw) == 4 else ipaddress.IPv6Address(raw)
-    return address, int(hex_port, 16)
+def _packed(address: IPAddress | None, family: int) -> bytes:
+    if address is None:
+        return bytes(16)
+    if family == socket.AF_INET6 and address.version == 4:
+        address = ipaddress.IPv6Address(f"::ffff:{address}")
+    return address.packed.ljust(16, b"\0")
 
 
-def parse_socket_table(text: str) -> list[SocketEntry]:
-    """The entries of a /proc/net/{tcp,udp}{,6} table; malformed lines are skipped."""
-    entries = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 10:
-            continue
-        try:
-            local, local_port = parse_address(fields[1])
-            remote, remote_port = parse_address(fields[2])
-            inode = int(fields[9])
-        except ValueError:
-            continue
-        entries.append(SocketEntry(local, local_port, remote, remote_port, inode))
-    return entries
+def build_diag_request(end: SocketEnd, family: int, seq: int = 1) -> bytes:
+    """The sock_diag request that asks for the one socket ``end`` names, in ``family``.
 
-
-def _same(entry_address: IPAddress, address: IPAddress) -> bool:
-    """Whether a table's address is ``address``, also as an IPv4-mapped IPv6 one (a dual-stack
-    socket talking IPv4)."""
-    if entry_address == address:
-        return True
-    return (
-        isinstance(entry_address, ipaddress.IPv6Address)
-        and entry_address.ipv4_mapped is not None
-        and entry_address.ipv4_mapped == address
-    )
-
-
-def find_socket(
-    entries: list[SocketEntry],
-    local: IPAddress,
-    local_port: int,
-    remote: IPAddress | None = None,
-    remote_port: int | None = None,
-) -> int | None:
-    """The inode of the socket that sent from ``local:local_port`` (to ``remote:remote_port``
-    when known), or None.
-
-    A socket bound to the unspecified address, or not connected (a UDP socket that uses
-    sendto), matches too, but one that names the exact addresses wins.
+    The kernel's UDP lookup takes source and destination the other way round from TCP's ("for
+    historical reasons", udp_diag.c): for UDP the socket's own end goes in ``dst``.
     """
-    best: tuple[int, int] | None = None
-    for entry in entries:
-        if entry.inode == 0 or entry.local_port != local_port:
-            continue
-        score = 0
-        if _same(entry.local, local):
-            score += 2
-        elif not entry.local.is_unspecified:
-            continue
-        if remote is not None and remote_port is not None and entry.remote_port != 0:
-            if entry.remote_port != remote_port or not _same(entry.remote, remote):
-                continue
-            score += 1
-        if best is None or score > best[0]:
-            best = (score, entry.inode)
-    return None if best is None else best[1]
+    own = (_packed(end.local, family), end.local_port)
+    peer = (_packed(end.remote, family), end.remote_port or 0)
+    (src, sport), (dst, dport) = (own, peer) if end.proto == "tcp" else (peer, own)
+    # inet_diag_req_v2: family, protocol, ext, pad, states; then inet_diag_sockid: the ports
+    # (big-endian), src[16], dst[16], the interface (0: any), the cookie (all ones: none).
+    body = struct.pack("=BBBxI", family, _PROTOCOLS[end.proto], 0, _ALL_STATES)
+    body += struct.pack(">HH", sport, dport) + src + dst
+    body += struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE)
+    header = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, seq, 0)
+    return header + body
+
+
+def parse_diag_reply(data: bytes) -> int | None:
+    """The inode in a sock_diag answer, or None (an error such as ENOENT, or no socket)."""
+    if len(data) < _NLMSG.size:
+        return None
+    length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data)
+    end = _NLMSG.size + _INODE_OFFSET + 4
+    if kind != SOCK_DIAG_BY_FAMILY or length < end or len(data) < end:
+        return None
+    (inode,) = struct.unpack_from("=I", data, _NLMSG.size + _INODE_OFFSET)
+    return int(inode) or None
+
+
+def open_diag_socket(pid: int) -> socket.socket:
+    """A sock_diag socket in the network namespace of process ``pid`` (a jail's), made by a
+    short-lived thread that enters it, since a socket keeps the netns it was made in."""
+    made: list[socket.socket] = []
+    failed: list[OSError] = []
+    with map_os_errors(JailError, f"open the network namespace of process {pid}", "is it gone?"):
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def enter_and_open() -> None:
+        try:
+            syscalls.setns(netns, syscalls.CLONE_NEWNET)
+            made.append(
+                socket.socket(
+                    socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+                )
+            )
+        except OSError as e:
+            failed.append(e)
+
+    try:
+        thread = threading.Thread(target=enter_and_open, name=f"sockdiag-{pid}")
+        thread.start()
+        thread.join()
+    finally:
+        os.close(netns)
+    if failed or not made:
+        why = failed[0].strerror if failed else "no socket"
+        raise JailError(f"cannot open a sock_diag socket in the netns of process {pid}: {why}")
+    made[0].setblocking(False)
+    return made[0]
+
+
+def find_socket_inode(sock: socket.socket, end: SocketEnd) -> int | None:
+    """The inode of the socket ``end`` names, asked of ``sock``'s netns (IPv4 also as a
+    dual-stack IPv6 socket's mapped address); None if there is none."""
+    families = (socket.AF_INET, socket.AF_INET6) if end.local.version == 4 else (socket.AF_INET6,)
+    _drain(sock)
+    for family in families:
+        try:
+            sock.send(build_diag_request(end, family))
+            # The kernel answers an exact request within the send: it is queued already.
+            inode = parse_diag_reply(sock.recv(8192))
+        except OSError:
+            return None
+        if inode is not None:
+            return inode
+    return None
+
+
+def _drain(sock: socket.socket) -> None:
+    """Drop answers still queued (one that came after its request gave up) so that each
+    request reads its own."""
+    for _ in range(64):
+        try:
+            sock.recv(8192)
+        except OSError:
+            return
 
 
 def parse_ns_pid(status: str) -> int | None:
@@ -144,17 +183,6 @@ def parse_cmdline(data: bytes) -> list[str]:
     if not data:
         return []
     return [part.decode(errors="replace") for part in data.rstrip(b"\0").split(b"\0")]
-
-
-def read_socket_table(pid: int, proto: SocketProto, family: int) -> list[SocketEntry] | None:
-    """The socket table of the network namespace ``pid`` is in, or None if it is gone."""
-    name = proto if family == 4 else f"{proto}6"
-    try:
-        with open(f"/proc/{pid}/net/{name}", "rb") as table:
-            data = table.read(MAX_TABLE_BYTES)
-    except OSError:
-        return None
-    return parse_socket_table(data.decode("ascii", errors="replace"))
 
 
 def socket_inodes(pid: int, limit: int) -> Iterator[int]:
