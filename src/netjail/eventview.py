@@ -75,6 +75,7 @@ def _format_request(event: Event) -> str:
     text = f"{event.verdict} {_request(event)}"
     if event.status is not None:
         text += f" {event.status}"
+    text += _by(event)
     if event.verdict == "allowed" and event.bytes_in is not None:
         text += f" out={event.bytes_out} in={event.bytes_in}"
     if event.reason:

@@ -260,7 +260,7 @@ class Proxy:
                     and route.access == "checked"
                     and interception.http.intercepts(domain)
                 ):
-                    await self._intercept(interception, conn, route, (dst, port, domain))
+                    await self._intercept(interception, conn, route, (dst, port, domain), process)
                     return
                 upstream = await self._connect(route, port, domain or str(dst))
                 if route.first:
@@ -299,7 +299,12 @@ class Proxy:
                 upstream.close()
 
     async def _intercept(
-        self, interception: Interception, conn: socket.socket, route: _Route, where: _Where
+        self,
+        interception: Interception,
+        conn: socket.socket,
+        route: _Route,
+        where: _Where,
+        process: EventProcess | None,
     ) -> None:
         """The connection's requests, each checked (netjail.daemon.interception)."""
         dst, port, domain = where
@@ -311,11 +316,11 @@ class Proxy:
                 return UpstreamRefused(blocked.reason, blocked.detail)
 
         def record(request: RequestRecord) -> None:
-            self._record(
-                request_event(
-                    request, job_id=self._job_id, uid=self._uid, dst=dst, port=port, domain=domain
-                )
+            event = request_event(
+                request, job_id=self._job_id, uid=self._uid, dst=dst, port=port, domain=domain
             )
+            event.process = process
+            self._record(event)
 
         refused = await serve_intercepted(
             interception, conn, route.first, domain, port, connect=connect, record=record
