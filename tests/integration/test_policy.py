@@ -7,6 +7,7 @@ them through --add-host, the only way a test name gets an address (there is no i
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,7 +340,9 @@ def test_cli_names_domains_in_event_lines(
         check=False,
     )
     lines = quiet.stderr.decode().splitlines()
-    assert "netjail: blocked dns api.stripe.com A" in lines
+    # Named by the curl that asked, with its pid inside the job.
+    blocked = r"netjail: blocked dns api\.stripe\.com A by curl \(pid \d+\)"
+    assert any(re.fullmatch(blocked, line) for line in lines), lines
     assert not any(line.startswith("netjail: allowed") for line in lines)
     report = tmp_path / "report.json"
     verbose = subprocess.run(
@@ -359,7 +362,7 @@ def test_cli_names_domains_in_event_lines(
     # The uid the job ran as: leased from the daemon's own block.
     uid = json.loads(report.read_text())["uid"]
     assert uid in daemon.job_uids
-    assert f"):443 uid={uid} out=" in allowed[0]
+    assert re.search(rf"\):443 by curl \(pid \d+\) uid={uid} out=", allowed[0]), allowed
 
 
 def test_kernel_events_to_a_synthetic_address_name_the_domain(
