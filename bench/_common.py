@@ -19,19 +19,26 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def private_daemon(source: str | None = None) -> Iterator[str]:
+def private_daemon(source: str | None = None, config: str = "") -> Iterator[str]:
     """Start netjaild on a temporary socket (root needed); yield the socket path; stop it.
 
     ``source``: a ``src`` directory to run the daemon from instead of the installed package
-    (e.g. a worktree of an older commit, to compare in the same run).
+    (e.g. a worktree of an older commit, to compare in the same run). ``config``: the text of
+    its config file (empty: all defaults).
     """
     base = tempfile.mkdtemp(prefix="netjail-bench-", dir="/run")
     sock = os.path.join(base, "sock", "netjail.sock")
+    config_path = os.path.join(base, "netjaild.toml")
+    with open(config_path, "w") as f:
+        f.write(config)
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = source
     process = subprocess.Popen(
-        [sys.executable, "-m", "netjail.daemon", "--socket", sock, "--state-dir", f"{base}/state"],
+        [
+            *(sys.executable, "-m", "netjail.daemon", "--config", config_path),
+            *("--socket", sock, "--state-dir", f"{base}/state"),
+        ],
         stderr=subprocess.DEVNULL,
         env=env,
     )

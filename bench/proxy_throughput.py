@@ -3,24 +3,44 @@
 Run as root: ``.venv/bin/python bench/proxy_throughput.py [--mib 1024] [--connects 100]
 [--rounds 5]``.
 
-An HTTP-ish upstream server runs on this host's loopback. The same client script (system
-Python, sockets only) runs in alternating rounds: directly on the host, and as a netjail job
-allowed to reach ``bulk.test`` (``--add-host bulk.test:127.0.0.1``), so every byte goes job →
-in-jail listener → proxy → upstream. Each round downloads and uploads --mib MiB and makes
---connects connect+GET round trips. Prints the median MiB/s each way and connect+request
-latency p50/p95 of each, the ratios of the median throughputs (target ≥ 0.5) and the added
-latency (target < 1 ms p50).
+An HTTP-ish upstream server runs on this host's loopback, in cleartext and over TLS (a
+certificate for ``bulk.test`` from a CA made for the run). The same client script (system
+Python, sockets only) runs in alternating rounds, four ways:
+
+- *direct*: on the host, cleartext; *proxied*: as a netjail job allowed to reach ``bulk.test``
+  (``--add-host bulk.test:127.0.0.1``), so every byte goes job → in-jail listener → proxy →
+  upstream (spliced in the kernel);
+- *direct TLS*: on the host, TLS to the upstream; *intercepted*: as a job with ``--intercept
+  bulk.test``: TLS to the proxy with the job's CA, which the job trusts by netjail's variables,
+  every request parsed (h11), and TLS again from the proxy to the upstream, verified against
+  the run's CA (``[proxy] upstream_ca``).
+
+Each round downloads and uploads --mib MiB and makes --connects connect+GET round trips
+(with TLS, each a full handshake: the time to the first byte of a new connection). Prints the
+median MiB/s each way and connect+request latency p50/p95 of each, the ratios of the median
+throughputs (targets: proxied ≥ 0.5 of direct, intercepted ≥ 0.5 of direct TLS) and the added
+latency (targets: < 1 ms p50 proxied, ≤ 2 ms intercepted).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import shutil
 import socket
+import ssl
 import statistics
 import subprocess
+import tempfile
 import threading
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from _common import percentile, private_daemon
 from netjail import Client
@@ -30,9 +50,12 @@ NAME = "bulk.test"
 
 # Resolves the name `connects` times, connects `connects` times to the address (GET 1 byte:
 # connect + request + response), then downloads `size` bytes once and uploads `size` once.
+# With tls=1, every connection is TLS, verified for `name` with the default trust store
+# (SSL_CERT_FILE: the run's CA on the host, the job's bundle in a jail).
 CLIENT = r"""
-import json, socket, sys, time
-host, port, size, connects = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+import json, socket, ssl, sys, time
+host, name, port, size, connects, tls = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+context = ssl.create_default_context() if tls else None
 
 lookups = []
 for _ in range(connects):
@@ -40,9 +63,13 @@ for _ in range(connects):
     address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
     lookups.append(time.perf_counter() - t)
 
-def get(n):
+def connect():
     s = socket.create_connection((address, port), timeout=30)
-    s.sendall(b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (n, host.encode()))
+    return context.wrap_socket(s, server_hostname=name) if context else s
+
+def get(n):
+    s = connect()
+    s.sendall(b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (n, name.encode()))
     head = b""
     while b"\r\n\r\n" not in head:
         head += s.recv(4096)
@@ -56,8 +83,8 @@ def get(n):
     s.close()
 
 def put(n):
-    s = socket.create_connection((address, port), timeout=30)
-    s.sendall(b"PUT /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (n, host.encode()))
+    s = connect()
+    s.sendall(b"PUT /%d HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (n, name.encode(), n))
     chunk = b"y" * (1 << 20)
     while n > 0:
         n -= s.send(chunk[: min(n, len(chunk))])
@@ -75,17 +102,67 @@ print(json.dumps(result))
 """
 
 
-def serve(listener: socket.socket) -> None:
+def make_certificates(directory: str) -> tuple[str, ssl.SSLContext]:
+    """The run's CA file, and a server context with a certificate for NAME it signed."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "netjail bench CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAME)]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    ca_file, chain = os.path.join(directory, "ca.pem"), os.path.join(directory, "leaf.pem")
+    with open(ca_file, "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(chain, "wb") as f:
+        f.write(leaf.public_bytes(serialization.Encoding.PEM))
+        f.write(
+            leaf_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain)
+    return ca_file, context
+
+
+def serve(listener: socket.socket, context: ssl.SSLContext | None) -> None:
     chunk = b"x" * (1 << 20)
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             return
-        threading.Thread(target=answer, args=(conn, chunk), daemon=True).start()
+        threading.Thread(target=answer, args=(conn, chunk, context), daemon=True).start()
 
 
-def answer(conn: socket.socket, chunk: bytes) -> None:
+def answer(raw: socket.socket, chunk: bytes, context: ssl.SSLContext | None) -> None:
+    try:
+        conn = context.wrap_socket(raw, server_side=True) if context else raw
+    except (ssl.SSLError, OSError):
+        raw.close()
+        return
     with conn:
         head = b""
         while b"\r\n\r\n" not in head:
@@ -111,6 +188,15 @@ def answer(conn: socket.socket, chunk: bytes) -> None:
             size -= conn.send(chunk[: min(size, len(chunk))])
 
 
+#: The four ways, in the order of each round: (label, TLS, through netjail).
+WAYS = (
+    ("direct (host loopback)", False, False),
+    ("through the proxy", False, True),
+    ("direct TLS", True, False),
+    ("intercepted (TLS, h11)", True, True),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="bulk transfer size per round")
@@ -119,74 +205,93 @@ def main() -> None:
     args = parser.parse_args()
     size = args.mib << 20
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    threading.Thread(target=serve, args=(listener,), daemon=True).start()
-    client_args = [str(port), str(size), str(args.connects)]
+    directory = tempfile.mkdtemp(prefix="netjail-bench-tls-", dir="/run")
+    ca_file, server_context = make_certificates(directory)
+    ports = {}
+    listeners = []
+    for tls in (False, True):
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+        ports[tls] = listener.getsockname()[1]
+        context = server_context if tls else None
+        threading.Thread(target=serve, args=(listener, context), daemon=True).start()
 
-    direct: list[dict[str, Any]] = []
-    proxied: list[dict[str, Any]] = []
-    with private_daemon() as sock:
-        # Alternate the two, so that drift in the machine's speed touches both alike.
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in WAYS}
+    config = f'[proxy]\nupstream_ca = "{ca_file}"\n'
+    with private_daemon(config=config) as sock:
+        # Alternate the ways, so that drift in the machine's speed touches all alike.
         for _ in range(args.rounds):
-            direct.append(
-                json.loads(
-                    subprocess.run(
-                        [PY, "-c", CLIENT, "127.0.0.1", *client_args],
+            for label, tls, jailed in WAYS:
+                client_args = [str(ports[tls]), str(size), str(args.connects), str(int(tls))]
+                if not jailed:
+                    done = subprocess.run(
+                        [PY, "-c", CLIENT, "127.0.0.1", NAME, *client_args],
                         capture_output=True,
                         check=True,
-                    ).stdout
+                        env={**os.environ, "SSL_CERT_FILE": ca_file},
+                    )
+                    runs[label].append(json.loads(done.stdout))
+                    continue
+                # --intercept alone would allow ports 80 and 443: the upstream's is another.
+                policy = {"allow": [f"{NAME}:{ports[tls]}"], "intercept": [NAME] if tls else []}
+                result = Client(sock).run(
+                    [PY, "-c", CLIENT, NAME, NAME, *client_args],
+                    add_hosts=[f"{NAME}:127.0.0.1"],
+                    stdio="capture",
+                    capture_bytes=1 << 22,
+                    cwd="/",
+                    **policy,  # type: ignore[arg-type]
                 )
-            )
-            result = Client(sock).run(
-                [PY, "-c", CLIENT, NAME, *client_args],
-                allow=[f"{NAME}:{port}"],
-                add_hosts=[f"{NAME}:127.0.0.1"],
-                stdio="capture",
-                capture_bytes=1 << 22,
-                cwd="/",
-            )
-            if result.exit_code != 0:
-                raise SystemExit(f"job failed: {result.stderr!r}")
-            assert result.stdout is not None
-            proxied.append(json.loads(result.stdout))
-    listener.close()
+                if result.exit_code != 0:
+                    raise SystemExit(f"job failed: {result.stderr!r}")
+                assert result.stdout is not None
+                runs[label].append(json.loads(result.stdout))
+    for listener in listeners:
+        listener.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    report(args, runs)
 
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> None:
     print(
         f"\n{args.rounds} rounds, alternating; each: {args.mib} MiB down, {args.mib} MiB up and"
         f" {args.connects} connect+GET round trips"
     )
     header = ("down MiB/s", "(min-max)", "up MiB/s", "(min-max)", "conn p50 ms", "conn p95 ms")
     print(f"{'':24}" + "".join(f"{h:>12}" for h in header))
-    for name, runs in (("direct (host loopback)", direct), ("through the proxy", proxied)):
+    for name, ways in runs.items():
         cells = []
         for key in ("seconds", "upload"):
-            rates = [args.mib / run[key] for run in runs]
+            rates = [args.mib / run[key] for run in ways]
             cells += [f"{statistics.median(rates):.0f}", f"{min(rates):.0f}-{max(rates):.0f}"]
-        lat = [x for run in runs for x in run["latencies"]]
+        lat = [x for run in ways for x in run["latencies"]]
         cells += [f"{statistics.median(lat) * 1e3:.3f}", f"{percentile(lat, 0.95) * 1e3:.3f}"]
         print(f"{name:24}" + "".join(f"{c:>12}" for c in cells))
     print()
-    for key, direction in (("seconds", "download"), ("upload", "upload")):
-        ratios = [d[key] / p[key] for d, p in zip(direct, proxied, strict=True)]
-        ratio = statistics.median(d[key] for d in direct) / statistics.median(
-            p[key] for p in proxied
+    labels = [label for label, _, _ in WAYS]
+    for base, way, target in ((labels[0], labels[1], 1.0), (labels[2], labels[3], 2.0)):
+        direct, proxied = runs[base], runs[way]
+        for key, direction in (("seconds", "download"), ("upload", "upload")):
+            ratios = [d[key] / p[key] for d, p in zip(direct, proxied, strict=True)]
+            ratio = statistics.median(d[key] for d in direct) / statistics.median(
+                p[key] for p in proxied
+            )
+            print(
+                f"{way} / {base}, {direction} throughput, medians: {ratio:.2f}"
+                f" (target >= 0.50); per round {min(ratios):.2f}-{max(ratios):.2f}"
+            )
+        added = statistics.median(x for p in proxied for x in p["latencies"]) - statistics.median(
+            x for d in direct for x in d["latencies"]
         )
-        print(
-            f"{direction} throughput ratio proxy/direct, medians: {ratio:.2f} (target >= 0.50);"
-            f" per round {min(ratios):.2f}-{max(ratios):.2f}"
-        )
-    added = statistics.median(x for p in proxied for x in p["latencies"]) - statistics.median(
-        x for d in direct for x in d["latencies"]
-    )
-    print(f"added connect+request latency p50: {added * 1e3:.3f} ms (target < 1 ms)")
+        print(f"{way}: added connect+request latency p50 {added * 1e3:.3f} ms", end="")
+        print(f" (target < {target:g} ms)")
     with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
         host_cc = f.read().strip()
     print(
         f"TCP congestion control: {host_cc} on the host (the direct run, the server);"
         " reno in the jail and on the proxy's loopback upstream socket"
     )
-    lookups = [x for p in proxied for x in p["lookups"]]
+    lookups = [x for p in runs[labels[1]] for x in p["lookups"]]
     print(
         "name lookup p50 in the jail (DNS stub; the host run reads no DNS for 127.0.0.1): "
         f"{statistics.median(lookups) * 1e3:.3f} ms"

@@ -252,6 +252,12 @@ class HttpPolicy:
             return Deny("not_allowed_request", "no --allow-request matches")
         return Relay()
 
+    def relays_every_request(self, host: str) -> bool:
+        """Whether every request to ``host`` with the right Host goes upstream: no deny,
+        allow or mock rule names it."""
+        rules = (*self.deny_requests, *self.allow_requests, *(m.rule for m in self.mocks))
+        return not any(rule.host.matches(host) for rule in rules)
+
     def redactions_for(self, host: str) -> tuple[Redaction, ...]:
         return tuple(r for r in self.redactions if r.host.matches(host))
 

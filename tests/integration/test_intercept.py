@@ -320,3 +320,26 @@ except OSError as e:
         e.kind == "egress" and e.proto == "udp" and e.port == 443 and e.verdict == "blocked"
         for e in result.events
     )
+
+
+def test_pip_downloads_through_interception(client: Client) -> None:
+    """pip, given only an index URL, fetches a wheel from an intercepted HTTPS index."""
+    argv = [PY, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", "/tmp/w"]
+    argv += ["--index-url", f"https://{API}/simple", "nj-demo"]
+    result = run(client, ["sh", "-c", '"$@" && ls /tmp/w', "sh", *argv], intercept=[API])
+    assert result.exit_code == 0, result.stderr
+    assert (result.stdout or b"").decode().split() == ["nj_demo-1.0-py3-none-any.whl"]
+    paths = [e.path for e in requests_of(result)]
+    assert "/simple/nj-demo/" in paths
+    assert "/files/nj_demo-1.0-py3-none-any.whl" in paths
+
+
+def test_npm_installs_through_interception(client: Client) -> None:
+    """npm, given only a registry URL, installs a package from an intercepted registry."""
+    argv = ["npm", "install", "--no-audit", "--no-fund", "--prefix", "/tmp/n"]
+    argv += ["--registry", f"https://{API}/", "nj-demo"]
+    script = '"$@" >/dev/null && node -p "require(\'/tmp/n/node_modules/nj-demo\')"'
+    result = run(client, ["sh", "-c", script, "sh", *argv], intercept=[API])
+    assert result.exit_code == 0, result.stderr
+    assert (result.stdout or b"").decode().strip() == "42"
+    assert "/nj-demo/-/nj-demo-1.0.0.tgz" in [e.path for e in requests_of(result)]

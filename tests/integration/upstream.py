@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from netjail.kernel import syscalls
 from netjail.protocol import BindMount
 
+from .packageindex import index_response
+
 LINK = ipaddress.ip_network("198.51.100.248/30")
 HOST_ADDR = str(LINK[1])
 UPSTREAM_ADDR = str(LINK[2])
@@ -57,7 +59,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         seen = {name.lower(): value for name, value in self.headers.items()}
         self.server.headers.append(seen)  # type: ignore[attr-defined]
         extra: dict[str, str] = {}
-        if self.path.startswith("/secret"):
+        package = index_response(self.path, self.headers.get("Host", "?"))
+        if package is not None:
+            body, extra["Content-Type"] = package
+        elif self.path.startswith("/secret"):
             body = f"key={SECRET_KEY} card=4242 4242 4242 4242 ok\n".encode()
             extra["X-Echo-Key"] = SECRET_KEY
             if self.path == "/secret.gz":

@@ -192,3 +192,17 @@ def test_cli_expansion_reads_mock_files_and_environment_variables() -> None:
     assert expand_header_value("a.com:X=${TOKEN}$$", env) == "a.com:X=t0k$"
     with pytest.raises(RequestError, match=r"\$MISSING is not set"):
         expand_header_value("a.com:X=$MISSING", env)
+
+
+def test_only_names_without_request_rules_relay_every_request() -> None:
+    """A name with a deny, allow or mock rule may keep a request from the upstream."""
+    policy = parse_http_policy(
+        intercept=["plain.com"],
+        redact=["r.com:@secrets"],
+        mocks=["GET m.com/=200"],
+        allow_requests=["GET a.com/"],
+    )
+    assert policy.relays_every_request("plain.com")
+    assert policy.relays_every_request("r.com")
+    assert not policy.relays_every_request("m.com")
+    assert not policy.relays_every_request("a.com")

@@ -14,6 +14,7 @@ job's proxy is made, not with its listeners.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -63,18 +64,9 @@ async def serve_intercepted(
 ) -> HandshakeRefused | None:
     """Serve the connection's requests; HandshakeRefused if TLS with the job failed."""
     tls = first[:1] == _TLS_HANDSHAKE_RECORD
-    job: Stream = PlainStream(conn, first)
-    if tls:
-        server = TlsStream.server(conn, interception.ca.server_context(domain), first)
-        try:
-            await asyncio.wait_for(server.handshake(), HANDSHAKE_S)
-        except (ssl.SSLError, OSError, TimeoutError) as exc:
-            why = getattr(exc, "reason", None) or type(exc).__name__
-            return HandshakeRefused(
-                f"the job did not accept netjail's certificate for {domain} ({why}): it may"
-                " pin certificates or keep a trust store of its own (see docs/POLICY.md)"
-            )
-        job = server
+    # Heads, bodies and handshake messages go out as they are made: with Nagle, a response
+    # head sent before its body waits for the job's delayed ACK (40 ms).
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def open_upstream() -> Stream | UpstreamRefused:
         sock = await connect()
@@ -84,16 +76,62 @@ async def serve_intercepted(
             return PlainStream(sock)
         return await open_tls_upstream(sock, domain, interception.upstream_ca)
 
-    relay = HttpRelay(
-        job=job,
-        domain=domain,
-        port=port,
-        policy=interception.http,
-        connect=open_upstream,
-        record=record,
-    )
-    await relay.serve()
+    # When no rule can keep a request from the upstream, connect to it while the job's
+    # handshake runs (a time to first byte of one handshake, not two in a row). Otherwise
+    # the first request that is relayed connects, so a mock answers with the upstream down.
+    early = Early(open_upstream) if interception.http.relays_every_request(domain) else None
+    try:
+        job: Stream = PlainStream(conn, first)
+        if tls:
+            server = TlsStream.server(conn, interception.ca.server_context(domain), first)
+            try:
+                await asyncio.wait_for(server.handshake(), HANDSHAKE_S)
+            except (ssl.SSLError, OSError, TimeoutError) as exc:
+                why = getattr(exc, "reason", None) or type(exc).__name__
+                return HandshakeRefused(
+                    f"the job did not accept netjail's certificate for {domain} ({why}): it may"
+                    " pin certificates or keep a trust store of its own (see docs/POLICY.md)"
+                )
+            job = server
+        relay = HttpRelay(
+            job=job,
+            domain=domain,
+            port=port,
+            policy=interception.http,
+            connect=early.take if early is not None else open_upstream,
+            record=record,
+        )
+        await relay.serve()
+    finally:
+        if early is not None:
+            await early.discard()
     return None
+
+
+class Early:
+    """An upstream connection started ahead of the first request, handed over once."""
+
+    def __init__(self, open_upstream: Callable[[], Awaitable[Stream | UpstreamRefused]]) -> None:
+        self._open = open_upstream
+        self._task: asyncio.Future[Stream | UpstreamRefused] | None = asyncio.ensure_future(
+            open_upstream()
+        )
+
+    async def take(self) -> Stream | UpstreamRefused:
+        """The early connection the first time, a new one after."""
+        task, self._task = self._task, None
+        return await task if task is not None else await self._open()
+
+    async def discard(self) -> None:
+        """Close the early connection if no request took it."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            stream = await task
+            if not isinstance(stream, UpstreamRefused):
+                await stream.close()
 
 
 async def open_tls_upstream(

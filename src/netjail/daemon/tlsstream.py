@@ -14,7 +14,7 @@ import ssl
 from typing import Protocol
 
 #: Most bytes read from a socket at once.
-READ_SIZE = 256 << 10
+READ_SIZE = 1 << 20
 
 
 class Stream(Protocol):
@@ -102,15 +102,28 @@ class TlsStream:
     async def recv(self) -> bytes:
         while True:
             try:
-                return self._tls.read(READ_SIZE)
+                first = self._tls.read(READ_SIZE)
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._fill():
                     return b""
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                continue
+            except ssl.SSLError:  # close_notify, a ragged EOF, or a broken record: the end
                 return b""
-            except ssl.SSLError:
-                return b""
+            return first + self._read_buffered(READ_SIZE - len(first))
+
+    def _read_buffered(self, limit: int) -> bytes:
+        """More plaintext from records already received (one read gives one record, at most
+        16 KiB), so the relay handles a socket read's worth at once."""
+        chunks: list[bytes] = []
+        while limit > 0 and self._in.pending:
+            try:
+                chunk = self._tls.read(limit)
+            except ssl.SSLError:  # want-read included: what is left is not a whole record
+                break
+            chunks.append(chunk)
+            limit -= len(chunk)
+        return b"".join(chunks)
 
     async def send(self, data: bytes) -> None:
         self._tls.write(data)
