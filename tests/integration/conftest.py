@@ -142,10 +142,11 @@ def assert_leased_uid(report: Report, daemon: Daemon) -> None:
     assert report.gid == report.uid
 
 
-#: The shipped default of ``[jail] job_uids`` (systemd's DynamicUser range), cut into one block
-#: per daemon base directory: daemons that run at the same time never lease the same uid, and a
-#: restart on the same base (the same daemon, recovering its leases) keeps its block.
-JOB_UIDS_FIRST, JOB_UIDS_LAST = 61184, 65519
+#: Each daemon base directory gets a block of job uids of its own, from a range far from the
+#: shipped default (systemd's DynamicUser range, 17 blocks of 250 only, which the suite's daemons
+#: outnumber): daemons that run at the same time never lease the same uid, and a restart on the
+#: same base (the same daemon, recovering its leases) keeps its block.
+JOB_UIDS_FIRST, JOB_UIDS_LAST = 2_000_000, 2_999_999
 JOB_UIDS_BLOCK = 250
 _job_uid_blocks: dict[str, range] = {}
 
