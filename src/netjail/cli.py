@@ -481,7 +481,7 @@ def kill(ctx: click.Context, job: str, sig: str) -> None:
 @click.pass_context
 @_handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show the daemon's version, uptime, jobs and event counters."""
+    """Show the daemon's version, uptime, jobs, warm jails and event counters."""
     st = _client(ctx).status()
     if as_json:
         fields = msgspec.to_builtins(st)
@@ -495,6 +495,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     fork_server = statusview.describe_fork_server(st)
     if fork_server is not None:
         click.echo(f"fork server: {fork_server}")
+    if st.pool_size is not None:
+        pool = "off" if st.pool_size == 0 else f"{st.pool_ready or 0} of {st.pool_size} ready"
+        click.echo(f"warm jails: {pool}")
 
 
 @main.command()

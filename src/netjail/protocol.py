@@ -398,6 +398,10 @@ class StatusReply(_Reply, tag="status"):
     fork_server_restarts: int | None = None
     #: How the last fork server that ended did ("was killed by SIGKILL"), if one has.
     fork_server_last_exit: str | None = None
+    #: Warm jails the daemon keeps (jail.pool_size), and how many are ready now; pool jails
+    #: are not jobs, so they are in neither jobs_running nor ``ps``.
+    pool_size: int | None = None
+    pool_ready: int | None = None
 
 
 class Killed(_Reply, tag="killed"):

@@ -191,6 +191,11 @@ TEST_CONFIG = """\
 """
 
 
+#: A daemon without warm jails (``config_extra``), for tests that count every jail, record
+#: and lease it has.
+NO_POOL = "[jail]\npool_size = 0\n"
+
+
 def start_daemon(base: str, *extra: str, config_extra: str = "") -> Daemon:
     """A netjaild with its socket, state and log under ``base``, once it is ready to serve."""
     daemon = launch_daemon(base, *extra, config_extra=config_extra)

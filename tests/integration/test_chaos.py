@@ -25,6 +25,7 @@ from netjail import Client
 from netjail.errors import NetjailError
 
 from .conftest import (
+    NO_POOL,
     Daemon,
     home_mounts,
     netjail_job_cgroups,
@@ -112,6 +113,11 @@ def clear_leftovers(daemon: Daemon, jobs: set[str]) -> None:
     note_stopped(daemon)
 
 
+def of_jobs(paths: list[str], jobs: set[str]) -> list[str]:
+    """The state paths (HOMEs named <job>, leases <uid>.<job>) of these jobs."""
+    return [p for p in paths if os.path.basename(p).rpartition(".")[2] in jobs]
+
+
 def explain(where: str, daemon: Daemon, leaked: dict[str, set[str]]) -> str:
     """The seed and iteration, and every log line (of every daemon so far) naming a leaked job."""
     names = set().union(*leaked.values())
@@ -180,8 +186,10 @@ def test_sigkill_at_random_points_of_build_and_teardown_leaves_nothing(chaos_bas
                 "processes": set(processes_of_jobs(dead)),
                 "netns mounts": set(netns_mounts(dead)),
                 "homes": set(home_mounts(os.path.join(daemon.state_dir, "homes"))),
-                "state": set(state_leftovers(daemon.state_dir)),
-                "records": recorded_jobs(daemon),
+                # Only the dead one's: the new daemon's pool has jails (records, leases) of
+                # its own by now.
+                "state": set(of_jobs(state_leftovers(daemon.state_dir), dead)),
+                "records": recorded_jobs(daemon) & dead,
                 "helpers": {str(pid) for pid in helpers if running(pid)},
             }
             if any(leaked.values()):
@@ -198,11 +206,45 @@ def test_sigkill_at_random_points_of_build_and_teardown_leaves_nothing(chaos_bas
     assert failure is None, failure
 
 
+def test_a_crash_with_a_warm_pool_leaves_nothing_of_it_after_the_restart(
+    chaos_base: str,
+) -> None:
+    """SIGKILL with the pool full: its jails (netns, cgroups, standby inits, records, uid
+    leases) are not jobs, yet the next start sweeps every one of them, and the new daemon
+    fills a pool of its own."""
+    daemon = start_daemon(chaos_base, config_extra="[jail]\npool_size = 3\n")
+    try:
+        client = Client(daemon.socket, timeout=10)
+        deadline = time.monotonic() + 10
+        while client.status().pool_ready != 3:
+            assert time.monotonic() < deadline, "the pool never filled"
+            time.sleep(0.02)
+        pool = recorded_jobs(daemon) - daemon.job_ids()
+        assert len(pool) == 3
+        assert {n.removeprefix("netjail-") for n in netjail_netns()} >= pool
+        assert len(processes_of_jobs(pool)) == 3  # one standby init in each
+        assert client.ps() == []
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(10)
+        daemon = start_daemon(chaos_base, config_extra="[jail]\npool_size = 3\n")
+        assert {n.removeprefix("netjail-") for n in netjail_netns()} & pool == set()
+        assert {os.path.basename(c) for c in netjail_job_cgroups()} & pool == set()
+        assert processes_of_jobs(pool) == []
+        assert netns_mounts(pool) == []
+        assert recorded_jobs(daemon) & pool == set()
+        assert of_jobs(state_leftovers(daemon.state_dir), pool) == []
+        result = Client(daemon.socket, timeout=10).run(["sh", "-c", "echo alive"], stdio="capture")
+        assert result.stdout == b"alive\n"
+    finally:
+        stop_daemon(daemon)
+    assert recorded_jobs(daemon) == set()
+
+
 def test_a_crash_between_removing_a_jobs_cgroups_is_recovered(chaos_base: str) -> None:
     """The state a SIGKILL leaves half-way through a job's cgroup removal (its processes gone,
     its cgroup2 directory removed, its v1 ones not) is cleaned up by the next start: cgroups,
     record and uid lease. (The random test above reaches it within 20 kills most runs.)"""
-    daemon = start_daemon(chaos_base)
+    daemon = start_daemon(chaos_base, config_extra=NO_POOL)
     holder = hold(daemon.socket)
     client = Client(daemon.socket, timeout=10)
     deadline = time.monotonic() + 10
@@ -220,7 +262,7 @@ def test_a_crash_between_removing_a_jobs_cgroups_is_recovered(chaos_base: str) -
     while processes_of_jobs({job}):
         time.sleep(0.01)
     os.rmdir(unified)
-    again = start_daemon(chaos_base)
+    again = start_daemon(chaos_base, config_extra=NO_POOL)
     try:
         leftovers = (
             [c for c in netjail_job_cgroups() if os.path.basename(c) == job],
@@ -285,7 +327,13 @@ def test_a_killed_fork_server_fails_jobs_closed_says_so_and_is_replaced(chaos_ba
             assert time.monotonic() < deadline + 20, daemon.log()
             time.sleep(0.02)
         jobs = daemon.job_ids() | recorded_jobs(daemon) | {job}
-        assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
+        # The pool's warm jails go too, once their standbys' ends are seen (a rebuild that
+        # fails at its prefork undoes itself).
+        deadline = time.monotonic() + 5
+        while {n.removeprefix("netjail-") for n in netjail_netns()} & jobs:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.02)
+            jobs |= recorded_jobs(daemon)
         assert processes_of_jobs(jobs) == []
         assert daemon.log().count("the fork server was killed by SIGKILL; the jobs in flight") == 1
     finally:

@@ -19,6 +19,7 @@ import pytest
 from netjail import Client, JobResult
 
 from .conftest import (
+    NO_POOL,
     STARTED,
     Daemon,
     home_mounts,
@@ -138,8 +139,9 @@ def test_sighup_reloads_the_configuration_for_new_jobs(own_base: str) -> None:
 def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
     """After a SIGKILL with jobs running, the next start removes their jails and serves again."""
     # Their jails: netns, cgroups, processes, HOME mounts and uid leases; the new daemon's log
-    # says it removed each.
-    d = start_daemon(own_base)
+    # says it removed each. No pool, so every leftover is a job's (the pool's are swept in
+    # test_chaos.py).
+    d = start_daemon(own_base, config_extra=NO_POOL)
     holders = []
     for _ in range(3):
         s = socket.socket(socket.AF_UNIX)
@@ -168,7 +170,7 @@ def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
         assert all(uid in d.job_uids for uid in leased.values())
     finally:
         # Whatever failed above, the restart is what removes the crashed daemon's jails.
-        again = start_daemon(own_base)
+        again = start_daemon(own_base, config_extra=NO_POOL)
     try:
         removed = [
             line.partition("item=")[2].strip('"')

@@ -42,6 +42,26 @@ BUILD_OPERATIONS = (
     "open_bind_source",
     "spawn",
 )
+#: The operations of a pool jail's build, in order (its job's start_standby comes later).
+POOL_BUILD_OPERATIONS = (
+    "create_cgroup",
+    "in_new_netns",
+    "configure_jail",
+    "apply_rules",
+    "open_log_socket",
+    "open_listeners",
+    "prefork",
+    "netns_inode",
+)
+#: The operations of claiming a pool jail and starting its job, in order.
+CLAIM_OPERATIONS = (
+    "apply_limits",
+    "in_netns",
+    "replace_rules",
+    "make_home",
+    "open_bind_source",
+    "start_standby",
+)
 
 
 class InjectedError(OSError):
@@ -91,24 +111,38 @@ class FakeCgroup:
     def remove(self) -> None:
         self.host.undone(f"cgroup {self.job_id}")
 
+    def fits(self, limits: cgroups.Limits) -> bool:
+        # As a hybrid host's: a cgroup made without a CPU limit is not in the cpu hierarchy.
+        return limits.cpus is None or self.limits.cpus is not None
+
+    def apply_limits(self, limits: cgroups.Limits) -> None:
+        self.host._maybe_fail("apply_limits")
+        self.limits = limits
+
 
 @dataclass
 class FakeProcess:
     host: FakeJailHost
     pid: int
     job_id: str
+    #: How the journal names it: "process <job>", or "standby <jail>" for a pool jail's.
+    what: str
     signals: list[int] = field(default_factory=list)
     closed: bool = False
 
     def send_signal(self, sig: int) -> bool:
+        """As a pidfd's: False once the process has ended and been collected."""
         self.signals.append(sig)
+        future = self.host.exit_future(self.pid)
+        if future is not None and future.done():
+            return False
         if sig in self.host.fatal_signals:
             self.host.end(self.pid, exited(None, sig))
         return True
 
     def close(self) -> None:
         self.closed = True
-        self.host.undone(f"process {self.job_id}")
+        self.host.undone(self.what)
 
 
 class FakeJailHost:
@@ -215,6 +249,20 @@ class FakeJailHost:
             future.set_exception(e)
         return future
 
+    def in_netns(self, name: str, work: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            self._maybe_fail("in_netns")
+            assert name in self.netns, f"no netns {name}"
+            self._current_netns = name
+            try:
+                future.set_result(work())
+            finally:
+                self._current_netns = None
+        except Exception as e:
+            future.set_exception(e)
+        return future
+
     def netns_inode(self, name: str) -> int:
         self._maybe_fail("netns_inode")
         return 4026530000 + len(self.made)
@@ -244,6 +292,11 @@ class FakeJailHost:
     def apply_rules(self, rules: JailRules) -> None:
         self._inside()
         self._maybe_fail("apply_rules")
+        self.rules.append(rules)
+
+    def replace_rules(self, rules: JailRules) -> None:
+        self._inside()
+        self._maybe_fail("replace_rules")
         self.rules.append(rules)
 
     def open_log_socket(self) -> socket.socket:
@@ -303,24 +356,49 @@ class FakeJailHost:
 
     async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> FakeProcess:
         self._maybe_fail("spawn")
+        self._start(plan, stdio, source_fds)
+        job_id = plan.netns_path.rsplit("netjail-", 1)[-1]
+        process = self._new_process(job_id, f"process {job_id}")
+        if self.exit_at_once is not None:
+            self.end(process.pid, self.exit_at_once)
+        return process
+
+    def _start(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> None:
         self.requests.append(plan)
         self.source_fds.append(list(source_fds))
         if len(stdio) == 3:
             for fd, data in zip(stdio[1:], self.output, strict=True):
                 if data:
                     os.write(fd, data)
+
+    def _new_process(self, job_id: str, what: str) -> FakeProcess:
         self._next_pid += 1
-        job_id = plan.netns_path.rsplit("netjail-", 1)[-1]
-        process = FakeProcess(self, self._next_pid, job_id)
+        process = FakeProcess(self, self._next_pid, job_id, what)
         self.processes[process.pid] = process
         self._exits[process.pid] = asyncio.get_running_loop().create_future()
-        self._made(f"process {job_id}")
-        if self.exit_at_once is not None:
-            self.end(process.pid, self.exit_at_once)
+        self._made(what)
         return process
 
+    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle) -> FakeProcess:
+        self._maybe_fail("prefork")
+        job_id = netns_name.rsplit("netjail-", 1)[-1]
+        return self._new_process(job_id, f"standby {job_id}")
+
+    async def start_standby(
+        self, standby: FakeProcess, plan: JobPlan, stdio: list[int], source_fds: list[int]
+    ) -> None:
+        self._maybe_fail("start_standby")
+        assert plan.netns_path.endswith(standby.job_id)
+        self._start(plan, stdio, source_fds)
+        if self.exit_at_once is not None:
+            self.end(standby.pid, self.exit_at_once)
+
     async def wait(self, pid: int) -> ExitStatus:
-        return await self._exits[pid]
+        # Shielded: as with the fork server's, a waiter that gives up ends no other's wait.
+        return await asyncio.shield(self._exits[pid])
+
+    def exit_future(self, pid: int) -> asyncio.Future[ExitStatus] | None:
+        return self._exits.get(pid)
 
     def fork_server_health(self) -> ForkServerHealth:
         return self.fork_server

@@ -536,6 +536,8 @@ def test_status_reports_the_servers_counters(daemon: Daemon) -> None:
             fork_server="up",
             fork_server_restarts=0,
             fork_server_last_exit=None,
+            pool_size=0,
+            pool_ready=0,
         )
 
     run(main())

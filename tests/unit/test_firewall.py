@@ -326,9 +326,11 @@ def test_for_backends_refuses_unknown_names(backend: str, log_backend: str, mess
 def test_apply_loads_the_model_with_the_chosen_strategy() -> None:
     """apply builds the jail's ruleset once and hands it, with its strategy, to the loader."""
     loaded: list[tuple[JailRuleset, LogStrategy]] = []
-    chosen = JailFirewall(
-        "nftables", KernelLog(), lambda ruleset, log: loaded.append((ruleset, log))
-    )
+
+    def load(ruleset: JailRuleset, log: LogStrategy) -> None:
+        loaded.append((ruleset, log))
+
+    chosen = JailFirewall("nftables", KernelLog(), load, load)
     chosen.apply(DOMAIN_RULES)
     assert loaded == [(build_jail_ruleset(DOMAIN_RULES), KernelLog())]
 
@@ -337,7 +339,11 @@ def test_apply_loads_the_model_with_the_chosen_strategy() -> None:
 def test_apply_with_an_invalid_job_id_loads_nothing(log: LogStrategy) -> None:
     """A job id that cannot be a log prefix fails before anything reaches the kernel."""
     loaded: list[JailRuleset] = []
-    chosen = JailFirewall("nftables", log, lambda ruleset, _log: loaded.append(ruleset))
+
+    def load(ruleset: JailRuleset, _log: LogStrategy) -> None:
+        loaded.append(ruleset)
+
+    chosen = JailFirewall("nftables", log, load, load)
     with pytest.raises(FirewallError, match="invalid job id"):
         chosen.apply(JailRules('j-1" accept'))
     assert loaded == []
@@ -355,3 +361,13 @@ def test_nftables_apply_loads_the_rendered_text(
     monkeypatch.setattr(nftables, "apply_nftables", loaded.append)
     JailFirewall.for_backends("nftables", log_backend).apply(DOMAIN_RULES)
     assert loaded == [expected]
+
+
+def test_nftables_replace_deletes_the_old_table_in_the_same_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool jail's ruleset is replaced in one transaction: declare, delete, then the new."""
+    loaded: list[str] = []
+    monkeypatch.setattr(nftables, "apply_nftables", loaded.append)
+    JailFirewall.for_backends("nftables", "nflog").replace(DOMAIN_RULES)
+    assert loaded == ["table inet netjail\ndelete table inet netjail\n" + WITH_DIVERT]

@@ -125,7 +125,7 @@ def test_walker_sees_the_package() -> None:
     modules = _modules()
     assert {"netjail", "netjail.cli", "netjail.daemon.jobs", "netjail.kernel.nflog"} <= set(modules)
     assert {"netjail.kernel.firewall", "netjail.daemon.intake"} <= _internal_edges(
-        "netjail.daemon.pipeline"
+        "netjail.daemon.jailbuild"
     )
     assert "netjail.protocol" in _internal_edges("netjail.cli")
     # Lazy imports inside functions count as well.

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import pytest
 
-from netjail.daemon import pipeline
+from netjail.daemon import jailbuild, pipeline
 from netjail.daemon.config import Config
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobs import JobManager, may_see
@@ -65,16 +65,21 @@ def host() -> Iterator[FakeJailHost]:
 
 @pytest.fixture
 def ctx(host: FakeJailHost, tmp_path: Path) -> JailContext:
+    return fake_context(host, tmp_path)
+
+
+def fake_context(host: FakeJailHost, directory: Path) -> JailContext:
+    """A JailContext over ``host``, its records and leases in ``directory``, a Logged log."""
     return JailContext(
         host=host,
         intake=EventIntake(),
-        records=StateRecords(str(tmp_path)),
+        records=StateRecords(str(directory)),
         log=Logged(),
         log_backend="nflog",
-        uids=UidLeases(UidRange(70000, 70009), str(tmp_path), frozenset()),
+        uids=UidLeases(UidRange(70000, 70009), str(directory), frozenset()),
         homes_dir="/var/lib/netjail/homes",
         resolv_conf="/var/lib/netjail/resolv.conf",
-        trust_dir=str(tmp_path / "trust"),
+        trust_dir=str(directory / "trust"),
     )
 
 
@@ -226,17 +231,26 @@ def test_a_failure_at_any_kernel_step_undoes_the_earlier_ones_in_reverse(
     assert_nothing_left(host, ctx)
 
 
-@pytest.mark.parametrize("step", ["write_record", "start_dns_stub", "start_proxy", "wire_stdio"])
+@pytest.mark.parametrize(
+    ("module", "step"),
+    [
+        (jailbuild, "write_record"),
+        (pipeline, "open_feed"),
+        (pipeline, "start_dns_stub"),
+        (pipeline, "start_proxy"),
+        (pipeline, "wire_stdio"),
+    ],
+)
 def test_a_failure_at_any_daemon_step_undoes_the_earlier_ones_in_reverse(
-    host: FakeJailHost, ctx: JailContext, step: str, monkeypatch: pytest.MonkeyPatch
+    host: FakeJailHost, ctx: JailContext, module: Any, step: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon's own steps fail closed too, with everything made before them undone."""
-    original = getattr(pipeline, step)
+    original = getattr(module, step)
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         raise OSError(28, f"no space left for {step}")
 
-    monkeypatch.setattr(pipeline, step, failing)
+    monkeypatch.setattr(module, step, failing)
     assert original is not failing
 
     async def scenario() -> None:

@@ -367,6 +367,8 @@ def test_status_carries_the_servers_counters(daemon: Daemon) -> None:
             fork_server="starting",
             fork_server_restarts=3,
             fork_server_last_exit="exited with status 1",
+            pool_size=0,
+            pool_ready=0,
         )
 
     run(main())

@@ -36,6 +36,7 @@ from netjail.daemon.configvalues import (
     read_host_name,
     read_http_rules,
     read_pids,
+    read_pool_size,
     read_rules,
     read_size,
     read_socket_path,
@@ -97,6 +98,8 @@ class Jail:
     var_tmp_size: int = 256 << 20
     run_size: int = 16 << 20
     dev_shm_size: int = 256 << 20
+    #: Jails kept built ahead of any job, each used by one job and then destroyed; 0: none.
+    pool_size: int = 4
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,7 @@ def _read_jail(table: Table) -> Jail:
         var_tmp_size=table.take("var_tmp_size", read_size, base.var_tmp_size),
         run_size=table.take("run_size", read_size, base.run_size),
         dev_shm_size=table.take("dev_shm_size", read_size, base.dev_shm_size),
+        pool_size=table.take("pool_size", read_pool_size, base.pool_size),
     )
 
 

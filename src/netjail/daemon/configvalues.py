@@ -284,6 +284,18 @@ def read_count(maximum: int) -> Callable[[object], int]:
     return convert
 
 
+#: The most warm jails a pool may keep (each holds a netns, a cgroup and a standby process).
+MAX_POOL_SIZE = 64
+
+
+def read_pool_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadValueError(f"expected an integer, got {describe(value)}")
+    if not 0 <= value <= MAX_POOL_SIZE:
+        raise BadValueError(f"must be between 0 (no pool) and {MAX_POOL_SIZE}, got {value}")
+    return value
+
+
 def read_host_name(name: str) -> str:
     """The canonical form of a host name key (as the policy matcher writes names)."""
     canonical = rules.canonical_name(name)

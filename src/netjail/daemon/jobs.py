@@ -16,6 +16,7 @@ import time
 
 from netjail.daemon.intake import EventSink
 from netjail.daemon.pipeline import JailContext, Job, NflogSource, drain_capture, start_job
+from netjail.daemon.pool import JailPool
 from netjail.daemon.report import Ending, build_report
 from netjail.daemon.spec import JobSpec
 from netjail.errors import BusyError, JailError, NotFoundError
@@ -46,6 +47,11 @@ def _fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+#: Jails torn down at once (jobs' and unused pool jails'): each is mostly kernel work on
+#: worker threads, and past a few at once they only slow the jobs being built.
+TEARDOWNS_AT_ONCE = 4
+
+
 def may_see(peer: PeerCred, owner_uid: int | None) -> bool:
     """Who may see, follow and kill a job: root, and the uid that ran it (None: nobody knows)."""
     return peer.uid == 0 or (owner_uid is not None and peer.uid == owner_uid)
@@ -54,8 +60,11 @@ def may_see(peer: PeerCred, owner_uid: int | None) -> bool:
 class JobManager:
     """Runs jobs; owned by the daemon's one asyncio loop."""
 
-    def __init__(self, ctx: JailContext, max_jobs: int | None = None) -> None:
+    def __init__(self, ctx: JailContext, max_jobs: int | None = None, pool_size: int = 0) -> None:
         self.ctx = ctx
+        self._teardowns = asyncio.Semaphore(TEARDOWNS_AT_ONCE)
+        #: Warm jails (jail.pool_size); started by ``start_pool``, once the daemon serves.
+        self.pool = JailPool(ctx, pool_size, self._teardowns)
         self.jobs: dict[str, Job] = {}
         self.jobs_total = 0
         #: The most jobs built or running at once (``max_jobs``); past it, a new one is busy.
@@ -100,7 +109,7 @@ class JobManager:
             )
         self._starting += 1
         try:
-            job = await start_job(self.ctx, spec, stdio, sink)
+            job = await start_job(self.ctx, spec, stdio, sink, self.pool)
         finally:
             self._starting -= 1
         self.jobs[job.id] = job
@@ -123,8 +132,10 @@ class JobManager:
             if not job.finished.done():
                 job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))
         finally:
-            # After the report: the client has it; the jail goes now, in reverse build order.
-            await job.teardown.aclose()
+            # After the report: the client has it; the jail goes now, in reverse build order,
+            # a bounded number at once.
+            async with self._teardowns:
+                await job.teardown.aclose()
             self.jobs.pop(job.id, None)
             job.removed.set()
 
@@ -207,8 +218,14 @@ class JobManager:
         if sig == signal.SIGKILL:
             await asyncio.to_thread(job.cgroup.kill_all)
 
+    def start_pool(self) -> None:
+        """Start keeping warm jails (none with jail.pool_size = 0)."""
+        self.pool.start()
+
     async def shutdown(self) -> None:
-        """End every running job (TERM, grace, KILL) and wait until each has its report."""
+        """End every running job (TERM, grace, KILL) and wait until each has its report, and
+        destroy the pool's unused jails."""
+        await self.pool.close()
         running = list(self.jobs.values())
         await asyncio.gather(
             *(self.terminate(job, job.spec.limits.kill_grace_s) for job in running),

@@ -163,6 +163,9 @@ async def _serve(
     server.intake.forget_history()
     if stop.event.is_set():
         return stop.status()  # asked to stop while starting: nothing was served, nothing is left
+    # Warm jails from now on: the probe job was built cold, so the path every pool jail's
+    # pieces come from is the one it proved.
+    server.jobs.start_pool()
     serving = asyncio.ensure_future(server.serve_forever())
     log(
         "info",
@@ -217,10 +220,15 @@ def _reload(server: Server, config_path: str | None, log: Logger) -> None:
     # The uid leases are opened once, at start, over the range then in force.
     if new.jail.job_uids != server.file_config.jail.job_uids:
         changed.append("jail.job_uids")
+    if new.jail.pool_size != server.file_config.jail.pool_size:
+        changed.append("jail.pool_size")
     if changed:
         log("warning", "reload: these need a restart and keep their running values", keys=changed)
     kept = replace(new, **{name: getattr(current, name) for name in fixed})
-    kept = replace(kept, jail=replace(kept.jail, job_uids=current.jail.job_uids))
+    kept = replace(
+        kept,
+        jail=replace(kept.jail, job_uids=current.jail.job_uids, pool_size=current.jail.pool_size),
+    )
     server.apply(kept, new)
     log("info", "configuration reloaded", path=config_path or DEFAULT_CONFIG_PATH)
 
@@ -331,7 +339,7 @@ def main(
             log("warning", "removed a leftover of a previous run", item=item)
         server = Server(
             listener=listener,
-            jobs=JobManager(ctx),
+            jobs=JobManager(ctx, pool_size=config.jail.pool_size),
             log=log,
             cgroup_mode=cgroups.mode,
             config=config,

@@ -8,9 +8,10 @@ nothing is left. On success ``pop_all()`` hands the undos to the running ``Job``
 ``teardown``, which the supervisor runs after the report. ``always_cleanup`` holds what is
 released either way (the child's ends of the capture pipes, once the child has its own).
 
-Steps 3a-3d run on the jail's netns thread (a socket keeps the netns it was made in), with
-their own exit stack; every other step runs on the daemon's loop. Kernel work goes through
-``JailHost`` (netjail.kernel.host), the seam the unit tests fake.
+Steps 1-4, the jail itself (record, uid, cgroup, netns and what is inside it), come from the
+warm pool (netjail.daemon.pool) when it has a jail that fits, and are built now otherwise
+(netjail.daemon.jailbuild); either way their undos are on the same stack. Kernel work goes
+through ``JailHost`` (netjail.kernel.host), the seam the unit tests fake.
 
 To add a step: write a function that sets up one thing and pushes its undo on the stack,
 and call it at its place in ``start_job``.
@@ -21,29 +22,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack, ExitStack
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from netjail.daemon.certauthority import JobCA
 from netjail.daemon.dnsstub import DnsStub
-from netjail.daemon.intake import EventIntake, EventSink, JobFeed
+from netjail.daemon.intake import EventSink, JobFeed
 from netjail.daemon.interception import Interception
+from netjail.daemon.jailbuild import (
+    BuiltJail,
+    JailContext,
+    KernelLogSource,
+    LogSource,
+    NflogSource,
+    build_jail_for,
+    in_thread,
+    push_undo,
+)
+from netjail.daemon.pool import JailPool
 from netjail.daemon.proxy import Proxy
-from netjail.daemon.recovery import StateRecords
 from netjail.daemon.report import Capture
 from netjail.daemon.spec import FixedUser, JobSpec, PassedStdio
 from netjail.daemon.stdinfeed import open_stdin_feed
 from netjail.daemon.trust import TrustFiles, remove_trust_files, write_trust_files
-from netjail.daemon.uids import UidLeases
-from netjail.dnsanswer import SYNTHETIC_NETWORK
 from netjail.errors import JailError, NetjailError
-from netjail.jobid import new_job_id
-from netjail.kernel import cgroup as cgroups
-from netjail.kernel import firewall, netns
-from netjail.kernel.backends import LogBackend
+from netjail.kernel import netns
 from netjail.kernel.fsplan import (
     JOB_HOME,
     Bind,
@@ -54,59 +59,25 @@ from netjail.kernel.fsplan import (
     build_fs_plan,
     shows_path,
 )
-from netjail.kernel.host import JailHost, JailListeners, JobCgroupHandle, JobProcess
+from netjail.kernel.host import JailListeners, JobCgroupHandle, JobProcess
 from netjail.kernel.jobplan import JobPlan, job_hostname
 from netjail.kernel.pathcheck import BindSource, Credentials
 from netjail.kernel.peer import peer_groups
-from netjail.policy import CidrRule, Policy
 from netjail.protocol import BindMount, Report
+
+__all__ = [
+    "JailContext",
+    "Job",
+    "KernelLogSource",
+    "NflogSource",
+    "drain_capture",
+    "start_job",
+]
 
 Log = Callable[..., None]
 _CAPTURE_READ = 65536
 #: The daemon's own binds (config jail.binds) are opened as root, with the same symlink rules.
 ROOT_CREDENTIALS = Credentials(0, 0, frozenset())
-
-
-@dataclass(frozen=True)
-class JailContext:
-    """What every job's build needs from the daemon; fixed at start-up."""
-
-    host: JailHost
-    intake: EventIntake
-    records: StateRecords
-    log: Log
-    log_backend: LogBackend
-    #: The uids root's jobs lease, one each.
-    uids: UidLeases
-    #: Where each job's HOME (a tmpfs of its own) is made on the host, root only.
-    homes_dir: str
-    #: The file bind-mounted read-only at every job's /etc/resolv.conf: the stub.
-    resolv_conf: str
-    #: Where the trust files of jobs that intercept are written, root only.
-    trust_dir: str
-
-
-@dataclass(frozen=True)
-class NflogSource:
-    """The jail's logged packets arrive on its own NFLOG socket."""
-
-    sock: socket.socket
-
-
-@dataclass(frozen=True)
-class KernelLogSource:
-    """The jail's logged packets arrive in the kernel log, read once for all jobs."""
-
-
-LogSource = NflogSource | KernelLogSource
-
-
-@dataclass(frozen=True)
-class InsideJail:
-    """What steps 3a-3d made inside the jail."""
-
-    log: LogSource
-    listeners: JailListeners
 
 
 @dataclass(eq=False)
@@ -152,34 +123,35 @@ class _Marks:
 
 
 async def start_job(
-    ctx: JailContext, spec: JobSpec, stdio: list[int], sink: EventSink | None
+    ctx: JailContext,
+    spec: JobSpec,
+    stdio: list[int],
+    sink: EventSink | None,
+    pool: JailPool | None = None,
 ) -> Job:
     """Build the jail and start the job in it; JailError (and nothing left) on any failure.
 
     ``stdio`` are the job's fds 0-2 when ``spec.stdio`` is PassedStdio; the caller keeps
     ownership of them.
     """
-    job_id = new_job_id()
-    netns_name = f"{netns.NETNS_PREFIX}{job_id}"
     started_wall, started = time.time(), time.monotonic()
     marks = _Marks()
     try:
         async with AsyncExitStack() as always_cleanup, AsyncExitStack() as cleanup_on_fail:
-            feed = open_feed(cleanup_on_fail, ctx, job_id, spec, sink)
-            write_record(cleanup_on_fail, ctx, job_id, netns_name, started_wall)  # 1
-            removal = CgroupRemoval()
-            user = lease_uid(cleanup_on_fail, ctx, job_id, spec, removal)  # 2
-            cgroup = await make_cgroup(cleanup_on_fail, ctx, job_id, spec, removal)  # 3
-            feed.owners.list_pids = cgroup.pids  # events name their process, from the cgroup
+            jail = await provide_jail(cleanup_on_fail, ctx, spec, pool)  # 1-4
+            job_id = jail.job_id
+            feed = open_feed(cleanup_on_fail, ctx, job_id, spec, sink)  # 5
+            feed.owners.list_pids = jail.cgroup.pids  # events name their process, from the cgroup
+            user = spec.user if isinstance(spec.user, FixedUser) else jail.leased
+            assert user is not None  # noqa: S101 - build_jail_for and the pool lease for it
             marks.mark()
-            inside = await build_jail(cleanup_on_fail, ctx, job_id, netns_name, spec)  # 4
-            inode = ctx.host.netns_inode(netns_name)
-            watch_log(cleanup_on_fail, ctx, feed, inside.log)  # 5
-            await start_dns_stub(  # 6
+            inside = jail.inside
+            watch_log(cleanup_on_fail, ctx, feed, inside.log)  # 6
+            await start_dns_stub(  # 7
                 cleanup_on_fail, ctx, feed, user=user, spec=spec, listeners=inside.listeners
             )
-            trust = await make_trust(cleanup_on_fail, ctx, job_id, spec)  # 7a
-            await start_proxy(  # 7
+            trust = await make_trust(cleanup_on_fail, ctx, job_id, spec)  # 8a
+            await start_proxy(  # 8
                 cleanup_on_fail,
                 ctx,
                 feed,
@@ -188,22 +160,24 @@ async def start_job(
                 listeners=inside.listeners,
                 trust=trust,
             )
-            home = await make_home(cleanup_on_fail, ctx, job_id, user, spec)  # 8
-            sources = await open_binds(always_cleanup, ctx, spec)  # 9
-            plan = plan_job(  # 10
+            home = await make_home(cleanup_on_fail, ctx, job_id, user, spec)  # 9
+            sources = await open_binds(always_cleanup, ctx, spec)  # 10
+            plan = plan_job(  # 11
                 ctx,
                 job_id,
                 spec,
                 user=user,
-                netns_name=netns_name,
-                cgroup=cgroup,
+                netns_name=jail.netns_name,
+                cgroup=jail.cgroup,
                 home=home,
                 sources=sources,
                 trust=trust,
             )
-            child_stdio, captures = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 11
+            child_stdio, captures = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 12
             marks.mark()
-            process = await spawn_process(cleanup_on_fail, ctx, plan, child_stdio, sources)  # 12
+            process = await spawn_process(  # 13
+                cleanup_on_fail, ctx, jail, plan=plan, stdio=child_stdio, sources=sources
+            )
             marks.mark()
             teardown = cleanup_on_fail.pop_all()
     except NetjailError:
@@ -218,6 +192,7 @@ async def start_job(
         uid=user.uid,
         owner=spec.owner.uid,
         argv=spec.argv,
+        warm=jail.standby is not None,
         **marks.phases_ms(),
     )
     return Job(
@@ -228,9 +203,9 @@ async def start_job(
         cwd=plan.cwd,
         started_wall=started_wall,
         started=started,
-        netns_name=netns_name,
-        netns_inode=inode,
-        cgroup=cgroup,
+        netns_name=jail.netns_name,
+        netns_inode=jail.netns_inode,
+        cgroup=jail.cgroup,
         process=process,
         feed=feed,
         log=inside.log,
@@ -243,116 +218,30 @@ async def start_job(
 # ---------------------------------------------------------------------- the steps
 
 
+async def provide_jail(
+    stack: AsyncExitStack, ctx: JailContext, spec: JobSpec, pool: JailPool | None
+) -> BuiltJail:
+    """1-4. The jail: a warm one from the pool, fitted to the job (limits, rules), or one built
+    now: 1 the state record, 2 the uid lease, 3 the cgroup, 4 the netns and, inside it, the
+    ruleset, the NFLOG socket and the stub's and proxy's listeners."""
+    if pool is not None:
+        jail = await pool.claim(stack, spec)
+        if jail is not None:
+            return jail
+    return await build_jail_for(stack, ctx, spec)
+
+
 def open_feed(
     stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec, sink: EventSink | None
 ) -> JobFeed:
-    """0. Where the job's events go: routed from now on, since they may come before it runs."""
+    """5. Where the job's events go: routed from now on, before anything runs in the jail."""
     feed = ctx.intake.open_feed(job_id, spec.owner.uid, sink)
     stack.callback(ctx.intake.close_feed, feed)
     return feed
 
 
-def write_record(
-    stack: AsyncExitStack, ctx: JailContext, job_id: str, netns_name: str, started: float
-) -> None:
-    """1. The state record, before anything is built: a crash from here on leaves a trace."""
-    ctx.records.write(job_id, netns_name, started)
-    stack.callback(ctx.records.remove, job_id)
-
-
-@dataclass
-class CgroupRemoval:
-    """Whether the job's cgroup could not be removed: then its uid stays leased (a process of
-    the job may still hold it) until recovery at the next start removes the cgroup."""
-
-    failed: bool = False
-
-
-def lease_uid(
-    stack: AsyncExitStack,
-    ctx: JailContext,
-    job_id: str,
-    spec: JobSpec,
-    removal: CgroupRemoval,
-) -> FixedUser:
-    """2. Who the job runs as. A leased uid goes back only after the cgroup is gone (its undo
-    runs after the cgroup's, and not at all if that failed), so no process of this job can
-    still hold it."""
-    if isinstance(spec.user, FixedUser):
-        return spec.user
-    lease = ctx.uids.lease(job_id)
-
-    def release() -> None:
-        if removal.failed:
-            ctx.log("warning", "uid kept leased: the job's cgroup is still there", uid=lease.uid)
-            return
-        ctx.uids.release(lease)
-
-    stack.callback(release)
-    return FixedUser(lease.uid, lease.gid)
-
-
-async def make_cgroup(
-    stack: AsyncExitStack,
-    ctx: JailContext,
-    job_id: str,
-    spec: JobSpec,
-    removal: CgroupRemoval,
-) -> JobCgroupHandle:
-    """3. The job's cgroup with its limits (defaults for pids and memory come from the spec)."""
-    limits = cgroups.Limits(
-        memory_bytes=spec.limits.memory_bytes, cpus=spec.limits.cpus, pids=spec.limits.pids
-    )
-    cgroup = await asyncio.to_thread(ctx.host.create_cgroup, job_id, limits)
-
-    async def remove() -> None:
-        try:
-            await asyncio.to_thread(_kill_and_remove, cgroup)
-        except BaseException:
-            removal.failed = True
-            raise
-
-    _push_undo(stack, ctx, "cgroup", remove)
-    return cgroup
-
-
-async def build_jail(
-    stack: AsyncExitStack, ctx: JailContext, job_id: str, netns_name: str, spec: JobSpec
-) -> InsideJail:
-    """4. The network namespace, and inside it, from its own thread:
-    4a. lo, the veth pair and default routes, and the jail's sysctls;
-    4b. one atomic ruleset (accept local, DNS to the stub, the synthetic pool and CIDR rules
-        to the proxy, log and reject everything else);
-    4c. the NFLOG socket (with log_backend = "nflog");
-    4d. the DNS stub's and the proxy's listeners.
-    """
-    host = ctx.host
-    rules = firewall.JailRules(job_id, dns_stub=True, proxied=proxied_ranges(spec.policy))
-
-    def inside() -> InsideJail:
-        with ExitStack() as on_fail:
-            host.configure_jail()  # 4a
-            host.apply_rules(rules)  # 4b
-            log: LogSource = KernelLogSource()
-            if ctx.log_backend == "nflog":
-                sock = host.open_log_socket()  # 4c
-                on_fail.callback(sock.close)
-                log = NflogSource(sock)
-            listeners = host.open_listeners()  # 4d
-            on_fail.pop_all()
-        return InsideJail(log=log, listeners=listeners)
-
-    # The netns is deleted by in_new_netns itself when inside() fails.
-    made = await asyncio.wrap_future(host.in_new_netns(netns_name, inside))
-    _push_undo(stack, ctx, "netns", _in_thread(host.delete_netns, netns_name))
-    stack.callback(made.listeners.close)
-    if isinstance(made.log, NflogSource):
-        stack.callback(made.log.sock.close)
-    return made
-
-
 def watch_log(stack: AsyncExitStack, ctx: JailContext, feed: JobFeed, log: LogSource) -> None:
-    """5. Read the jail's NFLOG socket from the loop (kernel-log jobs are routed by feed)."""
+    """6. Read the jail's NFLOG socket from the loop (kernel-log jobs are routed by feed)."""
     if not isinstance(log, NflogSource):
         return
     loop = asyncio.get_running_loop()
@@ -371,7 +260,7 @@ async def start_dns_stub(
     spec: JobSpec,
     listeners: JailListeners,
 ) -> None:
-    """6. The DNS stub, answering allowed names with synthetic addresses."""
+    """7. The DNS stub, answering allowed names with synthetic addresses."""
     stub = DnsStub(
         job_id=feed.job_id,
         uid=user.uid,
@@ -396,13 +285,13 @@ class JobTrust:
 async def make_trust(
     stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec
 ) -> JobTrust | None:
-    """7a. For a job that intercepts: its CA (the key stays in the daemon), and its trust
-    bundle files, bound into the jail at step 10."""
+    """8a. For a job that intercepts: its CA (the key stays in the daemon), and its trust
+    bundle files, bound into the jail at step 11."""
     if not spec.http.active:
         return None
     ca = await asyncio.to_thread(JobCA, job_id)
     files = await asyncio.to_thread(write_trust_files, ctx.trust_dir, job_id, ca.cert_pem)
-    _push_undo(stack, ctx, "trust", _in_thread(remove_trust_files, files))
+    push_undo(stack, ctx, "trust", in_thread(remove_trust_files, files))
     return JobTrust(Interception(spec.http, ca, spec.upstream_ca), files)
 
 
@@ -416,7 +305,7 @@ async def start_proxy(
     listeners: JailListeners,
     trust: JobTrust | None = None,
 ) -> None:
-    """7. The transparent proxy, checking each connection's name before relaying it."""
+    """8. The transparent proxy, checking each connection's name before relaying it."""
     proxy = Proxy(
         job_id=feed.job_id,
         uid=user.uid,
@@ -435,17 +324,17 @@ async def start_proxy(
 async def make_home(
     stack: AsyncExitStack, ctx: JailContext, job_id: str, user: FixedUser, spec: JobSpec
 ) -> str:
-    """8. The job's HOME: empty, writable by the job only, a tmpfs of its own; gone after."""
+    """9. The job's HOME: empty, writable by the job only, a tmpfs of its own; gone after."""
     path = os.path.join(ctx.homes_dir, job_id)
     await asyncio.to_thread(ctx.host.make_home, path, user.uid, user.gid, spec.jail.home_size)
-    _push_undo(stack, ctx, "home", _in_thread(ctx.host.remove_home, path))
+    push_undo(stack, ctx, "home", in_thread(ctx.host.remove_home, path))
     return path
 
 
 async def open_binds(
     always: AsyncExitStack, ctx: JailContext, spec: JobSpec
 ) -> list[tuple[BindMount, BindSource]]:
-    """9. The bind sources, opened as the client (the daemon's own as root) without following
+    """10. The bind sources, opened as the client (the daemon's own as root) without following
     symlinks anyone else controls; what is checked is what the child mounts. Closed once the
     fork server has its copies."""
     owner = spec.owner
@@ -475,7 +364,7 @@ def plan_job(
     sources: list[tuple[BindMount, BindSource]],
     trust: JobTrust | None = None,
 ) -> JobPlan:
-    """10. Everything the job's init needs, as one struct (pure)."""
+    """11. Everything the job's init needs, as one struct (pure)."""
     trust_binds = trust.files.binds() if trust is not None else []
     fs = build_fs_plan(
         host=ctx.host.host_layout(),
@@ -516,7 +405,7 @@ def start_dir(spec: JobSpec, fs: FsPlan) -> str:
 def wire_stdio(
     always: AsyncExitStack, stack: AsyncExitStack, spec: JobSpec, stdio: list[int]
 ) -> tuple[list[int], tuple[Capture, ...]]:
-    """11. The child's fds 0-2: the client's own, or /dev/null (or a pipe fed the request's
+    """12. The child's fds 0-2: the client's own, or /dev/null (or a pipe fed the request's
     stdin payload) and two capture pipes."""
     if isinstance(spec.stdio, PassedStdio):
         return stdio, ()
@@ -545,28 +434,27 @@ def wire_stdio(
 async def spawn_process(
     stack: AsyncExitStack,
     ctx: JailContext,
+    jail: BuiltJail,
+    *,
     plan: JobPlan,
     stdio: list[int],
     sources: list[tuple[BindMount, BindSource]],
 ) -> JobProcess:
-    """12. The job, through the fork server: its init (PID 1 of a new PID namespace) enters
-    the jail, builds the file system, drops privileges, loads the seccomp filter and spawns
-    the command (netjail.kernel.jailinit)."""
-    process = await ctx.host.spawn(plan, stdio, [source.fd for _, source in sources])
+    """13. The job's init (PID 1 of a new PID namespace): a pool jail's standby, already in
+    the jail's netns and cgroups, is given the plan; otherwise the fork server starts one,
+    which enters them first. Either then builds the file system, drops privileges, loads the
+    seccomp filter and spawns the command (netjail.kernel.jailinit)."""
+    fds = [source.fd for _, source in sources]
+    if jail.standby is not None:
+        # The standby's own undo (kill, collect, close) is the pool jail's, on the stack.
+        await ctx.host.start_standby(jail.standby, plan, stdio, fds)
+        return jail.standby
+    process = await ctx.host.spawn(plan, stdio, fds)
     stack.callback(process.close)
     return process
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def proxied_ranges(policy: Policy) -> tuple[firewall.ProxiedRange, ...]:
-    """TCP the firewall must send to the proxy: the synthetic pool, and every CIDR allow rule."""
-    ranges = [firewall.ProxiedRange(SYNTHETIC_NETWORK, None)]
-    for rule in policy.allow:
-        if isinstance(rule, CidrRule):
-            ranges.append(firewall.ProxiedRange(rule.network, rule.ports))
-    return tuple(ranges)
 
 
 def drain_capture(capture: Capture) -> None:
@@ -593,30 +481,3 @@ def close_capture(capture: Capture) -> None:
 
 def _on_capture(capture: Capture) -> None:
     drain_capture(capture)
-
-
-def _kill_and_remove(cgroup: JobCgroupHandle) -> None:
-    cgroup.kill_all()
-    cgroup.remove()
-
-
-def _in_thread(func: Callable[..., object], *args: object) -> Callable[[], Awaitable[object]]:
-    async def run() -> object:
-        return await asyncio.to_thread(func, *args)
-
-    return run
-
-
-def _push_undo(
-    stack: AsyncExitStack, ctx: JailContext, what: str, undo: Callable[[], Awaitable[object]]
-) -> None:
-    """Register an undo that logs its own failure: one undo failing must not stop the others,
-    nor hide the error that made the build fail."""
-
-    async def guarded() -> None:
-        try:
-            await undo()
-        except Exception as e:
-            ctx.log("error", "cannot remove a job's resource", resource=what, error=str(e))
-
-    stack.push_async_callback(guarded)

@@ -98,6 +98,8 @@ class Server:
             fork_server=fork_server.state,
             fork_server_restarts=fork_server.restarts,
             fork_server_last_exit=fork_server.last_exit,
+            pool_size=self.jobs.pool.size,
+            pool_ready=self.jobs.pool.ready,
         )
 
     def apply(self, config: Config, file_config: Config) -> None:

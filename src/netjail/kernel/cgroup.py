@@ -214,14 +214,7 @@ class CgroupManager:
             self._fs.remove_dir(path)
 
     def _write_control(self, cgroup: str, write: ControlWrite) -> None:
-        with cgroup_errors(f"set {write.file} to {write.value} in", cgroup):
-            try:
-                self._fs.write(os.path.join(cgroup, write.file), write.value)
-            except FileNotFoundError as exc:
-                raise CgroupError(
-                    f"cannot set {write.file} to {write.value} in {cgroup}: the file does not"
-                    " exist (this kernel lacks the control, or its controller is not enabled)"
-                ) from exc
+        write_control(self._fs, cgroup, write)
 
     def leftover_job_ids(self) -> list[str]:
         """Ids of the job cgroups under the parent cgroups, e.g. left by a crashed daemon."""
@@ -246,6 +239,18 @@ class CgroupManager:
         if not dirs:
             raise CgroupError(f"no cgroup exists for job {job_id}")
         return JobCgroup(job_id, dirs, strategy=self._strategy, fs=self._fs)
+
+
+def write_control(fs: CgroupFs, cgroup: str, write: ControlWrite) -> None:
+    """One limit's write; CgroupError naming the file and the cgroup."""
+    with cgroup_errors(f"set {write.file} to {write.value} in", cgroup):
+        try:
+            fs.write(os.path.join(cgroup, write.file), write.value)
+        except FileNotFoundError as exc:
+            raise CgroupError(
+                f"cannot set {write.file} to {write.value} in {cgroup}: the file does not"
+                " exist (this kernel lacks the control, or its controller is not enabled)"
+            ) from exc
 
 
 class JobCgroup:
@@ -374,6 +379,21 @@ class JobCgroup:
             f"job {self.job_id} still has {len(left)} process(es) after being killed"
             f" (pids {', '.join(map(str, left[:8]))}); they may be stuck in the kernel"
         )
+
+    # -- limits after creation (a pool jail's) ---------------------------------------------
+
+    def fits(self, limits: Limits) -> bool:
+        """Whether *limits* need no hierarchy these cgroups are not in (a pool jail's are made
+        without limits, so not in v1's cpu hierarchy); CgroupError if no job could have them."""
+        return set(self._strategy.job_roles(limits)) <= set(self._dirs)
+
+    def apply_limits(self, limits: Limits) -> None:
+        """Write *limits* to cgroups made without any; CgroupError if one cannot be written
+        (then the cgroups must not be used for the job)."""
+        if not self.fits(limits):
+            raise CgroupError(f"job {self.job_id}'s cgroups cannot take these limits")
+        for write in self._strategy.plan_limits(self._dirs, limits):
+            write_control(self._fs, self._dirs[write.role], write)
 
     # -- accounting --------------------------------------------------------------------------
 

@@ -55,6 +55,11 @@ _LOADERS: dict[FirewallBackend, RulesetLoader] = {
     "nftables": nftables.load_nftables,
     "iptables": iptables.load_iptables,
 }
+#: The same, replacing a ruleset already loaded (each iptables-restore flushes its tables).
+_REPLACERS: dict[FirewallBackend, RulesetLoader] = {
+    "nftables": nftables.replace_nftables,
+    "iptables": iptables.load_iptables,
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class JailFirewall:
     log: LogStrategy
     #: The backend's render-and-load step (a fake in tests of the code above it).
     load: RulesetLoader = field(repr=False, compare=False)
+    replace_loader: RulesetLoader = field(repr=False, compare=False)
 
     @classmethod
     def for_backends(cls, firewall: FirewallBackend, log_backend: LogBackend) -> JailFirewall:
@@ -83,7 +89,7 @@ class JailFirewall:
             log = KernelLog()
         else:
             raise FirewallError(f"unknown log backend: {log_backend!r}")
-        return cls(firewall, log, load)
+        return cls(firewall, log, load, _REPLACERS[firewall])
 
     @property
     def nflog(self) -> Nflog | None:
@@ -95,3 +101,9 @@ class JailFirewall:
         jail's: in one transaction with nftables, one per family with iptables. FirewallError
         on any failure, and then the jail must not be started."""
         self.load(build_jail_ruleset(rules), self.log)
+
+    def replace(self, rules: JailRules) -> None:
+        """As ``apply``, in a netns that has a jail ruleset already: the old one is replaced in
+        the same transaction (nftables) or table by table (iptables-restore flushes each table
+        it loads), so the jail is never without rules."""
+        self.replace_loader(build_jail_ruleset(rules), self.log)

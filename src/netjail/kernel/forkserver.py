@@ -29,6 +29,10 @@ SCM_RIGHTS; a job's plan, which carries its argv and env, travels in a sealed me
 once the seccomp filter is compiled, or ``StartFailed`` with the reason. Both ends are ours:
 the daemon validated everything before it got here. A new request is one more struct in the
 ``ToServer`` union and one more branch in ``_handle``.
+
+Pool jails. ``PreforkRequest`` forks a standby init into a pool jail's netns and cgroups, and
+``StartRequest`` later gives it its job (``netjail.kernel.standby``): neither blocks this loop,
+which watches each standby's channel and set-up pipe beside the daemon's socket.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
 from netjail.kernel.jailinit import ExecHook, StartedJob, read_job_exit, spawn_job
 from netjail.kernel.jobplan import JobPlan, SpawnFailure
 from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
+from netjail.kernel.standby import (
+    StandbyFailed,
+    StandbyOutcome,
+    StandbyReady,
+    StandbyStarted,
+    StandbyTable,
+    fork_standby,
+)
 
 #: Every datagram is small: what may be large (a job's plan) comes in a memfd.
 MAX_MESSAGE = 1 << 16
@@ -70,6 +82,29 @@ class ExitStatus(msgspec.Struct, frozen=True):
 class SpawnRequest(msgspec.Struct, frozen=True, tag="spawn"):
     """Start a job. The message's fds: a sealed memfd holding its ``JobPlan`` (msgpack), the
     job's stdio (3), then its bind sources."""
+
+    id: int
+
+
+class PreforkRequest(msgspec.Struct, frozen=True, tag="prefork"):
+    """Fork a standby init (``netjail.kernel.standby``) into the jail at ``netns_path`` and
+    ``cgroup_procs``; answered by ``Spawned`` (with its pidfd) once it is there, waiting."""
+
+    id: int
+    netns_path: str
+    cgroup_procs: list[str]
+
+
+class StartRequest(msgspec.Struct, frozen=True, tag="start"):
+    """Give standby ``pid`` its job; the message's fds are as ``SpawnRequest``'s. Answered by
+    ``Started`` once the command exec'd, or ``SpawnFailed``."""
+
+    id: int
+    pid: int
+
+
+class Started(msgspec.Struct, frozen=True, tag="started"):
+    """A standby's command exec'd."""
 
     id: int
 
@@ -101,8 +136,8 @@ class Exited(msgspec.Struct, frozen=True, tag="exited"):
     status: ExitStatus
 
 
-ToServer = SpawnRequest
-FromServer = Ready | StartFailed | Spawned | SpawnFailed | Exited
+ToServer = SpawnRequest | PreforkRequest | StartRequest
+FromServer = Ready | StartFailed | Spawned | Started | SpawnFailed | Exited
 to_server = msgspec.msgpack.Decoder(ToServer)
 from_server = msgspec.msgpack.Decoder(FromServer)
 plan_decoder = msgspec.msgpack.Decoder(JobPlan)
@@ -116,8 +151,9 @@ def _send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = 
     send_with_fds(sock, encode(message), fds or ())
 
 
-def _reap(sock: socket.socket, jobs: dict[int, int]) -> None:
-    """Reap every exited child; report jobs' inits with how their command ended."""
+def _reap(sock: socket.socket, jobs: dict[int, int], standbys: StandbyTable) -> None:
+    """Reap every exited child; report jobs' inits with how their command ended (a standby's
+    answer still owed goes first)."""
     while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -125,6 +161,7 @@ def _reap(sock: socket.socket, jobs: dict[int, int]) -> None:
             return
         if pid == 0:
             return
+        _answer_standby(sock, standbys.forget(pid))
         status_fd = jobs.pop(pid, None)
         if status_fd is None:
             continue  # not a job's init: nothing to report
@@ -152,8 +189,25 @@ def _start_job(fds: list[int]) -> StartedJob | SpawnFailure:
     return spawn_job(plan, fds[1:4], fds[4:], _HOOKS)
 
 
-def _handle(sock: socket.socket, request: ToServer, fds: list[int], jobs: dict[int, int]) -> None:
+def _handle(
+    sock: socket.socket,
+    request: ToServer,
+    fds: list[int],
+    jobs: dict[int, int],
+    standbys: StandbyTable,
+) -> None:
     """Serve one request (the fds are closed by the caller)."""
+    if isinstance(request, PreforkRequest):
+        forked = fork_standby(request.id, request.netns_path, request.cgroup_procs, _HOOKS)
+        if isinstance(forked, SpawnFailure):
+            _send(sock, SpawnFailed(id=request.id, failure=forked))
+            return
+        jobs[forked.pid] = forked.status_fd
+        standbys.add(forked)
+        return
+    if isinstance(request, StartRequest):
+        _answer_standby(sock, standbys.start(request.id, request.pid, fds))
+        return
     outcome = _start_job(fds)
     if isinstance(outcome, SpawnFailure):
         _send(sock, SpawnFailed(id=request.id, failure=outcome))
@@ -173,6 +227,8 @@ def serve(sock: socket.socket) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     jobs: dict[int, int] = {}  # init pid -> its status pipe
+    standbys = StandbyTable()
+    watching: dict[int, int] = {}  # a standby's watched fd -> its pid
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
@@ -182,7 +238,11 @@ def serve(sock: socket.socket) -> None:
             if key.fileobj == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
-                _reap(sock, jobs)
+                _reap(sock, jobs, standbys)
+                continue
+            if key.fileobj != sock:
+                if key.fd in watching:
+                    _answer_standby(sock, standbys.on_readable(watching[key.fd]))
                 continue
             try:
                 data, fds = recv_with_fds(sock, MAX_MESSAGE, MAX_FDS)
@@ -191,11 +251,46 @@ def serve(sock: socket.socket) -> None:
             if not data:
                 return
             try:
-                _handle(sock, to_server.decode(data), fds, jobs)
+                _handle(sock, to_server.decode(data), fds, jobs, standbys)
             finally:
                 for fd in fds:
                     os.close(fd)
-            _reap(sock, jobs)
+            _reap(sock, jobs, standbys)
+        _watch_standbys(selector, watching, standbys)
+
+
+def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None) -> None:
+    if isinstance(outcome, StandbyReady):
+        try:
+            pidfd = os.pidfd_open(outcome.pid)
+        except OSError as e:
+            failure = SpawnFailure(stage="standby", errno=e.errno or 0, detail=e.strerror or "")
+            _send(sock, SpawnFailed(id=outcome.request, failure=failure))
+            return
+        try:
+            _send(sock, Spawned(id=outcome.request, pid=outcome.pid), [pidfd])
+        finally:
+            os.close(pidfd)
+    elif isinstance(outcome, StandbyStarted):
+        _send(sock, Started(id=outcome.request))
+    elif isinstance(outcome, StandbyFailed):
+        # The init ends by itself (a failed step exits; a closed channel, too).
+        _send(sock, SpawnFailed(id=outcome.request, failure=outcome.failure))
+
+
+def _watch_standbys(
+    selector: selectors.BaseSelector, watching: dict[int, int], standbys: StandbyTable
+) -> None:
+    """Watch exactly the fds the standbys wait on now."""
+    wanted = dict(standbys.watched())
+    for fd in [fd for fd in watching if watching[fd] != wanted.get(fd)]:
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(fd)
+        del watching[fd]
+    for fd, pid in wanted.items():
+        if fd not in watching:
+            selector.register(fd, selectors.EVENT_READ)
+            watching[fd] = pid
 
 
 def _take_socket() -> socket.socket:

@@ -10,7 +10,8 @@ Calls fall in three groups:
 - *in-jail* calls (``configure_jail``, ``apply_rules``, ``open_*``), which must run on the
   thread ``in_new_netns`` gives its work: a socket keeps the netns it was made in for ever,
   and libnftables' netlink socket, too, belongs to the calling thread's netns;
-- the job's process, through the fork server (async).
+- the job's process, through the fork server (async): a cold spawn, or a pool jail's standby
+  init forked ahead (``prefork``) and given its job later (``start_standby``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class JobCgroupHandle(Protocol):
     def usage(self) -> cgroups.ResourceUsage: ...
 
     def remove(self) -> None: ...
+
+    def fits(self, limits: cgroups.Limits) -> bool: ...
+
+    def apply_limits(self, limits: cgroups.Limits) -> None: ...
 
 
 class JobProcess(Protocol):
@@ -91,6 +96,8 @@ class JailHost(Protocol):
     # network namespaces
     def in_new_netns(self, name: str, work: Callable[[], T]) -> Future[T]: ...
 
+    def in_netns(self, name: str, work: Callable[[], T]) -> Future[T]: ...
+
     def netns_inode(self, name: str) -> int: ...
 
     def delete_netns(self, name: str) -> None: ...
@@ -103,6 +110,8 @@ class JailHost(Protocol):
     def configure_jail(self) -> None: ...
 
     def apply_rules(self, rules: firewall.JailRules) -> None: ...
+
+    def replace_rules(self, rules: firewall.JailRules) -> None: ...
 
     def open_log_socket(self) -> socket.socket: ...
 
@@ -121,6 +130,12 @@ class JailHost(Protocol):
 
     # the job's process
     async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> JobProcess: ...
+
+    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle) -> JobProcess: ...
+
+    async def start_standby(
+        self, standby: JobProcess, plan: JobPlan, stdio: list[int], source_fds: list[int]
+    ) -> None: ...
 
     async def wait(self, pid: int) -> ExitStatus: ...
 
@@ -166,6 +181,9 @@ class KernelJailHost:
     def in_new_netns(self, name: str, work: Callable[[], T]) -> Future[T]:
         return netns.run_in_new_netns(name, work)
 
+    def in_netns(self, name: str, work: Callable[[], T]) -> Future[T]:
+        return netns.run_in_netns(name, work)
+
     def netns_inode(self, name: str) -> int:
         with map_os_errors(JailError, f"cannot stat the jail's netns {name}"):
             return netns.netns_inode(netns.netns_path(name))
@@ -193,6 +211,9 @@ class KernelJailHost:
     def apply_rules(self, rules: firewall.JailRules) -> None:
         # libnftables' context, or iptables-restore exec'd from here: either way in this netns.
         self._firewall.apply(rules)
+
+    def replace_rules(self, rules: firewall.JailRules) -> None:
+        self._firewall.replace(rules)
 
     def open_log_socket(self) -> socket.socket:
         strategy = self._firewall.nflog
@@ -250,6 +271,15 @@ class KernelJailHost:
 
     async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> JobProcess:
         return await self._forkserver.spawn(plan, stdio, source_fds)
+
+    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle) -> JobProcess:
+        path = netns.netns_path(netns_name)
+        return await self._forkserver.prefork(path, cgroup.procs_files)
+
+    async def start_standby(
+        self, standby: JobProcess, plan: JobPlan, stdio: list[int], source_fds: list[int]
+    ) -> None:
+        await self._forkserver.start_standby(standby.pid, plan, stdio, source_fds)
 
     async def wait(self, pid: int) -> ExitStatus:
         return await self._forkserver.wait(pid)

@@ -50,13 +50,17 @@ import fcntl
 import gc
 import os
 import signal
+import socket
 import termios
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from netjail.errors import NetjailError
+import msgspec
+
+from netjail.errors import NetjailError, SpawnError
 from netjail.kernel import rootfs, syscalls
+from netjail.kernel.fdpass import read_payload, recv_with_fds
 from netjail.kernel.jobplan import (
     JobExit,
     JobPlan,
@@ -87,6 +91,7 @@ FORWARDED_SIGNALS = frozenset(
 _WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
 _ALL_SIGNALS = frozenset(signal.valid_signals())
 _NAMESPACES = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWUTS
+_plans = msgspec.msgpack.Decoder(JobPlan)
 #: close_range's upper bound: above any fd a process can hold.
 _FD_CEILING = 1 << 30
 
@@ -130,7 +135,7 @@ def spawn_job(
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        init_pid = _fork_in_new_pid_namespace()
+        init_pid = fork_in_new_pid_namespace()
     except OSError as e:
         for fd in (report_r, report_w, status_r, status_w):
             os.close(fd)
@@ -159,7 +164,7 @@ def spawn_job(
     return failure
 
 
-def _fork_in_new_pid_namespace() -> int:
+def fork_in_new_pid_namespace() -> int:
     """fork(), the child being PID 1 of a new PID namespace; the caller's own stays as it was.
 
     unshare(CLONE_NEWPID) changes only the namespace the caller's next children are born in;
@@ -204,23 +209,110 @@ def run_job_init(
     just-forked child of a single-threaded process; never returns."""
     stage = "signals"
     try:
-        # No collection in the init: it would touch every object, copying pages for nothing.
-        gc.disable()
-        _reset_signals()
-        stage = "file descriptors"
-        _close_fds_except({*stdio, *source_fds, report_fd, status_fd})
-        stage = "network namespace"
-        ns_fd = os.open(plan.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-        syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
-        os.close(ns_fd)
-        stage = "cgroup"
-        for procs in plan.cgroup_procs:
-            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        stage = "bind sources"
+        stage = _start_init({*stdio, *source_fds, report_fd, status_fd})
+        stage = _enter_jail(plan.netns_path, plan.cgroup_procs)
+    except BaseException as e:
+        _report(report_fd, _failure_of(stage, e, plan))
+        os._exit(127)
+    _finish_job(plan, stdio, source_fds, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
+
+
+def run_standby_init(
+    netns_path: str,
+    cgroup_procs: Sequence[str],
+    *,
+    channel: int,
+    report_fd: int,
+    status_fd: int,
+    hooks: Sequence[ExecHook] = (),
+) -> NoReturn:
+    """A pool jail's I: steps 1-3 ahead of any job, then it says so on ``channel`` and waits
+    there for its one plan (``receive_plan``), and does steps 4-11 for it. Ends quietly if the
+    channel closes first (the jail is destroyed unused)."""
+    stage = "signals"
+    try:
+        stage = _start_init({channel, report_fd, status_fd})
+        stage = _enter_jail(netns_path, cgroup_procs)
+        stage = "standby"
+        sock = socket.socket(fileno=channel)
+        sock.send(STANDBY_READY)
+        received = receive_plan(sock)
+        sock.close()
+        if received is None:
+            os._exit(0)
+        plan, stdio, source_fds = received
+        if plan.netns_path != netns_path or list(plan.cgroup_procs) != list(cgroup_procs):
+            raise SpawnError("the plan is for another jail")
+    except BaseException as e:
+        _report(report_fd, _failure_of(stage, e, None))
+        os._exit(127)
+    _finish_job(plan, stdio, source_fds, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
+
+
+#: What a standby init sends once it is in its jail's netns and cgroups.
+STANDBY_READY = b"ready"
+#: The datagram a standby's plan comes in; its fds: the plan's sealed memfd, the job's stdio
+#: (3), then its bind sources (the fork server passes on what the daemon sent it).
+STANDBY_PLAN = b"plan"
+#: The largest plan a standby reads (as the fork server's bound).
+_MAX_PLAN = 16 << 20
+#: The kernel's bound on the fds one SCM_RIGHTS message carries (SCM_MAX_FD).
+_MAX_FDS = 253
+
+
+def receive_plan(sock: socket.socket) -> tuple[JobPlan, list[int], list[int]] | None:
+    """The plan the fork server passed on, its stdio and its bind sources; None if the channel
+    closed first (the jail is destroyed unused)."""
+    data, fds = recv_with_fds(sock, 64, _MAX_FDS)
+    if not data:
+        return None
+    if data != STANDBY_PLAN or len(fds) < 4:
+        raise SpawnError(f"malformed plan message ({len(fds)} fds)")
+    memfd, *rest = fds
+    try:
+        plan = _plans.decode(read_payload(memfd, _MAX_PLAN))
+    except (ValueError, msgspec.DecodeError) as e:
+        raise SpawnError(f"unreadable plan: {e}") from None
+    finally:
+        os.close(memfd)
+    return plan, rest[:3], rest[3:]
+
+
+def _start_init(keep: set[int]) -> str:
+    """Step 1; the next stage's name."""
+    # No collection in the init: it would touch every object, copying pages for nothing.
+    gc.disable()
+    _reset_signals()
+    _close_fds_except(keep)
+    return "network namespace"
+
+
+def _enter_jail(netns_path: str, cgroup_procs: Sequence[str]) -> str:
+    """Steps 2-3; the next stage's name."""
+    ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
+    os.close(ns_fd)
+    for procs in cgroup_procs:
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    return "bind sources"
+
+
+def _finish_job(
+    plan: JobPlan,
+    stdio: Sequence[int],
+    source_fds: Sequence[int],
+    *,
+    report_fd: int,
+    status_fd: int,
+    hooks: Sequence[ExecHook],
+) -> NoReturn:
+    """Steps 4-11, in the jail's netns and cgroups already; never returns."""
+    stage = "bind sources"
+    try:
         trees = rootfs.open_bind_trees(plan.fs, source_fds)
         for fd in set(source_fds) - set(stdio):
             os.close(fd)
@@ -346,7 +438,7 @@ def _end(status: int, status_fd: int) -> NoReturn:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
-def _failure_of(stage: str, error: BaseException, plan: JobPlan) -> SpawnFailure:
+def _failure_of(stage: str, error: BaseException, plan: JobPlan | None) -> SpawnFailure:
     if isinstance(error, OSError):
         code, detail = error.errno or 0, error.strerror or str(error)
     elif isinstance(error, NetjailError):
@@ -355,7 +447,9 @@ def _failure_of(stage: str, error: BaseException, plan: JobPlan) -> SpawnFailure
         detail = str(error)
     else:
         code, detail = 0, repr(error)
-    if stage == "working directory":
+    if plan is None:
+        pass
+    elif stage == "working directory":
         detail = f"{plan.cwd}: {detail}"
     elif stage == "exec":
         detail = f"{plan.argv[0]}: {detail}"

@@ -85,6 +85,31 @@ def run_in_new_netns(name: str, work: Callable[[], T]) -> Future[T]:
     return future
 
 
+def run_in_netns(name: str, work: Callable[[], T]) -> Future[T]:
+    """Run ``work`` on a fresh thread inside the existing netns ``name``.
+
+    As with ``run_in_new_netns``, the thread ends right after: no thread of the daemon goes
+    back to serving anything else from inside a jail.
+    """
+    future: Future[T] = Future()
+
+    def thread_main() -> None:
+        try:
+            fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                syscalls.setns(fd, syscalls.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            result = work()
+        except BaseException as e:
+            future.set_exception(e if isinstance(e, Exception) else NetnsError(str(e)))
+            return
+        future.set_result(result)
+
+    threading.Thread(target=thread_main, name=f"netns-{name}", daemon=True).start()
+    return future
+
+
 def configure_jail_interfaces() -> None:
     """In the current thread's netns: lo up, the veth pair up, addresses and default routes."""
     try:

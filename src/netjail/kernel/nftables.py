@@ -141,3 +141,10 @@ def apply_nftables(text: str) -> None:
 def load_nftables(ruleset: JailRuleset, log: LogStrategy) -> None:
     """Render ``ruleset`` for nftables and load it into the calling thread's netns."""
     apply_nftables(render_nftables(ruleset, log))
+
+
+def replace_nftables(ruleset: JailRuleset, log: LogStrategy) -> None:
+    """As ``load_nftables``, replacing the jail's table in the same transaction: declaring
+    the table first makes the delete valid whether or not it exists."""
+    text = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + render_nftables(ruleset, log)
+    apply_nftables(text)

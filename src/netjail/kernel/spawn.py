@@ -42,10 +42,14 @@ from netjail.kernel.forkserver import (
     Exited,
     ExitStatus,
     FromServer,
+    PreforkRequest,
     Ready,
+    Spawned,
     SpawnFailed,
     SpawnRequest,
+    Started,
     StartFailed,
+    StartRequest,
     encode,
     from_server,
 )
@@ -123,6 +127,8 @@ class _Server:
     #: Why it cannot serve, if it said so (``StartFailed``).
     refusal: str | None = None
     pending: dict[int, asyncio.Future[SpawnedJob]] = field(default_factory=dict)
+    #: Standbys given their job, until their command exec'd (``start_standby``).
+    starting: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     waiters: dict[int, asyncio.Future[ExitStatus]] = field(default_factory=dict)
     exits: dict[int, ExitStatus] = field(default_factory=dict)
     outbox: deque[_Outgoing] = field(default_factory=deque)
@@ -296,6 +302,16 @@ class ForkServer:
         if isinstance(message, StartFailed):
             server.refusal = message.detail
             return
+        if isinstance(message, Started) or message.id in server.starting:
+            self._dispatch_started(server, message)
+            for fd in fds:
+                os.close(fd)
+            return
+        self._dispatch_spawned(server, message, fds)
+
+    def _dispatch_spawned(
+        self, server: _Server, message: Spawned | SpawnFailed, fds: list[int]
+    ) -> None:
         future = server.pending.pop(message.id, None)
         if future is None or future.done():
             for fd in fds:
@@ -308,6 +324,16 @@ class ForkServer:
             future.set_result(SpawnedJob(pid=message.pid, pidfd=fds[0]))
         else:
             future.set_exception(SpawnError("fork server sent no pidfd"))
+
+    @staticmethod
+    def _dispatch_started(server: _Server, message: Started | Spawned | SpawnFailed) -> None:
+        started = server.starting.pop(message.id, None)
+        if started is None or started.done():
+            return
+        if isinstance(message, SpawnFailed):
+            started.set_exception(spawn_error(message.failure))
+        else:
+            started.set_result(None)
 
     def _stop_reading(self, server: _Server) -> None:
         if server.reading and self._loop is not None:
@@ -359,6 +385,10 @@ class ForkServer:
         for future in server.pending.values():
             if not future.done():
                 future.set_exception(refused)
+        for started in server.starting.values():
+            if not started.done():
+                started.set_exception(refused)
+        server.starting.clear()
         for waiter in server.waiters.values():
             if not waiter.done():
                 waiter.set_exception(_lost_exit(ended))
@@ -422,6 +452,67 @@ class ForkServer:
             os.close(plan_fd)
         return await future
 
+    async def prefork(self, netns_path: str, cgroup_procs: Sequence[str]) -> SpawnedJob:
+        """A standby init in the jail at ``netns_path`` and ``cgroup_procs``, once it is there
+        waiting for its job (``start_standby``); SpawnError naming the failed step otherwise.
+        Its end is awaited with ``wait``, as a job's."""
+        loop, server = self._serving("the pool jail was not made")
+        self._next_id += 1
+        request_id = self._next_id
+        message = PreforkRequest(
+            id=request_id, netns_path=netns_path, cgroup_procs=list(cgroup_procs)
+        )
+        request = _Outgoing(data=encode(message), fds=[], sent=loop.create_future())
+        future: asyncio.Future[SpawnedJob] = loop.create_future()
+        server.pending[request_id] = future
+        try:
+            await self._deliver(loop, server, request)
+        except BaseException:
+            server.pending.pop(request_id, None)
+            raise
+        return await future
+
+    async def start_standby(
+        self, pid: int, plan: JobPlan, stdio: list[int], source_fds: Sequence[int] = ()
+    ) -> None:
+        """Give standby ``pid`` its job; returns once the command exec'd. SpawnError naming the
+        failed step otherwise (the standby then ends), or if its fork server is gone."""
+        loop, server = self._serving("the job was not started")
+        if self._owners.get(pid) is not server:
+            raise SpawnError("the pool jail's standby init belongs to a fork server that ended")
+        with map_os_errors(SpawnError, "cannot hand the job's plan to the fork server"):
+            plan_fd = sealed_payload("netjail-plan", encode(plan))
+        try:
+            self._next_id += 1
+            request_id = self._next_id
+            request = _Outgoing(
+                data=encode(StartRequest(id=request_id, pid=pid)),
+                fds=[plan_fd, *stdio, *source_fds],
+                sent=loop.create_future(),
+            )
+            future: asyncio.Future[None] = loop.create_future()
+            server.starting[request_id] = future
+            try:
+                await self._deliver(loop, server, request)
+            except BaseException:
+                server.starting.pop(request_id, None)
+                raise
+        finally:
+            os.close(plan_fd)
+        await future
+
+    def _serving(self, outcome: str) -> tuple[asyncio.AbstractEventLoop, _Server]:
+        """The loop and the fork server serving now; SpawnError (ending in ``outcome``) if
+        there is none."""
+        if self._loop is None:
+            raise SpawnError("fork server not attached to the event loop")
+        if self._server is None:
+            raise SpawnError(
+                f"the fork server {self._last_exit or 'ended'} and a new one is starting; "
+                f"{outcome}, try again shortly"
+            )
+        return self._loop, self._server
+
     async def _deliver(
         self, loop: asyncio.AbstractEventLoop, server: _Server, request: _Outgoing
     ) -> None:
@@ -472,9 +563,18 @@ class ForkServer:
         future: asyncio.Future[ExitStatus] = self._loop.create_future()
         server.waiters[pid] = future
         try:
-            return await future
-        finally:
+            status = await future
+        except asyncio.CancelledError:
+            # A waiter that gave up (the pool's watch of a standby, at its claim): whoever
+            # waits next still gets the exit.
+            if server.waiters.get(pid) is future:
+                del server.waiters[pid]
+            raise
+        except BaseException:
             self._owners.pop(pid, None)
+            raise
+        self._owners.pop(pid, None)
+        return status
 
     def close(self) -> None:
         """Stop: no new server; close our end, so the running one exits; reap it."""

@@ -1,0 +1,246 @@
+"""The warm pool: jails built ahead of any job, each used by one job, then destroyed.
+
+A pool jail is steps 1-4 of a job (netjail.daemon.jailbuild) done before the job exists: its
+state record (so crash recovery sweeps it like a job), a leased uid, a cgroup without limits,
+the netns with its veth, routes, the base ruleset, the NFLOG socket and the stub's and
+proxy's listeners, and a standby init already in the netns and the cgroups (the costly first
+migration into a fresh cgroup is paid here, not by the job). ``claim`` fits one to a job:
+the job's limits are written to its cgroup, and its ruleset, if the policy's CIDR rules make
+it differ from the base one, replaces the base one in one transaction. A jail that cannot be
+fitted is destroyed and the job is built cold; a jail is never shared, never reused, and
+never weaker than a cold one.
+
+Reuse would carry state from one job to the next (conntrack entries, sockets, files in the
+tmpfs mounts, the uid's processes), so every jail is destroyed after its one job, like a cold
+one. The pool refills in the background, ``BUILDERS`` jails at a time; destroying unused jails
+(at a stop) shares the daemon's bound on teardowns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from netjail.daemon.jailbuild import (
+    BuiltJail,
+    CgroupRemoval,
+    JailContext,
+    build_netns,
+    lease_uid,
+    limits_of,
+    make_cgroup,
+    prefork_standby,
+    proxied_ranges,
+    write_record,
+)
+from netjail.daemon.spec import JobSpec
+from netjail.jobid import new_job_id
+from netjail.kernel import cgroup as cgroups
+from netjail.kernel import firewall, netns
+from netjail.kernel.spawn import ExitStatus
+from netjail.policy import Policy
+
+#: Pool jails built at once. Each build waits mostly on the kernel (the standby's first
+#: migration into its cgroup), so two overlap well on two cores without starving the jobs.
+BUILDERS = 2
+#: After a failed build, the next waits this long, doubling up to the maximum.
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
+#: The base ruleset's proxied ranges: the synthetic pool only (a policy without CIDR rules).
+BASE_PROXIED = proxied_ranges(Policy([]))
+
+
+@dataclass
+class _PoolJail:
+    jail: BuiltJail
+    teardown: AsyncExitStack
+    #: The standby's end, awaited while the jail waits: one that dies (killed, or its fork
+    #: server gone) takes its jail out of the pool. Cancelled at the claim: the job's
+    #: supervisor waits for it from then on.
+    watch: asyncio.Future[ExitStatus] | None = None
+
+
+class JailPool:
+    """Up to ``size`` warm jails; owned by the daemon's loop (``start`` ... ``close``)."""
+
+    def __init__(self, ctx: JailContext, size: int, teardowns: asyncio.Semaphore) -> None:
+        self.ctx = ctx
+        self.size = size
+        self._teardowns = teardowns
+        self._idle: deque[_PoolJail] = deque()
+        self._building = 0
+        self._wanted = asyncio.Event()
+        self._builders: list[asyncio.Task[None]] = []
+        self._destroying: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.claimed = 0
+        self.missed = 0
+
+    @property
+    def ready(self) -> int:
+        """Warm jails waiting for a job."""
+        return len(self._idle)
+
+    def start(self) -> None:
+        """Start filling the pool (nothing with ``size`` 0)."""
+        if self.size <= 0 or self._builders:
+            return
+        loop = asyncio.get_running_loop()
+        self._builders = [loop.create_task(self._fill()) for _ in range(min(BUILDERS, self.size))]
+        self._wanted.set()
+
+    async def close(self) -> None:
+        """Stop refilling and destroy every unused jail; returns once they are gone.
+
+        A build under way is not cancelled (a netns thread cannot be stopped half-way, and
+        what it made would be left): it finishes and is destroyed with the rest.
+        """
+        self._closing = True
+        self._wanted.set()
+        for task in self._builders:
+            with contextlib.suppress(Exception):
+                await task
+        self._builders = []
+        while self._idle:
+            await self._destroy(self._idle.popleft())
+        while self._destroying:
+            await asyncio.gather(*self._destroying, return_exceptions=True)
+
+    # ------------------------------------------------------------------ claim
+
+    async def claim(self, stack: AsyncExitStack, spec: JobSpec) -> BuiltJail | None:
+        """A warm jail fitted to ``spec``, its undos on ``stack``; None if there is none to
+        have (the caller builds one cold)."""
+        limits = limits_of(spec)
+        pooled = self._take(limits)
+        if pooled is None:
+            if self.size > 0:
+                self.missed += 1
+            return None
+        self._wanted.set()
+        try:
+            await fit_jail(self.ctx, pooled.jail, spec, limits)
+        except Exception as e:
+            self.ctx.log(
+                "warning",
+                "cannot fit a pool jail to a job; it is destroyed and the job built cold",
+                jail=pooled.jail.job_id,
+                error=str(e),
+            )
+            await self._destroy(pooled)
+            return None
+        stack.push_async_callback(pooled.teardown.aclose)
+        self.claimed += 1
+        return pooled.jail
+
+    def _take(self, limits: cgroups.Limits) -> _PoolJail | None:
+        for pooled in self._idle:
+            if pooled.jail.cgroup.fits(limits):
+                self._idle.remove(pooled)
+                if pooled.watch is not None:
+                    pooled.watch.cancel()
+                return pooled
+        return None
+
+    # ------------------------------------------------------------------ fill
+
+    async def _fill(self) -> None:
+        delay = RETRY_MIN_S
+        while not self._closing:
+            if len(self._idle) + self._building >= self.size:
+                self._wanted.clear()
+                await self._wanted.wait()
+                continue
+            self._building += 1
+            try:
+                pooled = await self._build()
+            except Exception as e:
+                self.ctx.log("warning", "cannot build a pool jail", error=str(e), retry_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    # Woken early by close().
+                    await asyncio.wait_for(self._closed(), delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            finally:
+                self._building -= 1
+            delay = RETRY_MIN_S
+            self._idle.append(pooled)
+            self._watch(pooled)
+
+    def _watch(self, pooled: _PoolJail) -> None:
+        standby = pooled.jail.standby
+        if standby is None:
+            return
+        watch = asyncio.ensure_future(self.ctx.host.wait(standby.pid))
+        pooled.watch = watch
+
+        def ended(watch: asyncio.Future[ExitStatus]) -> None:
+            if watch.cancelled() or pooled not in self._idle:
+                return
+            self._idle.remove(pooled)
+            error = watch.exception()
+            self.ctx.log(
+                "warning",
+                "a pool jail's standby init ended before any job; the jail is destroyed",
+                jail=pooled.jail.job_id,
+                error=str(error) if error is not None else None,
+            )
+            task = asyncio.ensure_future(self._destroy(pooled))
+            self._destroying.add(task)
+            task.add_done_callback(self._destroying.discard)
+            self._wanted.set()
+
+        watch.add_done_callback(ended)
+
+    async def _closed(self) -> None:
+        while not self._closing:
+            self._wanted.clear()
+            await self._wanted.wait()
+
+    async def _build(self) -> _PoolJail:
+        """Steps 1-4 of a job not asked for yet, and its standby init."""
+        job_id = new_job_id()
+        netns_name = f"{netns.NETNS_PREFIX}{job_id}"
+        async with AsyncExitStack() as on_fail:
+            # A build that fails undoes what it made.
+            teardown = AsyncExitStack()
+            on_fail.push_async_callback(teardown.aclose)
+            write_record(teardown, self.ctx, job_id, netns_name)  # 1
+            removal = CgroupRemoval()
+            leased = lease_uid(teardown, self.ctx, job_id, removal)  # 2
+            cgroup = await make_cgroup(teardown, self.ctx, job_id, cgroups.Limits(), removal)  # 3
+            rules = firewall.JailRules(job_id, dns_stub=True, proxied=BASE_PROXIED)
+            inside = await build_netns(teardown, self.ctx, netns_name, rules)  # 4
+            standby = await prefork_standby(teardown, self.ctx, netns_name, cgroup)  # 4e
+            jail = BuiltJail(
+                job_id=job_id,
+                netns_name=netns_name,
+                netns_inode=self.ctx.host.netns_inode(netns_name),
+                leased=leased,
+                cgroup=cgroup,
+                inside=inside,
+                standby=standby,
+            )
+            on_fail.pop_all()
+        return _PoolJail(jail, teardown)
+
+    async def _destroy(self, pooled: _PoolJail) -> None:
+        async with self._teardowns:
+            await pooled.teardown.aclose()
+
+
+async def fit_jail(
+    ctx: JailContext, jail: BuiltJail, spec: JobSpec, limits: cgroups.Limits
+) -> None:
+    """Make a pool jail the one ``spec`` asks for: its limits, and its ruleset if the policy
+    needs more than the base one (replaced in one transaction)."""
+    await asyncio.to_thread(jail.cgroup.apply_limits, limits)
+    proxied = proxied_ranges(spec.policy)
+    if proxied == BASE_PROXIED:
+        return
+    host = ctx.host
+    rules = firewall.JailRules(jail.job_id, dns_stub=True, proxied=proxied)
+    await asyncio.wrap_future(host.in_netns(jail.netns_name, lambda: host.replace_rules(rules)))

@@ -1,0 +1,313 @@
+"""The warm pool over a fake JailHost: built ahead, claimed once, fitted, failing closed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from netjail.daemon.jobs import JobManager
+from netjail.daemon.pipeline import JailContext, Job
+from netjail.errors import JailError
+from netjail.kernel import cgroup as cgroups
+from netjail.policy import Policy, parse_rule
+from netjail.protocol import Report
+from tests.unit.fakehost import (
+    CLAIM_OPERATIONS,
+    POOL_BUILD_OPERATIONS,
+    FakeJailHost,
+    exited,
+)
+from tests.unit.test_pipeline import Logged, fake_context, run, spec
+
+SIZE = 2
+
+
+@pytest.fixture
+def host() -> Iterator[FakeJailHost]:
+    fake = FakeJailHost()
+    yield fake
+    fake.close_all()
+
+
+@pytest.fixture
+def ctx(host: FakeJailHost, tmp_path: Path) -> JailContext:
+    return fake_context(host, tmp_path)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop (and the fake's worker threads) run until ``condition`` holds."""
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
+async def warm(manager: JobManager, ready: int = SIZE) -> None:
+    """Start the pool and wait until ``ready`` jails are warm."""
+    manager.start_pool()
+    await until(lambda: manager.pool.ready >= ready)
+
+
+async def finish(job: Job) -> Report:
+    report = await asyncio.wait_for(job.finished, 5)
+    await asyncio.wait_for(job.removed.wait(), 5)
+    return report
+
+
+def pool_jails(host: FakeJailHost) -> list[str]:
+    """The standby inits made, one per pool jail built."""
+    return [what for what in host.made if what.startswith("standby ")]
+
+
+def test_a_job_claims_a_warm_jail_and_its_jail_goes_with_it(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """The job runs in a pool jail's standby, without building a jail; after the report the
+    jail is destroyed whole, in reverse, and the pool is refilled."""
+    host.exit_at_once = exited(7)
+
+    async def scenario() -> tuple[Job, Report]:
+        manager = JobManager(ctx, pool_size=SIZE)
+        await warm(manager)
+        host.journal.clear()
+        job = await manager.start(spec(), [], None)
+        report = await finish(job)
+        await warm(manager)
+        await manager.shutdown()
+        return job, report
+
+    job, report = run(scenario())
+    assert report.exit_code == 7
+    # No netns, cgroup or process was made for the job itself: only what is per job.
+    claim = [op for op in host.journal if op in CLAIM_OPERATIONS]
+    assert claim == ["apply_limits", "make_home", "open_bind_source", "start_standby"]
+    assert host.journal.index("start_standby") < host.journal.index(f"kill_all {job.id}")
+    assert f"standby {job.id}" in host.made
+    (plan,) = host.requests
+    assert plan.netns_path == f"/run/netns/{job.netns_name}"
+    assert host.cgroups[job.id].limits == cgroups.Limits(pids=4096)
+    # The job's own undos, then its pool jail's (standby, netns, cgroup), as a cold job's.
+    ours = [u for u in host.undone_order if job.id in u]
+    assert ours == [
+        f"home /var/lib/netjail/homes/{job.id}",
+        f"standby {job.id}",
+        f"netns netjail-{job.id}",
+        f"cgroup {job.id}",
+    ]
+    # SIZE warm, one claimed, one more built, and all of them gone after the stop.
+    assert len(pool_jails(host)) == SIZE + 1
+    assert host.live() == []
+    assert os.listdir(ctx.records.directory) == []
+    assert ctx.uids.held == []
+
+
+def test_pool_jails_are_not_jobs(host: FakeJailHost, ctx: JailContext) -> None:
+    """Warm jails are in neither the job table nor the job count; the pool counts them."""
+
+    async def scenario() -> tuple[int, int, int]:
+        manager = JobManager(ctx, pool_size=SIZE)
+        await warm(manager)
+        seen = (len(manager.jobs), manager.jobs_total, manager.pool.ready)
+        await manager.shutdown()
+        return seen
+
+    assert run(scenario()) == (0, 0, SIZE)
+    assert host.live() == []
+
+
+@pytest.mark.parametrize("operation", POOL_BUILD_OPERATIONS)
+def test_a_pool_build_that_fails_leaves_nothing_and_is_retried(
+    host: FakeJailHost, ctx: JailContext, operation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure at any step of a pool jail's build undoes its earlier steps, is logged, and
+    the pool tries again (after a pause) until it is full."""
+    monkeypatch.setattr("netjail.daemon.pool.RETRY_MIN_S", 0.05)
+    host.fail_at = operation
+    log = ctx.log
+    assert isinstance(log, Logged)
+
+    async def scenario() -> None:
+        manager = JobManager(ctx, pool_size=1)
+        manager.start_pool()
+        await until(lambda: "cannot build a pool jail" in log.messages())
+        assert manager.pool.ready == 0
+        assert host.live() == []
+        host.fail_at = None
+        await warm(manager, 1)
+        await manager.shutdown()
+
+    run(scenario())
+    assert host.live() == []
+    assert os.listdir(ctx.records.directory) == []
+    assert ctx.uids.held == []
+
+
+@pytest.mark.parametrize("operation", ["apply_limits", "in_netns", "replace_rules"])
+def test_a_jail_that_cannot_be_fitted_is_destroyed_and_the_job_built_cold(
+    host: FakeJailHost, ctx: JailContext, operation: str
+) -> None:
+    """Fail closed on claim: a pool jail whose limits or rules cannot be put in is destroyed,
+    never used half-fitted; the job gets a jail built for it instead."""
+    host.exit_at_once = exited(0)
+    cidr = Policy([parse_rule("192.0.2.0/24:443")])
+
+    async def scenario() -> Job:
+        manager = JobManager(ctx, pool_size=1)
+        await warm(manager, 1)
+        host.fail_at = operation
+        job = await manager.start(spec(policy=cidr), [], None)
+        host.fail_at = None
+        await finish(job)
+        await manager.shutdown()
+        return job
+
+    job = run(scenario())
+    (jail,) = pool_jails(host)[:1]
+    assert f"process {job.id}" in host.made  # spawned cold
+    assert jail != f"standby {job.id}"
+    assert jail in host.undone_order
+    log = ctx.log
+    assert isinstance(log, Logged)
+    assert "cannot fit a pool jail to a job; it is destroyed and the job built cold" in (
+        log.messages()
+    )
+    assert host.live() == []
+
+
+@pytest.mark.parametrize("operation", ["make_home", "open_bind_source", "start_standby"])
+def test_a_claimed_job_that_fails_to_start_undoes_its_steps_and_its_jail(
+    host: FakeJailHost, ctx: JailContext, operation: str
+) -> None:
+    """After the claim the pool jail is the job's: a later failure undoes the job's steps and
+    destroys the jail, and the client gets the error."""
+
+    async def scenario() -> None:
+        manager = JobManager(ctx, pool_size=1)
+        await warm(manager, 1)
+        host.fail_at = operation
+        with pytest.raises(JailError, match=f"injected failure at {operation}"):
+            await manager.start(spec(), [], None)
+        host.fail_at = None
+        assert manager.jobs == {}
+        await manager.shutdown()
+
+    run(scenario())
+    assert host.live() == []
+    assert os.listdir(ctx.records.directory) == []
+    assert ctx.uids.held == []
+
+
+def test_a_policy_with_cidr_rules_replaces_the_base_ruleset(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """The base ruleset proxies the synthetic pool only; a CIDR rule's range is added by one
+    replacement inside the jail, and a policy without one changes nothing."""
+    host.exit_at_once = exited(0)
+    cidr = Policy([parse_rule("192.0.2.0/24:443")])
+
+    async def scenario() -> None:
+        manager = JobManager(ctx, pool_size=2)
+        await warm(manager)
+        await finish(await manager.start(spec(), [], None))
+        assert "replace_rules" not in host.journal
+        await finish(await manager.start(spec(policy=cidr), [], None))
+        await manager.shutdown()
+
+    run(scenario())
+    assert host.journal.count("replace_rules") == 1
+    (replaced,) = [rules for rules in host.rules if len(rules.proxied) > 1]
+    assert [str(r.network) for r in replaced.proxied] == ["198.18.0.0/15", "192.0.2.0/24"]
+    assert replaced.proxied[1].ports == frozenset({443})
+
+
+def test_a_job_whose_limits_do_not_fit_a_pool_jail_is_built_cold(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """A CPU limit needs a hierarchy a pool jail's cgroup is not in: the job is built cold and
+    the warm jail stays for the next job."""
+    host.exit_at_once = exited(0)
+
+    async def scenario() -> tuple[Job, int]:
+        manager = JobManager(ctx, pool_size=1)
+        await warm(manager, 1)
+        plain = spec()
+        limited = dataclasses.replace(plain, limits=msgspec.structs.replace(plain.limits, cpus=0.5))
+        job = await manager.start(limited, [], None)
+        await finish(job)
+        ready = manager.pool.ready
+        await manager.shutdown()
+        return job, ready
+
+    job, ready = run(scenario())
+    assert f"process {job.id}" in host.made
+    assert host.cgroups[job.id].limits.cpus == 0.5
+    assert ready == 1
+    assert host.live() == []
+
+
+def test_without_a_pool_every_job_is_built_cold(host: FakeJailHost, ctx: JailContext) -> None:
+    """pool_size 0: nothing is built ahead, and jobs run as before."""
+    host.exit_at_once = exited(0)
+
+    async def scenario() -> Job:
+        manager = JobManager(ctx, pool_size=0)
+        manager.start_pool()
+        job = await manager.start(spec(), [], None)
+        await finish(job)
+        await manager.shutdown()
+        return job
+
+    job = run(scenario())
+    assert pool_jails(host) == []
+    assert f"process {job.id}" in host.made
+    assert host.live() == []
+
+
+def test_a_stop_waits_for_builds_under_way_and_destroys_them(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """A graceful stop during a build lets it finish, then destroys it: nothing is left."""
+
+    async def scenario() -> None:
+        manager = JobManager(ctx, pool_size=SIZE)
+        manager.start_pool()
+        await asyncio.sleep(0)
+        await manager.shutdown()
+
+    run(scenario())
+    assert host.live() == []
+    assert os.listdir(ctx.records.directory) == []
+    assert ctx.uids.held == []
+
+
+def test_a_standby_that_dies_while_waiting_takes_its_jail_out(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """A warm jail whose standby init ended (killed, or its fork server gone) is never given
+    to a job: it is destroyed, logged, and replaced."""
+
+    async def scenario() -> str:
+        manager = JobManager(ctx, pool_size=1)
+        await warm(manager, 1)
+        (standby,) = [p for p in host.processes.values() if p.what.startswith("standby ")]
+        host.end(standby.pid, exited(None, 9))
+        await until(lambda: standby.what in host.undone_order)
+        await warm(manager, 1)
+        await manager.shutdown()
+        return standby.what
+
+    dead = run(scenario())
+    log = ctx.log
+    assert isinstance(log, Logged)
+    assert "a pool jail's standby init ended before any job; the jail is destroyed" in (
+        log.messages()
+    )
+    assert dead != pool_jails(host)[1]
+    assert host.live() == []
