@@ -36,7 +36,6 @@ from netjail.daemon.configvalues import (
     read_host_name,
     read_http_rules,
     read_pids,
-    read_pool_size,
     read_rules,
     read_size,
     read_socket_path,
@@ -81,6 +80,10 @@ class Limits:
     default_timeout: float | None = None  # seconds
     max_timeout: float | None = None  # seconds
     kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL when a job is ended
+
+
+#: The most warm jails a pool may keep (each holds a netns, a cgroup and a standby process).
+MAX_POOL_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,7 @@ def _read_jail(table: Table) -> Jail:
         var_tmp_size=table.take("var_tmp_size", read_size, base.var_tmp_size),
         run_size=table.take("run_size", read_size, base.run_size),
         dev_shm_size=table.take("dev_shm_size", read_size, base.dev_shm_size),
-        pool_size=table.take("pool_size", read_pool_size, base.pool_size),
+        pool_size=table.take("pool_size", read_count(MAX_POOL_SIZE, minimum=0), base.pool_size),
     )
 
 

@@ -271,29 +271,18 @@ def read_pids(value: object) -> int:
     return value
 
 
-def read_count(maximum: int) -> Callable[[object], int]:
-    """A reader of a whole number from 1 to ``maximum`` (a count of jobs, connections…)."""
+def read_count(maximum: int, minimum: int = 1) -> Callable[[object], int]:
+    """A reader of a whole number from ``minimum`` to ``maximum`` (a count of jobs,
+    connections, warm jails…)."""
 
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise BadValueError(f"expected an integer, got {describe(value)}")
-        if not 1 <= value <= maximum:
-            raise BadValueError(f"must be between 1 and {maximum}, got {value}")
+        if not minimum <= value <= maximum:
+            raise BadValueError(f"must be between {minimum} and {maximum}, got {value}")
         return value
 
     return convert
-
-
-#: The most warm jails a pool may keep (each holds a netns, a cgroup and a standby process).
-MAX_POOL_SIZE = 64
-
-
-def read_pool_size(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadValueError(f"expected an integer, got {describe(value)}")
-    if not 0 <= value <= MAX_POOL_SIZE:
-        raise BadValueError(f"must be between 0 (no pool) and {MAX_POOL_SIZE}, got {value}")
-    return value
 
 
 def read_host_name(name: str) -> str:
