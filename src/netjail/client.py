@@ -12,7 +12,11 @@ fast and works unprivileged.
 from __future__ import annotations
 
 import array
+import fcntl
+import os
 import socket as socket_module
+import struct
+import termios
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -32,6 +36,9 @@ __all__ = [
     "RunningJob",
     "default_socket",
 ]
+
+#: Most file descriptors one read from the daemon takes (it sends one: a job's pty master).
+_MAX_RECEIVED_FDS = 4
 
 
 # A Struct rather than a dataclass: msgspec is loaded anyway, and dataclasses (with copy and
@@ -98,6 +105,8 @@ class _Connection:
             self.sock.close()
             raise session.connect_error(path, e) from None
         self.replies = session.ReplyReader()
+        #: File descriptors the daemon sent (SCM_RIGHTS), not yet taken.
+        self.fds: list[int] = []
         try:
             self._send_frame(session.hello_frame("netjail-python"))
             session.expect(self.recv(), p.HelloReply, "hello")
@@ -137,15 +146,29 @@ class _Connection:
         return self.replies.take_replies()
 
     def _read(self) -> None:
+        fds = array.array("i")
         try:
-            data = self.sock.recv(session.RECV_BYTES)
+            data, ancdata, _flags, _addr = self.sock.recvmsg(
+                session.RECV_BYTES, socket_module.CMSG_SPACE(_MAX_RECEIVED_FDS * fds.itemsize)
+            )
         except TimeoutError:
             raise session.timeout_error() from None
         except OSError as e:
             raise session.lost_error(e) from None
+        for level, kind, payload in ancdata:
+            if level == socket_module.SOL_SOCKET and kind == socket_module.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        self.fds.extend(fds)
         self.replies.feed(data)
 
+    def take_fds(self) -> list[int]:
+        """The file descriptors received so far (the caller closes them)."""
+        fds, self.fds = self.fds, []
+        return fds
+
     def close(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
         self.sock.close()
 
 
@@ -179,12 +202,27 @@ class RunningJob(_Stream):
     daemon ends a job whose client went away.
     """
 
-    def __init__(self, conn: _Connection, started: p.Started) -> None:
+    def __init__(self, conn: _Connection, started: p.Started, terminal: int | None = None) -> None:
         super().__init__(conn)
         self.job = started.job
         self.pid = started.pid
         #: Where the job started, when not in the cwd asked for (``cwd_fallback="home"``).
         self.cwd = started.cwd
+        #: With stdio "tty": the master of the job's pty (what the job reads comes from
+        #: writes to it, what it writes is read from it), closed with this object.
+        self.terminal = terminal
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Give the job's pty a new size; the kernel sends SIGWINCH to its foreground group."""
+        if self.terminal is None:
+            raise ProtocolError('resize needs a job with stdio "tty"')
+        fcntl.ioctl(self.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close(self) -> None:
+        if self.terminal is not None:
+            os.close(self.terminal)
+            self.terminal = None
+        super().close()
 
     def receive(self) -> list[p.EventMessage | p.Exit]:
         """What the daemon has sent: waits for data, then returns the messages it completed
@@ -333,6 +371,10 @@ class Client:
         """Send ``request`` (with ``fds``, its stdio when ``stdio`` is "fds") and return the
         job once the daemon has started it; its events and report come on the RunningJob.
 
+        With ``stdio="tty"`` (and ``window``, the pty's first size) the job's stdin, stdout
+        and stderr are a pty made in its jail, and ``RunningJob.terminal`` is its master: the
+        caller relays it, and resizes it with ``RunningJob.resize``.
+
         For callers that wait on more than the daemon (a terminal, a pipe), as the CLI does;
         ``run`` is this and a loop over ``RunningJob.receive``.
         """
@@ -340,12 +382,18 @@ class Client:
         try:
             conn.send(request, list(fds))
             started = session.expect(conn.recv(), p.Started, "started")
+            received = conn.take_fds()
+            terminal = received.pop(0) if request.stdio == "tty" and received else None
+            for fd in received:
+                os.close(fd)
+            if request.stdio == "tty" and terminal is None:
+                raise ProtocolError("netjaild sent no terminal with started")
         except BaseException:
             conn.close()
             raise
         # The job may run for as long as it likes: no read timeout from here on.
         conn.sock.settimeout(None)
-        return RunningJob(conn, started)
+        return RunningJob(conn, started, terminal)
 
     def events(self, job: str | None = None, *, follow: bool = False) -> Iterator[p.Event]:
         """Events of the caller's jobs (root: all), oldest first; with ``follow``, forever."""

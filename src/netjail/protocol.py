@@ -5,6 +5,9 @@ client sends ``hello`` first; the daemon answers ``hello`` with its protocol ver
 request may carry the client's stdin/stdout/stderr as SCM_RIGHTS ancillary data on the same
 ``sendmsg`` as the frame (``stdio: "fds"``), or, with ``stdio: "capture"``, its stdin as bytes
 in the frame (``stdin``, base64 in JSON), so that a client without fd passing can feed a job.
+With ``stdio: "tty"`` the job gets a pty of its own instead, allocated inside its jail, and the
+daemon's ``started`` reply carries the pty's master as SCM_RIGHTS: the client relays it, and
+sets its window size on it.
 
 Requests are decoded strictly (unknown fields, wrong types, unknown ops and oversize frames are
 errors); daemon messages are decoded leniently by clients, so that a newer daemon may add
@@ -110,14 +113,32 @@ def parse_bind(text: str, access: BindAccess) -> BindMount:
     return BindMount(source=source, target=target or None, access=access)
 
 
+_Dimension = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+
+
+class WindowSize(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A terminal's size in characters, as TIOCSWINSZ takes it (0: unknown)."""
+
+    rows: _Dimension
+    cols: _Dimension
+
+
+#: How a job's stdio is wired: the fds passed with the request, captured into the report,
+#: /dev/null, or a pty of the job's own whose master comes with ``started``.
+StdioKind = Literal["fds", "capture", "null", "tty"]
+
+
 class RunRequest(_Request, tag="run"):
     argv: Annotated[list[_Arg], msgspec.Meta(min_length=1, max_length=4096)]
     env: Annotated[dict[_Name, _Arg], msgspec.Meta(max_length=1024)] = {}
     cwd: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
     uid: _Id | None = None
     gid: _Id | None = None
-    #: "fds": stdio passed with this frame; "capture": returned in the report; "null": /dev/null.
-    stdio: Literal["fds", "capture", "null"] = "null"
+    #: "fds": stdio passed with this frame; "capture": returned in the report; "null": /dev/null;
+    #: "tty": a pty allocated in the jail (its master comes with ``started``).
+    stdio: StdioKind = "null"
+    #: The pty's first size, with stdio "tty" (its holder sets later sizes on the master).
+    window: WindowSize | None = None
     capture_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_CAPTURE_BYTES)] = DEFAULT_CAPTURE_BYTES
     #: Stream events to this connection while the job runs.
     events: bool = True
@@ -353,6 +374,8 @@ class HelloReply(_Reply, tag="hello"):
 
 
 class Started(_Reply, tag="started"):
+    """The job runs. With stdio "tty", the pty's master comes with this frame (SCM_RIGHTS)."""
+
     job: str
     pid: int
     #: Where the job started, when that differs from the cwd asked for (cwd_fallback "home").
@@ -367,6 +390,8 @@ class Exit(_Reply, tag="exit"):
     report: Report
     #: Events not streamed to this client because it read too slowly (all are in the report).
     dropped_events: int = 0
+    #: netjaild ended the job because it is stopping: its ``shutdown`` error follows at once.
+    shutdown: bool = False
 
 
 class ErrorMessage(_Reply, tag="error"):

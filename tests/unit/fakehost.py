@@ -175,6 +175,8 @@ class FakeJailHost:
         self.exit_at_once: ExitStatus | None = None
         #: What every spawned process writes to its stdout and stderr before it runs on.
         self.output: tuple[bytes, bytes] = (b"", b"")
+        #: Whether a spawned job with a terminal sends a pty master, as its init does.
+        self.sends_terminal = True
         self._exits: dict[int, asyncio.Future[ExitStatus]] = {}
         self._next_pid = 1000
         self._current_netns: str | None = None
@@ -366,7 +368,14 @@ class FakeJailHost:
     def _start(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> None:
         self.requests.append(plan)
         self.source_fds.append(list(source_fds))
-        if len(stdio) == 3:
+        if plan.terminal is not None:
+            if self.sends_terminal:
+                master, slave = os.openpty()
+                with socket.socket(fileno=os.dup(stdio[0])) as channel:
+                    socket.send_fds(channel, [b"pty"], [master])
+                os.close(master)
+                os.close(slave)
+        elif len(stdio) == 3:
             for fd, data in zip(stdio[1:], self.output, strict=True):
                 if data:
                     os.write(fd, data)

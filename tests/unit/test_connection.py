@@ -19,6 +19,7 @@ from netjail.daemon.connection import (
     MAX_QUEUED_EVENTS,
     HeldEvents,
     Outbox,
+    OutFrame,
     close_gracefully,
 )
 from netjail.daemon.spec import CapturedStdio, PassedStdio
@@ -727,11 +728,11 @@ def test_outbox_drops_only_droppable_frames_past_the_bound() -> None:
         outbox.put(b"lost", droppable=True)
         outbox.put(b"reply-2")
         assert outbox.dropped == 2
-        assert await outbox.get() == b"e0"
+        assert await outbox.get() == OutFrame(b"e0")
         outbox.put(b"room again", droppable=True)
         assert outbox.dropped == 2
         rest = [await outbox.get() for _ in range(MAX_QUEUED_EVENTS + 2)]
-        assert rest == [
+        assert [frame.data for frame in rest if frame is not None] == [
             *(b"e%d" % i for i in range(1, MAX_QUEUED_EVENTS)),
             b"reply-1",
             b"reply-2",
@@ -750,7 +751,7 @@ def test_a_closed_outbox_takes_nothing_and_ends_after_what_it_holds() -> None:
         outbox.close()
         outbox.put(b"ignored")
         assert outbox.closed is True
-        assert [await outbox.get(), await outbox.get()] == [b"kept", None]
+        assert [await outbox.get(), await outbox.get()] == [OutFrame(b"kept"), None]
 
     run(main())
 
@@ -764,7 +765,7 @@ def test_outbox_get_waits_for_a_frame() -> None:
         await asyncio.sleep(0)
         assert not waiting.done()
         outbox.put(b"frame")
-        assert await waiting == b"frame"
+        assert await waiting == OutFrame(b"frame")
         ending = asyncio.ensure_future(outbox.get())
         await asyncio.sleep(0)
         outbox.close()

@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from netjail import protocol as p
 from netjail.daemon import connection as connection_module
-from netjail.daemon.connection import MAX_QUEUED_BYTES, MAX_QUEUED_EVENTS, Outbox
+from netjail.daemon.connection import MAX_QUEUED_BYTES, MAX_QUEUED_EVENTS, Outbox, OutFrame
 
 from .daemonfakes import ALICE, Daemon, WireClient, make_daemon, run, session, spec_for
 
@@ -52,10 +52,10 @@ def test_one_reply_larger_than_the_bound_is_queued_when_the_client_keeps_up() ->
         outbox = Outbox(max_bytes=100)
         outbox.put(b"r" * 1000)
         assert outbox.overflowed is False
-        assert await outbox.get() == b"r" * 1000
+        assert await outbox.get() == OutFrame(b"r" * 1000)
         assert outbox.queued_bytes == 0
         outbox.put(b"next")
-        assert await outbox.get() == b"next"
+        assert await outbox.get() == OutFrame(b"next")
 
     run(main())
 
@@ -68,7 +68,7 @@ def test_events_past_the_byte_bound_are_dropped_and_counted() -> None:
         outbox.put(b"e" * 100, droppable=True)
         outbox.put(b"lost", droppable=True)
         assert (outbox.dropped, outbox.queued_bytes, outbox.overflowed) == (1, 100, False)
-        assert await outbox.get() == b"e" * 100
+        assert await outbox.get() == OutFrame(b"e" * 100)
         outbox.put(b"kept", droppable=True)
         assert (outbox.dropped, outbox.queued_bytes) == (1, 4)
 
@@ -86,8 +86,8 @@ class PeakOutbox(Outbox):
 
     peaks: list[int] = []  # noqa: RUF012 - one list shared by the test that installs the class
 
-    def put(self, frame: bytes, *, droppable: bool = False) -> None:
-        super().put(frame, droppable=droppable)
+    def put(self, frame: bytes, *, droppable: bool = False, fds: Sequence[int] = ()) -> None:
+        super().put(frame, droppable=droppable, fds=fds)
         PeakOutbox.peaks.append(self.queued_bytes)
 
 

@@ -18,6 +18,7 @@ from netjail.daemon.spec import (
     FixedUser,
     LeasedUser,
     PassedStdio,
+    TerminalStdio,
     applied_limits,
     job_spec,
 )
@@ -106,6 +107,18 @@ def test_capture_mode_carries_the_stdin_payload() -> None:
     asked = request(stdio="capture", capture_bytes=7, stdin=b"in\x00put")
     assert job_spec(asked, ROOT, Config()).stdio == CapturedStdio(7, b"in\x00put")
     assert job_spec(request(stdio="capture"), ROOT, Config()).stdio == CapturedStdio(1 << 20)
+
+
+def test_a_terminal_takes_the_window_size_and_only_a_terminal_does() -> None:
+    """'tty' keeps the window size asked for (0x0, unknown, without one); a window size with
+    any other stdio is refused."""
+    window = p.WindowSize(rows=40, cols=120)
+    assert job_spec(request(stdio="tty", window=window), ROOT, Config()).stdio == (
+        TerminalStdio(rows=40, cols=120)
+    )
+    assert job_spec(request(stdio="tty"), ROOT, Config()).stdio == TerminalStdio(0, 0)
+    with pytest.raises(RequestError, match='needs stdio "tty"'):
+        job_spec(request(stdio="fds", window=window), ROOT, Config())
 
 
 def test_limits_take_defaults_and_maxima() -> None:

@@ -20,7 +20,8 @@ import contextlib
 import os
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -31,7 +32,7 @@ from netjail.daemon.events import rfc3339
 from netjail.daemon.jobs import may_see
 from netjail.daemon.pipeline import Job
 from netjail.daemon.spec import job_spec
-from netjail.errors import ExecError, NetjailError, NotFoundError, ProtocolError
+from netjail.errors import ExecError, NetjailError, NotFoundError, ProtocolError, ShutdownError
 from netjail.kernel.peer import PeerCred
 
 if TYPE_CHECKING:
@@ -78,6 +79,20 @@ async def close_gracefully(sock: socket.socket) -> None:
     sock.close()
 
 
+@dataclass(frozen=True)
+class OutFrame:
+    """One frame to send, and the file descriptors that go with it (SCM_RIGHTS), which the
+    outbox owns: closed once sent, or when the frame is dropped."""
+
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Outbox:
     """A connection's queue of frames to send, bounded in events and in bytes.
 
@@ -88,7 +103,7 @@ class Outbox:
     def __init__(
         self, max_events: int = MAX_QUEUED_EVENTS, max_bytes: int = MAX_QUEUED_BYTES
     ) -> None:
-        self._frames: deque[tuple[bytes, bool]] = deque()
+        self._frames: deque[tuple[OutFrame, bool]] = deque()
         self._max_events = max_events
         self.max_bytes = max_bytes
         self._droppable = 0
@@ -99,8 +114,11 @@ class Outbox:
         self.closed = False
         self.overflowed = False
 
-    def put(self, frame: bytes, *, droppable: bool = False) -> None:
+    def put(self, frame: bytes, *, droppable: bool = False, fds: Sequence[int] = ()) -> None:
+        """Queue ``frame`` (with ``fds``, which the outbox then owns)."""
+        out = OutFrame(frame, tuple(fds))
         if self.closed:
+            out.close_fds()
             return
         if droppable:
             if self._droppable >= self._max_events or self.queued_bytes >= self.max_bytes:
@@ -109,22 +127,22 @@ class Outbox:
             self._droppable += 1
         elif self.queued_bytes >= self.max_bytes:
             self.overflowed = True
-            self._frames.clear()
-            self._droppable = self.queued_bytes = 0
+            out.close_fds()
+            self.discard()
             self.close()
             return
-        self._frames.append((frame, droppable))
+        self._frames.append((out, droppable))
         self.queued_bytes += len(frame)
         self._wake.set()
 
-    async def get(self) -> bytes | None:
+    async def get(self) -> OutFrame | None:
         while not self._frames:
             if self.closed:
                 return None
             self._wake.clear()
             await self._wake.wait()
         frame, droppable = self._frames.popleft()
-        self.queued_bytes -= len(frame)
+        self.queued_bytes -= len(frame.data)
         if droppable:
             self._droppable -= 1
         return frame
@@ -132,6 +150,13 @@ class Outbox:
     def close(self) -> None:
         self.closed = True
         self._wake.set()
+
+    def discard(self) -> None:
+        """Forget every frame not sent yet (and close their fds)."""
+        for frame, _droppable in self._frames:
+            frame.close_fds()
+        self._frames.clear()
+        self._droppable = self.queued_bytes = 0
 
 
 class HeldEvents:
@@ -177,12 +202,19 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         #: When the client last sent something or a job of its ended (for the idle timeout).
         self._active_at = self._loop.time()
+        #: Whether the ``shutdown`` error was sent (the daemon is stopping).
+        self.told_shutdown = False
 
-    def send(self, message: msgspec.Struct, *, droppable: bool = False) -> None:
+    def send(
+        self, message: msgspec.Struct, *, droppable: bool = False, fds: Sequence[int] = ()
+    ) -> None:
+        """Queue ``message`` (with ``fds``, which are then the outbox's to close)."""
         if self.outbox.closed:
+            for fd in fds:
+                os.close(fd)
             return
         frame = p.encode_message(message)
-        self.outbox.put(frame, droppable=droppable)
+        self.outbox.put(frame, droppable=droppable, fds=fds)
         if self.outbox.overflowed:
             self.server.log(
                 "warning",
@@ -223,6 +255,7 @@ class Connection:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, 5)
             writer.cancel()
+            self.outbox.discard()
             for task in self._tasks:
                 task.cancel()
             for follow in self._follows:
@@ -232,10 +265,33 @@ class Connection:
     async def _write_loop(self) -> None:
         while (frame := await self.outbox.get()) is not None:
             try:
-                await self._loop.sock_sendall(self.sock, frame)
+                if frame.fds:
+                    await self._send_with_fds(frame)
+                else:
+                    await self._loop.sock_sendall(self.sock, frame.data)
             except OSError:
                 self.outbox.close()
                 return
+            finally:
+                frame.close_fds()
+
+    async def _send_with_fds(self, frame: OutFrame) -> None:
+        """The frame's first bytes with its fds attached (asyncio has no sendmsg), the rest
+        as any frame's."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", frame.fds))]
+        while True:
+            try:
+                sent = self.sock.sendmsg([frame.data], ancillary)
+                break
+            except (BlockingIOError, InterruptedError):
+                ready: asyncio.Future[None] = self._loop.create_future()
+                self._loop.add_writer(self.sock.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    self._loop.remove_writer(self.sock.fileno())
+        if sent < len(frame.data):
+            await self._loop.sock_sendall(self.sock, frame.data[sent:])
 
     async def _recv(self) -> tuple[bytes, list[int]]:
         while True:
@@ -380,6 +436,9 @@ class Connection:
 
     async def _run(self, request: p.RunRequest, fds: list[int]) -> None:
         spec = job_spec(request, self.peer, self.server.config)
+        if self.server.stopping is not None:
+            # A job started now would outlive the stop, which ends only the jobs it found.
+            raise ShutdownError(self.server.stopping)
         if request.stdio == "fds":
             if len(fds) != 3:
                 raise ProtocolError(
@@ -391,12 +450,14 @@ class Connection:
             fds.append(null)  # closed by the caller with the others
             stdio = [null, null, null]
         else:
-            stdio = []
+            stdio = []  # captured, or a pty the job's init makes
         stream = HeldEvents(self.send_event)
         job = await self.server.jobs.start(spec, stdio, stream if request.events else None)
         self._runs.add(job)
         moved = job.cwd if job.cwd != spec.cwd else None
-        self.send(p.Started(job=job.id, pid=job.process.pid, cwd=moved))
+        # The client's own copy of the pty's master; the job's stays until its teardown.
+        terminal = [os.dup(job.terminal)] if job.terminal is not None else []
+        self.send(p.Started(job=job.id, pid=job.process.pid, cwd=moved), fds=terminal)
         stream.release()
         task = asyncio.ensure_future(self._report_when_done(job))
         self._tasks.add(task)
@@ -416,10 +477,23 @@ class Connection:
         except NetjailError as e:
             self.send_error(e)
         else:
-            self.send(p.Exit(report=report, dropped_events=self.outbox.dropped))
+            stopping = self.server.stopping is not None
+            self.send(p.Exit(report=report, dropped_events=self.outbox.dropped, shutdown=stopping))
         finally:
             self._runs.discard(job)
             self._active_at = self._loop.time()
+        if self.server.stopping is not None and not self._runs:
+            # Straight after the last report: the client need not wait to learn why its job
+            # ended.
+            self.say_shutdown(self.server.stopping)
+
+    def say_shutdown(self, reason: str) -> None:
+        """Send the ``shutdown`` error (once), and nothing after it."""
+        if self.told_shutdown:
+            return
+        self.told_shutdown = True
+        self.send(p.ErrorMessage(code="shutdown", message=reason))
+        self.outbox.close()
 
 
 def _job_info(job: Job) -> p.JobInfo:

@@ -181,8 +181,7 @@ async def _serve(
     log("info", "stopping: no new connections, ending running jobs", jobs=len(server.jobs.jobs))
     serving.cancel()
     server.listener.close()
-    await server.jobs.shutdown()
-    await server.close_connections("netjaild is stopping")
+    await server.stop("netjaild is stopping")
     return stop.status()
 
 

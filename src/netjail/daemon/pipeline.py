@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -44,7 +45,7 @@ from netjail.daemon.jailbuild import (
 from netjail.daemon.pool import JailPool
 from netjail.daemon.proxy import Proxy
 from netjail.daemon.report import Capture
-from netjail.daemon.spec import FixedUser, JobSpec, PassedStdio
+from netjail.daemon.spec import FixedUser, JobSpec, PassedStdio, TerminalStdio
 from netjail.daemon.stdinfeed import open_stdin_feed
 from netjail.daemon.trust import TrustFiles, remove_trust_files, write_trust_files
 from netjail.errors import JailError, NetjailError
@@ -60,9 +61,10 @@ from netjail.kernel.fsplan import (
     shows_path,
 )
 from netjail.kernel.host import JailListeners, JobCgroupHandle, JobProcess
-from netjail.kernel.jobplan import JobPlan, job_hostname
+from netjail.kernel.jobplan import JobPlan, TerminalPlan, job_hostname
 from netjail.kernel.pathcheck import BindSource, Credentials
 from netjail.kernel.peer import peer_groups
+from netjail.kernel.pty import receive_master
 from netjail.protocol import BindMount, Report
 
 __all__ = [
@@ -105,6 +107,8 @@ class Job:
     #: Set once the jail is torn down and the job is no longer listed.
     removed: asyncio.Event = field(default_factory=asyncio.Event)
     timed_out: bool = False
+    #: With stdio "tty": the master of the job's pty, for its client (closed at teardown).
+    terminal: int | None = None
 
 
 @dataclass
@@ -173,11 +177,12 @@ async def start_job(
                 sources=sources,
                 trust=trust,
             )
-            child_stdio, captures = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 12
+            wired = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 12
             marks.mark()
             process = await spawn_process(  # 13
-                cleanup_on_fail, ctx, jail, plan=plan, stdio=child_stdio, sources=sources
+                cleanup_on_fail, ctx, jail, plan=plan, stdio=wired.child, sources=sources
             )
+            terminal = take_terminal(cleanup_on_fail, wired)  # 14
             marks.mark()
             teardown = cleanup_on_fail.pop_all()
     except NetjailError:
@@ -209,9 +214,10 @@ async def start_job(
         process=process,
         feed=feed,
         log=inside.log,
-        captures=captures,
+        captures=wired.captures,
         teardown=teardown,
         finished=asyncio.get_running_loop().create_future(),
+        terminal=terminal,
     )
 
 
@@ -391,6 +397,11 @@ def plan_job(
         cgroup_procs=list(cgroup.procs_files),
         hostname=spec.hostname or job_hostname(job_id),
         fs=fs,
+        terminal=(
+            TerminalPlan(rows=spec.stdio.rows, cols=spec.stdio.cols)
+            if isinstance(spec.stdio, TerminalStdio)
+            else None
+        ),
     )
 
 
@@ -402,13 +413,29 @@ def start_dir(spec: JobSpec, fs: FsPlan) -> str:
     return JOB_HOME
 
 
+@dataclass(frozen=True)
+class WiredStdio:
+    """The child's fds 0-2, the capture pipes, and, for a job with a pty, the socket its init
+    sends the master on (the child's stdin is the other end)."""
+
+    child: list[int]
+    captures: tuple[Capture, ...] = ()
+    terminal: socket.socket | None = None
+
+
 def wire_stdio(
     always: AsyncExitStack, stack: AsyncExitStack, spec: JobSpec, stdio: list[int]
-) -> tuple[list[int], tuple[Capture, ...]]:
-    """12. The child's fds 0-2: the client's own, or /dev/null (or a pipe fed the request's
-    stdin payload) and two capture pipes."""
+) -> WiredStdio:
+    """12. The child's fds 0-2: the client's own; or /dev/null (or a pipe fed the request's
+    stdin payload) and two capture pipes; or, for a pty (made by the job's init inside the
+    jail), a socket to send its master on."""
     if isinstance(spec.stdio, PassedStdio):
-        return stdio, ()
+        return WiredStdio(stdio)
+    if isinstance(spec.stdio, TerminalStdio):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        always.callback(ours.close)
+        always.callback(theirs.close)  # the child has its own copy once spawned
+        return WiredStdio([theirs.fileno()] * 3, terminal=ours)
     limit = spec.stdio.limit
     if spec.stdio.stdin is not None:
         child = [open_stdin_feed(always, stack, spec.stdio.stdin)]
@@ -428,7 +455,7 @@ def wire_stdio(
         loop.add_reader(read_fd, _on_capture, capture)
         captures.append(capture)
         child.append(write_fd)
-    return child, tuple(captures)
+    return WiredStdio(child, tuple(captures))
 
 
 async def spawn_process(
@@ -452,6 +479,19 @@ async def spawn_process(
     process = await ctx.host.spawn(plan, stdio, fds)
     stack.callback(process.close)
     return process
+
+
+def take_terminal(stack: AsyncExitStack, wired: WiredStdio) -> int | None:
+    """14. The master of the job's pty, which its init sent before spawning the command;
+    kept until teardown (its client gets a copy)."""
+    if wired.terminal is None:
+        return None
+    try:
+        master = receive_master(wired.terminal)
+    except OSError as e:
+        raise JailError(f"cannot start the job (terminal): {e.strerror or e}") from None
+    stack.callback(os.close, master)
+    return master
 
 
 # ---------------------------------------------------------------------- helpers

@@ -82,6 +82,8 @@ class Server:
         self._over_limit: set[int] = set()
         # Strong references: the loop keeps only weak ones to running tasks.
         self._connection_tasks: set[asyncio.Task[None]] = set()
+        #: Why the daemon is stopping, once it is (no new job starts then).
+        self.stopping: str | None = None
 
     def status(self) -> p.StatusReply:
         fork_server = self.jobs.ctx.host.fork_server_health()
@@ -171,6 +173,13 @@ class Server:
             reserve = _open_reserve()
         return _open_reserve()
 
+    async def stop(self, reason: str) -> None:
+        """End every running job; each run connection gets its report and, straight after
+        it, the ``shutdown`` error (``reason``); then every client is told and disconnected."""
+        self.stopping = reason
+        await self.jobs.shutdown()
+        await self.close_connections(reason)
+
     async def close_connections(self, reason: str) -> None:
         """Tell every connected client why it is being disconnected, then disconnect it.
 
@@ -183,8 +192,7 @@ class Server:
                 asyncio.gather(*(c.wait_for_reports() for c in connections)), _REPORTS_WAIT_S
             )
         for connection in connections:
-            connection.send(p.ErrorMessage(code="shutdown", message=reason))
-            connection.outbox.close()
+            connection.say_shutdown(reason)
         tasks = list(self._connection_tasks)
         # Cancelled, each connection's own clean-up still flushes its outbox (the message
         # above included) and half-closes before closing.

@@ -71,8 +71,17 @@ class CapturedStdio:
     stdin: bytes | None = None
 
 
+@dataclass(frozen=True)
+class TerminalStdio:
+    """The job's fds 0-2 are a pty of its own, allocated in the jail's devpts, of ``rows`` x
+    ``cols`` (0: unknown); its master goes to the client with ``started``."""
+
+    rows: int
+    cols: int
+
+
 #: How the job's stdio is wired ("null" requests arrive as passed /dev/null fds).
-StdioMode = PassedStdio | CapturedStdio
+StdioMode = PassedStdio | CapturedStdio | TerminalStdio
 
 
 @dataclass(frozen=True)
@@ -230,11 +239,24 @@ def applied_limits(
     )
 
 
+def job_stdio(request: p.RunRequest) -> StdioMode:
+    """How the job's stdio is wired; RequestError for a window size without a terminal."""
+    if request.stdio == "tty":
+        window = request.window or p.WindowSize(rows=0, cols=0)
+        return TerminalStdio(rows=window.rows, cols=window.cols)
+    if request.window is not None:
+        raise RequestError('window is the size of a terminal: it needs stdio "tty"')
+    if request.stdio == "capture":
+        return CapturedStdio(request.capture_bytes, request.stdin)
+    return PassedStdio()
+
+
 def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
     """Validate a run request against who is asking; RequestError says what is wrong.
 
     A ``stdio: "fds"`` or ``"null"`` request becomes ``PassedStdio`` (the connection passes
-    the fds, /dev/null ones for "null"); ``"capture"`` becomes ``CapturedStdio``.
+    the fds, /dev/null ones for "null"); ``"capture"`` becomes ``CapturedStdio``, ``"tty"``
+    ``TerminalStdio``.
     """
     user = job_user(request, peer)
     check_strings(request)
@@ -249,11 +271,7 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
         timeout=request.timeout_s,
         kill_grace=request.kill_grace_s,
     )
-    stdio: StdioMode = (
-        CapturedStdio(request.capture_bytes, request.stdin)
-        if request.stdio == "capture"
-        else PassedStdio()
-    )
+    stdio = job_stdio(request)
     return JobSpec(
         argv=list(request.argv),
         env=job_env(request, http),

@@ -19,7 +19,9 @@ I (``run_job_init``), in order:
 6. builds the job's file system and pivots into it (``rootfs.apply_fs_plan``; /proc shows the
    PID namespace of the process that mounts it, I's);
 7. sets the hostname; starts a session, taking stdin as its controlling terminal if it is a
-   terminal no one else holds;
+   terminal no one else holds; with a ``TerminalPlan``, the job's stdio is first replaced by
+   a pty of its own from the jail's devpts, whose master goes out on the socket passed as
+   stdin (``netjail.kernel.pty``);
 8. drops privileges (no capability, no supplementary group, the job's uid and gid,
    no_new_privs) and becomes non-dumpable, so the job, which runs as the same uid, cannot
    ptrace I or read it through /proc/1;
@@ -70,6 +72,7 @@ from netjail.kernel.jobplan import (
     encode_job_status,
     read_setup_failure,
 )
+from netjail.kernel.pty import open_job_pty
 
 #: What I passes on to the job: to the terminal's foreground process group when the job's
 #: stdin is I's controlling terminal, otherwise to every process of the namespace.
@@ -326,7 +329,8 @@ def _finish_job(
         syscalls.sethostname(plan.hostname)
         stage = "session"
         os.setsid()
-        terminal = _take_terminal(stdio[0])
+        stage = "terminal"
+        stdio, terminal = _own_terminal(plan, stdio)
         stage = "privileges"
         drop_privileges(plan.uid, plan.gid)
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
@@ -378,6 +382,14 @@ def drop_privileges(uid: int, gid: int) -> None:
     os.setresuid(uid, uid, uid)
     syscalls.clear_capability_sets()
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _own_terminal(plan: JobPlan, stdio: Sequence[int]) -> tuple[Sequence[int], bool]:
+    """The job's stdio, and whether its stdin is I's controlling terminal: the plan's pty,
+    made now in the jail's devpts, or else stdin if it is a terminal no one else holds."""
+    if plan.terminal is not None:
+        stdio = [open_job_pty(plan.terminal, stdio[0], plan.uid, plan.gid)] * 3
+    return stdio, _take_terminal(stdio[0])
 
 
 def _take_terminal(fd: int) -> bool:

@@ -25,11 +25,21 @@ _MAX_DETAIL = 3000
 _MAX_RECORD = 4000
 
 
+class TerminalPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """The job's stdio is a pty of its own, from the jail's devpts, first ``rows`` x ``cols``
+    (0: unknown). The job's init sends the master on the Unix socket it gets as its stdin
+    (``netjail.kernel.pty``)."""
+
+    rows: int
+    cols: int
+
+
 class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a job's processes need.
 
     ``cwd`` is a path in the job's view (``fsplan.JOB_HOME`` by default), ``cgroup_procs``
-    the cgroup.procs files the job is born in, ``fs`` its file system (``build_fs_plan``).
+    the cgroup.procs files the job is born in, ``fs`` its file system (``build_fs_plan``),
+    ``terminal`` its pty when it has one.
     """
 
     argv: list[str]
@@ -41,6 +51,7 @@ class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
     cgroup_procs: list[str]
     hostname: str
     fs: FsPlan
+    terminal: TerminalPlan | None = None
 
 
 class SpawnFailure(msgspec.Struct, frozen=True):
