@@ -1,15 +1,18 @@
 """The pipeline's steps for a job with a pty, over the fake JailHost: the init is asked for a
 pty of the window size, the master it sends is the job's until teardown, and a missing one
-fails the job closed."""
+fails the job closed. And a stop that begins while a job is being built ends that job too."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+from typing import Any
 
 import pytest
 
 from netjail.daemon.jobs import JobManager
-from netjail.daemon.pipeline import JailContext
+from netjail.daemon.pipeline import JailContext, Job
 from netjail.daemon.spec import TerminalStdio
 from netjail.errors import JailError
 from netjail.kernel.jobplan import TerminalPlan
@@ -65,4 +68,41 @@ def test_a_tty_job_whose_init_sends_no_pty_fails_closed(
 
     run(scenario())
     assert_undone_in_reverse(host)
+    assert_nothing_left(host, ctx)
+
+
+def test_a_job_whose_build_was_under_way_when_the_stop_began_is_ended_too(
+    host: FakeJailHost, ctx: JailContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """shutdown() also ends a job still being built when it was called (its command may
+    already run), once it runs, and returns only after its report and teardown."""
+    host.fatal_signals.add(signal.SIGTERM)
+    spawning = asyncio.Event()
+    go_on = asyncio.Event()
+    real_spawn = host.spawn
+
+    async def slow_spawn(*args: Any) -> Any:
+        spawning.set()
+        await go_on.wait()
+        return await real_spawn(*args)
+
+    monkeypatch.setattr(host, "spawn", slow_spawn)
+
+    async def scenario() -> Job:
+        manager = JobManager(ctx)
+        starting = asyncio.ensure_future(manager.start(spec(), [], None))
+        await spawning.wait()
+        stopping = asyncio.ensure_future(manager.shutdown())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not stopping.done()
+        go_on.set()
+        job = await starting
+        await asyncio.wait_for(stopping, 5)
+        assert job.finished.done()
+        assert job.removed.is_set()
+        return job
+
+    job = run(scenario())
+    assert host.processes[job.process.pid].signals == [signal.SIGTERM]
     assert_nothing_left(host, ctx)

@@ -224,14 +224,23 @@ class JobManager:
 
     async def shutdown(self) -> None:
         """End every running job (TERM, grace, KILL) and wait until each has its report, and
-        destroy the pool's unused jails."""
+        destroy the pool's unused jails.
+
+        Jobs whose build was under way are ended too, once they run: their command may have
+        started already (a job runs before its build returns)."""
         await self.pool.close()
-        running = list(self.jobs.values())
-        await asyncio.gather(
-            *(self.terminate(job, job.spec.limits.kill_grace_s) for job in running),
-            return_exceptions=True,
-        )
-        for job in running:
+        ended: dict[str, Job] = {}
+        while self._starting or self.jobs.keys() - ended.keys():
+            running = [job for job in self.jobs.values() if job.id not in ended]
+            if not running:
+                await asyncio.sleep(_GRACE_POLL_S)
+                continue
+            ended.update((job.id, job) for job in running)
+            await asyncio.gather(
+                *(self.terminate(job, job.spec.limits.kill_grace_s) for job in running),
+                return_exceptions=True,
+            )
+        for job in ended.values():
             with contextlib.suppress(Exception):
                 await job.finished
             # And until each jail is gone: the loop ends when this returns, and an undo still
