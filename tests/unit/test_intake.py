@@ -276,4 +276,5 @@ def test_only_new_events_are_attributed_and_a_closed_feed_adds_its_misses() -> N
     ]
     feed.owners.misses["gone"] = 3
     intake.close_feed(feed)
-    assert intake.events_unattributed == 3
+    assert intake.unattributed == {"gone": 3}
+    assert intake.unattributed_by_reason() == {"gone": 3}

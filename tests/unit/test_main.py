@@ -35,6 +35,7 @@ from netjail.daemon.main import (
     main,
     write_resolv_conf,
 )
+from netjail.daemon.metrics import Metrics
 from netjail.daemon.server import Server
 from netjail.daemon.spec import DEFAULT_PATH
 from netjail.errors import ConfigError, NetjailError
@@ -426,7 +427,12 @@ def serve(
 ) -> Coroutine[Any, Any, int]:
     """_serve over the stand-ins for the fork server and the Logger."""
     return _serve(
-        daemon.server, cast(ForkServer, forkserver), cast(Logger, log), config_path, reader
+        daemon.server,
+        cast(ForkServer, forkserver),
+        cast(Logger, log),
+        config_path,
+        reader,
+        metrics=Metrics(),
     )
 
 
@@ -710,7 +716,13 @@ def start_up(monkeypatch: pytest.MonkeyPatch) -> StartUp:
         return FakeJailHost()
 
     async def serve(
-        server: Server, forkserver: object, log: object, config_path: object, reader: object
+        server: Server,
+        forkserver: object,
+        log: object,
+        config_path: object,
+        reader: object,
+        *,
+        metrics: object,
     ) -> int:
         made.served.append(server)
         return 0

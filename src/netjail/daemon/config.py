@@ -24,10 +24,12 @@ from typing import Literal, TypeVar, cast, get_args
 from netjail import policy as rules
 from netjail.daemon.configvalues import (
     BadValueError,
+    ListenAddress,
     Table,
     read_absolute_path,
     read_array,
     read_bind,
+    read_bool,
     read_choice,
     read_count,
     read_cpus,
@@ -35,6 +37,7 @@ from netjail.daemon.configvalues import (
     read_group_name,
     read_host_name,
     read_http_rules,
+    read_listen_address,
     read_pids,
     read_rules,
     read_size,
@@ -151,6 +154,10 @@ class Config:
     #: (``jobs.max_jobs_for``).
     max_jobs: int | None = None
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+    #: Where Prometheus scrapes netjaild's metrics; None: not served. Loopback only, unless
+    #: ``metrics_allow_remote``: the endpoint has no authentication. Read at start only.
+    metrics_listen: ListenAddress | None = None
+    metrics_allow_remote: bool = False
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
     jail: Jail = field(default_factory=Jail)
@@ -328,6 +335,8 @@ def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
             read_count(_MAX_CONNECTIONS_BOUND),
             base.max_connections_per_uid,
         ),
+        metrics_listen=top.take("metrics_listen", read_listen_address, base.metrics_listen),
+        metrics_allow_remote=top.take("metrics_allow_remote", read_bool, base.metrics_allow_remote),
         limits=_read_limits(limits),
         policy=_read_policy(policy),
         hosts=_read_hosts(hosts),
@@ -336,6 +345,13 @@ def _read_config(data: Mapping[str, object], problems: list[str]) -> Config:
     )
     for table in (top, limits, policy, hosts, jail, proxy):
         table.reject_unknown()
+    listen = config.metrics_listen
+    if listen is not None and not listen.host.is_loopback and not config.metrics_allow_remote:
+        top.problem(
+            "metrics_listen",
+            f"{listen} is not a loopback address, and the metrics endpoint has no "
+            "authentication; set metrics_allow_remote = true to serve it beyond this host",
+        )
     return config
 
 

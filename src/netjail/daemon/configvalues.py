@@ -8,15 +8,18 @@ the first; netjail.daemon.config assembles them into its dataclasses.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from netjail import policy as rules
 from netjail import units
 from netjail.daemon.uids import UidRange, parse_uid_range
 from netjail.errors import ConfigError, ProtocolError, RequestError
+from netjail.ipaddr import IPAddress
 from netjail.protocol import BindAccess, BindMount, parse_bind
 from netjail.text import sanitize
 
@@ -283,6 +286,42 @@ def read_count(maximum: int, minimum: int = 1) -> Callable[[object], int]:
         return value
 
     return convert
+
+
+def read_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise BadValueError(f"expected true or false, got {describe(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """An address and port to listen on, such as ``metrics_listen``'s."""
+
+    host: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if self.host.version == 6 else str(self.host)
+        return f"{host}:{self.port}"
+
+
+def read_listen_address(value: object) -> ListenAddress:
+    """``127.0.0.1:9464`` or ``[::1]:9464``: an IP address (no name: nothing to resolve at
+    start) and a port from 1 to 65535."""
+    text = read_string(value)
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise BadValueError(f"write an IPv6 address in brackets, e.g. [::1]:9464; got {text!r}")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise BadValueError(f"expected ADDRESS:PORT with an IP address, got {text!r}") from None
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BadValueError(f"expected ADDRESS:PORT with a port from 1 to 65535, got {text!r}")
+    return ListenAddress(address, int(port))
 
 
 def read_host_name(name: str) -> str:

@@ -75,10 +75,12 @@ class EventIntake:
     def __init__(self) -> None:
         self.history: deque[Seen] = deque(maxlen=HISTORY_EVENTS)
         self.followers: list[EventSink] = []
+        #: Told of every event as it arrives, before folding (the metrics).
+        self.observers: list[EventSink] = []
         self.events_seen = 0
         self.events_lost = 0
-        #: Lookups of the sending process that found none, from jobs that have ended.
-        self.events_unattributed = 0
+        #: Lookups of the sending process that found none, by why, from jobs that have ended.
+        self.unattributed: dict[str, int] = {}
         self._feeds: dict[str, JobFeed] = {}
         self._kmsg: kmsg.KmsgReader | None = None
         self._on_kmsg_failure: Callable[[str], None] = _ignore
@@ -86,7 +88,8 @@ class EventIntake:
     def forget_history(self) -> None:
         """Clear counters and history (after the start-up self-test)."""
         self.history.clear()
-        self.events_seen = self.events_lost = self.events_unattributed = 0
+        self.events_seen = self.events_lost = 0
+        self.unattributed.clear()
 
     def open_feed(self, job_id: str, owner_uid: int, sink: EventSink | None) -> JobFeed:
         """A new job's feed; routed from now on (kernel-log events may come before it runs)."""
@@ -100,8 +103,21 @@ class EventIntake:
         """The job is over: its losses join the daemon's count, and it is routed no more."""
         if self._feeds.pop(feed.job_id, None) is not None:
             self.events_lost += feed.lost
-            self.events_unattributed += feed.owners.unattributed
+            for reason, count in feed.owners.misses.items():
+                self.unattributed[reason] = self.unattributed.get(reason, 0) + count
             feed.owners.close()
+
+    def lost_total(self) -> int:
+        """Events lost so far, by ended and running jobs."""
+        return self.events_lost + sum(feed.lost for feed in list(self._feeds.values()))
+
+    def unattributed_by_reason(self) -> dict[str, int]:
+        """New events whose process could not be named so far (running jobs': by why)."""
+        running = dict(self.unattributed)
+        for feed in list(self._feeds.values()):
+            for reason, count in list(feed.owners.misses.items()):
+                running[reason] = running.get(reason, 0) + count
+        return running
 
     def open_feed_ids(self) -> list[str]:
         """The jobs whose events are being routed (running, or being built)."""
@@ -129,6 +145,8 @@ class EventIntake:
         """Fold ``event`` into the job's events; stream it if it is new, with the process that
         sent it from ``origin`` when it names none yet."""
         self.events_seen += 1
+        for observe in self.observers:
+            observe(event)
         _count_domain(feed.domains, event)
         new = feed.events.add(event, time.monotonic() if now is None else now)
         if new is None:

@@ -15,6 +15,7 @@ import signal
 import time
 
 from netjail.daemon.intake import EventSink
+from netjail.daemon.metrics import DaemonState, Metrics, outcome_of
 from netjail.daemon.pipeline import JailContext, Job, NflogSource, drain_capture, start_job
 from netjail.daemon.pool import JailPool
 from netjail.daemon.report import Ending, build_report
@@ -22,7 +23,7 @@ from netjail.daemon.spec import JobSpec
 from netjail.errors import BusyError, JailError, NotFoundError
 from netjail.kernel.peer import PeerCred
 from netjail.kernel.spawn import ExitStatus
-from netjail.protocol import Report
+from netjail.protocol import Event, Report
 
 #: How often a graceful stop checks whether the job's processes are gone.
 _GRACE_POLL_S = 0.02
@@ -73,6 +74,24 @@ class JobManager:
         self._starting = 0
         # Strong references: the loop keeps only weak ones to running tasks.
         self._supervisors: set[asyncio.Task[None]] = set()
+        #: Counted from the first job on; ``use_metrics`` swaps in the served ones.
+        self.metrics = Metrics()
+        ctx.intake.observers.append(self._count_event)
+
+    def _count_event(self, event: Event) -> None:
+        self.metrics.count_event(event)
+
+    def use_metrics(self, metrics: Metrics) -> None:
+        """Count into ``metrics`` from now on (after the self-test: its probe is no client's)."""
+        self.metrics = metrics
+        intake = self.ctx.intake
+        metrics.watch(
+            DaemonState(
+                jobs_running=lambda: len(self.jobs),
+                events_lost=intake.lost_total,
+                events_unattributed=intake.unattributed_by_reason,
+            )
+        )
 
     # ------------------------------------------------------------------ lookup
 
@@ -103,15 +122,21 @@ class JobManager:
         """Build the jail, start the job in it and supervise it; JailError if it cannot start,
         BusyError if ``max_jobs`` jobs are built or running already."""
         if len(self.jobs) + self._starting >= self.max_jobs:
+            self.metrics.job_start_failures.inc()
             raise BusyError(
                 f"netjaild is running as many jobs as it may at once ({self.max_jobs}, its "
                 "max_jobs); try again when one has ended"
             )
         self._starting += 1
+        began = time.monotonic()
         try:
             job = await start_job(self.ctx, spec, stdio, sink, self.pool)
+        except BaseException:
+            self.metrics.job_start_failures.inc()
+            raise
         finally:
             self._starting -= 1
+        self.metrics.count_start(time.monotonic() - began)
         self.jobs[job.id] = job
         self.jobs_total += 1
         task = asyncio.get_running_loop().create_task(self._supervise(job))
@@ -125,9 +150,11 @@ class JobManager:
         try:
             status = await self._wait(job)
             report = await self._finish(job, status)
+            self.metrics.count_end(outcome_of(report))
             if not job.finished.done():
                 job.finished.set_result(report)
         except Exception as e:
+            self.metrics.count_end("error")
             self.ctx.log("error", "job supervision failed", job=job.id, error=repr(e))
             if not job.finished.done():
                 job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))

@@ -27,6 +27,7 @@ from netjail.daemon.config import DEFAULT_CONFIG_PATH, Config, check_config, loa
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobs import JobManager
 from netjail.daemon.log import Logger, loop_error_handler
+from netjail.daemon.metrics import Metrics, MetricsServer
 from netjail.daemon.pipeline import JailContext
 from netjail.daemon.recovery import StateRecords, recover
 from netjail.daemon.selftest import run_self_test
@@ -130,6 +131,8 @@ async def _serve(
     log: Logger,
     config_path: str | None,
     kmsg_reader: kmsg.KmsgReader | None,
+    *,
+    metrics: Metrics,
 ) -> int:
     """Self-test, serve until SIGTERM/SIGINT, stop gracefully; the exit status."""
     loop = asyncio.get_running_loop()
@@ -161,6 +164,7 @@ async def _serve(
     log("info", "self-test passed")
     # Counters and history are about clients' jobs; the probe's are not among them.
     server.intake.forget_history()
+    server.jobs.use_metrics(metrics)
     if stop.event.is_set():
         return stop.status()  # asked to stop while starting: nothing was served, nothing is left
     # Warm jails from now on: the probe job was built cold, so the path every pool jail's
@@ -269,7 +273,7 @@ def _reload(server: Server, config_path: str | None, log: Logger) -> None:
     help="Log line format on stderr [default: text].",
 )
 @click.version_option(__version__, prog_name="netjaild")
-def main(
+def main(  # noqa: PLR0915 - the start-up order, step by step, reads best in one place
     config_path: str | None,
     check_path: str | None,
     socket_path: str | None,
@@ -344,20 +348,36 @@ def main(
             config=config,
         )
         server.apply(config, file_config)
+        metrics, endpoint = _start_metrics(config, log)
     except (NetjailError, OSError) as e:
         forkserver.close()
         log("error", "cannot start", error=str(e))
         click.echo(f"netjaild: {e}", err=True)
         sys.exit(1)
     try:
-        status = asyncio.run(_serve(server, forkserver, log, config_path, kmsg_reader))
+        status = asyncio.run(
+            _serve(server, forkserver, log, config_path, kmsg_reader, metrics=metrics)
+        )
     finally:
+        if endpoint is not None:
+            endpoint.close()
         forkserver.close()
         if not activated:
             with contextlib.suppress(OSError):
                 os.unlink(config.socket)
     log("info", "netjaild stopped")
     sys.exit(status)
+
+
+def _start_metrics(config: Config, log: Logger) -> tuple[Metrics, MetricsServer | None]:
+    """The daemon's metrics, and their endpoint when ``metrics_listen`` is set: bound before the
+    self-test, so that a port in use stops the start with a clear error."""
+    metrics = Metrics()
+    if config.metrics_listen is None:
+        return metrics, None
+    endpoint = MetricsServer.start(metrics, config.metrics_listen)
+    log("info", "serving metrics", address=str(config.metrics_listen))
+    return metrics, endpoint
 
 
 def _check_backends(config: Config) -> kmsg.KmsgReader | None:
