@@ -83,6 +83,7 @@ class JobManager:
 
     def use_metrics(self, metrics: Metrics) -> None:
         """Count into ``metrics`` from now on (after the self-test: its probe is no client's)."""
+        metrics.pool_size = self.metrics.pool_size  # a pool's hook set before still counts
         self.metrics = metrics
         intake = self.ctx.intake
         metrics.watch(
