@@ -78,12 +78,16 @@ class JobManager:
         self.metrics = Metrics()
         ctx.intake.observers.append(self._count_event)
 
+    def _pool_ready(self) -> int | None:
+        """Warm jails ready now; None without a pool (jail.pool_size = 0)."""
+        return self.pool.ready if self.pool.size > 0 else None
+
     def _count_event(self, event: Event) -> None:
         self.metrics.count_event(event)
 
     def use_metrics(self, metrics: Metrics) -> None:
         """Count into ``metrics`` from now on (after the self-test: its probe is no client's)."""
-        metrics.pool_size = self.metrics.pool_size  # a pool's hook set before still counts
+        metrics.pool_size = self._pool_ready
         self.metrics = metrics
         intake = self.ctx.intake
         metrics.watch(

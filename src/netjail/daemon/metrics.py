@@ -100,7 +100,7 @@ class Metrics:
             ["direction"],
             registry=registry,
         )
-        #: The warm pool sets this to a callable giving its size (None: there is no pool).
+        #: The warm pool's jails ready now (None: there is no pool); set by the job manager.
         self.pool_size: Callable[[], int | None] = _no_pool
         self._state: DaemonState | None = None
         registry.register(_StateCollector(self))
