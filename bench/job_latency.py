@@ -9,6 +9,12 @@ another through the Python client, and in the same run times the baselines that 
 
 ``--compare-ref REF`` also runs a daemon from git revision REF (a temporary worktree), in the
 same run, alternating with this tree's in rounds, so a change can be shown to be no slower.
+
+Then the CLI's own start, against a bare ``python3 -I -c pass`` timed in the same rounds: the
+interpreter with no import; the same with click and msgspec alone (the floor the CLI's two
+dependencies set); ``import netjail.cli``; ``netjail ps`` against a socket that does not exist
+(the whole start up to a one-line error); and ``netjail run -- /bin/true`` through the private
+daemon (the CLI's whole job). Each is printed with its ratio to ``python3 -I -c pass``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -47,6 +54,38 @@ def time_netjail(client: Client, n: int) -> list[float]:
         samples.append(time.perf_counter() - start)
         assert result.exit_code == 0
     return samples
+
+
+def time_cli_start(n: int, sock: str | None) -> dict[str, list[float]]:
+    """The CLI's start against a bare interpreter's, in alternating rounds (see the docstring)."""
+    netjail = os.path.join(os.path.dirname(sys.executable), "netjail")
+    cases = {
+        "python3 -I -c pass": ["python3", "-I", "-c", "pass"],
+        "  this venv's python": [sys.executable, "-I", "-c", "pass"],
+        "  import click, msgspec": [sys.executable, "-I", "-c", "import click, msgspec"],
+        "  import netjail.cli": [sys.executable, "-I", "-c", "import netjail.cli"],
+        "  netjail ps (no daemon)": [netjail, "--socket", "/nonexistent/netjail.sock", "ps"],
+    }
+    if sock is not None:
+        cases["  netjail run -- /bin/true"] = [netjail, "--socket", sock, "run", "-q", "/bin/true"]
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(n):
+        for name, argv in cases.items():
+            start = time.perf_counter()
+            subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def print_cli_start(samples: dict[str, list[float]]) -> None:
+    bare = statistics.median(samples["python3 -I -c pass"])
+    print(f"\nCLI start, {len(samples['python3 -I -c pass'])} rounds")
+    print(f"{'':26} {'p50 ms':>8} {'p95 ms':>8} {'p50 / bare':>14}")
+    for name, each in samples.items():
+        p50 = statistics.median(each)
+        print(
+            f"{name:26} {p50 * 1000:8.2f} {percentile(each, 0.95) * 1000:8.2f} {p50 / bare:14.2f}"
+        )
 
 
 def time_cgroup_cost(n: int) -> tuple[list[float], list[float]]:
@@ -130,6 +169,7 @@ def main() -> None:
         for _ in range(rounds):
             for name, each in clients.items():
                 results[name] += time_netjail(each, max(1, args.jobs // rounds))
+        cli_start = time_cli_start(max(10, args.jobs // 4), None if args.use_running else sock)
         baselines = {
             "true (no isolation)": ["/bin/true"],
             "unshare -n true": ["unshare", "-n", "/bin/true"],
@@ -179,6 +219,7 @@ def main() -> None:
         print(f"{name:26} {p50 * 1000:8.2f} {p95 * 1000:8.2f} {p50 / ours:14.2f}")
     added = statistics.median(with_cgroup) - statistics.median(plain)
     print(f"\ncgroup cost per job: {added * 1000:.2f} ms p50 ({added / ours:.0%} of netjail's p50)")
+    print_cli_start(cli_start)
 
 
 if __name__ == "__main__":

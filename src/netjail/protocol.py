@@ -17,6 +17,7 @@ add fields, never rename them.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 import msgspec
@@ -450,8 +451,18 @@ Reply = (
 )
 
 _encoder = msgspec.json.Encoder()
-_request_decoder = msgspec.json.Decoder(Request)
-_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+# Built on first use: a decoder inspects every type of its union, and each side of the socket
+# needs only one of the two (every `netjail` command pays for what this module does at import).
+@functools.cache
+def _request_decoder() -> msgspec.json.Decoder[Request]:
+    return msgspec.json.Decoder(Request)
+
+
+@functools.cache
+def _reply_decoder() -> msgspec.json.Decoder[Reply]:
+    return msgspec.json.Decoder(Reply)
 
 
 def encode_message(message: msgspec.Struct) -> bytes:
@@ -481,7 +492,7 @@ def _describe(error: msgspec.MsgspecError) -> str:
 def decode_request(frame: bytes) -> Request:
     """Decode one client frame strictly; raise ProtocolError saying what is wrong."""
     try:
-        request: Request = _request_decoder.decode(frame)
+        request: Request = _request_decoder().decode(frame)
     except msgspec.MsgspecError as e:
         raise ProtocolError(f"bad request: {_describe(e)}") from None
     return request
@@ -490,7 +501,7 @@ def decode_request(frame: bytes) -> Request:
 def decode_reply(frame: bytes) -> Reply:
     """Decode one daemon frame; unknown fields are ignored for forward compatibility."""
     try:
-        reply: Reply = _reply_decoder.decode(frame)
+        reply: Reply = _reply_decoder().decode(frame)
     except msgspec.MsgspecError as e:
         raise ProtocolError(f"bad message from daemon: {_describe(e)}") from None
     return reply

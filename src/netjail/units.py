@@ -8,18 +8,17 @@ echoes more than a short, printable excerpt of the input back.
 from __future__ import annotations
 
 import re
-from fractions import Fraction
+from typing import TYPE_CHECKING
 
 from netjail.errors import RequestError
 
+if TYPE_CHECKING:
+    from fractions import Fraction
+
 #: Binary multipliers: "M" means MiB, as in every memory-limit flag users already know.
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_DURATION_UNITS = {
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
-}
+#: Seconds per unit, as (numerator, denominator): exact, and no Fraction built at import.
+_DURATION_UNITS = {"ms": (1, 1000), "s": (1, 1), "m": (60, 1), "h": (3600, 1)}
 
 # Plain decimal notation only: no sign, exponent, "inf" or "nan", which float() would accept.
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -46,6 +45,15 @@ def _excerpt(text: str) -> str:
     return cleaned + ("…" if len(text) > _MAX_TEXT else "")
 
 
+def _exact(number: str) -> Fraction:
+    """The decimal ``number`` (already matched by _NUMBER), exactly."""
+    # Imported here: every netjail command imports this module, few parse a number, and
+    # fractions is a millisecond of the CLI's start.
+    from fractions import Fraction  # noqa: PLC0415
+
+    return Fraction(number)
+
+
 def _match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     if len(text) > _MAX_TEXT:
         return None
@@ -65,7 +73,7 @@ def parse_size(text: str) -> int:
     match = _match(_SIZE_RE, text)
     if match is None:
         raise RequestError(hint)
-    value = int(Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    value = int(_exact(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
     if value < 1:
         raise RequestError(f"{hint} (it must be at least one byte)")
     if value > MAX_SIZE:
@@ -86,7 +94,8 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise RequestError(hint)
     unit = (match.group(2) or "s").lower()
-    seconds = Fraction(match.group(1)) * _DURATION_UNITS[unit]
+    numerator, denominator = _DURATION_UNITS[unit]
+    seconds = _exact(match.group(1)) * numerator / denominator
     if seconds <= 0:
         raise RequestError(f"{hint} (it must be more than zero)")
     if seconds > MAX_DURATION_S:
@@ -103,7 +112,7 @@ def parse_cpus(text: str) -> float:
     match = _match(_CPUS_RE, text)
     if match is None:
         raise RequestError(hint)
-    cpus = float(Fraction(match.group(1)))
+    cpus = float(_exact(match.group(1)))
     if not MIN_CPUS <= cpus <= MAX_CPUS:
         raise RequestError(hint)
     return cpus

@@ -199,6 +199,45 @@ def test_importing_the_cli_loads_no_kernel_code() -> None:
     )
 
 
+#: What `netjail run` never needs, so `import netjail.cli` must not load it: the doctor (loaded
+#: by its command), the asyncio client (by its name), and what only they or a parsed option use.
+LAZY_FOR_THE_CLI = [
+    "netjail.doctor",
+    "netjail.asyncclient",
+    "asyncio",
+    "ctypes",
+    "gzip",
+    "subprocess",
+    "fractions",
+    "importlib.metadata",
+]
+
+
+def test_importing_the_cli_loads_neither_doctor_nor_what_only_other_commands_need() -> None:
+    """`import netjail.cli` (what every command pays for) loads none of LAZY_FOR_THE_CLI, nor
+    any doctor submodule; the reply decoder is not built either until a reply comes."""
+    loaded = _loaded_after("import netjail.cli")
+    assert "netjail.cli" in loaded
+    assert sorted(name for name in LAZY_FOR_THE_CLI if name in loaded) == []
+    assert sorted(name for name in loaded if _is_under(name, "netjail.doctor")) == []
+    built = _loaded_after(
+        "import netjail.cli, netjail.protocol as p; "
+        "assert p._reply_decoder.cache_info().currsize == 0; "
+        "assert p._request_decoder.cache_info().currsize == 0"
+    )
+    assert "netjail.cli" in built
+
+
+def test_the_lazy_names_still_load_when_used() -> None:
+    """What the CLI does not import up front still works when asked for: the doctor command's
+    module, `netjail.AsyncClient`, a size option's parser."""
+    loaded = _loaded_after(
+        "import netjail, netjail.cli, netjail.units as u; netjail.AsyncClient; "
+        "import netjail.doctor; assert u.parse_size('1.5K') == 1536"
+    )
+    assert {"netjail.doctor", "netjail.asyncclient", "asyncio", "fractions"} <= loaded
+
+
 def test_module_check_detects_pyroute2() -> None:
     """The sys.modules check above would see pyroute2 if kernel code were imported."""
     assert "pyroute2" in _loaded_after("import netjail.kernel.netns")
