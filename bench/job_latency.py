@@ -60,9 +60,17 @@ def time_cli_start(n: int, sock: str | None) -> dict[str, list[float]]:
     """The CLI's start against a bare interpreter's, in alternating rounds (see the docstring)."""
     netjail = os.path.join(os.path.dirname(sys.executable), "netjail")
     cases = {
-        "python3 -I -c pass": ["python3", "-I", "-c", "pass"],
+        # The system's python3 (a PATH lookup may find a version manager's slow shim).
+        "python3 -I -c pass": ["/usr/bin/python3", "-I", "-c", "pass"],
         "  this venv's python": [sys.executable, "-I", "-c", "pass"],
         "  import click, msgspec": [sys.executable, "-I", "-c", "import click, msgspec"],
+        # As netjail ends: without tearing the interpreter down (cli._exit_now).
+        "    ..., then os._exit": [
+            sys.executable,
+            "-I",
+            "-c",
+            "import click, msgspec, os; os._exit(0)",
+        ],
         "  import netjail.cli": [sys.executable, "-I", "-c", "import netjail.cli"],
         "  netjail ps (no daemon)": [netjail, "--socket", "/nonexistent/netjail.sock", "ps"],
     }
