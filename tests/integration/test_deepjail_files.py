@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import shutil
@@ -203,3 +204,21 @@ def test_filling_tmp_gets_enospc_and_the_space_is_freed(client: Client) -> None:
     while client.ps() or shmem_bytes() - before > TMP_SIZE // 4:
         assert time.monotonic() < deadline, f"still {shmem_bytes() - before} bytes more shmem"
         time.sleep(0.05)
+
+
+def test_the_job_resolves_its_own_hostname_without_asking_the_stub(client: Client) -> None:
+    """/etc/hostname and /etc/hosts name the job's host name, so resolving it is no event."""
+    resolve = "import socket; print(socket.gethostbyname(socket.gethostname()))"
+    shell = f"hostname; cat /etc/hostname; getent hosts $(hostname); {PY} -c '{resolve}'"
+    default = client.run(["sh", "-c", shell], stdio="capture")
+    name = f"netjail-{default.job}"
+    *lines, address = text(default).splitlines()
+    assert lines == [
+        name,
+        name,
+        f"::1             localhost ip6-localhost ip6-loopback {name}",
+    ], default.stderr
+    assert ipaddress.ip_address(address).is_loopback  # glibc may give 127.0.0.1 for the ::1 line
+    named = client.run(["cat", "/etc/hostname"], stdio="capture", hostname="build-box")
+    assert text(named) == "build-box\n"
+    assert default.events == named.events == []

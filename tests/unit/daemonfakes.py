@@ -262,6 +262,7 @@ def make_daemon(
         homes_dir=os.path.join(state_dir, "homes"),
         resolv_conf=os.path.join(state_dir, "resolv.conf"),
         trust_dir=os.path.join(state_dir, "trust"),
+        etc_dir=os.path.join(state_dir, "etc"),
     )
     jobs = StubJobs(ctx)
     server = Server(

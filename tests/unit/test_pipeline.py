@@ -15,6 +15,7 @@ import pytest
 
 from netjail.daemon import jailbuild, pipeline
 from netjail.daemon.config import Config
+from netjail.daemon.etcfiles import make_etc_dir
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobs import JobManager, may_see
 from netjail.daemon.pipeline import JailContext, Job
@@ -80,6 +81,7 @@ def fake_context(host: FakeJailHost, directory: Path) -> JailContext:
         homes_dir="/var/lib/netjail/homes",
         resolv_conf="/var/lib/netjail/resolv.conf",
         trust_dir=str(directory / "trust"),
+        etc_dir=make_etc_dir(str(directory)),
     )
 
 
@@ -182,7 +184,7 @@ def test_a_job_is_built_in_order_runs_and_is_torn_down_in_reverse(
 
 
 def test_the_spawn_request_carries_the_jail(host: FakeJailHost, ctx: JailContext) -> None:
-    """The child is told the job's netns, cgroup, uid, hidden paths and resolv.conf."""
+    """The child is told the job's netns, cgroup, uid, hidden paths and its /etc files."""
     host.exit_at_once = exited(0)
 
     async def scenario() -> Job:
@@ -198,11 +200,15 @@ def test_the_spawn_request_carries_the_jail(host: FakeJailHost, ctx: JailContext
     assert (plan.uid, plan.gid, plan.argv, plan.cwd) == (65534, 65534, ["/bin/true"], "/")
     assert plan.hostname == f"netjail-{job.id}"
     binds = [step for step in plan.fs.steps if isinstance(step, Bind)]
-    assert [(b.source, b.target, b.access) for b in binds[-3:]] == [
+    etc = ctx.etc_dir
+    assert [(b.source, b.target, b.access) for b in binds[-5:]] == [
         (PathSource(f"/var/lib/netjail/homes/{job.id}"), "/home/job", "rw"),
         (FdSource(0), "/data", "ro"),
         (PathSource("/var/lib/netjail/resolv.conf"), "/etc/resolv.conf", "ro"),
+        (PathSource(f"{etc}/{job.id}.hosts"), "/etc/hosts", "ro"),
+        (PathSource(f"{etc}/{job.id}.hostname"), "/etc/hostname", "ro"),
     ]
+    assert os.listdir(etc) == []  # the job's files are removed with its jail
     assert len(host.source_fds[0]) == 1
     ((path, creds, access),) = host.bind_opens
     assert (path, creds.uid, access) == ("/srv/data", 0, "ro")

@@ -54,6 +54,8 @@ class JailContext:
     resolv_conf: str
     #: Where the trust files of jobs that intercept are written, root only.
     trust_dir: str
+    #: Where each job's /etc/hosts and /etc/hostname are written, root only.
+    etc_dir: str
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import click
 from netjail._version import __version__
 from netjail.daemon import sdnotify
 from netjail.daemon.config import DEFAULT_CONFIG_PATH, Config, check_config, load_config
+from netjail.daemon.etcfiles import make_etc_dir
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobs import JobManager
 from netjail.daemon.log import Logger, loop_error_handler
@@ -336,6 +337,7 @@ def main(  # noqa: PLR0915 - the start-up order, step by step, reads best in one
             homes_dir=make_homes_dir(config.state_dir),
             resolv_conf=write_resolv_conf(config.state_dir),
             trust_dir=make_trust_dir(config.state_dir),
+            etc_dir=make_etc_dir(config.state_dir),
         )
         sdnotify.notify_status("removing leftovers of a previous run")
         for item in recover(host, records, log, ctx.uids, ctx.homes_dir):

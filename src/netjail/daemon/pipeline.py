@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from netjail.daemon.certauthority import JobCA
 from netjail.daemon.dnsstub import DnsStub
+from netjail.daemon.etcfiles import EtcFiles, remove_etc_files, write_etc_files
 from netjail.daemon.intake import EventSink, JobFeed
 from netjail.daemon.interception import Interception
 from netjail.daemon.jailbuild import (
@@ -165,6 +166,7 @@ async def start_job(
                 trust=trust,
             )
             home = await make_home(cleanup_on_fail, ctx, job_id, user, spec)  # 9
+            etc = await write_etc(cleanup_on_fail, ctx, job_id, spec)  # 9a
             sources = await open_binds(always_cleanup, ctx, spec)  # 10
             plan = plan_job(  # 11
                 ctx,
@@ -176,6 +178,7 @@ async def start_job(
                 home=home,
                 sources=sources,
                 trust=trust,
+                etc=etc,
             )
             wired = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 12
             marks.mark()
@@ -337,6 +340,20 @@ async def make_home(
     return path
 
 
+async def write_etc(
+    stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec
+) -> EtcFiles:
+    """9a. The job's /etc/hosts and /etc/hostname, which know its hostname; gone after."""
+    files = await asyncio.to_thread(write_etc_files, ctx.etc_dir, job_id, hostname_of(spec, job_id))
+    push_undo(stack, ctx, "etc", in_thread(remove_etc_files, files))
+    return files
+
+
+def hostname_of(spec: JobSpec, job_id: str) -> str:
+    """The job's hostname: as asked, or netjail-<job>."""
+    return spec.hostname or job_hostname(job_id)
+
+
 async def open_binds(
     always: AsyncExitStack, ctx: JailContext, spec: JobSpec
 ) -> list[tuple[BindMount, BindSource]]:
@@ -369,6 +386,7 @@ def plan_job(
     home: str,
     sources: list[tuple[BindMount, BindSource]],
     trust: JobTrust | None = None,
+    etc: EtcFiles | None = None,
 ) -> JobPlan:
     """11. Everything the job's init needs, as one struct (pure)."""
     trust_binds = trust.files.binds() if trust is not None else []
@@ -379,7 +397,11 @@ def plan_job(
             Bind(FdSource(index), bind.target or bind.source, bind.access)
             for index, (bind, _) in enumerate(sources)
         ],
-        files=[Bind(PathSource(ctx.resolv_conf), "/etc/resolv.conf", "ro"), *trust_binds],
+        files=[
+            Bind(PathSource(ctx.resolv_conf), "/etc/resolv.conf", "ro"),
+            *(etc.binds() if etc is not None else []),
+            *trust_binds,
+        ],
         sizes=TmpfsSizes(
             tmp=spec.jail.tmp_size,
             var_tmp=spec.jail.var_tmp_size,
@@ -395,7 +417,7 @@ def plan_job(
         gid=user.gid,
         netns_path=netns.netns_path(netns_name),
         cgroup_procs=list(cgroup.procs_files),
-        hostname=spec.hostname or job_hostname(job_id),
+        hostname=hostname_of(spec, job_id),
         fs=fs,
         terminal=(
             TerminalPlan(rows=spec.stdio.rows, cols=spec.stdio.cols)
