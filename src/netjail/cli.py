@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import msgspec
 
-from netjail import console, eventview, statusview
+from netjail import console, eventview, ptyrelay, statusview
 from netjail import protocol as p
 from netjail.client import DEFAULT_SOCKET, Client, EventStream, default_socket
 from netjail.console import EXIT_NETJAIL, say
@@ -279,6 +279,14 @@ _kill_grace = _parsed(parse_duration, maximum=p.MAX_KILL_GRACE_S, bounds="at mos
 @click.option(
     "--verbose", "-v", is_flag=True, help="Also print allowed connections and DNS answers."
 )
+@click.option(
+    "--tty/--no-tty",
+    "-t/-T",
+    "tty",
+    default=None,
+    help="Give the job a terminal of its own (a pty made in its jail; job control works), "
+    "relayed with this one in raw mode [default: when stdin and stdout are terminals].",
+)
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def run(
@@ -310,14 +318,20 @@ def run(
     quiet: bool,
     as_json: bool,
     verbose: bool,
+    tty: bool | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a jail; its exit status is passed through.
 
     Events are printed on stderr, each a whole line between the job's own lines; at the end,
     a summary of what was blocked and the --allow that would let each name through.
-    SIGINT, SIGTERM, SIGHUP and SIGQUIT go to every process of the job; a second Ctrl-C
-    within 2 s kills it.
+
+    With a terminal (-t, the default when stdin and stdout are terminals), the job gets a pty
+    of its own, with this terminal's size, and every key goes to it: Ctrl-C is SIGINT for the
+    job's foreground process group, as in any shell, and does not end netjail by itself (a
+    job that ignores it: `netjail ps`, then `netjail kill -s KILL JOB`). Without one (-T),
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT go to every process of the job, and a second Ctrl-C
+    within 2 s kills it. Either way, those signals sent to netjail go to the job.
 
     Exit status: the command's; 128+N if killed by signal N (130 after Ctrl-C); 124 on
     --timeout; 137 when killed for reaching --memory (as for SIGKILL: stderr says which); 143
@@ -329,16 +343,22 @@ def run(
         report_out = console.open_report(report_path)
         sink = None if quiet else Sink(console.open_events(events_to))
         mounts = [p.parse_bind(b, "rw") for b in binds] + [p.parse_bind(b, "ro") for b in ro_binds]
+        terminal = ptyrelay.wants_tty(tty)
+        job_env = _parse_env(env)
+        if terminal:
+            # What the job's programs need to drive the terminal the user has.
+            job_env.setdefault("TERM", os.environ.get("TERM") or "xterm")
         request = p.RunRequest(
             argv=list(command),
-            env=_parse_env(env),
+            env=job_env,
             cwd=cwd or console.current_directory(),
             cwd_fallback="error" if cwd else "home",
             binds=mounts,
             hostname=hostname,
             uid=uid,
             gid=gid,
-            stdio="fds",
+            stdio="tty" if terminal else "fds",
+            window=ptyrelay.window_size() if terminal else None,
             memory_bytes=memory,
             cpus=cpus,
             pids=pids,

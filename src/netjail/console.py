@@ -26,6 +26,7 @@ from netjail import protocol as p
 from netjail.client import Client, JobResult, RunningJob
 from netjail.errors import NetjailError, RequestError, ShutdownError
 from netjail.eventview import EventBoard, board_of, summarize_blocked
+from netjail.ptyrelay import NO_KEYS, PtyPlan
 from netjail.relay import Sink, StdioPlan, write_all
 from netjail.text import sanitize
 from netjail.units import format_size
@@ -46,9 +47,11 @@ SECOND_INTERRUPT_S = 2.0
 REFRESH_S = 1.0
 #: How long the job's last output may take to come out of the relay once the job has ended.
 DRAIN_S = 2.0
-#: After a report that says SIGTERM (which netjaild sends every job when it stops), how long to
-#: wait for its ``shutdown`` error, which follows once every job has ended.
-SHUTDOWN_WAIT_S = 0.5
+#: After a report marked ``shutdown`` (netjaild ended the job because it is stopping), the most
+#: to wait for the ``shutdown`` error, which the daemon sends straight after it.
+SHUTDOWN_WAIT_S = 2.0
+#: The words for a stop when no ``shutdown`` error came after the report.
+STOPPING = "netjaild is stopping"
 #: Signals passed on to the job.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
@@ -231,35 +234,36 @@ class Signals:
 class _Session:
     """One job's console, from the request to its report."""
 
-    def __init__(self, client: Client, display: Display, plan: StdioPlan) -> None:
+    def __init__(self, client: Client, display: Display, plan: StdioPlan | PtyPlan) -> None:
         self.client = client
         self.display = display
         self.plan = plan
         self.board = EventBoard()
         self.next_refresh = 0.0
         self.last_interrupt: float | None = None
-        self.forwarded: set[int] = set()
         self.signals = Signals(self.say)
 
     # Lines: netjail's own on stderr, events on the sink; each through the relay when the job
     # writes to the same file.
 
     def say(self, text: str) -> None:
+        line = f"netjail: {sanitize(text, 2000)}".encode(errors="replace")
         if self.plan.relay is not None and 2 in self.plan.relayed:
-            self.plan.relay.insert(f"netjail: {sanitize(text, 2000)}\n".encode(errors="replace"))
+            self.plan.relay.insert(line + b"\n")
         else:
-            say(text)
+            with contextlib.suppress(OSError):
+                write_all(2, line + self.plan.newline(2))
 
     def emit(self, text: str) -> None:
         sink = self.display.sink
         if sink is None:
             return
-        line = text.encode(errors="replace") + b"\n"
-        if self.plan.relay is not None:
-            self.plan.relay.insert(line)
+        line = text.encode(errors="replace")
+        if self.plan.relay is not None and self.plan.sink_relayed:
+            self.plan.relay.insert(line + b"\n")
         else:
             with contextlib.suppress(OSError):
-                write_all(sink.fd, line)
+                write_all(sink.fd, line + self.plan.newline(sink.fd))
 
     def on_event(self, event: p.Event) -> None:
         if not self.display.wants(event):
@@ -297,7 +301,8 @@ class _Session:
     def on_signals(self, job: str, signals: list[int]) -> None:
         if signal.SIGWINCH in signals:
             self.plan.resize()
-            self._kill(job, signal.SIGWINCH)
+            if self.plan.resize_tells_job:
+                self._kill(job, signal.SIGWINCH)
         for sig in signals:
             if sig == signal.SIGWINCH:
                 continue
@@ -310,7 +315,6 @@ class _Session:
                     self._kill(job, signal.SIGKILL)
                     continue
                 self.last_interrupt = now
-            self.forwarded.add(sig)
             self._kill(job, sig)
 
     def _kill(self, job: str, sig: int) -> None:
@@ -328,6 +332,7 @@ class _Session:
         try:
             with running:
                 self.signals.started = True
+                self.plan.attach(running)
                 if running.cwd is not None:
                     here = sanitize(request.cwd or "?")
                     self.say(
@@ -338,10 +343,12 @@ class _Session:
                     exit_message = self._loop(running)
                 except ShutdownError as e:
                     return JobEnd(running.job, None, str(e))
-                shutdown = self._shutdown_after(running, exit_message.report)
+                shutdown = self._shutdown_after(running, exit_message)
         finally:
-            # Whatever ended the job, what it wrote comes out before netjail's last lines.
+            # Whatever ended the job, what it wrote comes out before netjail's last lines,
+            # and those are written on the user's terminal as it was.
             self._drain()
+            self.plan.restore()
         result = JobResult(exit_message.report, exit_message.dropped_events)
         self._finish(result)
         return JobEnd(running.job, result, shutdown)
@@ -353,12 +360,15 @@ class _Session:
         relay = self.plan.relay
         if relay is not None:
             selector.register(relay, selectors.EVENT_READ)
+        keys = self.plan.keys or NO_KEYS
         try:
             while True:
+                keys.watch(selector)
                 # Messages already received (read with the one before) are not announced by
                 # the socket again.
                 wait = 0.0 if running.buffered else self.timeout(time.monotonic())
-                ready = {key.fileobj for key, _mask in selector.select(wait)}
+                ready = {key.fileobj for key, _mask in selector.select(keys.wait(wait))}
+                keys.serve(ready)
                 if running in ready or running.buffered:
                     for message in running.receive():
                         if isinstance(message, p.Exit):
@@ -375,14 +385,13 @@ class _Session:
         finally:
             selector.close()
 
-    def _shutdown_after(self, running: RunningJob, report: p.Report) -> str | None:
+    def _shutdown_after(self, running: RunningJob, exit_message: p.Exit) -> str | None:
         """The daemon's shutdown message if it ended the job because it is stopping.
 
-        It sends every job SIGTERM, then each report, then, once all have ended, the
-        ``shutdown`` error: so only after a report that says SIGTERM (which this client did
-        not forward) is it worth waiting, a little, for that error.
+        Such a report is marked ``shutdown``, and the ``shutdown`` error comes straight after
+        it: no other report makes netjail wait for anything.
         """
-        if report.signal != signal.SIGTERM or report.timed_out or self.forwarded:
+        if not exit_message.shutdown:
             return None
         selector = selectors.DefaultSelector()
         selector.register(running, selectors.EVENT_READ)
@@ -390,15 +399,15 @@ class _Session:
         try:
             while (left := deadline - time.monotonic()) > 0:
                 if not running.buffered and not selector.select(left):
-                    return None
+                    break
                 running.receive()
         except ShutdownError as e:
             return str(e)
         except NetjailError:
-            return None
+            pass
         finally:
             selector.close()
-        return None
+        return STOPPING
 
     def _drain(self) -> None:
         """Copy the job's last output: every process of the job is gone, so its ends of the
@@ -435,10 +444,11 @@ class _Session:
 
 
 def run_job(client: Client, request: p.RunRequest, fds: Sequence[int], display: Display) -> JobEnd:
-    """Run the job of ``request`` with ``fds`` as its stdio, showing it as ``display`` says,
-    and return how it ended. Raises the daemon's errors (NetjailError) from before the job
-    started, or from a connection lost while it ran."""
-    plan = StdioPlan(fds, display.sink)
+    """Run the job of ``request`` with ``fds`` as its stdio (or, with stdio "tty", a pty of
+    its own relayed to this terminal), showing it as ``display`` says, and return how it
+    ended. Raises the daemon's errors (NetjailError) from before the job started, or from a
+    connection lost while it ran."""
+    plan = PtyPlan(display.sink) if request.stdio == "tty" else StdioPlan(fds, display.sink)
     session = _Session(client, display, plan)
     return session.run(request)
 

@@ -18,6 +18,7 @@ import os
 import re
 import selectors
 import stat
+import struct
 import termios
 from collections.abc import Sequence
 
@@ -70,6 +71,8 @@ class Relay:
         self.open = True
         self.broken = False
         self.finished = False
+        #: How netjail's lines end here: ``\r\n`` on a terminal in raw mode.
+        self.newline = b"\n"
 
     def fileno(self) -> int:
         return self.source
@@ -100,8 +103,10 @@ class Relay:
         """Write ``line`` (netjail's, ending in a newline) now if the job is between lines,
         else as soon as its current line ends (or at once, on a line of its own, once the job
         has ended)."""
+        if line.endswith(b"\n"):
+            line = line[:-1] + self.newline
         if self.finished and not self.at_line_start:
-            self._write(b"\n")
+            self._write(self.newline)
             self.at_line_start = True
         if self.at_line_start:
             self._write(line)
@@ -113,7 +118,7 @@ class Relay:
         self.finished = True
         if self.held:
             if not self.at_line_start:
-                self._write(b"\n")
+                self._write(self.newline)
             self._write_held(after_cr=False)
 
     def _write_held(self, *, after_cr: bool) -> None:
@@ -121,7 +126,7 @@ class Relay:
         if after_cr:
             # The cursor is back at the start of a progress bar's line: clear what is left of
             # the bar after netjail's line.
-            held = [line[:-1] + b"\x1b[K\n" for line in held]
+            held = [line.removesuffix(self.newline) + b"\x1b[K" + self.newline for line in held]
         self._write(b"".join(held))
         self.at_line_start = True
 
@@ -157,6 +162,22 @@ def _identity(fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def same_file(fd: int, other: int) -> bool:
+    """Whether ``fd`` and ``other`` are the same file (one terminal, pipe or regular file)."""
+    mine = _identity(fd)
+    return mine is not None and mine == _identity(other)
+
+
+def window_size_of(fd: int) -> tuple[int, int] | None:
+    """The rows and columns of the terminal ``fd``; None when it is none."""
+    try:
+        size = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
+    except OSError:
+        return None
+    rows, cols = struct.unpack("HH", size[:4])
+    return rows, cols
+
+
 def copy_window_size(terminal: int, pty: int) -> None:
     """Give ``pty`` the size of ``terminal`` (rows, columns, pixels)."""
     with contextlib.suppress(OSError):
@@ -176,7 +197,13 @@ def _open_pty(terminal: int) -> tuple[int, int]:
 
 
 class StdioPlan:
-    """The job's stdin, stdout and stderr, and the relay between the job and the sink."""
+    """The job's stdin, stdout and stderr (the fds passed with the request), and the relay
+    between the job and the sink. (``netjail.ptyrelay.PtyPlan`` is the other plan: a pty.)"""
+
+    #: The job's terminal is not the relay's pty: SIGWINCH is sent to the job by netjail.
+    resize_tells_job = True
+    #: Typed input goes straight to the job (its stdin is netjail's).
+    keys = None
 
     def __init__(self, fds: Sequence[int], sink: Sink | None) -> None:
         self.fds = list(fds)
@@ -202,6 +229,20 @@ class StdioPlan:
         self.relayed = tuple(shared)
         for i in shared:
             self.fds[i] = job_end
+
+    @property
+    def sink_relayed(self) -> bool:
+        """Whether event lines go through the relay (the job writes to the sink too)."""
+        return self.relay is not None
+
+    def attach(self, running: object) -> None:
+        """Nothing to take from the started job: its stdio was passed with the request."""
+
+    def newline(self, fd: int) -> bytes:
+        return b"\n"
+
+    def restore(self) -> None:
+        """Nothing of the user's terminal was changed."""
 
     def close_job_ends(self) -> None:
         for fd in self.job_ends:

@@ -1,6 +1,7 @@
 """`netjail run` in a real terminal (a pty of its own, as a user's shell gives it) against a real
-daemon: Ctrl-C ends the whole job, a second one kills it, event lines never land inside the
-job's own lines, the end-of-job summary, and a stopping daemon that says why the job ended."""
+daemon: Ctrl-C ends the whole job, with a pty of the job's own (-t, the default here) or
+without (-T, where a second one kills it), event lines never land inside the job's own lines,
+the end-of-job summary, and a stopping daemon that says why the job ended."""
 
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ class Terminal:
     def press(self, keys: bytes) -> None:
         os.write(self.master, keys)
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Give the terminal a new size: its foreground group (netjail) gets SIGWINCH."""
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
     def wait(self) -> int:
         """The command's exit status, once its output is all read."""
         returncode = self.process.wait(WAIT_S)
@@ -109,13 +114,16 @@ def terminal(daemon: Daemon) -> Iterator[type[Terminal]]:
         t.close()
 
 
+@pytest.mark.parametrize("mode", ["-t", "-T"])
 @pytest.mark.parametrize(
     "script", ["echo ready; sleep 20", "echo ready; bash -c 'sleep 20; echo done'"]
 )
-def test_ctrl_c_ends_the_whole_job_with_130(terminal: type[Terminal], script: str) -> None:
+def test_ctrl_c_ends_the_whole_job_with_130(
+    terminal: type[Terminal], script: str, mode: str
+) -> None:
     """^C in the terminal ends the job's whole process tree (not only its main process) long
     before its 20 s, and netjail exits 130, as a shell would."""
-    t = terminal([*NETJAIL, "run", "--cwd", "/", "--", "sh", "-c", script])
+    t = terminal([*NETJAIL, "run", mode, "--cwd", "/", "--", "sh", "-c", script])
     t.read_until(b"ready")
     pressed = time.monotonic()
     t.press(b"\x03")
@@ -127,9 +135,10 @@ def test_ctrl_c_ends_the_whole_job_with_130(terminal: type[Terminal], script: st
 
 
 def test_a_second_ctrl_c_kills_the_job(terminal: type[Terminal]) -> None:
-    """A job that ignores SIGINT is killed by a second ^C within 2 s, with one line saying so."""
+    """Without a pty of its own (-T), a job that ignores SIGINT is killed by a second ^C
+    within 2 s, with one line saying so."""
     t = terminal(
-        [*NETJAIL, "run", "--cwd", "/", "--", "sh", "-c", "trap '' INT; echo ready; sleep 20"]
+        [*NETJAIL, "run", "-T", "--cwd", "/", "--", "sh", "-c", "trap '' INT; echo ready; sleep 20"]
     )
     t.read_until(b"ready")
     t.press(b"\x03")
@@ -201,13 +210,17 @@ def test_the_summary_names_what_was_blocked_and_the_allow_that_fixes_it(
     )
 
 
-def test_the_job_writes_to_a_terminal_of_the_users_size(terminal: type[Terminal]) -> None:
-    """Relayed so that event lines stay whole, the job's stdout and stderr are still terminals,
-    as large as the user's."""
+@pytest.mark.parametrize("mode", ["-t", "-T"])
+def test_the_job_writes_to_a_terminal_of_the_users_size(
+    terminal: type[Terminal], mode: str
+) -> None:
+    """Its own pty (-t), or relayed so that event lines stay whole (-T), the job's stdout and
+    stderr are terminals as large as the user's."""
     t = terminal(
         [
             *NETJAIL,
             "run",
+            mode,
             "--cwd",
             "/",
             "--",
@@ -221,12 +234,13 @@ def test_the_job_writes_to_a_terminal_of_the_users_size(terminal: type[Terminal]
     assert t.lines() == ["33 100"]
 
 
-def test_window_size_changes_reach_the_job(terminal: type[Terminal]) -> None:
+@pytest.mark.parametrize("mode", ["-t", "-T"])
+def test_window_size_changes_reach_the_job(terminal: type[Terminal], mode: str) -> None:
     """Resizing the user's terminal resizes the job's and sends the job SIGWINCH."""
     script = "trap 'stty size <&1; exit 0' WINCH; echo ready; while :; do sleep 0.1; done"
-    t = terminal([*NETJAIL, "run", "--cwd", "/", "--", "sh", "-c", script], rows=20)
+    t = terminal([*NETJAIL, "run", mode, "--cwd", "/", "--", "sh", "-c", script], rows=20)
     t.read_until(b"ready")
-    fcntl.ioctl(t.master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 132, 0, 0))
+    t.resize(44, 132)
     assert t.wait() == 0
     assert t.lines()[-1] == "44 132"
 

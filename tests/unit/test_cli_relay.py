@@ -215,3 +215,18 @@ def test_a_terminal_is_relayed_through_a_pty_of_the_same_size() -> None:
             plan.relay.close()
         os.close(master)
         os.close(terminal)
+
+
+def test_netjail_lines_end_in_cr_lf_while_the_terminal_is_raw(tty_pipes: Pipes) -> None:
+    """With the relay's newline set for a raw terminal, netjail's lines (held ones too, and
+    the progress-bar case) end in \\r\\n, and the job's own bytes are untouched."""
+    tty_pipes.relay.newline = b"\r\n"
+    tty_pipes.relay.insert(EVENT)
+    tty_pipes.job_writes(b"job line\r\n[=> ] 1%")
+    tty_pipes.relay.insert(EVENT)
+    tty_pipes.job_writes(b"\r[==>] 2%")
+    line = EVENT[:-1]
+    assert tty_pipes.seen() == (line + b"\r\njob line\r\n[=> ] 1%\r" + line + b"\x1b[K\r\n[==>] 2%")
+    tty_pipes.relay.insert(EVENT)
+    tty_pipes.relay.finish()
+    assert tty_pipes.seen() == b"\r\n" + line + b"\r\n"

@@ -300,17 +300,29 @@ def test_a_daemon_stopping_before_the_report_says_so(daemon: FakeDaemon) -> None
 
 
 def test_a_daemon_stopping_after_the_report_says_so(daemon: FakeDaemon, tmp_path: Path) -> None:
-    """The report (SIGTERM), then the shutdown error: one line, exit 143, the report kept."""
+    """The report (SIGTERM, marked shutdown), then the shutdown error: one line, exit 143, the
+    report kept."""
     path = tmp_path / "r.json"
-    daemon.script["run"] = [STARTED, _exit(exit_code=None, signal=15), SHUTDOWN]
+    stopped = _exit(exit_code=None, signal=15) | {"shutdown": True}
+    daemon.script["run"] = [STARTED, stopped, SHUTDOWN]
     result = _netjail(daemon.path, "run", "--report", str(path), "--", "sleep", "20")
     assert result.returncode == 143
     assert result.stderr == f"netjail: job {JOB} ended: netjaild is stopping\n"
     assert json.loads(path.read_text())["signal"] == 15
 
 
+def test_a_report_marked_shutdown_is_enough_to_say_why(daemon: FakeDaemon) -> None:
+    """A report marked shutdown, and the connection closed with no error after it: the same
+    one line, exit 143."""
+    daemon.script["run"] = [STARTED, _exit(exit_code=0, signal=None) | {"shutdown": True}]
+    result = _netjail(daemon.path, "run", "--", "sleep", "20")
+    assert result.returncode == 143
+    assert result.stderr == f"netjail: job {JOB} ended: netjaild is stopping\n"
+
+
 def test_a_job_killed_by_sigterm_from_elsewhere_exits_143_quietly(daemon: FakeDaemon) -> None:
-    """A SIGTERM from `netjail kill` while the daemon keeps serving: 143, and nothing said."""
+    """A SIGTERM from `netjail kill` while the daemon keeps serving (a report not marked
+    shutdown): 143 at once, with nothing said and nothing more awaited."""
     daemon.script["run"] = [STARTED, _exit(exit_code=None, signal=15), HOLD]
     cli = _spawn(daemon, "--", "sleep", "20")
     assert cli.wait(timeout=20) == 143
