@@ -152,6 +152,7 @@ class AsyncClient:
         on_event: Callable[[p.Event], None] | None = None,
         on_start: Callable[[str, int], None] | None = None,
         on_cwd: Callable[[str], None] | None = None,
+        on_decide: Callable[[p.DecideQuestion], bool] | None = None,
     ) -> JobResult:
         """Run ``argv`` in a jail and wait for it to end: ``Client.run``'s parameters and
         result. Cancelling the task that awaits this kills the job (SIGKILL, by closing its
@@ -183,6 +184,7 @@ class AsyncClient:
             allow_requests=list(allow_requests),
             redact=list(redact),
             inject_headers=list(inject_headers),
+            decide=on_decide is not None,
         )
         conn = await self._connect()
         try:
@@ -202,6 +204,9 @@ class AsyncClient:
                         case p.EventMessage():
                             if on_event is not None:
                                 on_event(message.event)
+                        case p.DecideQuestion():
+                            allowed = on_decide is not None and bool(on_decide(message))
+                            await conn.send(p.DecisionRequest(id=message.id, allow=allowed))
                         case _:
                             raise ProtocolError(f"unexpected {type(message).__name__} during a job")
         finally:

@@ -224,17 +224,22 @@ class RunningJob(_Stream):
             self.terminal = None
         super().close()
 
-    def receive(self) -> list[p.EventMessage | p.Exit]:
+    def receive(self) -> list[p.EventMessage | p.Exit | p.DecideQuestion]:
         """What the daemon has sent: waits for data, then returns the messages it completed
         (none while a frame is still partial). Raises the error the daemon reported
         (``ShutdownError`` when it stops, after any report it still sent) and
-        ``DaemonConnectionError`` when it hangs up."""
-        messages: list[p.EventMessage | p.Exit] = []
+        ``DaemonConnectionError`` when it hangs up. ``DecideQuestion``s come only for a request
+        with ``decide``; answer each with ``decide``."""
+        messages: list[p.EventMessage | p.Exit | p.DecideQuestion] = []
         for message in self._receive():
-            if not isinstance(message, p.EventMessage | p.Exit):
+            if not isinstance(message, p.EventMessage | p.Exit | p.DecideQuestion):
                 raise ProtocolError(f"unexpected {type(message).__name__} during a job")
             messages.append(message)
         return messages
+
+    def decide(self, question: p.DecideQuestion, allow: bool) -> None:
+        """Answer a live decision: allow the name (as ``--allow NAME``) or deny it."""
+        self._conn.send(p.DecisionRequest(id=question.id, allow=allow))
 
     def __enter__(self) -> RunningJob:
         return self
@@ -306,6 +311,7 @@ class Client:
         on_event: Callable[[p.Event], None] | None = None,
         on_start: Callable[[str, int], None] | None = None,
         on_cwd: Callable[[str], None] | None = None,
+        on_decide: Callable[[p.DecideQuestion], bool] | None = None,
     ) -> JobResult:
         """Run ``argv`` in a jail and wait for it to end.
 
@@ -326,6 +332,11 @@ class Client:
         ``allow_requests`` ("METHOD NAME/PATHGLOB"), ``redact`` ("NAME:REGEX",
         "NAME:@secrets") and ``inject_headers`` ("NAME:Header=VALUE", the value as it is: no
         ``$VAR`` or ``@FILE`` expansion here) each intercept their name too.
+
+        ``on_decide(question)`` decides live the names no rule covers: the job's DNS query
+        for ``question.domain`` waits (at most 30 s, then the name is denied) until it returns
+        True (allow, as ``--allow NAME``) or False. It runs on this thread, so events wait
+        while it does.
         """
         request = p.RunRequest(
             argv=list(argv),
@@ -354,6 +365,7 @@ class Client:
             allow_requests=list(allow_requests),
             redact=list(redact),
             inject_headers=list(inject_headers),
+            decide=on_decide is not None,
         )
         with self.start(request, fds if stdio == "fds" else ()) as job:
             if on_start is not None:
@@ -364,7 +376,9 @@ class Client:
                 for message in job.receive():
                     if isinstance(message, p.Exit):
                         return JobResult(message.report, message.dropped_events)
-                    if on_event is not None:
+                    if isinstance(message, p.DecideQuestion):
+                        job.decide(message, on_decide is not None and bool(on_decide(message)))
+                    elif on_event is not None:
                         on_event(message.event)
 
     def start(self, request: p.RunRequest, fds: Sequence[int] = ()) -> RunningJob:

@@ -373,7 +373,9 @@ class _Session:
                     for message in running.receive():
                         if isinstance(message, p.Exit):
                             return message
-                        self.on_event(message.event)
+                        # The CLI asks for no live decisions: no DecideQuestion comes.
+                        if isinstance(message, p.EventMessage):
+                            self.on_event(message.event)
                 if self.signals in ready:
                     self.on_signals(running.job, self.signals.received())
                 if relay is not None and relay in ready:

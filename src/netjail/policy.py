@@ -244,6 +244,24 @@ class Policy:
             return len(denied) < _ALL_PORTS_COUNT
         return bool(allowed - denied)
 
+    def covers(self, name: str) -> bool:
+        """Whether any allow, raw or deny rule names ``name`` (on any port): a name no rule
+        covers is one a live decision may allow."""
+        canonical = canonical_name(name)
+        if canonical is None:
+            return True
+        return any(
+            index.ports_for(canonical) != frozenset()
+            for index in (self._allow, self._raw, self._deny)
+        )
+
+    def allow_name(self, name: str) -> None:
+        """Allow the canonical ``name`` on the default ports from now on: a live decision, the
+        one change a policy takes after it is made."""
+        rule = NameRule(name, False, DEFAULT_PORTS)
+        self.allow = (*self.allow, rule)
+        self._allow.exact[name] = _union(self._allow.exact.get(name, frozenset()), DEFAULT_PORTS)
+
     def allows(self, name: str, port: int) -> bool:
         """Whether a connection to ``name`` on ``port`` may go out (deny wins over allow)."""
         return self.access(name, port) != "denied"

@@ -173,6 +173,9 @@ class RunRequest(_Request, tag="run"):
     allow_requests: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
     redact: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
     inject_headers: Annotated[list[_Injection], msgspec.Meta(max_length=256)] = []
+    #: Live decisions: the daemon asks this connection (``decide`` messages) about names no
+    #: rule covers, and holds their DNS queries until a ``decision`` answers (30 s: deny).
+    decide: bool = False
 
     def __post_init__(self) -> None:
         # Raised as is by both decoding and construction, so the client fails before sending.
@@ -225,7 +228,16 @@ class EventsRequest(_Request, tag="events"):
     follow: bool = False
 
 
-Request = Hello | RunRequest | KillRequest | PsRequest | StatusRequest | EventsRequest
+class DecisionRequest(_Request, tag="decision"):
+    """The answer to a ``decide`` message: ``allow`` the name (as ``--allow NAME``) or not."""
+
+    id: Annotated[int, msgspec.Meta(ge=0)]
+    allow: bool
+
+
+Request = (
+    Hello | RunRequest | KillRequest | PsRequest | StatusRequest | EventsRequest | DecisionRequest
+)
 
 
 #: What an event is about: a packet or connection leaving the jail, a DNS query, or one HTTP
@@ -430,6 +442,15 @@ class StatusReply(_Reply, tag="status"):
     pool_ready: int | None = None
 
 
+class DecideQuestion(_Reply, tag="decide"):
+    """A running job (asked with ``decide``) wants a name no rule covers: answer with a
+    ``decision`` of the same ``id``."""
+
+    job: str
+    id: int
+    domain: str
+
+
 class Killed(_Reply, tag="killed"):
     job: str
 
@@ -448,6 +469,7 @@ Reply = (
     | StatusReply
     | Killed
     | EventsEnd
+    | DecideQuestion
 )
 
 _encoder = msgspec.json.Encoder()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 from collections import deque
@@ -204,6 +205,9 @@ class Connection:
         self._active_at = self._loop.time()
         #: Whether the ``shutdown`` error was sent (the daemon is stopping).
         self.told_shutdown = False
+        #: Live decisions asked and not yet answered, by question id.
+        self._questions: dict[int, asyncio.Future[bool]] = {}
+        self._question_ids = 0
 
     def send(
         self, message: msgspec.Struct, *, droppable: bool = False, fds: Sequence[int] = ()
@@ -407,6 +411,11 @@ class Connection:
                 self.send(self.server.status())
             case p.EventsRequest():
                 self._events(request)
+            case p.DecisionRequest():
+                # A late answer (after the timeout) or an unknown id changes nothing.
+                question = self._questions.pop(request.id, None)
+                if question is not None and not question.done():
+                    question.set_result(request.allow)
 
     def _events(self, request: p.EventsRequest) -> None:
         intake = self.server.intake
@@ -434,11 +443,25 @@ class Connection:
         intake.followers.append(follow)
         self._follows.append(follow)
 
+    async def _ask(self, job_id: str, name: str) -> bool:
+        """A live decision: ask this connection's client about ``name``, wait for its answer."""
+        question: asyncio.Future[bool] = self._loop.create_future()
+        number = self._question_ids
+        self._question_ids += 1
+        self._questions[number] = question
+        try:
+            self.send(p.DecideQuestion(job=job_id, id=number, domain=name))
+            return await question
+        finally:
+            self._questions.pop(number, None)
+
     async def _run(self, request: p.RunRequest, fds: list[int]) -> None:
         spec = job_spec(request, self.peer, self.server.config)
         if self.server.stopping is not None:
             # A job started now would outlive the stop, which ends only the jobs it found.
             raise ShutdownError(self.server.stopping)
+        if request.decide:
+            spec = dataclasses.replace(spec, ask=self._ask)
         if request.stdio == "fds":
             if len(fds) != 3:
                 raise ProtocolError(

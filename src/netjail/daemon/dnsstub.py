@@ -13,8 +13,11 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from netjail.daemon.attribution import Origin, OwnerLookup, peer_end, unknown_owner
+from netjail.daemon.decisions import NameDecisions
 from netjail.daemon.events import rfc3339
 from netjail.dnsanswer import BlockedRcode, DnsOutcome, SyntheticPool, answer_query
 from netjail.policy import Policy
@@ -41,6 +44,7 @@ class DnsStub:
         blocked_rcode: BlockedRcode,
         record: Callable[[Event], None],
         owner_of: OwnerLookup = unknown_owner,
+        decisions: NameDecisions | None = None,
     ) -> None:
         self._job_id = job_id
         self._uid = uid
@@ -52,6 +56,8 @@ class DnsStub:
         self._udp: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
         self._tcp_tasks: set[asyncio.Task[None]] = set()
+        self._decisions = decisions
+        self._held: set[asyncio.Task[None]] = set()
 
     async def start(self, udp: list[socket.socket], tcp: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -72,13 +78,49 @@ class DnsStub:
         for server in self._servers:
             server.close()
         self._servers.clear()
-        for task in self._tcp_tasks:
+        for task in (*self._tcp_tasks, *self._held):
             task.cancel()
 
     def _answer(self, query: bytes, proto: str, family: int, origin: Origin) -> bytes | None:
         outcome = answer_query(query, self._policy, self._pool, blocked_rcode=self._blocked_rcode)
         self._report(outcome, proto, family, origin)
         return outcome.reply
+
+    def _undecided(self, query: bytes) -> str | None:
+        """The name a query must wait for a decision on, if any: refused for want of a rule,
+        and no rule names it."""
+        if self._decisions is None:
+            return None
+        outcome = answer_query(query, self._policy, self._pool, blocked_rcode=self._blocked_rcode)
+        name = outcome.domain
+        if outcome.reason != "not_allowed" or name is None or not self._decisions.undecided(name):
+            return None
+        return name
+
+    async def _answer_decided(
+        self, query: bytes, name: str, proto: str, family: int, origin: Origin
+    ) -> bytes | None:
+        """The answer once the client has decided on ``name``, the decision in its event."""
+        assert self._decisions is not None  # noqa: S101 - only called when there are decisions
+        decided = await self._decisions.decide(name)
+        outcome = answer_query(query, self._policy, self._pool, blocked_rcode=self._blocked_rcode)
+        self._report(replace(outcome, reason=decided), proto, family, origin)
+        return outcome.reply
+
+    def _hold(
+        self, sock: socket.socket, peer: tuple[Any, ...], query: bytes, name: str, origin: Origin
+    ) -> None:
+        family = 4 if sock.family == socket.AF_INET else 6
+
+        async def answer_later() -> None:
+            reply = await self._answer_decided(query, name, "udp", family, origin)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(reply, peer)
+
+        task = asyncio.get_running_loop().create_task(answer_later())
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
 
     def _report(self, outcome: DnsOutcome, proto: str, family: int, origin: Origin) -> None:
         # Looked up before the answer goes out: the asking socket is surely still open.
@@ -112,6 +154,10 @@ class DnsStub:
             except OSError:
                 return  # e.g. ECONNREFUSED from an earlier reply's ICMP: nothing to do
             origin = peer_end("udp", peer, sock.getsockname())
+            name = self._undecided(query)
+            if name is not None:
+                self._hold(sock, peer, query, name, origin)
+                continue
             reply = self._answer(query, "udp", family, origin)
             if reply is not None:
                 with contextlib.suppress(OSError):
@@ -133,7 +179,11 @@ class DnsStub:
                 header = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_S)
                 length = int.from_bytes(header, "big")
                 query = await asyncio.wait_for(reader.readexactly(length), _TCP_IDLE_S)
-                reply = self._answer(query, "tcp", family, origin)
+                name = self._undecided(query)
+                if name is not None:
+                    reply = await self._answer_decided(query, name, "tcp", family, origin)
+                else:
+                    reply = self._answer(query, "tcp", family, origin)
                 if reply is None:
                     break
                 writer.write(len(reply).to_bytes(2, "big") + reply)

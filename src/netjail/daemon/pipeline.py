@@ -29,6 +29,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from netjail.daemon.certauthority import JobCA
+from netjail.daemon.decisions import NameDecisions
 from netjail.daemon.dnsstub import DnsStub
 from netjail.daemon.etcfiles import EtcFiles, remove_etc_files, write_etc_files
 from netjail.daemon.intake import EventSink, JobFeed
@@ -278,6 +279,9 @@ async def start_dns_stub(
         blocked_rcode=spec.blocked_dns_answer,
         record=ctx.intake.recorder(feed),
         owner_of=feed.owners.owner_of,
+        decisions=(
+            NameDecisions(feed.job_id, spec.ask, spec.policy) if spec.ask is not None else None
+        ),
     )
     stack.callback(stub.close)
     await stub.start(list(listeners.dns_udp), list(listeners.dns_tcp))

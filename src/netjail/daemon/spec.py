@@ -16,6 +16,7 @@ from typing import Literal
 
 from netjail import protocol as p
 from netjail.daemon.config import BlockedDnsAnswer, Config, Jail, Limits
+from netjail.daemon.decisions import Ask
 from netjail.errors import PermissionDeniedError, RequestError
 from netjail.httppolicy import HttpPolicy, intercepted_allow_rules, parse_http_policy
 from netjail.ipaddr import IPAddress
@@ -112,6 +113,9 @@ class JobSpec:
     #: Interception and per-request rules; the upstreams' CA file (None: the host's store).
     http: HttpPolicy = field(default_factory=HttpPolicy)
     upstream_ca: str | None = None
+    #: Live decisions on names no rule covers: the requesting connection's question (set by
+    #: the connection for a request with ``decide``), else None.
+    ask: Ask | None = None
 
 
 def job_user(request: p.RunRequest, peer: PeerCred) -> JobUser:
