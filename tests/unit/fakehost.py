@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel.firewall import JailRules
-from netjail.kernel.fsplan import HostDir, HostLayout, HostLink
+from netjail.kernel.fsplan import FsPlan, HostDir, HostLayout, HostLink, split_fs_plan
 from netjail.kernel.host import JailListeners, JobCgroupHandle
 from netjail.kernel.jobplan import JobPlan
 from netjail.kernel.pathcheck import BindSource, Credentials
@@ -169,6 +169,8 @@ class FakeJailHost:
         self.bind_opens: list[tuple[str, Credentials, BindAccess]] = []
         self.source_fds: list[list[int]] = []
         self.rules: list[JailRules] = []
+        #: The file-system base each standby was forked to build.
+        self.standby_bases: list[FsPlan] = []
         #: Signals after which a fake process is gone (SIGKILL always; tests add SIGTERM).
         self.fatal_signals: set[int] = {signal.SIGKILL}
         #: When set, every spawned process exits at once with this status.
@@ -388,8 +390,9 @@ class FakeJailHost:
         self._made(what)
         return process
 
-    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle) -> FakeProcess:
+    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle, base: FsPlan) -> FakeProcess:
         self._maybe_fail("prefork")
+        self.standby_bases.append(base)
         job_id = netns_name.rsplit("netjail-", 1)[-1]
         return self._new_process(job_id, f"standby {job_id}")
 
@@ -398,6 +401,8 @@ class FakeJailHost:
     ) -> None:
         self._maybe_fail("start_standby")
         assert plan.netns_path.endswith(standby.job_id)
+        # As the real standby: only the plan whose base it built.
+        assert split_fs_plan(plan.fs)[0] in self.standby_bases
         self._start(plan, stdio, source_fds)
         if self.exit_at_once is not None:
             self.end(standby.pid, self.exit_at_once)

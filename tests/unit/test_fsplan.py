@@ -29,6 +29,7 @@ from netjail.kernel.fsplan import (
     build_fs_plan,
     check_target,
     shows_path,
+    split_fs_plan,
 )
 
 HOST = HostLayout(
@@ -198,3 +199,18 @@ def test_shows_path(path: str, shown: bool) -> None:
     symlink or a kernel file system; below a tmpfs only at mount points made in it."""
     plan = build_fs_plan(host=HOST, home=HOME, binds=[Bind(FdSource(0), "/src", "rw")])
     assert shows_path(plan, path) is shown
+
+
+def test_split_fs_plan_puts_every_jobs_own_steps_after_the_shared_part() -> None:
+    """The shared part ends before HOME: the system, tmpfs mounts, /dev, /proc and /sys; the
+    job's part is HOME, its binds and the daemon's files, in order, and the two make the plan."""
+    home = PathSource("/var/lib/netjail/homes/j-1")
+    binds = [Bind(FdSource(0), "/data", "ro")]
+    files = [Bind(PathSource("/etc/netjail/resolv.conf"), "/etc/resolv.conf", "ro")]
+    plan = build_fs_plan(host=HostLayout((HostDir("/usr"),)), home=home, binds=binds, files=files)
+    base, own = split_fs_plan(plan)
+    assert [step.target for step in own] == [JOB_HOME, "/data", "/etc/resolv.conf"]
+    assert (*base.steps, *own) == plan.steps
+    assert base.root_size_bytes == plan.root_size_bytes
+    other = build_fs_plan(host=HostLayout((HostDir("/usr"),)), home=PathSource("/elsewhere"))
+    assert split_fs_plan(other)[0] == base

@@ -11,10 +11,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from netjail.daemon.config import Jail
 from netjail.daemon.jobs import JobManager
 from netjail.daemon.pipeline import JailContext, Job
 from netjail.errors import JailError
 from netjail.kernel import cgroup as cgroups
+from netjail.kernel.fsplan import Tmpfs, TmpfsSizes
 from netjail.policy import Policy, parse_rule
 from netjail.protocol import Report
 from tests.unit.fakehost import (
@@ -310,4 +312,30 @@ def test_a_standby_that_dies_while_waiting_takes_its_jail_out(
         log.messages()
     )
     assert dead != pool_jails(host)[1]
+    assert host.live() == []
+
+
+def test_new_tmpfs_sizes_rebuild_the_warm_jails(host: FakeJailHost, ctx: JailContext) -> None:
+    """A standby mounts the jobs' tmpfs ahead: once the sizes change (a reload), the warm jails
+    fit no new job, so they are destroyed and built again with the new sizes."""
+    host.exit_at_once = exited(0)
+
+    async def scenario() -> None:
+        manager = JobManager(ctx, pool_size=1)
+        await warm(manager, 1)
+        (old,) = pool_jails(host)
+        manager.pool.use_fs_sizes(TmpfsSizes(tmp=1 << 20))
+        await until(lambda: old in host.undone_order and manager.pool.ready == 1)
+        bigger = dataclasses.replace(spec(), jail=Jail(tmp_size=1 << 20))
+        await finish(await manager.start(bigger, [], None))
+        await manager.shutdown()
+
+    run(scenario())
+    first, second = host.standby_bases[:2]
+    assert first != second
+    assert [s.size_bytes for s in second.steps if isinstance(s, Tmpfs) and s.target == "/tmp"] == [
+        1 << 20
+    ]
+    assert len(host.requests) == 1  # the job ran in the rebuilt jail: no cold spawn
+    assert [what for what in host.made if what.startswith("process ")] == []
     assert host.live() == []

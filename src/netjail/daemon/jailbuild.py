@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 
+from netjail.daemon.config import Jail
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.spec import FixedUser, JobSpec
@@ -29,6 +30,14 @@ from netjail.jobid import new_job_id
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, netns
 from netjail.kernel.backends import LogBackend
+from netjail.kernel.fsplan import (
+    JOB_HOME,
+    FsPlan,
+    PathSource,
+    TmpfsSizes,
+    build_fs_plan,
+    split_fs_plan,
+)
 from netjail.kernel.host import JailHost, JailListeners, JobCgroupHandle, JobProcess
 from netjail.policy import CidrRule, Policy
 
@@ -208,11 +217,16 @@ async def build_netns(
 
 
 async def prefork_standby(
-    stack: AsyncExitStack, ctx: JailContext, netns_name: str, cgroup: JobCgroupHandle
+    stack: AsyncExitStack,
+    ctx: JailContext,
+    netns_name: str,
+    cgroup: JobCgroupHandle,
+    base: FsPlan,
 ) -> JobProcess:
-    """4e (pool jails only). The jail's init, forked now into its netns and cgroups; it waits
-    for its job's plan. Unused, it is killed and its end collected before the cgroup goes."""
-    process = await ctx.host.prefork(netns_name, cgroup)
+    """4e (pool jails only). The jail's init, forked now into its netns and cgroups, where it
+    builds ``base`` of its job's file system and waits for the job's plan. Unused, it is
+    killed and its end collected before the cgroup goes."""
+    process = await ctx.host.prefork(netns_name, cgroup, base)
 
     async def end() -> None:
         try:
@@ -229,6 +243,19 @@ async def prefork_standby(
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def fs_sizes(jail: Jail) -> TmpfsSizes:
+    """The sizes of a job's tmpfs mounts, from the ``[jail]`` settings it was asked under."""
+    return TmpfsSizes(
+        tmp=jail.tmp_size, var_tmp=jail.var_tmp_size, run=jail.run_size, dev_shm=jail.dev_shm_size
+    )
+
+
+def base_fs_plan(ctx: JailContext, sizes: TmpfsSizes) -> FsPlan:
+    """The part of every job's file system that is the same for all (``split_fs_plan``)."""
+    whole = build_fs_plan(host=ctx.host.host_layout(), home=PathSource(JOB_HOME), sizes=sizes)
+    return split_fs_plan(whole)[0]
 
 
 def limits_of(spec: JobSpec) -> cgroups.Limits:

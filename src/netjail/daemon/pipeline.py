@@ -41,6 +41,7 @@ from netjail.daemon.jailbuild import (
     LogSource,
     NflogSource,
     build_jail_for,
+    fs_sizes,
     in_thread,
     push_undo,
 )
@@ -58,7 +59,6 @@ from netjail.kernel.fsplan import (
     FdSource,
     FsPlan,
     PathSource,
-    TmpfsSizes,
     build_fs_plan,
     shows_path,
 )
@@ -406,12 +406,7 @@ def plan_job(
             *(etc.binds() if etc is not None else []),
             *trust_binds,
         ],
-        sizes=TmpfsSizes(
-            tmp=spec.jail.tmp_size,
-            var_tmp=spec.jail.var_tmp_size,
-            run=spec.jail.run_size,
-            dev_shm=spec.jail.dev_shm_size,
-        ),
+        sizes=fs_sizes(spec.jail),
     )
     return JobPlan(
         argv=spec.argv,

@@ -28,7 +28,9 @@ from netjail.daemon.jailbuild import (
     BuiltJail,
     CgroupRemoval,
     JailContext,
+    base_fs_plan,
     build_netns,
+    fs_sizes,
     lease_uid,
     limits_of,
     make_cgroup,
@@ -40,6 +42,7 @@ from netjail.daemon.spec import JobSpec
 from netjail.jobid import new_job_id
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, netns
+from netjail.kernel.fsplan import FsPlan, TmpfsSizes
 from netjail.kernel.spawn import ExitStatus
 from netjail.policy import Policy
 
@@ -57,6 +60,8 @@ BASE_PROXIED = proxied_ranges(Policy([]))
 class _PoolJail:
     jail: BuiltJail
     teardown: AsyncExitStack
+    #: The part of its job's file system its standby has built (for jobs whose plan has it).
+    base: FsPlan
     #: The standby's end, awaited while the jail waits: one that dies (killed, or its fork
     #: server gone) takes its jail out of the pool. Cancelled at the claim: the job's
     #: supervisor waits for it from then on.
@@ -76,6 +81,8 @@ class JailPool:
         self._builders: list[asyncio.Task[None]] = []
         self._destroying: set[asyncio.Task[None]] = set()
         self._closing = False
+        #: The sizes of the jobs' tmpfs mounts: the standbys mount them ahead.
+        self.fs_sizes = TmpfsSizes()
         self.claimed = 0
         self.missed = 0
 
@@ -109,13 +116,26 @@ class JailPool:
         while self._destroying:
             await asyncio.gather(*self._destroying, return_exceptions=True)
 
+    def use_fs_sizes(self, sizes: TmpfsSizes) -> None:
+        """The jobs' tmpfs sizes from now on (the config, at start and at each reload). Warm
+        jails built with other sizes fit no new job: they are destroyed and rebuilt."""
+        if sizes == self.fs_sizes:
+            return
+        self.fs_sizes = sizes
+        stale, self._idle = list(self._idle), deque()
+        for pooled in stale:
+            if pooled.watch is not None:
+                pooled.watch.cancel()
+            self._destroy_later(pooled)
+        self._wanted.set()
+
     # ------------------------------------------------------------------ claim
 
     async def claim(self, stack: AsyncExitStack, spec: JobSpec) -> BuiltJail | None:
         """A warm jail fitted to ``spec``, its undos on ``stack``; None if there is none to
         have (the caller builds one cold)."""
         limits = limits_of(spec)
-        pooled = self._take(limits)
+        pooled = self._take(limits, base_fs_plan(self.ctx, fs_sizes(spec.jail)))
         if pooled is None:
             if self.size > 0:
                 self.missed += 1
@@ -136,9 +156,9 @@ class JailPool:
         self.claimed += 1
         return pooled.jail
 
-    def _take(self, limits: cgroups.Limits) -> _PoolJail | None:
+    def _take(self, limits: cgroups.Limits, base: FsPlan) -> _PoolJail | None:
         for pooled in self._idle:
-            if pooled.jail.cgroup.fits(limits):
+            if pooled.base == base and pooled.jail.cgroup.fits(limits):
                 self._idle.remove(pooled)
                 if pooled.watch is not None:
                     pooled.watch.cancel()
@@ -188,12 +208,15 @@ class JailPool:
                 jail=pooled.jail.job_id,
                 error=str(error) if error is not None else None,
             )
-            task = asyncio.ensure_future(self._destroy(pooled))
-            self._destroying.add(task)
-            task.add_done_callback(self._destroying.discard)
+            self._destroy_later(pooled)
             self._wanted.set()
 
         watch.add_done_callback(ended)
+
+    def _destroy_later(self, pooled: _PoolJail) -> None:
+        task = asyncio.ensure_future(self._destroy(pooled))
+        self._destroying.add(task)
+        task.add_done_callback(self._destroying.discard)
 
     async def _closed(self) -> None:
         while not self._closing:
@@ -214,7 +237,8 @@ class JailPool:
             cgroup = await make_cgroup(teardown, self.ctx, job_id, cgroups.Limits(), removal)  # 3
             rules = firewall.JailRules(job_id, dns_stub=True, proxied=BASE_PROXIED)
             inside = await build_netns(teardown, self.ctx, netns_name, rules)  # 4
-            standby = await prefork_standby(teardown, self.ctx, netns_name, cgroup)  # 4e
+            base = base_fs_plan(self.ctx, self.fs_sizes)
+            standby = await prefork_standby(teardown, self.ctx, netns_name, cgroup, base)  # 4e
             jail = BuiltJail(
                 job_id=job_id,
                 netns_name=netns_name,
@@ -225,7 +249,7 @@ class JailPool:
                 standby=standby,
             )
             on_fail.pop_all()
-        return _PoolJail(jail, teardown)
+        return _PoolJail(jail, teardown, base)
 
     async def _destroy(self, pooled: _PoolJail) -> None:
         async with self._teardowns:

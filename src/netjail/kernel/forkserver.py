@@ -48,6 +48,7 @@ import msgspec
 from netjail.errors import NetjailError
 from netjail.kernel import syscalls
 from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
+from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.jailinit import ExecHook, StartedJob, read_job_exit, spawn_job
 from netjail.kernel.jobplan import JobPlan, SpawnFailure
 from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
@@ -93,6 +94,8 @@ class PreforkRequest(msgspec.Struct, frozen=True, tag="prefork"):
     id: int
     netns_path: str
     cgroup_procs: list[str]
+    #: The part of every job's file system the standby builds ahead (fsplan.split_fs_plan).
+    base: FsPlan
 
 
 class StartRequest(msgspec.Struct, frozen=True, tag="start"):
@@ -198,7 +201,9 @@ def _handle(
 ) -> None:
     """Serve one request (the fds are closed by the caller)."""
     if isinstance(request, PreforkRequest):
-        forked = fork_standby(request.id, request.netns_path, request.cgroup_procs, _HOOKS)
+        forked = fork_standby(
+            request.id, request.netns_path, request.cgroup_procs, request.base, _HOOKS
+        )
         if isinstance(forked, SpawnFailure):
             _send(sock, SpawnFailed(id=request.id, failure=forked))
             return

@@ -263,6 +263,17 @@ def build_fs_plan(
     return FsPlan(root_size_bytes=ROOT_SIZE_BYTES, steps=tuple(steps))
 
 
+def split_fs_plan(plan: FsPlan) -> tuple[FsPlan, tuple[FsStep, ...]]:
+    """The part of ``plan`` that is the same for every job (the system, the tmpfs mounts,
+    /dev, /proc, /sys), as a plan of its own, and the job's own steps after it (HOME, the
+    client's binds, the daemon's files), in order (pure). A pool jail's standby builds the
+    first before any job exists."""
+    for index, step in enumerate(plan.steps):
+        if step.target == JOB_HOME:
+            return FsPlan(plan.root_size_bytes, plan.steps[:index]), plan.steps[index:]
+    return plan, ()
+
+
 def check_target(target: str) -> None:
     """Raise RequestError unless ``target`` is an absolute, normalised path other than /."""
     if (

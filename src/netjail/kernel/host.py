@@ -29,7 +29,7 @@ from netjail.errors import JailError, map_os_errors
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, listeners, netns, nflog, pathcheck, rootfs, syscalls
 from netjail.kernel.backends import FirewallBackend, LogBackend
-from netjail.kernel.fsplan import HostLayout
+from netjail.kernel.fsplan import FsPlan, HostLayout
 from netjail.kernel.jobplan import JobPlan
 from netjail.kernel.peer import pids_in_netns
 from netjail.kernel.spawn import ExitStatus, ForkServer, ForkServerHealth
@@ -131,7 +131,9 @@ class JailHost(Protocol):
     # the job's process
     async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> JobProcess: ...
 
-    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle) -> JobProcess: ...
+    async def prefork(
+        self, netns_name: str, cgroup: JobCgroupHandle, base: FsPlan
+    ) -> JobProcess: ...
 
     async def start_standby(
         self, standby: JobProcess, plan: JobPlan, stdio: list[int], source_fds: list[int]
@@ -272,9 +274,9 @@ class KernelJailHost:
     async def spawn(self, plan: JobPlan, stdio: list[int], source_fds: list[int]) -> JobProcess:
         return await self._forkserver.spawn(plan, stdio, source_fds)
 
-    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle) -> JobProcess:
+    async def prefork(self, netns_name: str, cgroup: JobCgroupHandle, base: FsPlan) -> JobProcess:
         path = netns.netns_path(netns_name)
-        return await self._forkserver.prefork(path, cgroup.procs_files)
+        return await self._forkserver.prefork(path, cgroup.procs_files, base)
 
     async def start_standby(
         self, standby: JobProcess, plan: JobPlan, stdio: list[int], source_fds: list[int]

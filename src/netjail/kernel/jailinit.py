@@ -63,6 +63,7 @@ import msgspec
 from netjail.errors import NetjailError, SpawnError
 from netjail.kernel import rootfs, syscalls
 from netjail.kernel.fdpass import read_payload, recv_with_fds
+from netjail.kernel.fsplan import FsPlan, split_fs_plan
 from netjail.kernel.jobplan import (
     JobExit,
     JobPlan,
@@ -223,19 +224,29 @@ def run_job_init(
 def run_standby_init(
     netns_path: str,
     cgroup_procs: Sequence[str],
+    base: FsPlan,
     *,
     channel: int,
     report_fd: int,
     status_fd: int,
     hooks: Sequence[ExecHook] = (),
 ) -> NoReturn:
-    """A pool jail's I: steps 1-3 ahead of any job, then it says so on ``channel`` and waits
-    there for its one plan (``receive_plan``), and does steps 4-11 for it. Ends quietly if the
-    channel closes first (the jail is destroyed unused)."""
+    """A pool jail's I, ahead of any job: steps 1-6 with the ``base`` of every job's file
+    system (``fsplan.split_fs_plan``), then it says so on ``channel`` and waits there for its
+    one plan (``receive_plan``). With it come detached trees of the job's own binds (the fork
+    server made them in the daemon's mount namespace): I adds the job's steps to its root,
+    seals it, and goes on from step 7. Ends quietly if the channel closes first (the jail is
+    destroyed unused)."""
     stage = "signals"
     try:
         stage = _start_init({channel, report_fd, status_fd})
         stage = _enter_jail(netns_path, cgroup_procs)
+        trees = rootfs.open_bind_trees(base, ())
+        stage = "namespaces"
+        syscalls.unshare(_NAMESPACES)
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        stage = "file system"
+        rootfs.enter_new_root(base, trees)
         stage = "standby"
         sock = socket.socket(fileno=channel)
         sock.send(STANDBY_READY)
@@ -243,19 +254,24 @@ def run_standby_init(
         sock.close()
         if received is None:
             os._exit(0)
-        plan, stdio, source_fds = received
+        plan, stdio, job_trees = received
         if plan.netns_path != netns_path or list(plan.cgroup_procs) != list(cgroup_procs):
             raise SpawnError("the plan is for another jail")
+        prefix, steps = split_fs_plan(plan.fs)
+        if prefix != base:
+            raise SpawnError("the job's file system is not the one this pool jail was made for")
+        stage = "file system"
+        rootfs.finish_root(steps, job_trees)
     except BaseException as e:
         _report(report_fd, _failure_of(stage, e, None))
         os._exit(127)
-    _finish_job(plan, stdio, source_fds, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
+    _become_job(plan, stdio, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
 
 
 #: What a standby init sends once it is in its jail's netns and cgroups.
 STANDBY_READY = b"ready"
 #: The datagram a standby's plan comes in; its fds: the plan's sealed memfd, the job's stdio
-#: (3), then its bind sources (the fork server passes on what the daemon sent it).
+#: (3), then a detached tree per Bind of the job's own steps, in order.
 STANDBY_PLAN = b"plan"
 #: The largest plan a standby reads (as the fork server's bound).
 _MAX_PLAN = 16 << 20
@@ -325,7 +341,23 @@ def _finish_job(
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         stage = "file system"
         rootfs.apply_fs_plan(plan.fs, trees)
-        stage = "hostname"
+    except BaseException as e:
+        _report(report_fd, _failure_of(stage, e, plan))
+        os._exit(127)
+    _become_job(plan, stdio, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
+
+
+def _become_job(
+    plan: JobPlan,
+    stdio: Sequence[int],
+    *,
+    report_fd: int,
+    status_fd: int,
+    hooks: Sequence[ExecHook],
+) -> NoReturn:
+    """Steps 7-11, in the job's file system already; never returns."""
+    stage = "hostname"
+    try:
         syscalls.sethostname(plan.hostname)
         stage = "session"
         os.setsid()

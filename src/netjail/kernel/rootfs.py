@@ -285,6 +285,14 @@ def apply_fs_plan(plan: FsPlan, trees: Sequence[int]) -> None:
     for, and in the network namespace /sys is for. Closes ``trees`` (from
     ``open_bind_trees``). Raise SpawnError naming the mount that failed.
     """
+    enter_new_root(plan, trees)
+    seal_root()
+
+
+def enter_new_root(plan: FsPlan, trees: Sequence[int]) -> None:
+    """As ``apply_fs_plan``, but the new root stays writable: a pool jail's standby builds
+    the part of every job's plan ahead (``fsplan.split_fs_plan``), and ``finish_root`` adds
+    the job's own steps and seals it."""
     remaining = iter(trees)
     try:
         with _step("mounting the new root"):
@@ -292,20 +300,43 @@ def apply_fs_plan(plan: FsPlan, trees: Sequence[int]) -> None:
             syscalls.mount("tmpfs", STAGING, "tmpfs", _NEW_FS, options)
             root = os.open(STAGING, _DIR)
         try:
-            for step in plan.steps:
-                with _step(f"mounting {step.target}"):
-                    _apply_step(root, step, remaining)
+            _apply_steps(root, plan.steps, remaining)
             with _step("pivot_root"):
-                _enter_root(root)
+                _pivot_into(root)
         finally:
             os.close(root)
     finally:
-        for fd in trees:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all(trees)
 
 
-def _enter_root(root: int) -> None:
+def finish_root(steps: Sequence[FsStep], trees: Sequence[int]) -> None:
+    """Apply ``steps`` to the calling process's root (made by ``enter_new_root``), with
+    ``trees`` detached copies of their binds' sources (made in the daemon's mount namespace,
+    by the fork server), then seal it. Closes ``trees``."""
+    try:
+        root = os.open("/", _DIR)
+        try:
+            _apply_steps(root, steps, iter(trees))
+        finally:
+            os.close(root)
+        seal_root()
+    finally:
+        _close_all(trees)
+
+
+def _apply_steps(root: int, steps: Sequence[FsStep], trees: Iterator[int]) -> None:
+    for step in steps:
+        with _step(f"mounting {step.target}"):
+            _apply_step(root, step, trees)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _pivot_into(root: int) -> None:
     # pivot_root(".", ".") stacks the old root on top of the new one at "/"; detaching it
     # (MNT_DETACH: lazily, so nothing still open in it can make this fail) leaves only the new.
     # No directory for the old root is needed in the new one.
@@ -313,8 +344,12 @@ def _enter_root(root: int) -> None:
     syscalls.pivot_root(".", ".")
     syscalls.umount2(".", syscalls.MNT_DETACH)
     os.chdir("/")
-    # The root holds only mount points and links: read-only, so not even a uid-0 job can
-    # fill it or plant files beside the system directories.
-    syscalls.mount(
-        None, "/", None, syscalls.MS_BIND | syscalls.MS_REMOUNT | _NEW_FS | syscalls.MS_RDONLY
-    )
+
+
+def seal_root() -> None:
+    """Make the root read-only: it holds only mount points and links, so not even a uid-0
+    job can fill it or plant files beside the system directories."""
+    with _step("sealing the root"):
+        syscalls.mount(
+            None, "/", None, syscalls.MS_BIND | syscalls.MS_REMOUNT | _NEW_FS | syscalls.MS_RDONLY
+        )

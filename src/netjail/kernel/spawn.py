@@ -53,6 +53,7 @@ from netjail.kernel.forkserver import (
     encode,
     from_server,
 )
+from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.helperproc import describe_exit, helper_command, helper_env
 from netjail.kernel.jobplan import JobPlan, SpawnFailure
 
@@ -452,7 +453,9 @@ class ForkServer:
             os.close(plan_fd)
         return await future
 
-    async def prefork(self, netns_path: str, cgroup_procs: Sequence[str]) -> SpawnedJob:
+    async def prefork(
+        self, netns_path: str, cgroup_procs: Sequence[str], base: FsPlan
+    ) -> SpawnedJob:
         """A standby init in the jail at ``netns_path`` and ``cgroup_procs``, once it is there
         waiting for its job (``start_standby``); SpawnError naming the failed step otherwise.
         Its end is awaited with ``wait``, as a job's."""
@@ -460,7 +463,7 @@ class ForkServer:
         self._next_id += 1
         request_id = self._next_id
         message = PreforkRequest(
-            id=request_id, netns_path=netns_path, cgroup_procs=list(cgroup_procs)
+            id=request_id, netns_path=netns_path, cgroup_procs=list(cgroup_procs), base=base
         )
         request = _Outgoing(data=encode(message), fds=[], sent=loop.create_future())
         future: asyncio.Future[SpawnedJob] = loop.create_future()

@@ -29,7 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from netjail.kernel.fdpass import send_with_fds
+import msgspec
+
+from netjail.errors import NetjailError, SpawnError
+from netjail.kernel.fdpass import read_payload, send_with_fds
+from netjail.kernel.fsplan import FsPlan, split_fs_plan
 from netjail.kernel.jailinit import (
     STANDBY_PLAN,
     STANDBY_READY,
@@ -37,9 +41,13 @@ from netjail.kernel.jailinit import (
     fork_in_new_pid_namespace,
     run_standby_init,
 )
-from netjail.kernel.jobplan import SpawnFailure, read_setup_failure
+from netjail.kernel.jobplan import JobPlan, SpawnFailure, read_setup_failure
+from netjail.kernel.rootfs import open_bind_trees
 
 StandbyState = Literal["warming", "idle", "starting"]
+#: The largest plan read (as for a cold spawn).
+_MAX_PLAN = 16 << 20
+_plans = msgspec.msgpack.Decoder(JobPlan)
 
 
 @dataclass
@@ -52,6 +60,8 @@ class Standby:
     channel: socket.socket
     report_fd: int
     status_fd: int
+    #: The part of every job's file system it built ahead.
+    base: FsPlan
     state: StandbyState = "warming"
 
 
@@ -84,9 +94,14 @@ StandbyOutcome = StandbyReady | StandbyStarted | StandbyFailed
 
 
 def fork_standby(
-    request: int, netns_path: str, cgroup_procs: Sequence[str], hooks: Sequence[ExecHook]
+    request: int,
+    netns_path: str,
+    cgroup_procs: Sequence[str],
+    base: FsPlan,
+    hooks: Sequence[ExecHook],
 ) -> Standby | SpawnFailure:
-    """Fork a standby init for the jail at ``netns_path`` and ``cgroup_procs``; at once."""
+    """Fork a standby init for the jail at ``netns_path`` and ``cgroup_procs``, to build
+    ``base`` of its job's file system; at once."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -102,6 +117,7 @@ def fork_standby(
         run_standby_init(
             netns_path,
             cgroup_procs,
+            base,
             channel=theirs.detach(),
             report_fd=report_w,
             status_fd=status_w,
@@ -111,7 +127,14 @@ def fork_standby(
     os.close(report_w)
     os.close(status_w)
     ours.setblocking(False)
-    return Standby(request=request, pid=pid, channel=ours, report_fd=report_r, status_fd=status_r)
+    return Standby(
+        request=request,
+        pid=pid,
+        channel=ours,
+        report_fd=report_r,
+        status_fd=status_r,
+        base=base,
+    )
 
 
 class StandbyTable:
@@ -162,18 +185,32 @@ class StandbyTable:
 
     def start(self, request: int, pid: int, fds: Sequence[int]) -> StandbyFailed | None:
         """Pass standby ``pid`` its plan (``fds``: the sealed plan memfd, the job's stdio,
-        its bind sources, as the daemon sent them); a failure at once if it cannot take one."""
+        its bind sources, as the daemon sent them), with a detached tree of each of the job's
+        own binds, made here, in the daemon's mount namespace, where the sources are; a
+        failure at once if it cannot take them."""
         standby = self._by_pid.get(pid)
-        if standby is None or standby.state != "idle":
+        if standby is None or standby.state != "idle" or len(fds) < 4:
             failure = SpawnFailure(stage="standby", errno=0, detail=f"no idle standby {pid}")
             return StandbyFailed(request, pid, failure)
         standby.request = request
         try:
+            plan = _plans.decode(read_payload(fds[0], _MAX_PLAN))
+            prefix, steps = split_fs_plan(plan.fs)
+            if prefix != standby.base:
+                raise SpawnError("the job's file system is not the one the pool jail was made for")
+            trees = open_bind_trees(FsPlan(plan.fs.root_size_bytes, steps), fds[4:])
+        except (ValueError, msgspec.DecodeError, NetjailError) as e:
+            failure = SpawnFailure(stage="bind sources", errno=0, detail=str(e))
+            return self._failed(standby, failure)
+        try:
             standby.channel.setblocking(True)
-            send_with_fds(standby.channel, STANDBY_PLAN, fds)
+            send_with_fds(standby.channel, STANDBY_PLAN, [*fds[:4], *trees])
         except OSError as e:
             failure = SpawnFailure(stage="standby", errno=e.errno or 0, detail=e.strerror or "")
             return self._failed(standby, failure)
+        finally:
+            for fd in trees:
+                os.close(fd)
         standby.channel.close()
         standby.state = "starting"
         return None
