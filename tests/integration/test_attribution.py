@@ -93,3 +93,19 @@ def test_proxied_connection_names_its_process(
     assert conn.verdict == "allowed"
     assert conn.process is not None
     assert (conn.process.comm, conn.process.pid) == ("curl", 2)
+
+
+def test_a_logged_datagram_is_named_with_every_log_backend(backend_daemon: Daemon) -> None:
+    """NFLOG and the kernel log both give the datagram's source, so each backend names its
+    sender (the iptables and kmsg daemons as well as the default)."""
+    hold = (
+        "import socket, time\n"
+        "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try: u.sendto(b'x', ('198.51.100.20', 9))\n"
+        "except OSError: pass\n"
+        "time.sleep(0.5)\n"
+    )
+    result = run(backend_daemon.client(), [PY, "-c", hold])
+    [datagram] = [e for e in result.events if e.dst == "198.51.100.20"]
+    assert datagram.process is not None, result.events
+    assert (datagram.process.comm, datagram.process.pid) == ("python3", 2)
