@@ -6,6 +6,7 @@ import ipaddress
 import socket
 import urllib.request
 
+import msgspec
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +16,8 @@ from netjail.daemon.configvalues import ListenAddress
 from netjail.daemon.metrics import DaemonState, Metrics, MetricsServer, outcome_of
 from netjail.errors import ConfigError
 from netjail.protocol import Event, Report
+
+from .daemonfakes import egress_event
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 
@@ -30,20 +33,8 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def event(**fields: object) -> Event:
-    base: dict[str, object] = {
-        "job": "j-1",
-        "time": "2026-12-01T00:00:00.000Z",
-        "kind": "egress",
-        "verdict": "blocked",
-        "proto": "tcp",
-        "family": 4,
-        "dst": "203.0.113.9",
-        "port": 443,
-        "uid": 65534,
-        "count": 1,
-        "via": "nflog",
-    }
-    return Event(**(base | fields))  # type: ignore[arg-type]
+    """A blocked NFLOG attempt, with ``fields`` changed."""
+    return msgspec.structs.replace(egress_event(443), **fields)
 
 
 def report(**fields: object) -> Report:
