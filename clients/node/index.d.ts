@@ -14,6 +14,14 @@ export type EventKind = 'egress' | 'dns' | 'http';
 export type Verdict = 'allowed' | 'blocked' | 'redirected' | 'mocked';
 export type Via = 'nflog' | 'kmsg' | 'dns' | 'proxy';
 
+/** The process that sent an event: pid inside the job's PID namespace, sanitised names. */
+export interface EventProcess {
+  pid: number;
+  comm: string;
+  exe?: string | null;
+  argv?: string[];
+}
+
 /** One egress attempt (a packet, a DNS query or a proxied connection) seen for a job. */
 export interface Event {
   job: string;
@@ -38,6 +46,8 @@ export interface Event {
   path?: string | null;
   status?: number | null;
   duration_ms?: number | null;
+  /** Who sent it, when the daemon could tell (absent when the process was already gone). */
+  process?: EventProcess | null;
   /** Fields a newer daemon adds. */
   [field: string]: unknown;
 }
