@@ -288,14 +288,22 @@ class Connection:
                 sent = self.sock.sendmsg([frame.data], ancillary)
                 break
             except (BlockingIOError, InterruptedError):
-                ready: asyncio.Future[None] = self._loop.create_future()
-                self._loop.add_writer(self.sock.fileno(), ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    self._loop.remove_writer(self.sock.fileno())
+                await self._ready(self._loop.add_writer, self._loop.remove_writer)
         if sent < len(frame.data):
             await self._loop.sock_sendall(self.sock, frame.data[sent:])
+
+    async def _ready(
+        self,
+        watch: Callable[[int, Callable[[None], None], None], object],
+        unwatch: Callable[[int], object],
+    ) -> None:
+        """Until the socket is ready as ``watch`` (the loop's add_reader or add_writer) says."""
+        ready: asyncio.Future[None] = self._loop.create_future()
+        watch(self.sock.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            unwatch(self.sock.fileno())
 
     async def _recv(self) -> tuple[bytes, list[int]]:
         while True:
@@ -305,12 +313,7 @@ class Connection:
                     _RECV_BYTES, socket.CMSG_SPACE(p.MAX_FDS * fds.itemsize)
                 )
             except (BlockingIOError, InterruptedError):
-                ready: asyncio.Future[None] = self._loop.create_future()
-                self._loop.add_reader(self.sock.fileno(), ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    self._loop.remove_reader(self.sock.fileno())
+                await self._ready(self._loop.add_reader, self._loop.remove_reader)
                 continue
             except OSError:
                 return b"", []

@@ -14,13 +14,13 @@ Runs in the job's init, inside the job's file system: nothing here may import an
 
 from __future__ import annotations
 
-import array
 import fcntl
 import os
 import socket
 import struct
 import termios
 
+from netjail.kernel.fdpass import recv_with_fds, send_with_fds
 from netjail.kernel.jobplan import TerminalPlan
 
 #: <asm-generic/ioctls.h>: unlockpt(3)'s ioctl, and the one that opens a master's slave
@@ -53,7 +53,7 @@ def open_job_pty(terminal: TerminalPlan, channel: int, uid: int, gid: int) -> in
             attrs[0] |= IUTF8
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
             with socket.socket(fileno=channel) as sock:
-                socket.send_fds(sock, [b"pty"], [master])
+                send_with_fds(sock, b"pty", [master])
         except BaseException:
             os.close(slave)
             raise
@@ -65,17 +65,11 @@ def open_job_pty(terminal: TerminalPlan, channel: int, uid: int, gid: int) -> in
 def receive_master(channel: socket.socket) -> int:
     """The master the job's init sent on ``channel`` (already there once the job runs);
     OSError when none came."""
-    fds = array.array("i")
+    channel.setblocking(False)
     try:
-        # (socket.recv_fds would drop MSG_DONTWAIT: Python 3.11 ignores its flags.)
-        _data, ancdata, _flags, _addr = channel.recvmsg(
-            16, socket.CMSG_SPACE(4 * fds.itemsize), socket.MSG_DONTWAIT
-        )
+        _data, fds = recv_with_fds(channel, 16, 4)
     except BlockingIOError:
-        ancdata = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        fds = []
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
