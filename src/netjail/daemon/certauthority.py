@@ -115,6 +115,9 @@ def _server_context(chain_pem: bytes) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(list(ALPN))
+    # The TLS 1.3 session tickets (OpenSSL's default two) stay: sent right after the handshake,
+    # they ACK the client's Finished at once. Without them, a client with Nagle on (most) holds
+    # its request behind that Finished until the proxy's delayed ACK: 40 ms on every connection.
     # load_cert_chain takes only a path: a memfd's, never a file on any file system.
     fd = os.memfd_create("netjail-leaf", os.MFD_CLOEXEC)
     try:

@@ -155,7 +155,8 @@ class HttpRelay:
     async def _one_request(self) -> bool:
         """Serve one request; False when the connection is to end."""
         try:
-            event = await asyncio.wait_for(_next_event(self._job, self._server), IDLE_S)
+            async with asyncio.timeout(IDLE_S):  # no task per request, as wait_for makes
+                event = await _next_event(self._job, self._server)
         except TimeoutError:
             return False
         if not isinstance(event, h11.Request):

@@ -85,7 +85,8 @@ async def serve_intercepted(
         if tls:
             server = TlsStream.server(conn, interception.ca.server_context(domain), first)
             try:
-                await asyncio.wait_for(server.handshake(), HANDSHAKE_S)
+                async with asyncio.timeout(HANDSHAKE_S):  # no task per call, as wait_for makes
+                    await server.handshake()
             except (ssl.SSLError, OSError, TimeoutError) as exc:
                 why = getattr(exc, "reason", None) or type(exc).__name__
                 return HandshakeRefused(
@@ -141,7 +142,8 @@ async def open_tls_upstream(
     that fails."""
     try:
         stream = TlsStream.client(sock, upstream_context(cafile), domain)
-        await asyncio.wait_for(stream.handshake(), HANDSHAKE_S)
+        async with asyncio.timeout(HANDSHAKE_S):
+            await stream.handshake()
     except ssl.SSLCertVerificationError as exc:
         sock.close()
         return UpstreamRefused(
