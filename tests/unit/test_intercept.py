@@ -224,3 +224,12 @@ def test_a_websocket_upgrade_is_checked_then_passed_through() -> None:
     assert job.sent.endswith(b"PONG")
     assert bytes(upstream.streams[0].sent).endswith(b"PING")
     assert records[0].status == 101
+
+
+def test_a_later_injection_of_the_same_header_wins() -> None:
+    """Two injections of one header (the job's, then the operator's): only the last is sent."""
+    policy = parse_http_policy(inject_headers=[f"{API}:X-Key=job", f"{API}:X-Key=operator"])
+    _, _, upstream = serve(get("/"), policy, [ok(b"")])
+    sent = bytes(upstream.streams[0].sent)
+    assert b"x-key: operator\r\n" in sent
+    assert b"job" not in sent

@@ -251,7 +251,8 @@ class HttpRelay:
     def _upstream_headers(
         self, request: h11.Request, *, upgrade: bool
     ) -> list[tuple[bytes, bytes]]:
-        injected = self._policy.injections_for(self._domain)
+        # One value per header: a later injection (the operator's) replaces an earlier one.
+        injected = list({i.header: i for i in self._policy.injections_for(self._domain)}.values())
         replaced = {i.header.encode() for i in injected}
         if self._redactions:
             replaced.add(b"accept-encoding")
