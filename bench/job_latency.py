@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -35,6 +36,9 @@ from netjail import Client
 from netjail.kernel.cgroup import CgroupManager, Limits, load_cgroup_layout
 
 PACE_S = 0.05
+#: The same daemon without warm jails: every job built cold, for comparison in the same run.
+NO_POOL = "[jail]\npool_size = 0\n"
+COLD = "  same, cold (no pool)"
 
 
 def time_command(argv: list[str], n: int) -> list[float]:
@@ -96,6 +100,35 @@ def print_cli_start(samples: dict[str, list[float]]) -> None:
         )
 
 
+def _run_true(client: Client) -> None:
+    client.run(["/bin/true"], cwd="/")
+
+
+def time_after_burst(client: Client, rounds: int) -> list[float]:
+    """The first job after a burst that emptied the warm pool: per round, wait until the pool
+    is full again, start more jobs at once than it holds, and time the next job alone."""
+    size = client.status().pool_size or 0
+    if size == 0:
+        return []
+    samples = []
+    for _ in range(rounds):
+        deadline = time.monotonic() + 10
+        while (client.status().pool_ready or 0) < size and time.monotonic() < deadline:
+            time.sleep(0.01)
+        burst = [
+            threading.Thread(target=_run_true, args=(Client(client.socket),))
+            for _ in range(size + 2)
+        ]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join()
+        start = time.perf_counter()
+        client.run(["/bin/true"], cwd="/")
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
 def time_cgroup_cost(n: int) -> tuple[list[float], list[float]]:
     """fork+exec /bin/true, without and with a fresh job cgroup (create, join, kill, remove).
 
@@ -148,6 +181,70 @@ def worktree(ref: str) -> Iterator[str]:
         subprocess.run(["git", "worktree", "remove", "--force", path], check=False)
 
 
+def time_baselines(jobs: int) -> dict[str, list[float]]:
+    """The other ways to run /bin/true isolated (those installed), ``jobs`` times each."""
+    results: dict[str, list[float]] = {}
+    baselines = {
+        "true (no isolation)": ["/bin/true"],
+        "unshare -n true": ["unshare", "-n", "/bin/true"],
+        "bwrap --unshare-net": ["bwrap", "--unshare-net", "--ro-bind", "/", "/", "/bin/true"],
+        "bwrap --unshare-all": [
+            "bwrap",
+            "--unshare-all",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            "/bin/true",
+        ],
+        "firejail --net=none": [
+            "firejail",
+            "--quiet",
+            "--noprofile",
+            "--net=none",
+            "/bin/true",
+        ],
+    }
+    for name, argv in baselines.items():
+        if shutil.which(argv[0]) is None:
+            print(f"{name}: not installed, skipped")
+            continue
+        try:
+            time_command(argv, 3)
+            results[name] = time_command(argv, jobs)
+        except subprocess.CalledProcessError as e:
+            print(f"{name}: failed here (exit {e.returncode}), skipped")
+    return results
+
+
+def print_results(results: dict[str, list[float]], jobs: int) -> None:
+    """p50, p95 and ratios to netjail's p50 and to unshare -n's, one line each."""
+    with_cgroup, plain = results["  + fresh job cgroup"], results["fork+exec true"]
+    ours = statistics.median(results["netjail run /bin/true"])
+    unshare = results.get("unshare -n true")
+    base = statistics.median(unshare) if unshare else None
+    print(f"\n{jobs} runs each, sequential, {os.cpu_count()} CPUs")
+    print(f"{'':26} {'p50 ms':>8} {'p95 ms':>8} {'p50 / netjail':>14} {'/ unshare -n':>13}")
+    for name, samples in results.items():
+        p50 = statistics.median(samples)
+        p95 = percentile(samples, 0.95)
+        vs = f"{p50 / base:13.2f}" if base else ""
+        print(f"{name:26} {p50 * 1000:8.2f} {p95 * 1000:8.2f} {p50 / ours:14.2f} {vs}")
+    if base:
+        p95 = percentile(results["netjail run /bin/true"], 0.95)
+        print(
+            f"\nnetjail (warm pool) vs unshare -n true: p50 {ours / base:.2f}x (target <= 2),"
+            f" p95 {p95 / base:.2f}x of its p50 (target <= 4)"
+        )
+    added = statistics.median(with_cgroup) - statistics.median(plain)
+    print(f"\ncgroup cost per job: {added * 1000:.2f} ms p50 ({added / ours:.0%} of netjail's p50)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
@@ -165,6 +262,11 @@ def main() -> None:
         time_netjail(client, args.warmup)
         results: dict[str, list[float]] = {"netjail run /bin/true": []}
         clients = {"netjail run /bin/true": client}
+        if not args.use_running:
+            cold = Client(stack.enter_context(private_daemon(config=NO_POOL)))
+            time_netjail(cold, args.warmup)
+            results[COLD] = []
+            clients[COLD] = cold
         if args.compare_ref:
             old_src = stack.enter_context(worktree(args.compare_ref))
             old = Client(stack.enter_context(private_daemon(old_src)))
@@ -177,56 +279,17 @@ def main() -> None:
         for _ in range(rounds):
             for name, each in clients.items():
                 results[name] += time_netjail(each, max(1, args.jobs // rounds))
+        after_burst = time_after_burst(client, max(5, args.jobs // 20))
+        if after_burst:
+            results["  first after a burst"] = after_burst
         cli_start = time_cli_start(max(10, args.jobs // 4), None if args.use_running else sock)
-        baselines = {
-            "true (no isolation)": ["/bin/true"],
-            "unshare -n true": ["unshare", "-n", "/bin/true"],
-            "bwrap --unshare-net": ["bwrap", "--unshare-net", "--ro-bind", "/", "/", "/bin/true"],
-            "bwrap --unshare-all": [
-                "bwrap",
-                "--unshare-all",
-                "--ro-bind",
-                "/",
-                "/",
-                "--proc",
-                "/proc",
-                "--dev",
-                "/dev",
-                "--tmpfs",
-                "/tmp",
-                "/bin/true",
-            ],
-            "firejail --net=none": [
-                "firejail",
-                "--quiet",
-                "--noprofile",
-                "--net=none",
-                "/bin/true",
-            ],
-        }
-        for name, argv in baselines.items():
-            if shutil.which(argv[0]) is None:
-                print(f"{name}: not installed, skipped")
-                continue
-            try:
-                time_command(argv, 3)
-                results[name] = time_command(argv, args.jobs)
-            except subprocess.CalledProcessError as e:
-                print(f"{name}: failed here (exit {e.returncode}), skipped")
+        results.update(time_baselines(args.jobs))
 
     plain, with_cgroup = time_cgroup_cost(min(args.jobs, 100))
     results["fork+exec true"] = plain
     results["  + fresh job cgroup"] = with_cgroup
 
-    ours = statistics.median(results["netjail run /bin/true"])
-    print(f"\n{args.jobs} runs each, sequential, {os.cpu_count()} CPUs")
-    print(f"{'':26} {'p50 ms':>8} {'p95 ms':>8} {'p50 / netjail':>14}")
-    for name, samples in results.items():
-        p50 = statistics.median(samples)
-        p95 = percentile(samples, 0.95)
-        print(f"{name:26} {p50 * 1000:8.2f} {p95 * 1000:8.2f} {p50 / ours:14.2f}")
-    added = statistics.median(with_cgroup) - statistics.median(plain)
-    print(f"\ncgroup cost per job: {added * 1000:.2f} ms p50 ({added / ours:.0%} of netjail's p50)")
+    print_results(results, args.jobs)
     print_cli_start(cli_start)
 
 

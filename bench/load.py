@@ -193,6 +193,11 @@ def throughput(daemon: Daemon, jobs: int, clients: int) -> None:
         total.errors.update(tally.errors)
     print(f"\n1. {jobs} jobs from {clients} concurrent clients, {os.cpu_count()} CPUs")
     print(f"   wall {wall:.1f} s, {total.done / wall:.1f} jobs/s")
+    serial = serial_unshare_rate(200)
+    print(
+        f"   unshare -n true, serially, in the same run: {serial:.1f} /s"
+        f" (netjail at {total.done / wall / serial:.2f}x of it; target >= 0.5, and >= 250 jobs/s)"
+    )
     print(f"   reports received      {total.done}")
     print(f"   lost exits            {total.lost_exits}")
     print(f"   reports not their own {total.wrong_reports}")
@@ -302,6 +307,14 @@ def many_running(daemon: Daemon, running: int, ramp_width: int, samples: int) ->
     fds_per_job = (busy_fds - idle_fds) / max(1, listed)
     print(f"   daemon fds {idle_fds} idle, {busy_fds} with {listed} ({fds_per_job:.1f} per job)")
     print(f"   ps after the kills: {len(client.ps())} jobs left")
+
+
+def serial_unshare_rate(n: int) -> float:
+    """How many ``unshare -n true`` run per second one after another (the issue's baseline)."""
+    start = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["unshare", "-n", "/bin/true"], check=True)
+    return n / (time.perf_counter() - start)
 
 
 def main() -> None:
