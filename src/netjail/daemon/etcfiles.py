@@ -43,12 +43,18 @@ def hosts_text(hostname: str) -> str:
 
 def make_etc_dir(state_dir: str) -> str:
     """``<state_dir>/etc``, root only, emptied: no job runs yet, so every file is left over."""
-    path = os.path.join(state_dir, "etc")
+    return make_files_dir(state_dir, "etc")
+
+
+def make_files_dir(state_dir: str, name: str) -> str:
+    """``<state_dir>/<name>``, a root-only directory of per-job files, emptied (at start, no
+    job runs yet, so every file in it is left over)."""
+    path = os.path.join(state_dir, name)
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
-    for name in os.listdir(path):
+    for entry in os.listdir(path):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, name))
+            os.unlink(os.path.join(path, entry))
     return path
 
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+from netjail.daemon.etcfiles import make_files_dir
 from netjail.kernel.fsplan import JOB_CA_BUNDLE, JOB_CA_FILE, TRUST_BUNDLES, Bind, PathSource
 
 #: Largest host bundle read (Debian's is about 200 KiB).
@@ -35,13 +36,7 @@ class TrustFiles:
 
 def make_trust_dir(state_dir: str) -> str:
     """``<state_dir>/trust``, root only, emptied: no job runs yet, so every file is left over."""
-    path = os.path.join(state_dir, "trust")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    for name in os.listdir(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, name))
-    return path
+    return make_files_dir(state_dir, "trust")
 
 
 def read_host_bundle() -> tuple[bytes, tuple[str, ...]]:
