@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from netjail import Client, JobResult
@@ -105,7 +107,13 @@ def test_a_logged_datagram_is_named_with_every_log_backend(backend_daemon: Daemo
         "except OSError: pass\n"
         "time.sleep(0.5)\n"
     )
-    result = run(backend_daemon.client(), [PY, "-c", hold])
+    client = backend_daemon.client()
+    result = run(client, [PY, "-c", hold])
     [datagram] = [e for e in result.events if e.dst == "198.51.100.20"]
     assert datagram.process is not None, result.events
     assert (datagram.process.comm, datagram.process.pid) == ("python3", 2)
+    # The leak check waits for the suite's daemon only: wait here until this one tore it down.
+    deadline = time.monotonic() + 10
+    while client.ps() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.ps() == []
