@@ -24,6 +24,8 @@ CLIENT_SIDE = [
     "netjail.relay",
     "netjail.statusview",
     "netjail.protocol",
+    "netjail.requests",
+    "netjail.replies",
     "netjail.errors",
     "netjail.text",
     "netjail.units",
@@ -158,18 +160,20 @@ def test_client_side_never_reaches_kernel_or_daemon(module: str) -> None:
     )
 
 
-def test_protocol_imports_only_stdlib_msgspec_and_errors() -> None:
-    """netjail.protocol's own imports are the standard library, msgspec, netjail.errors and the
-    pure netjail.units (the home of the CPU bounds)."""
-    imports = _direct_imports("netjail.protocol")
+@pytest.mark.parametrize("module", ["netjail.protocol", "netjail.requests", "netjail.replies"])
+def test_protocol_imports_only_stdlib_msgspec_and_errors(module: str) -> None:
+    """The wire modules' own imports are the standard library, msgspec, netjail.errors, the pure
+    netjail.units (the home of the CPU bounds) and each other's messages."""
+    imports = _direct_imports(module)
     allowed = {
         name
         for name in imports
-        if name in {"msgspec", "netjail.errors", "netjail.units"}
+        if name
+        in {"msgspec", "netjail.errors", "netjail.units", "netjail.requests", "netjail.replies"}
         or (not _is_under(name, "netjail") and name.split(".")[0] in sys.stdlib_module_names)
     }
     assert imports - allowed == set()
-    assert "netjail.errors" in imports
+    assert "msgspec" in imports
 
 
 def _loaded_after(statement: str) -> set[str]:

@@ -1,6 +1,6 @@
 'use strict';
 // The wire protocol, without I/O: one JSON object per line in each direction, as netjaild's
-// src/netjail/protocol.py defines it. Requests carry only the fields the caller set (the daemon
+// src/netjail/protocol.py (with requests.py and replies.py) defines it. Requests carry only the fields the caller set (the daemon
 // refuses unknown fields, so a field an older daemon lacks is never sent unasked); replies are
 // read leniently, so fields a newer daemon adds pass through untouched.
 
