@@ -15,8 +15,9 @@ import signal
 import time
 
 from netjail.daemon.intake import EventSink
+from netjail.daemon.jobstdio import drain_capture
 from netjail.daemon.metrics import DaemonState, Metrics, outcome_of
-from netjail.daemon.pipeline import JailContext, Job, NflogSource, drain_capture, start_job
+from netjail.daemon.pipeline import JailContext, Job, NflogSource, start_job
 from netjail.daemon.pool import JailPool
 from netjail.daemon.report import Ending, build_report
 from netjail.daemon.spec import JobSpec
