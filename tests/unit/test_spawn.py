@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from netjail.errors import SpawnError
-from netjail.kernel import forkserver, spawn
+from netjail.kernel import forkserver, serverproc, spawn
 from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
 from netjail.kernel.helperproc import helper_env
 from netjail.kernel.jobplan import JobPlan
-from netjail.kernel.spawn import ForkServer, ForkServerHealth, restart_delay
+from netjail.kernel.serverproc import restart_delay
+from netjail.kernel.spawn import ForkServer, ForkServerHealth
 
 from .daemonfakes import RecordingLog, open_fds
 
@@ -240,17 +241,17 @@ def test_a_killed_server_fails_jobs_in_flight_is_logged_and_replaced(
     assert {k: errors[0][2][k] for k in ("spawning", "running", "restart_in_s")} == {
         "spawning": 1,
         "running": 1,
-        "restart_in_s": spawn.RESTART_FIRST_S,
+        "restart_in_s": serverproc.RESTART_FIRST_S,
     }
 
 
 def test_the_restart_back_off_doubles_while_servers_die_young() -> None:
     """The first end, or one after a long run, waits the first delay; each quick end doubles
     it, up to the bound."""
-    assert restart_delay(None, 0.0) == spawn.RESTART_FIRST_S
+    assert restart_delay(None, 0.0) == serverproc.RESTART_FIRST_S
     assert restart_delay(0.4, 1.0) == 0.8
-    assert restart_delay(spawn.RESTART_MAX_S, 0.0) == spawn.RESTART_MAX_S
-    assert restart_delay(8.0, spawn.STABLE_S) == spawn.RESTART_FIRST_S
+    assert restart_delay(serverproc.RESTART_MAX_S, 0.0) == serverproc.RESTART_MAX_S
+    assert restart_delay(8.0, serverproc.STABLE_S) == serverproc.RESTART_FIRST_S
 
 
 def test_the_real_server_command_runs_the_daemons_own_package() -> None:

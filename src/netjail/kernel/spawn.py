@@ -24,13 +24,9 @@ import contextlib
 import errno
 import os
 import signal
-import socket
-import subprocess
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -54,166 +50,35 @@ from netjail.kernel.forkserver import (
     from_server,
 )
 from netjail.kernel.fsplan import FsPlan
-from netjail.kernel.helperproc import describe_exit, helper_command, helper_env
+from netjail.kernel.helperproc import describe_exit, helper_command
 from netjail.kernel.jobplan import JobPlan, SpawnFailure
+from netjail.kernel.serverproc import (
+    READY_TIMEOUT_S,
+    ForkServerHealth,
+    ForkServerState,
+    Outgoing,
+    ServerProcess,
+    SpawnedJob,
+    launch_server,
+    restart_delay,
+    wait_ready,
+)
 
 __all__ = ["ExitStatus", "ForkServer", "ForkServerHealth", "SpawnedJob", "spawn_error"]
-
-#: How long the daemon waits for a new fork server's ``Ready``.
-READY_TIMEOUT_S = 10.0
-#: The first back-off before a new fork server is started, and the longest.
-RESTART_FIRST_S = 0.05
-RESTART_MAX_S = 10.0
-#: A fork server that ran this long was healthy: the back-off starts over after it ends.
-STABLE_S = 30.0
-
-#: up: serving; starting: exec'd, not yet ready (jobs sent now wait for it); down: ended, a
-#: new one is due after the back-off (jobs are refused until then).
-ForkServerState = Literal["up", "starting", "down"]
 
 
 class _Log(Protocol):
     def __call__(self, level: str, message: str, **fields: Any) -> None: ...
 
 
-@dataclass(frozen=True)
-class ForkServerHealth:
-    """What ``status`` says about the fork server: its state, how many times it was restarted,
-    and how the last one that ended did (None if none has)."""
-
-    state: ForkServerState
-    restarts: int
-    last_exit: str | None
-
-
-@dataclass
-class SpawnedJob:
-    """A running job's main process, as the daemon sees it."""
-
-    pid: int
-    pidfd: int
-
-    def send_signal(self, sig: int) -> bool:
-        """Signal the main process; False if it has already exited (never hits a reused pid)."""
-        try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-
-
-@dataclass(frozen=True)
-class _Outgoing:
-    """A spawn request waiting for room in the socket; ``sent`` is done once it was sent."""
-
-    data: bytes
-    fds: list[int]
-    sent: asyncio.Future[None]
-
-
-@dataclass(eq=False)
-class _Server:
-    """One fork server process, and what is in flight with it."""
-
-    process: subprocess.Popen[bytes]
-    sock: socket.socket
-    pidfd: int
-    started: float
-    ready: bool = False
-    #: Why it cannot serve, if it said so (``StartFailed``).
-    refusal: str | None = None
-    pending: dict[int, asyncio.Future[SpawnedJob]] = field(default_factory=dict)
-    #: Standbys given their job, until their command exec'd (``start_standby``).
-    starting: dict[int, asyncio.Future[None]] = field(default_factory=dict)
-    waiters: dict[int, asyncio.Future[ExitStatus]] = field(default_factory=dict)
-    exits: dict[int, ExitStatus] = field(default_factory=dict)
-    outbox: deque[_Outgoing] = field(default_factory=deque)
-    reading: bool = False
-
-    def release(self) -> int | None:
-        """Close its socket and pidfd; make sure it is gone and reap it: its exit status."""
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        try:
-            status = self.process.wait(1)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            status = self.process.wait()
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
-        return status
-
-
-def _launch(command: Sequence[str]) -> _Server:
-    """Exec a fork server, its end of a new socketpair on its fd 0."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        with map_os_errors(SpawnError, "cannot start the fork server"):
-            process = subprocess.Popen(
-                list(command),
-                stdin=theirs.fileno(),
-                stdout=subprocess.DEVNULL,
-                env=helper_env(),
-            )
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except OSError as e:
-        process.kill()
-        process.wait()
-        ours.close()
-        raise SpawnError(f"cannot watch the fork server: {e.strerror}") from None
-    return _Server(process=process, sock=ours, pidfd=pidfd, started=time.monotonic())
-
-
-def _wait_ready(server: _Server, timeout: float) -> None:
-    """Block until ``server`` says Ready; SpawnError with the reason if it cannot serve."""
-    server.sock.settimeout(timeout)
-    try:
-        data, fds = recv_with_fds(server.sock, MAX_MESSAGE, MAX_FDS)
-    except TimeoutError:
-        raise SpawnError(f"the fork server did not start within {timeout:g} s") from None
-    except OSError:
-        data, fds = b"", []
-    for fd in fds:
-        os.close(fd)
-    message = from_server.decode(data) if data else None
-    if isinstance(message, StartFailed):
-        raise SpawnError(message.detail)
-    if not isinstance(message, Ready):
-        try:
-            status = server.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            status = None
-        raise SpawnError(f"the fork server {describe_exit(status)} at start")
-    server.ready = True
-
-
-def restart_delay(previous_s: float | None, ran_s: float) -> float:
-    """The back-off before the next fork server: the first delay after one that ran for a
-    while (or the first end), else twice the last one, up to RESTART_MAX_S."""
-    if previous_s is None or ran_s >= STABLE_S:
-        return RESTART_FIRST_S
-    return min(previous_s * 2, RESTART_MAX_S)
-
-
 class ForkServer:
     """The daemon's handle on the fork server process, restarted whenever it ends."""
 
-    def __init__(self, server: _Server, command: Sequence[str]) -> None:
-        self._server: _Server | None = server
+    def __init__(self, server: ServerProcess, command: Sequence[str]) -> None:
+        self._server: ServerProcess | None = server
         self._command = list(command)
         self._next_id = 0
-        self._owners: dict[int, _Server] = {}  # a running job's pid -> the server that owns it
+        self._owners: dict[int, ServerProcess] = {}  # a running job's pid -> its server
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log: _Log | None = None
         self._restarts = 0
@@ -229,9 +94,9 @@ class ForkServer:
         """Exec the fork server and wait until it is ready; SpawnError if it cannot serve (the
         jobs' seccomp filter cannot be compiled, say): the daemon must not start then."""
         command = list(command) if command is not None else helper_command(_SERVER_MODULE)
-        server = _launch(command)
+        server = launch_server(command)
         try:
-            _wait_ready(server, timeout)
+            wait_ready(server, timeout)
         except BaseException:
             server.process.kill()
             server.release()
@@ -257,7 +122,7 @@ class ForkServer:
         if self._server is not None:
             self._watch(loop, self._server)
 
-    def _watch(self, loop: asyncio.AbstractEventLoop, server: _Server) -> None:
+    def _watch(self, loop: asyncio.AbstractEventLoop, server: ServerProcess) -> None:
         server.sock.setblocking(False)
         loop.add_reader(server.sock.fileno(), self._on_readable, server)
         loop.add_reader(server.pidfd, self._on_ended, server)
@@ -265,7 +130,7 @@ class ForkServer:
 
     # ------------------------------------------------------------------ messages
 
-    def _on_readable(self, server: _Server) -> None:
+    def _on_readable(self, server: ServerProcess) -> None:
         while True:
             try:
                 data, fds = recv_with_fds(server.sock, MAX_MESSAGE, MAX_FDS)
@@ -287,7 +152,7 @@ class ForkServer:
                 continue
             self._dispatch(server, message, fds)
 
-    def _dispatch(self, server: _Server, message: FromServer, fds: list[int]) -> None:
+    def _dispatch(self, server: ServerProcess, message: FromServer, fds: list[int]) -> None:
         if isinstance(message, Exited):
             waiter = server.waiters.pop(message.pid, None)
             if waiter is not None and not waiter.done():
@@ -311,7 +176,7 @@ class ForkServer:
         self._dispatch_spawned(server, message, fds)
 
     def _dispatch_spawned(
-        self, server: _Server, message: Spawned | SpawnFailed, fds: list[int]
+        self, server: ServerProcess, message: Spawned | SpawnFailed, fds: list[int]
     ) -> None:
         future = server.pending.pop(message.id, None)
         if future is None or future.done():
@@ -327,7 +192,7 @@ class ForkServer:
             future.set_exception(SpawnError("fork server sent no pidfd"))
 
     @staticmethod
-    def _dispatch_started(server: _Server, message: Started | Spawned | SpawnFailed) -> None:
+    def _dispatch_started(server: ServerProcess, message: Started | Spawned | SpawnFailed) -> None:
         started = server.starting.pop(message.id, None)
         if started is None or started.done():
             return
@@ -336,7 +201,7 @@ class ForkServer:
         else:
             started.set_result(None)
 
-    def _stop_reading(self, server: _Server) -> None:
+    def _stop_reading(self, server: ServerProcess) -> None:
         if server.reading and self._loop is not None:
             self._loop.remove_reader(server.sock.fileno())
             if server.outbox:
@@ -345,7 +210,7 @@ class ForkServer:
 
     # ------------------------------------------------------------------ its end, and the next
 
-    def _on_ended(self, server: _Server) -> None:
+    def _on_ended(self, server: ServerProcess) -> None:
         """The server's pidfd is readable: it has ended. Read what it sent before, fail what
         is still in flight, say so, and start another after the back-off."""
         loop = self._loop
@@ -377,7 +242,7 @@ class ForkServer:
             )
         self._restart = loop.call_later(self._delay_s, self._start_again)
 
-    def _fail_in_flight(self, server: _Server, ended: str) -> None:
+    def _fail_in_flight(self, server: ServerProcess, ended: str) -> None:
         """Fail ``server``'s unanswered spawns and its running jobs' waits, closed."""
         refused = SpawnError(f"the fork server {ended}; the job was not started")
         for request in server.outbox:
@@ -404,7 +269,7 @@ class ForkServer:
         if self._closed or self._loop is None:
             return
         try:
-            server = _launch(self._command)
+            server = launch_server(self._command)
         except SpawnError as e:
             self._delay_s = restart_delay(self._delay_s, 0.0)
             if self._log is not None:
@@ -437,7 +302,7 @@ class ForkServer:
         try:
             self._next_id += 1
             spawn_id = self._next_id
-            request = _Outgoing(
+            request = Outgoing(
                 data=encode(SpawnRequest(id=spawn_id)),
                 fds=[plan_fd, *stdio, *source_fds],
                 sent=self._loop.create_future(),
@@ -465,7 +330,7 @@ class ForkServer:
         message = PreforkRequest(
             id=request_id, netns_path=netns_path, cgroup_procs=list(cgroup_procs), base=base
         )
-        request = _Outgoing(data=encode(message), fds=[], sent=loop.create_future())
+        request = Outgoing(data=encode(message), fds=[], sent=loop.create_future())
         future: asyncio.Future[SpawnedJob] = loop.create_future()
         server.pending[request_id] = future
         try:
@@ -488,7 +353,7 @@ class ForkServer:
         try:
             self._next_id += 1
             request_id = self._next_id
-            request = _Outgoing(
+            request = Outgoing(
                 data=encode(StartRequest(id=request_id, pid=pid)),
                 fds=[plan_fd, *stdio, *source_fds],
                 sent=loop.create_future(),
@@ -504,7 +369,7 @@ class ForkServer:
             os.close(plan_fd)
         await future
 
-    def _serving(self, outcome: str) -> tuple[asyncio.AbstractEventLoop, _Server]:
+    def _serving(self, outcome: str) -> tuple[asyncio.AbstractEventLoop, ServerProcess]:
         """The loop and the fork server serving now; SpawnError (ending in ``outcome``) if
         there is none."""
         if self._loop is None:
@@ -517,7 +382,7 @@ class ForkServer:
         return self._loop, self._server
 
     async def _deliver(
-        self, loop: asyncio.AbstractEventLoop, server: _Server, request: _Outgoing
+        self, loop: asyncio.AbstractEventLoop, server: ServerProcess, request: Outgoing
     ) -> None:
         """Send now, or, when the socket is full, queue behind earlier spawns until it drains.
 
@@ -535,7 +400,7 @@ class ForkServer:
         server.outbox.append(request)
         await request.sent
 
-    def _flush(self, server: _Server) -> None:
+    def _flush(self, server: ServerProcess) -> None:
         while server.outbox:
             request = server.outbox[0]
             if not request.sent.done():  # else its spawn was cancelled: its fds may be closed
