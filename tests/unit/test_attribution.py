@@ -5,12 +5,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
 from netjail.daemon import attribution
 from netjail.daemon.attribution import (
     LOOKUP_BURST,
+    MAX_FDS_PER_LOOKUP,
+    MAX_FDS_SCANNED,
     NoSocket,
     SocketEnd,
     SocketOwners,
@@ -107,3 +110,39 @@ def test_what_the_job_controls_is_sanitised_and_bounded(monkeypatch: pytest.Monk
     assert process.argv[0] == "a?"
     assert len(process.argv) == attribution.MAX_ARGS
     assert all(len(arg) <= attribution.MAX_ARG_CHARS + 1 for arg in process.argv)
+
+
+def test_one_lookup_reads_a_bounded_number_of_descriptors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job of many processes full of descriptors makes one lookup read at most
+    MAX_FDS_PER_LOOKUP descriptors in all, counted as over budget, and then waits for more."""
+    read = 0
+
+    def socket_inodes(_pid: int, limit: int) -> Iterator[int | None]:
+        nonlocal read
+        # Each process holds more descriptors than the limit, none of them the socket looked
+        # for (it is in flight in an SCM_RIGHTS message, or held by the newest process).
+        for _ in range(limit):
+            read += 1
+            yield None
+
+    monkeypatch.setattr(sockowner, "socket_inodes", socket_inodes)
+    monkeypatch.setattr(sockowner, "find_socket_inode", lambda _sock, _end: 12345)
+    clock = Clock()
+    diag = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    owners = SocketOwners(
+        list_pids=lambda: list(range(1, MAX_FDS_SCANNED + 1)),
+        clock=clock,
+        open_diag=lambda _p: diag,
+    )
+    end = SocketEnd("udp", ipaddress.IPv4Address("10.0.0.2"), 40000)
+    try:
+        assert owners.owner_of(end) is None
+        assert read == MAX_FDS_PER_LOOKUP
+        for _ in range(attribution.FDS_BURST // MAX_FDS_PER_LOOKUP + 2):
+            owners.owner_of(end)
+    finally:
+        owners.close()
+    assert read == attribution.FDS_BURST
+    assert owners.misses["budget"] == attribution.FDS_BURST // MAX_FDS_PER_LOOKUP + 3

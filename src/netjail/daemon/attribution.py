@@ -6,9 +6,12 @@ the jail's netns (netjail.kernel.sockowner; one netlink socket per job, made at 
 lookup), then the job's process that holds it, searched in the job's cgroup only, the
 processes that owned sockets lately first. It runs on the loop, so it is
 bounded: at most ``LOOKUP_BURST`` lookups at once, refilled at ``LOOKUPS_PER_S``; at most
-``MAX_FDS_SCANNED`` descriptors per process; a cache of the socket inodes seen (a lookup is
-about 20 µs, a scan about 6 µs a descriptor). Whatever
-cannot be attributed is counted by why (``Miss``), never guessed.
+``MAX_FDS_SCANNED`` descriptors per process and ``MAX_FDS_PER_LOOKUP`` in all for one lookup,
+drawn from a second bucket of ``FDS_BURST`` descriptors refilled at ``FDS_PER_S``, since the job
+chooses how many processes and descriptors it holds; a cache of the socket inodes seen (a
+lookup is about 20 µs, a scan about 6 µs a descriptor). Whatever cannot be attributed is
+counted by why (``Miss``), never guessed: a scan that spends its descriptors first is
+``budget``.
 
 What can be known: the DNS stub and the proxy see the job's end of each query and connection
 while its socket is open, so those are attributed as long as the process waits for the answer.
@@ -38,6 +41,11 @@ LOOKUP_BURST = 64
 LOOKUPS_PER_S = 128.0
 #: Descriptors read per process in one lookup.
 MAX_FDS_SCANNED = 4096
+#: Descriptors read in all in one lookup (about 0.1 s of the loop at most), and the job's
+#: bucket of descriptor reads they are drawn from (about 0.2 s of the loop a second).
+MAX_FDS_PER_LOOKUP = 16384
+FDS_BURST = 4 * MAX_FDS_PER_LOOKUP
+FDS_PER_S = 32768.0
 #: Socket inodes remembered per job (then the cache starts again).
 MAX_CACHED_SOCKETS = 8192
 #: How long a listing of the job's processes is used before it is read again (a process that
@@ -135,6 +143,8 @@ class SocketOwners:
     misses: dict[Miss, int] = field(default_factory=dict)
     _tokens: float = LOOKUP_BURST
     _refilled: float | None = None
+    _fd_tokens: float = FDS_BURST
+    _fds_refilled: float | None = None
     _pids: list[int] = field(default_factory=list)
     _pids_read: float | None = None
     _inode_pid: dict[int, int] = field(default_factory=dict)
@@ -156,6 +166,8 @@ class SocketOwners:
         if inode is None:
             return self._miss("gone")
         pid = self._holder(pids, inode)
+        if pid == "budget":
+            return self._miss("budget")
         identity = sockowner.read_process(pid) if pid is not None else None
         if identity is None:
             return self._miss("gone")
@@ -212,28 +224,55 @@ class SocketOwners:
                 return None
         return sockowner.find_socket_inode(self._diag, end)
 
-    def _holder(self, pids: list[int], inode: int) -> int | None:
+    def _holder(self, pids: list[int], inode: int) -> int | Literal["budget"] | None:
         """The job's process that holds socket ``inode``: the cache, then the processes that
-        owned sockets lately, then the rest, then those started since the listing."""
+        owned sockets lately, then the rest, then those started since the listing; "budget"
+        when the descriptors this lookup may read ran out first."""
         cached = self._inode_pid.get(inode)
         if cached is not None and cached in pids:
             return cached
-        order = [pid for pid in self._recent if pid in pids]
-        order += [pid for pid in pids if pid not in order]
-        found = self._scan(order, inode)
+        allowance = self._fd_allowance()
+        listed = set(pids)
+        order = [pid for pid in self._recent if pid in listed]
+        seen = set(order)
+        order += [pid for pid in pids if pid not in seen]
+        seen.update(order)
+        found, read = self._scan(order, inode, allowance)
+        if found is None and read < allowance:
+            newer = [pid for pid in self._job_pids(fresh=True) if pid not in seen]
+            found, more = self._scan(newer, inode, allowance - read)
+            read += more
+        self._fd_tokens -= read
         if found is None:
-            newer = [pid for pid in self._job_pids(fresh=True) if pid not in order]
-            found = self._scan(newer, inode)
-        if found is not None:
-            self._recent = [found, *(pid for pid in self._recent if pid != found)][:8]
+            return "budget" if read >= allowance else None
+        self._recent = [found, *(pid for pid in self._recent if pid != found)][:8]
         return found
 
-    def _scan(self, pids: list[int], inode: int) -> int | None:
+    def _fd_allowance(self) -> int:
+        """How many descriptors this lookup may read: the bucket refilled, at most
+        ``MAX_FDS_PER_LOOKUP``."""
+        now = self.clock()
+        if self._fds_refilled is not None:
+            self._fd_tokens = min(
+                FDS_BURST, self._fd_tokens + (now - self._fds_refilled) * FDS_PER_S
+            )
+        self._fds_refilled = now
+        return max(0, min(MAX_FDS_PER_LOOKUP, int(self._fd_tokens)))
+
+    def _scan(self, pids: list[int], inode: int, allowance: int) -> tuple[int | None, int]:
+        """The process among ``pids`` holding ``inode``, reading at most ``allowance``
+        descriptors in all; and how many were read."""
+        read = 0
         for pid in pids:
-            for held in sockowner.socket_inodes(pid, MAX_FDS_SCANNED):
+            if read >= allowance:
+                break
+            for held in sockowner.socket_inodes(pid, min(MAX_FDS_SCANNED, allowance - read)):
+                read += 1
+                if held is None:
+                    continue
                 if len(self._inode_pid) >= MAX_CACHED_SOCKETS:
                     self._inode_pid.clear()
                 self._inode_pid[held] = pid
                 if held == inode:
-                    return pid
-        return None
+                    return pid, read
+        return None, read

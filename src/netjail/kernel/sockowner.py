@@ -185,22 +185,41 @@ def parse_cmdline(data: bytes) -> list[str]:
     return [part.decode(errors="replace") for part in data.rstrip(b"\0").split(b"\0")]
 
 
-def socket_inodes(pid: int, limit: int) -> Iterator[int]:
-    """The inodes of the sockets process ``pid`` holds, from at most ``limit`` descriptors;
-    nothing once it is gone."""
+def socket_inodes(pid: int, limit: int) -> Iterator[int | None]:
+    """One item per descriptor of process ``pid`` read, at most ``limit``: the inode of the
+    socket it is, or None when it is no socket (or closed meanwhile); nothing once it is gone.
+
+    The directory is read as it goes (scandir), so a process with a million descriptors costs
+    ``limit`` reads, not a million names listed first.
+    """
     try:
-        names = os.listdir(f"/proc/{pid}/fd")
+        entries = os.scandir(f"/proc/{pid}/fd")
     except OSError:
         return
-    for name in names[:limit]:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue  # closed meanwhile
-        if link.startswith(_SOCKET_LINK) and link.endswith("]"):
+    with entries:
+        for count, entry in enumerate(_entries(entries)):
+            if count >= limit:
+                return
+            try:
+                link = os.readlink(entry.path)
+            except OSError:
+                yield None  # closed meanwhile
+                continue
             inode = link[len(_SOCKET_LINK) : -1]
-            if inode.isdigit():
+            if link.startswith(_SOCKET_LINK) and link.endswith("]") and inode.isdigit():
                 yield int(inode)
+            else:
+                yield None
+
+
+def _entries(entries: Iterator[os.DirEntry[str]]) -> Iterator[os.DirEntry[str]]:
+    """The directory's entries until it ends, or until reading it fails (the process went)."""
+    while True:
+        try:
+            entry = next(entries)
+        except (StopIteration, OSError):
+            return
+        yield entry
 
 
 def read_process(pid: int) -> ProcessIdentity | None:
