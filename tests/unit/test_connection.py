@@ -15,13 +15,9 @@ import pytest
 from netjail import protocol as p
 from netjail._version import __version__
 from netjail.daemon import connection as connection_module
-from netjail.daemon.connection import (
-    MAX_QUEUED_EVENTS,
-    HeldEvents,
-    Outbox,
-    OutFrame,
-    close_gracefully,
-)
+from netjail.daemon import outbox as outbox_module
+from netjail.daemon.connection import HeldEvents
+from netjail.daemon.outbox import MAX_QUEUED_EVENTS, Outbox, OutFrame, close_gracefully
 from netjail.daemon.spec import CapturedStdio, PassedStdio
 from netjail.errors import CgroupError, ExecError, JailError, NetjailError
 
@@ -845,7 +841,7 @@ def test_close_gracefully_lets_the_peer_read_the_last_message_despite_unread_inp
 
 def test_close_gracefully_gives_up_after_the_linger_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """A peer that neither sends nor closes does not keep the socket open past the linger."""
-    monkeypatch.setattr(connection_module, "_LINGER_S", 0.01)
+    monkeypatch.setattr(outbox_module, "_LINGER_S", 0.01)
 
     async def main() -> None:
         ours, theirs = socket.socketpair()
@@ -863,8 +859,8 @@ def test_close_gracefully_stops_discarding_after_the_byte_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A peer that keeps sending is cut off once the byte budget is spent."""
-    monkeypatch.setattr(connection_module, "_LINGER_S", 3600.0)
-    monkeypatch.setattr(connection_module, "_LINGER_BYTES", 10)
+    monkeypatch.setattr(outbox_module, "_LINGER_S", 3600.0)
+    monkeypatch.setattr(outbox_module, "_LINGER_BYTES", 10)
 
     async def main() -> None:
         ours, theirs = socket.socketpair()

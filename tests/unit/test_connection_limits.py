@@ -14,7 +14,7 @@ import pytest
 
 from netjail import protocol as p
 from netjail.daemon import connection as connection_module
-from netjail.daemon.connection import MAX_QUEUED_BYTES, MAX_QUEUED_EVENTS, Outbox, OutFrame
+from netjail.daemon.outbox import MAX_QUEUED_BYTES, MAX_QUEUED_EVENTS, Outbox, OutFrame
 
 from .daemonfakes import ALICE, Daemon, WireClient, make_daemon, run, session, spec_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from netjail import protocol as p
-from netjail.daemon.connection import Outbox, OutFrame
+from netjail.daemon.outbox import Outbox, OutFrame
 from netjail.daemon.pipeline import Job
 from netjail.daemon.spec import TerminalStdio
 

@@ -29,10 +29,11 @@ from collections.abc import Callable
 from netjail import protocol as p
 from netjail._version import __version__
 from netjail.daemon.config import Config
-from netjail.daemon.connection import Connection, close_gracefully
+from netjail.daemon.connection import Connection
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.jailbuild import fs_sizes
 from netjail.daemon.jobs import JobManager, max_jobs_for
+from netjail.daemon.outbox import close_gracefully
 from netjail.errors import BusyError
 from netjail.kernel.peer import PeerCred, namespace_inode, peer_credentials, peer_groups
 from netjail.kernel.seccomp import PROFILE as SECCOMP_PROFILE
