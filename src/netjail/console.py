@@ -55,6 +55,9 @@ STOPPING = "netjaild is stopping"
 #: Signals passed on to the job.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
+#: Answers a live decision (``--ask``): the question, and the signal pipe that cuts it short.
+Decide = Callable[[p.DecideQuestion, int], bool]
+
 #: How events are printed: lines for people, or one JSON object per event.
 EventFormat = Literal["text", "json"]
 #: Which events are printed: those that were not let through, or all of them (--verbose).
@@ -234,10 +237,17 @@ class Signals:
 class _Session:
     """One job's console, from the request to its report."""
 
-    def __init__(self, client: Client, display: Display, plan: StdioPlan | PtyPlan) -> None:
+    def __init__(
+        self,
+        client: Client,
+        display: Display,
+        plan: StdioPlan | PtyPlan,
+        decide: Decide | None = None,
+    ) -> None:
         self.client = client
         self.display = display
         self.plan = plan
+        self.decide = decide
         self.board = EventBoard()
         self.next_refresh = 0.0
         self.last_interrupt: float | None = None
@@ -373,8 +383,9 @@ class _Session:
                     for message in running.receive():
                         if isinstance(message, p.Exit):
                             return message
-                        # The CLI asks for no live decisions: no DecideQuestion comes.
-                        if isinstance(message, p.EventMessage):
+                        if isinstance(message, p.DecideQuestion):
+                            running.decide(message, self._ask(message))
+                        else:
                             self.on_event(message.event)
                 if self.signals in ready:
                     self.on_signals(running.job, self.signals.received())
@@ -386,6 +397,19 @@ class _Session:
                 self.refresh(time.monotonic())
         finally:
             selector.close()
+
+    def _ask(self, question: p.DecideQuestion) -> bool:
+        """The user's answer (no questions come unless ``decide`` was asked for). The loop
+        waits meanwhile: no key is relayed to the job, and none of its output comes out."""
+        if self.decide is None:
+            return False
+        relay = self.plan.relay
+        if relay is not None and not relay.at_line_start:
+            # The question goes on a line of its own, not after the job's unfinished one.
+            with contextlib.suppress(OSError):
+                write_all(relay.dest, relay.newline)
+            relay.at_line_start = True
+        return self.decide(question, self.signals.fileno())
 
     def _shutdown_after(self, running: RunningJob, exit_message: p.Exit) -> str | None:
         """The daemon's shutdown message if it ended the job because it is stopping.
@@ -445,13 +469,20 @@ class _Session:
             self.emit(f"netjail: {summary}")
 
 
-def run_job(client: Client, request: p.RunRequest, fds: Sequence[int], display: Display) -> JobEnd:
+def run_job(
+    client: Client,
+    request: p.RunRequest,
+    fds: Sequence[int],
+    display: Display,
+    decide: Decide | None = None,
+) -> JobEnd:
     """Run the job of ``request`` with ``fds`` as its stdio (or, with stdio "tty", a pty of
     its own relayed to this terminal), showing it as ``display`` says, and return how it
-    ended. Raises the daemon's errors (NetjailError) from before the job started, or from a
-    connection lost while it ran."""
+    ended; ``decide`` answers the live decisions of a request with ``decide``. Raises the
+    daemon's errors (NetjailError) from before the job started, or from a connection lost
+    while it ran."""
     plan = PtyPlan(display.sink) if request.stdio == "tty" else StdioPlan(fds, display.sink)
-    session = _Session(client, display, plan)
+    session = _Session(client, display, plan, decide)
     return session.run(request)
 
 

@@ -49,6 +49,7 @@ from netjail.replies import (
     Via,
 )
 from netjail.requests import (
+    DECISION_TIMEOUT_S,
     DEFAULT_CAPTURE_BYTES,
     MAX_BINDS,
     MAX_CAPTURE_BYTES,
@@ -82,6 +83,7 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 
 __all__ = [
+    "DECISION_TIMEOUT_S",
     "DEFAULT_CAPTURE_BYTES",
     "MAX_BINDS",
     "MAX_CAPTURE_BYTES",

@@ -30,6 +30,8 @@ MAX_CPUS = _UNITS_MAX_CPUS
 MAX_PIDS = 1 << 22
 MAX_TIMEOUT_S = 30 * 86400
 MAX_KILL_GRACE_S = 3600
+#: How long the daemon holds a query for a live decision (``decide``) before denying it.
+DECISION_TIMEOUT_S = 30.0
 
 #: The most argv and env may hold together, counted as execve counts them (``exec_size``).
 #: execve takes at least 128 KiB whatever the stack limit (ARG_MAX's floor: 32 pages, pointers

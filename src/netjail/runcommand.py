@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +16,9 @@ from netjail.clicontext import fail, open_client
 from netjail.errors import ExecError, NetjailError
 from netjail.relay import Sink
 from netjail.units import parse_cpus, parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from netjail import decisionprompt
 
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
@@ -166,6 +169,13 @@ _kill_grace = _parsed(parse_duration, maximum=p.MAX_KILL_GRACE_S, bounds="at mos
     "job (repeatable).",
 )
 @click.option(
+    "--ask",
+    is_flag=True,
+    help="Ask on this terminal (/dev/tty) about each name no rule covers, while the job "
+    f"waits for it: y allows it as --allow NAME, any other key, or none within "
+    f"{p.DECISION_TIMEOUT_S:g}s, denies it.",
+)
+@click.option(
     "--bind",
     "binds",
     multiple=True,
@@ -230,6 +240,7 @@ def run(
     allow_requests: tuple[str, ...],
     redact: tuple[str, ...],
     inject_headers: tuple[str, ...],
+    ask: bool,
     binds: tuple[str, ...],
     ro_binds: tuple[str, ...],
     hostname: str | None,
@@ -253,6 +264,10 @@ def run(
     SIGINT, SIGTERM, SIGHUP and SIGQUIT go to every process of the job, and a second Ctrl-C
     within 2 s kills it. Either way, those signals sent to netjail go to the job.
 
+    With --ask, each name no rule covers is a question on this terminal (/dev/tty, even with
+    stdin or stdout redirected), one key for the answer, while the job's query waits; with
+    no terminal, --ask fails before the job starts.
+
     Exit status: the command's; 128+N if killed by signal N (130 after Ctrl-C); 124 on
     --timeout; 137 when killed for reaching --memory (as for SIGKILL: stderr says which); 143
     when netjaild stopped while the job ran (stderr says so); 125 when netjail itself failed;
@@ -263,6 +278,7 @@ def run(
         report_out = console.open_report(report_path)
         sink = None if quiet else Sink(console.open_events(events_to))
         mounts = [p.parse_bind(b, "rw") for b in binds] + [p.parse_bind(b, "ro") for b in ro_binds]
+        prompt = _open_prompt() if ask else None
         terminal = ptyrelay.wants_tty(tty)
         job_env = _parse_env(env)
         if terminal:
@@ -293,6 +309,7 @@ def run(
             allow_requests=list(allow_requests),
             redact=list(redact),
             inject_headers=console.expand_headers(inject_headers),
+            decide=ask,
         )
         display = console.Display(
             sink,
@@ -300,9 +317,17 @@ def run(
             choice="all" if verbose else "blocked",
             deny=deny,
         )
-        end = console.run_job(open_client(ctx), request, console.stdio_fds(), display)
+        decide = None if prompt is None else prompt.ask
+        end = console.run_job(open_client(ctx), request, console.stdio_fds(), display, decide)
     except ExecError as e:
         fail(str(e), e.exit_code)
     except NetjailError as e:
         fail(str(e))
     sys.exit(console.conclude(end, report_out))
+
+
+def _open_prompt() -> decisionprompt.DecisionPrompt:
+    # Imported here: only --ask needs it, and every command pays for what this module imports.
+    from netjail import decisionprompt as prompts  # noqa: PLC0415
+
+    return prompts.open_prompt()

@@ -23,6 +23,7 @@ CLIENT_SIDE = [
     "netjail.runcommand",
     "netjail.commands",
     "netjail.console",
+    "netjail.decisionprompt",
     "netjail.eventview",
     "netjail.relay",
     "netjail.statusview",
@@ -207,9 +208,11 @@ def test_importing_the_cli_loads_no_kernel_code() -> None:
 
 
 #: What `netjail run` never needs, so `import netjail.cli` must not load it: the doctor (loaded
-#: by its command), the asyncio client (by its name), and what only they or a parsed option use.
+#: by its command), the asyncio client (by its name), the --ask prompt, and what only they or
+#: a parsed option use.
 LAZY_FOR_THE_CLI = [
     "netjail.doctor",
+    "netjail.decisionprompt",
     "netjail.asyncclient",
     "asyncio",
     "ctypes",

@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from netjail.policy import Policy
+from netjail.requests import DECISION_TIMEOUT_S
 
-#: How long a query waits for the client's decision.
-DECISION_TIMEOUT_S = 30.0
 #: Most names one job may have asked about (beyond that, they are denied unasked).
 MAX_QUESTIONS = 256
 
