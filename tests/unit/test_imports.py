@@ -34,6 +34,7 @@ CLIENT_SIDE = [
     "netjail.text",
     "netjail.units",
     "netjail.policy",
+    "netjail.rulegrammar",
     "netjail.doctor",
     "netjail.doctor.access",
     "netjail.doctor.features",
