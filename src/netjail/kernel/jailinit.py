@@ -62,7 +62,6 @@ import msgspec
 
 from netjail.errors import NetjailError, SpawnError
 from netjail.kernel import rootfs, syscalls
-from netjail.kernel.fdpass import read_payload, recv_with_fds
 from netjail.kernel.fsplan import FsPlan, split_fs_plan
 from netjail.kernel.jobplan import (
     JobExit,
@@ -74,6 +73,7 @@ from netjail.kernel.jobplan import (
     read_setup_failure,
 )
 from netjail.kernel.pty import open_job_pty
+from netjail.kernel.standbychannel import STANDBY_READY, receive_plan
 
 #: What I passes on to the job: to the terminal's foreground process group when the job's
 #: stdin is I's controlling terminal, otherwise to every process of the namespace.
@@ -266,35 +266,6 @@ def run_standby_init(
         _report(report_fd, _failure_of(stage, e, None))
         os._exit(127)
     _become_job(plan, stdio, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
-
-
-#: What a standby init sends once it is in its jail's netns and cgroups.
-STANDBY_READY = b"ready"
-#: The datagram a standby's plan comes in; its fds: the plan's sealed memfd, the job's stdio
-#: (3), then a detached tree per Bind of the job's own steps, in order.
-STANDBY_PLAN = b"plan"
-#: The largest plan a standby reads (as the fork server's bound).
-_MAX_PLAN = 16 << 20
-#: The kernel's bound on the fds one SCM_RIGHTS message carries (SCM_MAX_FD).
-_MAX_FDS = 253
-
-
-def receive_plan(sock: socket.socket) -> tuple[JobPlan, list[int], list[int]] | None:
-    """The plan the fork server passed on, its stdio and its bind sources; None if the channel
-    closed first (the jail is destroyed unused)."""
-    data, fds = recv_with_fds(sock, 64, _MAX_FDS)
-    if not data:
-        return None
-    if data != STANDBY_PLAN or len(fds) < 4:
-        raise SpawnError(f"malformed plan message ({len(fds)} fds)")
-    memfd, *rest = fds
-    try:
-        plan = _plans.decode(read_payload(memfd, _MAX_PLAN))
-    except (ValueError, msgspec.DecodeError) as e:
-        raise SpawnError(f"unreadable plan: {e}") from None
-    finally:
-        os.close(memfd)
-    return plan, rest[:3], rest[3:]
 
 
 def _start_init(keep: set[int]) -> str:

@@ -35,19 +35,15 @@ from netjail.errors import NetjailError, SpawnError
 from netjail.kernel.fdpass import read_payload, send_with_fds
 from netjail.kernel.fsplan import FsPlan, split_fs_plan
 from netjail.kernel.jailinit import (
-    STANDBY_PLAN,
-    STANDBY_READY,
     ExecHook,
     fork_in_new_pid_namespace,
     run_standby_init,
 )
-from netjail.kernel.jobplan import JobPlan, SpawnFailure, read_setup_failure
+from netjail.kernel.jobplan import SpawnFailure, read_setup_failure
 from netjail.kernel.rootfs import open_bind_trees
+from netjail.kernel.standbychannel import MAX_PLAN, STANDBY_PLAN, STANDBY_READY, plans
 
 StandbyState = Literal["warming", "idle", "starting"]
-#: The largest plan read (as for a cold spawn).
-_MAX_PLAN = 16 << 20
-_plans = msgspec.msgpack.Decoder(JobPlan)
 
 
 @dataclass
@@ -194,7 +190,7 @@ class StandbyTable:
             return StandbyFailed(request, pid, failure)
         standby.request = request
         try:
-            plan = _plans.decode(read_payload(fds[0], _MAX_PLAN))
+            plan = plans.decode(read_payload(fds[0], MAX_PLAN))
             prefix, steps = split_fs_plan(plan.fs)
             if prefix != standby.base:
                 raise SpawnError("the job's file system is not the one the pool jail was made for")
