@@ -153,3 +153,13 @@ def test_tiocsti_on_the_jobs_own_pty_is_refused(client: Client, jobs: list[Runni
     out, exit_message = _output(job)
     assert exit_message.report.exit_code == 0
     assert out.split(b"\r\n")[0] == b"EPERM"
+
+
+def test_a_tty_job_holds_only_its_pty(client: Client, jobs: list[RunningJob]) -> None:
+    """A job with a pty holds fds 0-2 (and ls's own directory fd), not its init's socket."""
+    job = _start(client, "ls /proc/self/fd | tr '\\n' ' '; echo END")
+    jobs.append(job)
+    out, exit_message = _output(job)
+    assert exit_message.report.exit_code == 0, out
+    fds = {int(n) for n in out.decode(errors="replace").split("END")[0].split()}
+    assert fds <= {0, 1, 2, 3}, out

@@ -34,7 +34,10 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
 def recv_with_fds(sock: socket.socket, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
     """One datagram and the fds that came with it (the caller owns them); b"" at EOF."""
     fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(max_bytes, socket.CMSG_SPACE(max_fds * _INT_SIZE))
+    # Close-on-exec from the start: no fd that comes here may leak into a command spawned later.
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        max_bytes, socket.CMSG_SPACE(max_fds * _INT_SIZE), socket.MSG_CMSG_CLOEXEC
+    )
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % _INT_SIZE

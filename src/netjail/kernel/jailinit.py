@@ -391,6 +391,10 @@ def _own_terminal(plan: JobPlan, stdio: Sequence[int]) -> tuple[Sequence[int], b
     """The job's stdio, and whether its stdin is I's controlling terminal: the plan's pty,
     made now in the jail's devpts, or else stdin if it is a terminal no one else holds."""
     if plan.terminal is not None:
+        # The stdio that came is the channel the master goes out on (open_job_pty closes it),
+        # not the job's: no other copy of it may reach the command.
+        for fd in set(stdio[1:]) - {stdio[0]}:
+            os.close(fd)
         stdio = [open_job_pty(plan.terminal, stdio[0], plan.uid, plan.gid)] * 3
     return stdio, _take_terminal(stdio[0])
 
