@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import select
 import subprocess
 import sys
 import termios
+import threading
+
+import pytest
 
 from netjail import decisionprompt
+from netjail import protocol as p
 
 
 def test_the_question_shows_a_sanitised_name_and_the_timeout() -> None:
@@ -50,3 +56,81 @@ def test_ask_without_a_terminal_is_a_one_line_error_before_the_job() -> None:
         "netjail: --ask needs a terminal to ask on (/dev/tty: No such device or address); "
         "decide with --allow/--deny instead"
     ]
+
+
+class _Pty:
+    """A pty whose slave is the prompt's terminal and whose master is the user's keyboard."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+
+    def shown(self) -> bytes:
+        out = b""
+        while select.select([self.master], [], [], 0.2)[0]:
+            out += os.read(self.master, 4096)
+        return out
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def _question(domain: str = "a.example.test") -> p.DecideQuestion:
+    return p.DecideQuestion(job="j1", id=0, domain=domain)
+
+
+@pytest.mark.parametrize(("key", "allowed", "echo"), [(b"y", True, b"y"), (b"n", False, b"n")])
+def test_a_key_answers_and_the_terminal_modes_are_restored(
+    key: bytes, allowed: bool, echo: bytes
+) -> None:
+    """The question is shown, the key answers it, and the terminal's modes are as before."""
+    pty = _Pty()
+    try:
+        before = termios.tcgetattr(pty.slave)
+        prompt = decisionprompt.DecisionPrompt(pty.slave, timeout_s=10)
+        threading.Timer(0.1, os.write, (pty.master, key)).start()
+        assert prompt.ask(_question()) is allowed
+        shown = pty.shown()
+        assert shown.startswith(b"netjail: allow a.example.test? (no answer in 10s: no) [y/N] ")
+        assert shown.endswith(echo + b"\r\n")  # OPOST on: the pty turns \n into \r\n
+        assert termios.tcgetattr(pty.slave) == before
+    finally:
+        pty.close()
+
+
+def test_no_key_within_the_timeout_denies() -> None:
+    """No key before the timeout is a deny, and says so."""
+    pty = _Pty()
+    try:
+        prompt = decisionprompt.DecisionPrompt(pty.slave, timeout_s=0.05)
+        assert prompt.ask(_question()) is False
+        assert pty.shown().endswith(b"no answer: denied\r\n")
+    finally:
+        pty.close()
+
+
+def test_a_signal_on_the_pipe_denies_and_is_left_for_the_loop() -> None:
+    """A readable signal pipe (^C with -T) ends the question as a deny; its byte stays unread."""
+    pty = _Pty()
+    read, write = os.pipe()
+    try:
+        os.write(write, b"\x02")
+        prompt = decisionprompt.DecisionPrompt(pty.slave, timeout_s=10)
+        assert prompt.ask(_question(), read) is False
+        assert os.read(read, 1) == b"\x02"
+    finally:
+        pty.close()
+        os.close(read)
+        os.close(write)
+
+
+def test_a_key_typed_before_the_question_does_not_answer_it() -> None:
+    """Typeahead (or bytes a terminal sent before the question) is dropped, not taken as y."""
+    pty = _Pty()
+    try:
+        os.write(pty.master, b"y")
+        prompt = decisionprompt.DecisionPrompt(pty.slave, timeout_s=0.05)
+        assert prompt.ask(_question()) is False
+        assert pty.shown().endswith(b"no answer: denied\r\n")
+    finally:
+        pty.close()
