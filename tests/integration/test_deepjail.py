@@ -22,9 +22,9 @@ from netjail import Client, JobResult
 from netjail.errors import NetjailError
 from netjail.kernel.fsplan import JOB_HOME
 from netjail.kernel.rules import DNS_PORT, PROXY_PORT
-from netjail.protocol import BindMount
+from netjail.protocol import BindMount, Exit, RunRequest
 
-from .conftest import Daemon
+from .conftest import Daemon, processes_of_jobs
 from .jailtools import (
     OUTCOME,
     PY,
@@ -219,6 +219,28 @@ def test_the_jobs_init_shows_the_fork_servers_command_line_not_the_daemons(
     ]
     for secret in (daemon.socket, daemon.state_dir):
         assert secret.encode() not in result.stdout
+
+
+def test_a_jobs_init_holds_nothing_of_the_daemons_files(client: Client, daemon: Daemon) -> None:
+    """The job's init (the job's uid) holds no descriptor of the daemon's log or state."""
+    job = client.start(
+        RunRequest(argv=["sh", "-c", "sleep 2"], cwd="/", stdio="null", events=False)
+    )
+    try:
+        time.sleep(0.3)
+        base = os.path.dirname(daemon.state_dir)
+        held: dict[str, str] = {}
+        for pid in processes_of_jobs({job.job}):
+            for name in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{name}")
+                    if link.startswith(base):
+                        held[f"{pid}/{name}"] = link
+        while not any(isinstance(m, Exit) for m in job.receive()):
+            pass
+    finally:
+        job.close()
+    assert held == {}
 
 
 def test_network_view_is_the_jails_only(client: Client) -> None:

@@ -274,6 +274,12 @@ def _start_init(keep: set[int]) -> str:
     gc.disable()
     _reset_signals()
     _close_fds_except(keep)
+    # The fork server's 1-2 are the daemon's log: never the job uid's. I reports through
+    # report_fd and status_fd only.
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in {0, 1, 2} - keep:
+        os.dup2(null, fd)
+    os.close(null)
     return "network namespace"
 
 
