@@ -515,7 +515,8 @@ def test_is_jailed_by_netns_by_cgroup_or_when_unknown(host: FakeJailHost, ctx: J
 
 
 def test_phases_are_logged_when_a_job_starts(host: FakeJailHost, ctx: JailContext) -> None:
-    """'job started' carries the job, its pid and the three start-up phase timings."""
+    """'job started' carries the job, its pid and the three start-up phase timings; 'job ended'
+    the time from the exit to the report."""
     host.exit_at_once = exited(0)
 
     async def scenario() -> Job:
@@ -532,7 +533,9 @@ def test_phases_are_logged_when_a_job_starts(host: FakeJailHost, ctx: JailContex
     assert fields["pid"] == job.process.pid
     assert set(fields) >= {"cgroup_ms", "jail_ms", "spawn_ms"}
     assert all(isinstance(fields[k], float) for k in ("cgroup_ms", "jail_ms", "spawn_ms"))
-    assert "job ended" in log.messages()
+    (ended,) = [f for _, m, f in log.lines if m == "job ended"]
+    assert isinstance(ended["finish_ms"], float)
+    assert ended["finish_ms"] >= 0
 
 
 def test_roots_job_leases_a_uid_and_returns_it_after_the_cgroup_is_gone(

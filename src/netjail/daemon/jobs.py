@@ -185,6 +185,7 @@ class JobManager:
             return await wait
 
     async def _finish(self, job: Job, status: ExitStatus) -> Report:
+        reaped = time.perf_counter()
         # The main process is gone; whatever it left behind (daemons, setsid, nohup) goes too.
         await asyncio.to_thread(job.cgroup.kill_all)
         try:
@@ -224,6 +225,8 @@ class JobManager:
             lost_events=report.lost_events,
             timed_out=job.timed_out,
             oom_killed=report.oom_killed,
+            # From the fork server's exit message to the report: the end's share of the wall.
+            finish_ms=round((time.perf_counter() - reaped) * 1000, 2),
         )
         return report
 
