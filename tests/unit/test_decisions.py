@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from netjail.daemon.decisions import NameDecisions
+from netjail.daemon.decisions import MAX_QUESTIONS, NameDecisions
 from netjail.policy import Policy
 
 
@@ -57,3 +57,47 @@ def test_no_answer_in_time_and_a_failing_client_both_deny() -> None:
     assert asyncio.run(NameDecisions("j-1", broken, policy).decide("y.test")) == "decided_deny"
     assert not policy.allows("x.test", 443)
     assert not policy.allows("y.test", 443)
+
+
+def test_names_past_the_question_bound_are_denied_and_not_remembered() -> None:
+    """Past MAX_QUESTIONS, new names are denied unasked and counted, and the daemon's memory
+    of names stays bounded (a job can send millions of distinct names)."""
+    asked: list[str] = []
+
+    async def ask(_job: str, name: str) -> bool:
+        asked.append(name)
+        return False
+
+    decisions = NameDecisions("j-1", ask, Policy.parse([]))
+
+    async def scenario() -> None:
+        for i in range(MAX_QUESTIONS * 20):
+            name = f"n{i}.example.test"
+            if decisions.undecided(name):
+                await decisions.decide(name)
+
+    asyncio.run(scenario())
+    assert len(decisions._outcomes) == MAX_QUESTIONS
+    assert len(asked) == MAX_QUESTIONS
+    assert decisions.unasked == MAX_QUESTIONS * 19
+    assert not decisions.undecided("n0.example.test")
+
+
+def test_queries_held_before_the_bound_are_denied_past_it() -> None:
+    """Names that all passed undecided() before any was decided still store at most
+    MAX_QUESTIONS outcomes: the rest are denied without asking."""
+
+    async def ask(_job: str, _name: str) -> bool:
+        return True
+
+    decisions = NameDecisions("j-1", ask, Policy.parse([]))
+    names = [f"h{i}.example.test" for i in range(MAX_QUESTIONS + 3)]
+    assert all(decisions.undecided(name) for name in names)
+
+    async def scenario() -> list[str]:
+        return list(await asyncio.gather(*(decisions.decide(name) for name in names)))
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes.count("decided_deny") == 3
+    assert len(decisions._outcomes) == MAX_QUESTIONS
+    assert decisions.unasked == 3
