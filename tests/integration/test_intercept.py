@@ -343,3 +343,23 @@ def test_npm_installs_through_interception(client: Client) -> None:
     assert result.exit_code == 0, result.stderr
     assert (result.stdout or b"").decode().strip() == "42"
     assert "/nj-demo/-/nj-demo-1.0.0.tgz" in [e.path for e in requests_of(result)]
+
+
+def test_a_tcp_rule_does_not_switch_off_the_request_rules_of_an_intercepted_name(
+    client: Client,
+) -> None:
+    """--allow tcp://NAME:443 with --intercept NAME still has every request decided."""
+    argv = command("curl", "GET", f"https://{API}/secret")
+    result = run(
+        client, argv, intercept=[API], allow=[f"tcp://{API}:443"], deny_requests=[f"GET {API}/*"]
+    )
+    assert status_line(result)[0].startswith("403 deny_request"), (result.stdout, result.stderr)
+
+
+def test_plain_http_never_carries_an_injected_header(client: Client, upstream: Upstream) -> None:
+    """http:// to a host with --inject-header is 403 inject_needs_tls; the header is not sent."""
+    before = len(upstream.headers)
+    argv = command("curl", "GET", f"http://{API}/x")
+    result = run(client, argv, inject_headers=[f"{API}:X-Vault-Token=s3cret-9d2e"])
+    assert status_line(result)[0].startswith("403 inject_needs_tls"), (result.stdout, result.stderr)
+    assert not any(h.get("x-vault-token") for h in upstream.headers[before:])

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from netjail.daemon.certauthority import JobCA
+from netjail.daemon.certauthority import MAX_LEAVES, JobCA
 
 
 def handshake(ca: JobCA, served: str, asked: str) -> str | None:
@@ -49,3 +49,13 @@ def test_leaves_are_cached_per_name_and_no_key_is_in_the_cert() -> None:
     ca = JobCA("j-test")
     assert ca.server_context("a.example") is ca.server_context("a.example")
     assert b"PRIVATE KEY" not in ca.cert_pem
+
+
+def test_a_job_cannot_grow_its_leaf_cache_without_bound() -> None:
+    """A job intercepting *.NAME keeps at most MAX_LEAVES leaf contexts, least recent dropped."""
+    ca = JobCA("j-test")
+    first = ca.server_context("n0.api.example.com")
+    for i in range(1, MAX_LEAVES + 44):
+        ca.server_context(f"n{i}.api.example.com")
+    assert len(ca._leaves) == MAX_LEAVES
+    assert ca.server_context("n0.api.example.com") is not first

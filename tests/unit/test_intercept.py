@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 
 import h11
 
 from netjail.daemon import intercept
+from netjail.daemon.certauthority import JobCA
 from netjail.daemon.intercept import HttpRelay, RequestRecord, UpstreamRefused
+from netjail.daemon.interception import Interception, serve_intercepted
 from netjail.daemon.tlsstream import Stream
 from netjail.httppolicy import HttpPolicy, parse_http_policy
 
@@ -233,3 +236,151 @@ def test_a_later_injection_of_the_same_header_wins() -> None:
     sent = bytes(upstream.streams[0].sent)
     assert b"x-key: operator\r\n" in sent
     assert b"job" not in sent
+
+
+SECRET = b"tok_0123456789abcdef"
+
+
+def upstream_got(upstream: FakeUpstream) -> bytes:
+    """Every byte the relay sent to the upstream, over all its connections."""
+    return b"".join(bytes(s.sent) for s in upstream.streams)
+
+
+def test_h2c_upgrade_is_refused_so_no_request_skips_the_rules() -> None:
+    """An h2c upgrade (or any HTTP2-Settings header) gets 403 h2c_refused, never the upstream."""
+    policy = parse_http_policy(deny_requests=[f"DELETE {API}/*"])
+    upgrade = get("/", extra="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n")
+    settings = get("/", extra="HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+    switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    for request in (upgrade, settings):
+        events, records, upstream = serve(request + get("/v1/x"), policy, [switched])
+        [(status, headers, _)] = responses(events)
+        assert status == 403
+        assert headers[b"x-netjail-reason"].startswith(b"h2c_refused")
+        assert upstream_got(upstream) == b""
+        assert records[0].reason == "h2c_refused"
+
+
+def test_a_request_with_both_framings_is_refused_before_the_upstream() -> None:
+    """Content-Length with Transfer-Encoding (CL.TE smuggling) is a 400 ambiguous_framing."""
+    policy = parse_http_policy(deny_requests=[f"DELETE {API}/*"])
+    smuggled = get("/v1/everything").replace(b"GET", b"DELETE")
+    chunked = f"{len(smuggled):x}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n"
+    request = (
+        f"POST /v1/ok HTTP/1.1\r\nHost: {API}\r\nContent-Length: 4\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode() + chunked
+    events, _, upstream = serve(request, policy, [b"HTTP/1.1 204 No Content\r\n\r\n"])
+    [(status, headers, _)] = responses(events)
+    assert status == 400
+    assert headers[b"x-netjail-reason"].startswith(b"ambiguous_framing")
+    assert upstream_got(upstream) == b""
+
+
+def test_range_requests_to_a_redacted_host_get_whole_bodies_or_a_502() -> None:
+    """A redacted host's Range headers are dropped upstream and a 206 answer is 502
+    redact_partial, so pieces that each dodge the regex never reach the job."""
+    policy = parse_http_policy(redact=[f"{API}:tok_[0-9a-f]{{16}}"])
+    partial = (
+        b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/20\r\n"
+        b"Content-Length: 10\r\n\r\n" + SECRET[:10]
+    )
+    request = get("/me", extra='Range: bytes=0-9\r\nIf-Range: "x"\r\n')
+    events, _, upstream = serve(request, policy, [partial])
+    [(status, headers, body)] = responses(events)
+    assert status == 502
+    assert headers[b"x-netjail-reason"].startswith(b"redact_partial")
+    assert SECRET[:10] not in body
+    sent = upstream_got(upstream).lower()
+    assert b"get /me" in sent
+    assert b"range:" not in sent
+
+
+def test_two_content_encodings_are_refused_not_read_as_identity() -> None:
+    """Content-Encoding gzip then identity (or a list of codings) is 502 redact_undecodable."""
+    policy = parse_http_policy(redact=[f"{API}:tok_[0-9a-f]{{16}}"])
+    body = gzip.compress(b"key=" + SECRET)
+    for codings in (
+        "Content-Encoding: gzip\r\nContent-Encoding: identity\r\n",
+        "Content-Encoding: gzip, identity\r\n",
+    ):
+        events, _, _ = serve(get("/"), policy, [ok(body, codings)])
+        [(status, headers, got)] = responses(events)
+        assert status == 502
+        assert headers[b"x-netjail-reason"].startswith(b"redact_undecodable")
+        assert body not in got
+
+
+def test_a_large_body_is_redacted_too() -> None:
+    """A body over the on-loop bound (redacted in a thread) has its secrets redacted."""
+    policy = parse_http_policy(redact=[f"{API}:tok_[0-9a-f]{{16}}"])
+    body = b"x" * (intercept.REDACT_ON_LOOP_BYTES + 1) + SECRET
+    events, _, _ = serve(get("/"), policy, [ok(body)])
+    [(status, _, got)] = responses(events)
+    assert status == 200
+    assert SECRET not in got
+    assert got.endswith(b"[REDACTED]")
+
+
+def test_plain_http_to_a_host_with_injections_is_refused_before_any_upstream() -> None:
+    """Over plain HTTP (transport "plain") a host with --inject-header gets 403
+    inject_needs_tls, and the upstream never sees the credential."""
+    policy = parse_http_policy(inject_headers=[f"{API}:Authorization=Bearer s3cret"])
+    job = FakeStream([get("/")])
+    upstream = FakeUpstream([b"HTTP/1.1 204 No Content\r\n\r\n"])
+    records: list[RequestRecord] = []
+    relay = HttpRelay(
+        job=job,
+        domain=API,
+        port=80,
+        policy=policy,
+        connect=upstream,
+        record=records.append,
+        transport="plain",
+    )
+    asyncio.run(relay.serve())
+    [(status, headers, _)] = responses(parse_responses(bytes(job.sent)))
+    assert status == 403
+    assert headers[b"x-netjail-reason"].startswith(b"inject_needs_tls")
+    assert b"s3cret" not in upstream_got(upstream)
+
+
+def test_an_injected_header_never_goes_upstream_in_plain_http_through_the_interception() -> None:
+    """Through serve_intercepted, plain HTTP (no ClientHello) to a host with --inject-header is
+    answered 403 inject_needs_tls and no upstream connection is even made."""
+    policy = parse_http_policy(inject_headers=[f"{API}:Authorization=Bearer s3cret"])
+    interception = Interception(http=policy, ca=JobCA("j-test"), upstream_ca=None)
+    connects: list[str] = []
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            job = socket.create_connection(server.getsockname())
+            conn, _ = await loop.sock_accept(server)
+            conn.setblocking(False)
+            first = f"GET / HTTP/1.1\r\nHost: {API}\r\nConnection: close\r\n\r\n".encode()
+            job.sendall(first)
+            await loop.sock_recv(conn, len(first))  # the proxy has read and checked these
+
+            async def connect() -> socket.socket | UpstreamRefused:
+                connects.append("upstream")
+                return UpstreamRefused("upstream_unreachable")
+
+            await asyncio.wait_for(
+                serve_intercepted(
+                    interception, conn, first, API, 80, connect=connect, record=lambda _r: None
+                ),
+                5,
+            )
+            conn.close()
+            got = b""
+            while chunk := job.recv(65536):
+                got += chunk
+            job.close()
+            return got
+
+    got = asyncio.run(scenario())
+    assert got.startswith(b"HTTP/1.1 403")
+    assert b"inject_needs_tls" in got
+    assert connects == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -83,3 +85,15 @@ def test_no_stripe_live_key_survives_redaction(noise: bytes, tail: str) -> None:
     data, count = redact(noise + b" " + key + b" " + noise, secrets_for())
     assert key not in data
     assert count >= 1
+
+
+def test_a_clients_regex_runs_on_a_linear_time_engine_and_unsupported_syntax_is_refused() -> None:
+    """A --redact regex is compiled by RE2, never by Python's backtracking re (where
+    ``(a|a)*b`` doubles its time with each byte), and a backreference is refused."""
+    policy = parse_http_policy(redact=["a.com:(a|a)*b"])
+    finders = [f for r in policy.redactions for f in r.finders]
+    assert finders
+    assert not any(isinstance(f.pattern, re.Pattern) for f in finders)
+    assert redact(b"a" * 100_000 + b"c", policy.redactions) == (b"a" * 100_000 + b"c", 0)
+    with pytest.raises(RequestError, match=r"bad regex.*no backreferences"):
+        parse_http_policy(redact=[r"a.com:(x)\1"])

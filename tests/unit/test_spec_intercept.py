@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from netjail import protocol as p
 from netjail.daemon.config import Config, Proxy
 from netjail.daemon.config import Policy as PolicySettings
 from netjail.daemon.spec import TRUST_ENV, job_spec
+from netjail.errors import RequestError
 from netjail.kernel.peer import PeerCred
 
 ALICE = PeerCred(pid=2, uid=1000, gid=1001)
@@ -52,3 +55,13 @@ def test_the_config_defaults_join_the_jobs_and_the_operators_header_comes_last()
     assert [r.text for r in spec.http.allow_requests] == ["GET a.b/x"]
     assert [i.value for i in spec.http.injections_for("api.example")] == ["job", "operator"]
     assert spec.upstream_ca == "/etc/ca.pem"
+
+
+def test_add_host_is_refused_for_a_name_the_operator_injects_a_credential_for() -> None:
+    """--add-host cannot point a name of default_inject_headers at an address of the client's."""
+    config = Config(
+        policy=PolicySettings(default_inject_headers=["vault.example.com:X-Token=operator"])
+    )
+    with pytest.raises(RequestError, match="injects headers for this name"):
+        spec_of(config, add_hosts=["Vault.example.com:192.0.2.7"])
+    assert spec_of(config, add_hosts=["other.example.com:192.0.2.7"]).job_hosts

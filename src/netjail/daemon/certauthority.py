@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import ssl
+from collections import OrderedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +26,8 @@ VALIDITY = datetime.timedelta(days=31)
 _BACKDATE = datetime.timedelta(hours=1)
 #: The one protocol the proxy speaks to the job inside TLS.
 ALPN = ("http/1.1",)
+#: Leaf contexts kept per job, least recently used dropped first.
+MAX_LEAVES = 256
 
 
 class JobCA:
@@ -68,7 +71,7 @@ class JobCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        self._leaves: dict[str, ssl.SSLContext] = {}
+        self._leaves: OrderedDict[str, ssl.SSLContext] = OrderedDict()
 
     @property
     def cert_pem(self) -> bytes:
@@ -81,6 +84,11 @@ class JobCA:
         if context is None:
             context = _server_context(self._leaf_pem(name))
             self._leaves[name] = context
+            if len(self._leaves) > MAX_LEAVES:
+                # A job intercepting *.NAME could otherwise grow the daemon by one per name.
+                self._leaves.popitem(last=False)
+        else:
+            self._leaves.move_to_end(name)
         return context
 
     def _leaf_pem(self, name: str) -> bytes:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, cast
 
 import h11
 
+from netjail.daemon.contentcoding import DECODERS, MAX_REDACT_BYTES, content_coding, decode_body
 from netjail.daemon.tlsstream import Stream
 from netjail.httppolicy import (
     Answer,
@@ -46,18 +46,22 @@ from netjail.text import sanitize
 
 #: Largest request head (request line and headers) or response head.
 MAX_HEAD_BYTES = 64 << 10
-#: Largest response body buffered for redaction, decoded.
-MAX_REDACT_BYTES = 16 << 20
 #: Largest request body read and dropped to keep a connection open after a 403 or a mock.
 MAX_DRAIN_BYTES = 1 << 20
 #: How long a kept-alive connection may wait for its next request.
 IDLE_S = 120.0
 #: The longest path shown in an event.
 MAX_EVENT_PATH = 200
+#: Largest decoded body redacted on the event loop; a larger one is redacted in a thread.
+REDACT_ON_LOOP_BYTES = 256 << 10
 
 #: What became of one request.
 RequestVerdict = Literal["allowed", "blocked", "mocked"]
+#: How the job's side came: TLS terminated by netjail (the upstream verified for the name), or
+#: plain HTTP (the upstream is whatever the job's address points to).
+Transport = Literal["tls", "plain"]
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer"})
+_RANGE = frozenset({b"range", b"if-range"})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"content-encoding"})
 
 
@@ -109,8 +113,10 @@ class HttpRelay:
         policy: HttpPolicy,
         connect: Connect,
         record: Callable[[RequestRecord], None],
+        transport: Transport = "tls",
     ) -> None:
         self._job = job
+        self._transport = transport
         self._domain = domain
         self._port = port
         self._policy = policy
@@ -166,9 +172,9 @@ class HttpRelay:
         shown = _shown_path(event.target)
         checked = self._check(event)
         if isinstance(checked, tuple):
-            reason, detail = checked
-            await self._refuse(403, reason, detail, close=True)
-            self._record(self._blocked(method, shown, started, 403, why=(reason, detail)))
+            status, reason, detail = checked
+            await self._refuse(status, reason, detail, close=True)
+            self._record(self._blocked(method, shown, started, status, why=(reason, detail)))
             return False
         decision = self._policy.decide(method, self._domain, checked.path)
         if isinstance(decision, Deny):
@@ -187,16 +193,24 @@ class HttpRelay:
             return keep
         return await self._relay(event, method, shown, started)
 
-    def _check(self, request: h11.Request) -> RequestPath | tuple[str, str]:
-        """The request's path, or why it is refused before any rule: (reason, detail)."""
+    def _check(self, request: h11.Request) -> RequestPath | tuple[int, str, str]:
+        """The request's path, or why it is refused before any rule: (status, reason, detail)."""
+        names = {name for name, _ in request.headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # Relayed with both, an upstream that reads the other one sees another request.
+            return 400, "ambiguous_framing", "the request has Content-Length and Transfer-Encoding"
+        upgrades = [value.strip().lower() for name, value in request.headers if name == b"upgrade"]
+        if b"http2-settings" in names or any(u != b"websocket" for u in upgrades):
+            # After an h2c switch, requests would pass unread: only WebSocket is upgraded to.
+            return 403, "h2c_refused", "only a WebSocket upgrade is relayed"
         hosts = [value for name, value in request.headers if name == b"host"]
         host = parse_host_header(hosts[0], self._port) if len(hosts) == 1 else None
         if host != self._domain:
             seen = sanitize(hosts[0].decode("ascii", "replace"), 100) if hosts else "no host"
-            return "host_mismatch", f"the request names {seen}, not {self._domain}"
+            return 403, "host_mismatch", f"the request names {seen}, not {self._domain}"
         target = parse_target(request.target)
         if isinstance(target, str):
-            return target, f"the request target is {target.replace('_', ' ')}"
+            return 403, target, f"the request target is {target.replace('_', ' ')}"
         return target
 
     async def _answer(self, mock: Mock, method: str, *, keep: bool) -> None:
@@ -213,6 +227,12 @@ class HttpRelay:
         await self._send_job(h11.EndOfMessage())
 
     async def _relay(self, request: h11.Request, method: str, shown: str, started: float) -> bool:
+        if self._transport == "plain" and self._policy.injections_for(self._domain):
+            # Plain HTTP goes wherever the job's address points: never with a credential.
+            why = ("inject_needs_tls", f"headers are injected for {self._domain} only over TLS")
+            await self._refuse(403, *why, close=True)
+            self._record(self._blocked(method, shown, started, 403, why=why))
+            return False
         upstream = await self._open_upstream()
         if isinstance(upstream, UpstreamRefused):
             await self._refuse(502, upstream.reason, upstream.detail, close=True)
@@ -255,6 +275,8 @@ class HttpRelay:
         injected = list({i.header: i for i in self._policy.injections_for(self._domain)}.values())
         replaced = {i.header.encode() for i in injected}
         if self._redactions:
+            # Whole bodies only: the redaction of a piece could miss a secret split over two.
+            replaced |= _RANGE
             replaced.add(b"accept-encoding")
         headers = [
             (name, value)
@@ -315,6 +337,9 @@ class HttpRelay:
     async def _relay_redacted(
         self, upstream: _Upstream, response: h11.Response, *, bodyless: bool
     ) -> tuple[int, int, bool]:
+        if response.status_code == 206:
+            # A piece of a body: a secret split across pieces matches in none of them.
+            return await self._redaction_failed("redact_partial")
         body = bytearray()
         while True:
             event = await _next_event(upstream.stream, upstream.conn)
@@ -326,13 +351,20 @@ class HttpRelay:
                 break
             else:
                 raise _Closed
-        coding = dict(response.headers).get(b"content-encoding", b"identity").strip().lower()
-        decoded = _decode(bytes(body), coding)
+        coding = content_coding(response.headers)
+        if coding is None:
+            return await self._redaction_failed("redact_undecodable")
+        decoded = decode_body(bytes(body), coding)
         if decoded is None:
             return await self._redaction_failed(
-                "redact_too_large" if coding in _DECODERS else "redact_undecodable"
+                "redact_too_large" if coding in DECODERS else "redact_undecodable"
             )
-        data, _ = redact(decoded, self._redactions)
+        if len(decoded) > REDACT_ON_LOOP_BYTES:
+            # Linear in the body, but 16 MiB times a few regexes still takes a while: not on
+            # the loop every other connection of every job is served from.
+            data, _ = await asyncio.to_thread(redact, decoded, self._redactions)
+        else:
+            data, _ = redact(decoded, self._redactions)
         headers = [
             (name, redact(value, self._redactions)[0])
             for name, value in response.headers
@@ -351,10 +383,12 @@ class HttpRelay:
     async def _redaction_failed(self, reason: str) -> tuple[int, int, bool]:
         """A response that cannot be redacted is never passed on: a 502, and the end."""
         await self._close_upstream()
-        detail = (
-            f"a response over {MAX_REDACT_BYTES >> 20} MiB cannot be redacted"
-            if reason == "redact_too_large"
-            else "a response in a content coding other than gzip or deflate cannot be redacted"
+        detail = {
+            "redact_too_large": f"a response over {MAX_REDACT_BYTES >> 20} MiB cannot be redacted",
+            "redact_partial": "a partial (206) response cannot be redacted",
+        }.get(
+            reason,
+            "a response in a content coding other than one of gzip or deflate cannot be redacted",
         )
         await self._refuse(502, reason, detail, close=True)
         return 502, 0, False
@@ -453,32 +487,6 @@ def _refusal(
     if close:
         headers.append(("connection", "close"))
     return h11.Response(status_code=status, headers=headers), body
-
-
-_DECODERS = {
-    b"gzip": 16 + zlib.MAX_WBITS,
-    b"x-gzip": 16 + zlib.MAX_WBITS,
-    b"deflate": zlib.MAX_WBITS,
-}
-
-
-def _decode(body: bytes, coding: bytes) -> bytes | None:
-    """The body without its content coding, at most MAX_REDACT_BYTES; None if it cannot be."""
-    if coding in (b"", b"identity"):
-        return body
-    wbits = _DECODERS.get(coding)
-    if wbits is None:
-        return None
-    for bits in (wbits, -zlib.MAX_WBITS) if coding == b"deflate" else (wbits,):
-        decoder = zlib.decompressobj(bits)
-        try:
-            data = decoder.decompress(body, MAX_REDACT_BYTES + 1)
-        except zlib.error:
-            continue
-        if len(data) > MAX_REDACT_BYTES or decoder.unconsumed_tail:
-            return None
-        return data
-    return None
 
 
 def _header_text(text: str) -> str:

@@ -79,7 +79,12 @@ async def serve_intercepted(
     # When no rule can keep a request from the upstream, connect to it while the job's
     # handshake runs (a time to first byte of one handshake, not two in a row). Otherwise
     # the first request that is relayed connects, so a mock answers with the upstream down.
-    early = Early(open_upstream) if interception.http.relays_every_request(domain) else None
+    early = (
+        Early(open_upstream)
+        if interception.http.relays_every_request(domain)
+        and (tls or not interception.http.injections_for(domain))
+        else None
+    )
     try:
         job: Stream = PlainStream(conn, first)
         if tls:
@@ -101,6 +106,7 @@ async def serve_intercepted(
             policy=interception.http,
             connect=early.take if early is not None else open_upstream,
             record=record,
+            transport="tls" if tls else "plain",
         )
         await relay.serve()
     finally:

@@ -340,6 +340,15 @@ class Proxy:
         access = self._policy.access(domain, port)
         if access == "denied":
             raise Blocked("port_not_allowed")
+        interception = self._interception
+        if (
+            access == "unverified"
+            and interception is not None
+            and interception.http.intercepts(domain)
+        ):
+            # A tcp:// rule lets the port through; it never switches off the request rules,
+            # redactions and injections of a name the interception covers.
+            access = "checked"
         first = b""
         if access == "checked":
             first = await read_first_bytes(conn, domain, port, FIRST_BYTES_WAIT_S)

@@ -187,6 +187,18 @@ def job_http_policy(request: p.RunRequest, config: Config) -> HttpPolicy:
     )
 
 
+def check_injected_hosts(hosts: Mapping[str, IPAddress], config: Config) -> None:
+    """RequestError for an ``--add-host`` of a name the operator injects a credential for: the
+    client would choose the server that receives it."""
+    operator = parse_http_policy(inject_headers=list(config.policy.default_inject_headers))
+    for name in hosts:
+        if operator.injections_for(name):
+            raise RequestError(
+                f"--add-host {sanitize(name, 100)}: the daemon injects headers for this name,"
+                " so its address cannot be set by a client"
+            )
+
+
 def job_hosts(entries: list[str]) -> dict[str, IPAddress]:
     """The job's ``--add-host NAME:IP`` table; RequestError naming a bad entry."""
     hosts: dict[str, IPAddress] = {}
@@ -267,6 +279,7 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
     http = job_http_policy(request, config)
     policy = job_policy(request, config, http)
     hosts = job_hosts(request.add_hosts)
+    check_injected_hosts(hosts, config)
     limits = applied_limits(
         config.limits,
         memory=request.memory_bytes,
