@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_cli import _netjail as netjail_cli
+
 #: Every subcommand, with arguments that are valid as far as the command line goes.
 COMMANDS = {
     "run": ["run", "--", "true"],
@@ -59,19 +61,6 @@ BAD_ARGS = [
     ["ps", "extra"],
     ["status", "--nosuch"],
 ]
-
-
-def _netjail(*args: str, socket_path: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "NETJAIL_SOCKET"}
-    return subprocess.run(
-        [sys.executable, "-m", "netjail.cli", "--socket", socket_path, *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
 
 
 def _assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
@@ -144,7 +133,7 @@ def test_no_daemon_no_traceback(command: str, tmp_path: Path) -> None:
     regular = tmp_path / "file"
     regular.write_text("")
     for path in (str(tmp_path / "missing.sock"), str(tmp_path), str(regular), "/" + "x" * 200):
-        result = _netjail(*COMMANDS[command], socket_path=path)
+        result = netjail_cli(path, *COMMANDS[command])
         _assert_no_traceback(result)
         if command != "doctor":
             assert result.returncode == 125
@@ -154,7 +143,7 @@ def test_no_daemon_no_traceback(command: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_a_daemon_speaking_nonsense_no_traceback(command: str, bad_server: str) -> None:
     """A socket whose server is not netjaild (or breaks mid-way) gives one line, no trace."""
-    result = _netjail(*COMMANDS[command], socket_path=bad_server)
+    result = netjail_cli(bad_server, *COMMANDS[command])
     _assert_no_traceback(result)
     if command != "doctor":
         assert result.returncode == 125
@@ -164,7 +153,7 @@ def test_a_daemon_speaking_nonsense_no_traceback(command: str, bad_server: str) 
 @pytest.mark.parametrize("args", BAD_ARGS, ids=lambda a: " ".join(a)[:40])
 def test_bad_arguments_no_traceback(args: list[str], tmp_path: Path) -> None:
     """Bad options, values, rules, paths and signals are one error, never a traceback."""
-    result = _netjail(*args, socket_path=str(tmp_path / "missing.sock"))
+    result = netjail_cli(str(tmp_path / "missing.sock"), *args)
     _assert_no_traceback(result)
     assert result.returncode in (2, 125), result.stderr
 
