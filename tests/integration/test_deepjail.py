@@ -176,6 +176,10 @@ def test_concurrent_root_jobs_cannot_see_or_signal_each_other(
         # The first job's own view, printed once it runs: it is running while the second does.
         assert select.select([read_end], [], [], 10)[0], "the first job printed nothing"
         first_uid, first_view = os.read(read_end, 4096).decode().split(" ", 1)
+        # The job can print before this client has handled its "started".
+        deadline = time.monotonic() + 10
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.01)
         pid = started[0][1]
         attack = f"{OUTCOME}{view}\nprint(outcome(os.kill, {pid}, 9), outcome(os.kill, -1, 9))"
         second = client.run([PY, "-c", attack], stdio="capture")

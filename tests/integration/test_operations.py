@@ -338,11 +338,18 @@ def test_socket_activation_and_readiness_notification(own_base: str) -> None:
 
 def test_sigterm_during_start_up_is_a_clean_stop(own_base: str) -> None:
     """SIGTERM during the self-test waits for it, then exits 0 with nothing of the probe left."""
-    # Start-up is never cut in half: the probe's jail is torn down before the stop.
-    d = launch_daemon(own_base)
+    # Start-up is never cut in half: the probe's jail is torn down before the stop. The
+    # signal goes when the daemon says the self-test starts (its sd_notify status), so it
+    # lands while the probe's jail is built or runs, however loaded the machine is.
+    notify_path = os.path.join(own_base, "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(30)
+    d = launch_daemon(own_base, env={**os.environ, "NOTIFY_SOCKET": notify_path})
     process = d.process
     try:
-        wait_for(lambda: os.path.exists(d.log_path) and "job started" in d.log())  # the probe
+        while not notify.recv(4096).startswith(b"STATUS=self-test"):
+            pass
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, d.log()
         assert "netjaild ready" not in d.log()
@@ -355,3 +362,4 @@ def test_sigterm_during_start_up_is_a_clean_stop(own_base: str) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+        notify.close()
