@@ -238,7 +238,8 @@ class RunningJob(_Stream):
         return messages
 
     def decide(self, question: p.DecideQuestion, allow: bool) -> None:
-        """Answer a live decision: allow the name (as ``--allow NAME``) or deny it."""
+        """Answer a live decision: allow the name (as ``--allow NAME``), or the request
+        (``question.request``) for the rest of the job, or deny it."""
         self._conn.send(p.DecisionRequest(id=question.id, allow=allow))
 
     def __enter__(self) -> RunningJob:
@@ -333,10 +334,13 @@ class Client:
         "NAME:@secrets") and ``inject_headers`` ("NAME:Header=VALUE", the value as it is: no
         ``$VAR`` or ``@FILE`` expansion here) each intercept their name too.
 
-        ``on_decide(question)`` decides live the names no rule covers: the job's DNS query
-        for ``question.domain`` waits (at most 30 s, then the name is denied) until it returns
-        True (allow, as ``--allow NAME``) or False. It runs on this thread, so events wait
-        while it does.
+        ``on_decide(question)`` decides live the names no rule covers, and the requests to
+        intercepted names that no ``allow_requests`` rule matches: the job's DNS query for
+        ``question.domain`` (``question.request`` None), or its request (``question.request``:
+        method and path), waits (``question.timeout_s``, 30 s unless the daemon's config says
+        otherwise; then it is denied) until it returns True (allow: the name as ``--allow
+        NAME``, or that method and path for the rest of the job) or False. It runs on this
+        thread, so events wait while it does.
         """
         request = p.RunRequest(
             argv=list(argv),

@@ -1,11 +1,12 @@
 """``netjail run --ask``: the user decides, on the controlling terminal, each name no rule
-covers.
+covers, and each request to an intercepted name that its ``--allow-request`` rules miss.
 
 The question is asked on /dev/tty, never on the job's stdin or netjail's stdout (either may be
-a pipe), as sudo and ssh ask for passwords. It is one line and one key: ``y`` allows the name,
-any other key denies it, and no key before the daemon's timeout (``DECISION_TIMEOUT_S``) is a
-deny, as the daemon's own. The console's loop waits while the prompt does, so no key reaches
-the job and none of its output comes out meanwhile; the terminal's modes are restored after.
+a pipe), as sudo and ssh ask for passwords. It is one line and one key: ``y`` allows the name
+or the request, any other key denies it, and no key before the daemon's timeout (the
+question's, or ``DECISION_TIMEOUT_S`` from a daemon that does not say) is a deny, as the
+daemon's own. The console's loop waits while the prompt does, so no key reaches the job and
+none of its output comes out meanwhile; the terminal's modes are restored after.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from netjail.text import sanitize
 TERMINAL = "/dev/tty"
 #: The longest name shown (a DNS name is at most 253 characters).
 MAX_SHOWN_NAME = 253
+#: The longest request path shown (the daemon sends at most ``protocol.MAX_ASKED_PATH``).
+MAX_SHOWN_PATH = 200
 #: Most bytes of one key press read (an escape sequence, or a paste, is one answer).
 MAX_KEY_BYTES = 64
 
@@ -56,10 +59,14 @@ def key_attributes(attrs: list[Any]) -> list[Any]:
     return changed
 
 
-def question_text(domain: str, timeout_s: float) -> str:
-    """The one-line question about ``domain`` (sanitised: the name comes from the job)."""
-    name = sanitize(domain, MAX_SHOWN_NAME)
-    return f"netjail: allow {name}? (no answer in {timeout_s:g}s: no) [y/N] "
+def question_text(question: p.DecideQuestion, timeout_s: float) -> str:
+    """The one-line question about a name, or about one request to it (sanitised: both come
+    from the job): ``netjail: allow GET pypi.org/simple/foo? …``."""
+    subject = sanitize(question.domain, MAX_SHOWN_NAME)
+    if question.request is not None:
+        method = sanitize(question.request.method, p.MAX_ASKED_METHOD)
+        subject = f"{method} {subject}{sanitize(question.request.path, MAX_SHOWN_PATH)}"
+    return f"netjail: allow {subject}? (no answer in {timeout_s:g}s: no) [y/N] "
 
 
 def answer_of(keys: bytes) -> bool:
@@ -75,20 +82,22 @@ class DecisionPrompt:
         self.timeout_s = timeout_s
 
     def ask(self, question: p.DecideQuestion, interrupts: int | None = None) -> bool:
-        """Ask about ``question``'s name and return the answer: True for ``y``; False for any
-        other key, for no key within ``timeout_s``, or when ``interrupts`` (a signal pipe)
-        becomes readable (^C with -T), which is left unread for the caller."""
+        """Ask about ``question``'s name or request and return the answer: True for ``y``;
+        False for any other key, for no key within the question's timeout (``timeout_s`` when
+        it names none), or when ``interrupts`` (a signal pipe) becomes readable (^C with -T),
+        which is left unread for the caller."""
         try:
             saved = termios.tcgetattr(self.fd)
         except termios.error:
             return False
         newline = b"\n" if int(saved[_OFLAG]) & termios.OPOST else b"\r\n"
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = question.timeout_s if question.timeout_s is not None else self.timeout_s
+        deadline = time.monotonic() + timeout_s
         try:
             termios.tcsetattr(self.fd, termios.TCSANOW, key_attributes(saved))
             # Only a key pressed after the question answers it, not one typed before.
             termios.tcflush(self.fd, termios.TCIFLUSH)
-            self._write(question_text(question.domain, self.timeout_s).encode(errors="replace"))
+            self._write(question_text(question, timeout_s).encode(errors="replace"))
             keys = self._read_key(deadline, interrupts)
             if keys is None:
                 self._write(b"no answer: denied" + newline)

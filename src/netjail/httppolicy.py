@@ -197,14 +197,18 @@ def parse_injection(text: str) -> Injection:
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """Send the request upstream."""
+    """Send the request upstream; ``reason``: the client allowed it live (its event says so)."""
+
+    reason: Literal["decided_allow"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Deny:
-    """Answer 403; ``rule`` is the option that decided (for X-Netjail-Reason)."""
+    """Answer 403; ``rule`` is the option that decided (for X-Netjail-Reason), or, for a
+    live decision (``decided_deny``, ``decision_timeout``), why no rule allowed it and how
+    it was decided."""
 
-    reason: Literal["deny_request", "not_allowed_request"]
+    reason: Literal["deny_request", "not_allowed_request", "decided_deny", "decision_timeout"]
     rule: str
 
 

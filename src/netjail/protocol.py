@@ -27,7 +27,10 @@ import msgspec
 
 from netjail.errors import ProtocolError
 from netjail.replies import (
+    MAX_ASKED_METHOD,
+    MAX_ASKED_PATH,
     AppliedLimits,
+    AskedRequest,
     DecideQuestion,
     DomainSummary,
     ErrorMessage,
@@ -85,6 +88,8 @@ MAX_FRAME_BYTES = 1 << 20
 __all__ = [
     "DECISION_TIMEOUT_S",
     "DEFAULT_CAPTURE_BYTES",
+    "MAX_ASKED_METHOD",
+    "MAX_ASKED_PATH",
     "MAX_BINDS",
     "MAX_CAPTURE_BYTES",
     "MAX_CPUS",
@@ -98,6 +103,7 @@ __all__ = [
     "MIN_MEMORY_BYTES",
     "PROTOCOL_VERSION",
     "AppliedLimits",
+    "AskedRequest",
     "BindAccess",
     "BindMount",
     "DecideQuestion",

@@ -213,13 +213,33 @@ class StatusReply(_Reply, tag="status"):
     pool_ready: int | None = None
 
 
+#: The longest method and path a ``decide`` question shows (longer ones end in "…").
+MAX_ASKED_METHOD = 32
+MAX_ASKED_PATH = 1024
+
+
+class AskedRequest(msgspec.Struct, kw_only=True):
+    """The one HTTP request a ``decide`` question is about: its method and its decoded path
+    (no query: it may hold secrets, and rules do not match it). Both come from the job: the
+    daemon sanitises and bounds them (MAX_ASKED_METHOD, MAX_ASKED_PATH)."""
+
+    method: str
+    path: str
+
+
 class DecideQuestion(_Reply, tag="decide"):
-    """A running job (asked with ``decide``) wants a name no rule covers: answer with a
-    ``decision`` of the same ``id``."""
+    """A running job (asked with ``decide``) wants what no rule covers: a name, or (with
+    ``request``) one request to an intercepted name whose ``--allow-request`` rules all miss.
+    Answer with a ``decision`` of the same ``id``."""
 
     job: str
     id: int
     domain: str
+    #: Absent: the question is about the name. Set: about this request to ``domain`` only.
+    request: AskedRequest | None = None
+    #: How long the daemon waits for the answer before denying (absent from older daemons,
+    #: which wait DECISION_TIMEOUT_S).
+    timeout_s: float | None = None
 
 
 class Killed(_Reply, tag="killed"):

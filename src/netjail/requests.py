@@ -30,7 +30,8 @@ MAX_CPUS = _UNITS_MAX_CPUS
 MAX_PIDS = 1 << 22
 MAX_TIMEOUT_S = 30 * 86400
 MAX_KILL_GRACE_S = 3600
-#: How long the daemon holds a query for a live decision (``decide``) before denying it.
+#: How long the daemon holds a query or a request for a live decision (``decide``) before
+#: denying it, unless its config says otherwise (``policy.decision_timeout``).
 DECISION_TIMEOUT_S = 30.0
 
 #: The most argv and env may hold together, counted as execve counts them (``exec_size``).
@@ -164,7 +165,9 @@ class RunRequest(_Request, tag="run"):
     redact: Annotated[list[_Rule], msgspec.Meta(max_length=256)] = []
     inject_headers: Annotated[list[_Injection], msgspec.Meta(max_length=256)] = []
     #: Live decisions: the daemon asks this connection (``decide`` messages) about names no
-    #: rule covers, and holds their DNS queries until a ``decision`` answers (30 s: deny).
+    #: rule covers, and about requests to intercepted names whose ``--allow-request`` rules
+    #: all miss, and holds the DNS query or the request until a ``decision`` answers (30 s by
+    #: default: deny).
     decide: bool = False
 
     def __post_init__(self) -> None:
@@ -219,7 +222,8 @@ class EventsRequest(_Request, tag="events"):
 
 
 class DecisionRequest(_Request, tag="decision"):
-    """The answer to a ``decide`` message: ``allow`` the name (as ``--allow NAME``) or not."""
+    """The answer to a ``decide`` message: ``allow`` the name (as ``--allow NAME``), or the
+    request (its method and path, for the rest of the job), or not."""
 
     id: Annotated[int, msgspec.Meta(ge=0)]
     allow: bool

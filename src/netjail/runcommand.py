@@ -171,9 +171,11 @@ _kill_grace = _parsed(parse_duration, maximum=p.MAX_KILL_GRACE_S, bounds="at mos
 @click.option(
     "--ask",
     is_flag=True,
-    help="Ask on this terminal (/dev/tty) about each name no rule covers, while the job "
-    f"waits for it: y allows it as --allow NAME, any other key, or none within "
-    f"{p.DECISION_TIMEOUT_S:g}s, denies it.",
+    help="Ask on this terminal (/dev/tty) about each name no rule covers, and each request to "
+    "an intercepted name that its --allow-request rules miss, while the job waits: y allows "
+    "the name as --allow NAME, or that method and path for the rest of the job; any other "
+    f"key, or none within the daemon's timeout ({p.DECISION_TIMEOUT_S:g}s by default), "
+    "denies it.",
 )
 @click.option(
     "--bind",
@@ -264,9 +266,10 @@ def run(
     SIGINT, SIGTERM, SIGHUP and SIGQUIT go to every process of the job, and a second Ctrl-C
     within 2 s kills it. Either way, those signals sent to netjail go to the job.
 
-    With --ask, each name no rule covers is a question on this terminal (/dev/tty, even with
-    stdin or stdout redirected), one key for the answer, while the job's query waits; with
-    no terminal, --ask fails before the job starts.
+    With --ask, each name no rule covers, and each request to an intercepted name that its
+    --allow-request rules miss ("allow GET pypi.org/simple/foo?"), is a question on this
+    terminal (/dev/tty, even with stdin or stdout redirected), one key for the answer, while
+    the job's query or request waits; with no terminal, --ask fails before the job starts.
 
     Exit status: the command's; 128+N if killed by signal N (130 after Ctrl-C); 124 on
     --timeout; 137 when killed for reaching --memory (as for SIGKILL: stderr says which); 143

@@ -57,6 +57,7 @@ kill_grace = "500ms"
 default_allow = ["pypi.org", "*.github.com:443"]
 default_deny = ["gist.github.com"]
 blocked_dns_answer = "REFUSED"
+decision_timeout = "2m"
 
 [hosts]
 "PyPI.Internal.example." = "10.0.0.5"
@@ -134,6 +135,7 @@ def test_full_file_is_read_into_typed_values() -> None:
         default_allow=("pypi.org", "*.github.com:443"),
         default_deny=("gist.github.com",),
         blocked_dns_answer="REFUSED",
+        decision_timeout=120.0,
     )
     assert dict(config.hosts) == {
         "pypi.internal.example": ipaddress.ip_address("10.0.0.5"),
@@ -347,6 +349,8 @@ def test_default_above_maximum_is_rejected(resource: str) -> None:
         ('default_deny = ["a\\u0007"]', "policy.default_deny: item 0: invalid rule"),
         ('default_allow = ["a" ]\nx = 1', "unknown key 'policy.x'"),
         ('blocked_dns_answer = "nxdomain"', "policy.blocked_dns_answer: expected one of"),
+        ('decision_timeout = "2h"', "policy.decision_timeout: at most 3600 seconds, got 7200"),
+        ("decision_timeout = 0", "policy.decision_timeout: a duration in seconds must be more"),
     ],
 )
 def test_bad_policy_values_are_named(text: str, problem: str) -> None:

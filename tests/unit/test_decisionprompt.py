@@ -17,8 +17,21 @@ from netjail import protocol as p
 
 def test_the_question_shows_a_sanitised_name_and_the_timeout() -> None:
     """A name with escape sequences or newlines is shown with them replaced, on one line."""
-    text = decisionprompt.question_text("evil\x1b[2J\nname.test", 30.0)
+    text = decisionprompt.question_text(_question("evil\x1b[2J\nname.test"), 30.0)
     assert text == "netjail: allow evil?[2J?name.test? (no answer in 30s: no) [y/N] "
+
+
+def test_a_question_about_a_request_shows_its_method_name_and_path_sanitised() -> None:
+    """A request's question reads METHOD NAME/PATH; control characters in the method or the
+    path are replaced and a long path is cut short, so nothing the job sent can draw on the
+    terminal or push the question off its line."""
+    request = p.AskedRequest(method="GET", path="/simple/foo")
+    text = decisionprompt.question_text(_question("pypi.org", request), 30.0)
+    assert text == "netjail: allow GET pypi.org/simple/foo? (no answer in 30s: no) [y/N] "
+    hostile = p.AskedRequest(method="G\x1bET", path="/a\r\n\x1b]0;x\x07" + "b" * 500)
+    text = decisionprompt.question_text(_question("pypi.org", hostile), 5.0)
+    expected_path = "/a??" + "?]0;x?" + "b" * 190 + "…"
+    assert text == f"netjail: allow G?ET pypi.org{expected_path}? (no answer in 5s: no) [y/N] "
 
 
 def test_only_y_allows() -> None:
@@ -75,8 +88,12 @@ class _Pty:
         os.close(self.slave)
 
 
-def _question(domain: str = "a.example.test") -> p.DecideQuestion:
-    return p.DecideQuestion(job="j1", id=0, domain=domain)
+def _question(
+    domain: str = "a.example.test",
+    request: p.AskedRequest | None = None,
+    timeout_s: float | None = None,
+) -> p.DecideQuestion:
+    return p.DecideQuestion(job="j1", id=0, domain=domain, request=request, timeout_s=timeout_s)
 
 
 @pytest.mark.parametrize(("key", "allowed", "echo"), [(b"y", True, b"y"), (b"n", False, b"n")])
@@ -105,6 +122,20 @@ def test_no_key_within_the_timeout_denies() -> None:
         prompt = decisionprompt.DecisionPrompt(pty.slave, timeout_s=0.05)
         assert prompt.ask(_question()) is False
         assert pty.shown().endswith(b"no answer: denied\r\n")
+    finally:
+        pty.close()
+
+
+def test_the_daemon_s_timeout_in_the_question_is_the_one_shown_and_kept() -> None:
+    """A question that says how long the daemon waits is asked for that long, not for the
+    prompt's default: the user is told the daemon's time, and the prompt gives up with it."""
+    pty = _Pty()
+    try:
+        prompt = decisionprompt.DecisionPrompt(pty.slave, timeout_s=600)
+        assert prompt.ask(_question(timeout_s=0.05)) is False
+        shown = pty.shown()
+        assert b"(no answer in 0.05s: no)" in shown
+        assert shown.endswith(b"no answer: denied\r\n")
     finally:
         pty.close()
 

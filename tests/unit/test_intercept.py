@@ -10,6 +10,7 @@ import h11
 
 from netjail.daemon import intercept
 from netjail.daemon.certauthority import JobCA
+from netjail.daemon.decisions import Question, RequestDecisions
 from netjail.daemon.intercept import HttpRelay, RequestRecord, UpstreamRefused
 from netjail.daemon.interception import Interception, serve_intercepted
 from netjail.daemon.tlsstream import Stream
@@ -52,14 +53,23 @@ class FakeUpstream:
 
 
 def serve(
-    requests: bytes, policy: HttpPolicy, responses: list[bytes] | None = None
+    requests: bytes,
+    policy: HttpPolicy,
+    responses: list[bytes] | None = None,
+    decisions: RequestDecisions | None = None,
 ) -> tuple[list[h11.Event], list[RequestRecord], FakeUpstream]:
     """Run the relay over ``requests``; the job's parsed responses, the records, the upstream."""
     job = FakeStream([requests])
     upstream = FakeUpstream(responses)
     records: list[RequestRecord] = []
     relay = HttpRelay(
-        job=job, domain=API, port=443, policy=policy, connect=upstream, record=records.append
+        job=job,
+        domain=API,
+        port=443,
+        policy=policy,
+        connect=upstream,
+        record=records.append,
+        decisions=decisions,
     )
     asyncio.run(relay.serve())
     return parse_responses(bytes(job.sent)), records, upstream
@@ -384,3 +394,66 @@ def test_an_injected_header_never_goes_upstream_in_plain_http_through_the_interc
     assert got.startswith(b"HTTP/1.1 403")
     assert b"inject_needs_tls" in got
     assert connects == []
+
+
+def _asking(allow: set[str], asked: list[Question], timeout_s: float = 5.0) -> RequestDecisions:
+    async def ask(question: Question) -> bool:
+        asked.append(question)
+        return question.request is not None and question.request.path in allow
+
+    return RequestDecisions("j-1", ask, timeout_s)
+
+
+def test_a_request_no_allow_request_matches_waits_for_the_client_s_decision() -> None:
+    """With live decisions, an unmatched request is asked about: allowed, it goes upstream
+    (its record says decided_allow); denied, it gets 403 decided_deny; a request a rule
+    allows is never asked; and the same path later is not asked again."""
+    policy = parse_http_policy(allow_requests=[f"GET {API}/ok"])
+    asked: list[Question] = []
+    requests = get("/ok") + get("/yes") + get("/no") + get("/yes?q=1")
+    events, records, upstream = serve(
+        requests, policy, [ok(b"a"), ok(b"b"), ok(b"c")], _asking({"/yes"}, asked)
+    )
+    assert [r[0] for r in responses(events)] == [200, 200, 403, 200]
+    assert [(q.domain, q.request and q.request.path) for q in asked] == [
+        (API, "/yes"),
+        (API, "/no"),
+    ]
+    assert [(r.verdict, r.path, r.reason) for r in records] == [
+        ("allowed", "/ok", None),
+        ("allowed", "/yes", "decided_allow"),
+        ("blocked", "/no", "decided_deny"),
+        ("allowed", "/yes?…", "decided_allow"),
+    ]
+    denied = responses(events)[2][1][b"x-netjail-reason"]
+    assert denied == b"decided_deny: no --allow-request matches, and the client denied it"
+    assert sum(stream.sent.count(b"GET /yes") for stream in upstream.streams) == 2
+
+
+def test_a_request_without_an_answer_in_time_is_denied_with_the_reason() -> None:
+    """The timeout denies the request: 403 decision_timeout naming the wait, no upstream."""
+
+    async def silent(question: Question) -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    policy = parse_http_policy(allow_requests=[f"GET {API}/ok"])
+    decisions = RequestDecisions("j-1", silent, timeout_s=0.01)
+    events, records, upstream = serve(get("/other"), policy, [ok(b"a")], decisions)
+    [(status, headers, _)] = responses(events)
+    assert status == 403
+    assert headers[b"x-netjail-reason"] == (
+        b"decision_timeout: no --allow-request matches, and no decision came in 0.01s"
+    )
+    assert [(r.verdict, r.reason) for r in records] == [("blocked", "decision_timeout")]
+    assert upstream.streams == []
+
+
+def test_a_deny_request_rule_is_never_put_to_the_client() -> None:
+    """Only requests no rule covers are asked about: a --deny-request stays a 403."""
+    policy = parse_http_policy(deny_requests=[f"GET {API}/admin"], allow_requests=[f"GET {API}/ok"])
+    asked: list[Question] = []
+    events, records, _ = serve(get("/admin"), policy, [ok(b"a")], _asking({"/admin"}, asked))
+    assert [r[0] for r in responses(events)] == [403]
+    assert asked == []
+    assert [r.reason for r in records] == ["deny_request"]

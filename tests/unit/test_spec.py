@@ -179,3 +179,13 @@ def test_hosts_tables_are_taken_from_the_request_and_the_config() -> None:
         "v6.example.test": ipaddress.ip_address("2001:db8::1"),
     }
     assert dict(spec.daemon_hosts) == {"mirror.internal": ipaddress.ip_address("192.0.2.7")}
+
+
+def test_the_decision_timeout_is_the_config_s_when_the_job_is_asked_for() -> None:
+    """A job waits for live decisions as long as the config said when it was asked for; the
+    connection, not the request, decides whether it asks at all."""
+    config = replace(Config(), policy=PolicySettings(decision_timeout=3.0))
+    spec = job_spec(request(decide=True), ROOT, config)
+    assert spec.decision_timeout_s == 3.0
+    assert spec.ask is None
+    assert job_spec(request(), ROOT, Config()).decision_timeout_s == p.DECISION_TIMEOUT_S

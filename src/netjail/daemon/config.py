@@ -51,7 +51,7 @@ from netjail.errors import ConfigError
 from netjail.ipaddr import IPAddress
 from netjail.kernel.backends import FirewallBackend as Firewall
 from netjail.kernel.backends import LogBackend
-from netjail.protocol import BindMount
+from netjail.protocol import DECISION_TIMEOUT_S, BindMount
 
 DEFAULT_CONFIG_PATH = "/etc/netjail/netjaild.toml"
 DEFAULT_SOCKET = "/run/netjail/netjail.sock"
@@ -60,6 +60,8 @@ DEFAULT_MAX_CONNECTIONS_PER_UID = 64
 #: Bounds a configured count must keep (a typo of a few zeros is refused, not obeyed).
 _MAX_JOBS_BOUND = 1_000_000
 _MAX_CONNECTIONS_BOUND = 65536
+#: Longest wait for a live decision the file may set.
+MAX_DECISION_TIMEOUT_S = 3600.0
 
 LogFormat = Literal["text", "json"]
 BlockedDnsAnswer = Literal["NXDOMAIN", "REFUSED"]
@@ -115,6 +117,8 @@ class Policy:
     default_allow: tuple[str, ...] = ()
     default_deny: tuple[str, ...] = ()
     blocked_dns_answer: BlockedDnsAnswer = "NXDOMAIN"
+    #: How long a live decision (``decide``) is waited for before the name or request is denied.
+    decision_timeout: float = DECISION_TIMEOUT_S
     #: Interception (docs/POLICY.md): added to every job's, except default_allow_requests,
     #: which, like default_allow, applies only to a job that names none of its own.
     default_intercept: tuple[str, ...] = ()
@@ -276,6 +280,7 @@ def _read_policy(table: Table) -> Policy:
         # As in a request, a deny rule without ports means every port.
         default_deny=table.take("default_deny", read_rules(None), base.default_deny),
         blocked_dns_answer=cast("BlockedDnsAnswer", answer),
+        decision_timeout=table.take("decision_timeout", _read_decision_timeout, DECISION_TIMEOUT_S),
         **{
             name: table.take(name, read_http_rules(name), ())
             for name in (
@@ -288,6 +293,14 @@ def _read_policy(table: Table) -> Policy:
             )
         },
     )
+
+
+def _read_decision_timeout(value: object) -> float:
+    seconds = read_duration(value)
+    if seconds > MAX_DECISION_TIMEOUT_S:
+        # A held query or request keeps a socket and a task of the job's waiting.
+        raise BadValueError(f"at most {MAX_DECISION_TIMEOUT_S:g} seconds, got {seconds:g}")
+    return seconds
 
 
 def _read_proxy(table: Table) -> Proxy:

@@ -25,6 +25,7 @@ import msgspec
 
 from netjail import protocol as p
 from netjail._version import __version__
+from netjail.daemon.decisions import Question
 from netjail.daemon.events import rfc3339
 from netjail.daemon.jobs import may_see
 from netjail.daemon.outbox import Outbox, OutFrame, close_gracefully
@@ -329,14 +330,22 @@ class Connection:
         intake.followers.append(follow)
         self._follows.append(follow)
 
-    async def _ask(self, job_id: str, name: str) -> bool:
-        """A live decision: ask this connection's client about ``name``, wait for its answer."""
+    async def _ask(self, asked: Question) -> bool:
+        """A live decision: ask this connection's client, wait for its answer."""
         question: asyncio.Future[bool] = self._loop.create_future()
         number = self._question_ids
         self._question_ids += 1
         self._questions[number] = question
         try:
-            self.send(p.DecideQuestion(job=job_id, id=number, domain=name))
+            self.send(
+                p.DecideQuestion(
+                    job=asked.job,
+                    id=number,
+                    domain=asked.domain,
+                    request=asked.request,
+                    timeout_s=asked.timeout_s,
+                )
+            )
             return await question
         finally:
             self._questions.pop(number, None)

@@ -6,7 +6,9 @@ connection is parsed and must name that host in its ``Host`` header, with an ori
 target (:func:`netjail.httppolicy.parse_target`); then the job's :class:`HttpPolicy` decides:
 
 - **deny** (a ``--deny-request`` rule, or a host whose ``--allow-request`` rules all miss):
-  ``403`` with a short body and ``X-Netjail-Reason`` naming the rule;
+  ``403`` with a short body and ``X-Netjail-Reason`` naming the rule; but when the job's
+  client decides live, a request its ``--allow-request`` rules miss waits for the client's
+  decision (:class:`netjail.daemon.decisions.RequestDecisions`), and is relayed or denied;
 - **mock**: the mock's answer, without contacting the upstream;
 - **relay**: the request goes upstream, over a connection made on first need (so a mock answers
   with the upstream down), with the ``--inject-header`` headers set; the response comes back,
@@ -31,12 +33,16 @@ from typing import Literal, cast
 import h11
 
 from netjail.daemon.contentcoding import DECODERS, MAX_REDACT_BYTES, content_coding, decode_body
+from netjail.daemon.decisions import HeldRequest, RequestDecisions
+from netjail.daemon.httpanswers import mock_head, refusal
 from netjail.daemon.tlsstream import Stream
 from netjail.httppolicy import (
     Answer,
+    Decision,
     Deny,
     HttpPolicy,
     Mock,
+    Relay,
     RequestPath,
     parse_host_header,
     parse_target,
@@ -114,8 +120,10 @@ class HttpRelay:
         connect: Connect,
         record: Callable[[RequestRecord], None],
         transport: Transport = "tls",
+        decisions: RequestDecisions | None = None,
     ) -> None:
         self._job = job
+        self._decisions = decisions
         self._transport = transport
         self._domain = domain
         self._port = port
@@ -177,6 +185,8 @@ class HttpRelay:
             self._record(self._blocked(method, shown, started, status, why=(reason, detail)))
             return False
         decision = self._policy.decide(method, self._domain, checked.path)
+        if isinstance(decision, Deny) and decision.reason == "not_allowed_request":
+            decision = await self._decided(decision, method, checked.path)
         if isinstance(decision, Deny):
             keep = await self._drain()
             await self._refuse(403, decision.reason, decision.rule, close=not keep)
@@ -191,7 +201,24 @@ class HttpRelay:
                 RequestRecord("mocked", method, shown, decision.mock.status, 0, 0, _since(started))
             )
             return keep
-        return await self._relay(event, method, shown, started)
+        return await self._relay(event, method, shown, started, decision.reason)
+
+    async def _decided(self, denied: Deny, method: str, path: str) -> Decision:
+        """A request no ``--allow-request`` allows: the client's live decision, if it decides
+        (the request waits meanwhile), else, and past the question bound, ``denied``."""
+        if self._decisions is None:
+            return denied
+        held = HeldRequest(method, self._domain, path)
+        if not self._decisions.asks(held):
+            return denied
+        outcome = await self._decisions.decide(held)
+        if outcome == "decided_allow":
+            return Relay(outcome)
+        if outcome == "decided_deny":
+            return Deny(outcome, f"{denied.rule}, and the client denied it")
+        return Deny(
+            outcome, f"{denied.rule}, and no decision came in {self._decisions.timeout_s:g}s"
+        )
 
     def _check(self, request: h11.Request) -> RequestPath | tuple[int, str, str]:
         """The request's path, or why it is refused before any rule: (status, reason, detail)."""
@@ -214,19 +241,14 @@ class HttpRelay:
         return target
 
     async def _answer(self, mock: Mock, method: str, *, keep: bool) -> None:
-        headers = [
-            ("content-type", mock.content_type),
-            ("content-length", str(len(mock.body))),
-            ("x-netjail-mock", _header_text(mock.rule.text)),
-        ]
-        if not keep:
-            headers.append(("connection", "close"))
-        await self._send_job(h11.Response(status_code=mock.status, headers=headers))
+        await self._send_job(mock_head(mock, keep=keep))
         if method != "HEAD":
             await self._send_job(h11.Data(data=mock.body))
         await self._send_job(h11.EndOfMessage())
 
-    async def _relay(self, request: h11.Request, method: str, shown: str, started: float) -> bool:
+    async def _relay(
+        self, request: h11.Request, method: str, shown: str, started: float, reason: str | None
+    ) -> bool:
         if self._transport == "plain" and self._policy.injections_for(self._domain):
             # Plain HTTP goes wherever the job's address points: never with a credential.
             why = ("inject_needs_tls", f"headers are injected for {self._domain} only over TLS")
@@ -254,7 +276,7 @@ class HttpRelay:
             received += await self._tunnel(upstream)
             keep = False
         self._record(
-            RequestRecord("allowed", method, shown, status, sent, received, _since(started))
+            RequestRecord("allowed", method, shown, status, sent, received, _since(started), reason)
         )
         return keep
 
@@ -439,7 +461,7 @@ class HttpRelay:
                 raise _Closed
 
     async def _refuse(self, status: int, reason: str, detail: str | None, *, close: bool) -> None:
-        response, body = _refusal(status, reason, detail, close=close)
+        response, body = refusal(status, reason, detail, close=close)
         await self._send_job(response)
         await self._send_job(h11.Data(data=body))
         await self._send_job(h11.EndOfMessage())
@@ -471,27 +493,6 @@ async def _next_event(stream: Stream, conn: h11.Connection) -> h11.Event | type[
         if isinstance(event, h11.ConnectionClosed):
             raise _Closed
         return cast("h11.Event | type[h11.PAUSED]", event)
-
-
-def _refusal(
-    status: int, reason: str, detail: str | None, *, close: bool
-) -> tuple[h11.Response, bytes]:
-    """A 403 or 502 from the proxy itself: the reason in a header and a one-line body."""
-    why = f"{reason}: {detail}" if detail else reason
-    body = f"netjail: {_header_text(why)}\n".encode("ascii")
-    headers = [
-        ("content-type", "text/plain; charset=utf-8"),
-        ("content-length", str(len(body))),
-        ("x-netjail-reason", _header_text(why)),
-    ]
-    if close:
-        headers.append(("connection", "close"))
-    return h11.Response(status_code=status, headers=headers), body
-
-
-def _header_text(text: str) -> str:
-    """A header value from rule text: one printable ASCII line, bounded."""
-    return sanitize(text, 200).encode("ascii", "replace").decode("ascii")
 
 
 def _shown_path(target: bytes) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from netjail.daemon.certauthority import JobCA, upstream_context
+from netjail.daemon.decisions import RequestDecisions
 from netjail.daemon.events import rfc3339
 from netjail.daemon.intercept import HttpRelay, RequestRecord, UpstreamRefused
 from netjail.daemon.tlsstream import PlainStream, Stream, TlsStream
@@ -38,11 +39,13 @@ _TLS_HANDSHAKE_RECORD = b"\x16"
 
 @dataclass(frozen=True, slots=True)
 class Interception:
-    """What a job that intercepts gives its proxy: its rules, its CA, the upstreams' CA file."""
+    """What a job that intercepts gives its proxy: its rules, its CA, the upstreams' CA file,
+    and, when its client decides live, the decisions on requests no rule allows."""
 
     http: HttpPolicy
     ca: JobCA
     upstream_ca: str | None
+    decisions: RequestDecisions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ async def serve_intercepted(
             connect=early.take if early is not None else open_upstream,
             record=record,
             transport="tls" if tls else "plain",
+            decisions=interception.decisions,
         )
         await relay.serve()
     finally:

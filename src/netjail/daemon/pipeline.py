@@ -27,7 +27,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from netjail.daemon.certauthority import JobCA
-from netjail.daemon.decisions import NameDecisions
+from netjail.daemon.decisions import NameDecisions, RequestDecisions
 from netjail.daemon.dnsstub import DnsStub
 from netjail.daemon.etcfiles import EtcFiles, remove_etc_files, write_etc_files
 from netjail.daemon.intake import EventSink, JobFeed
@@ -275,7 +275,9 @@ async def start_dns_stub(
         record=ctx.intake.recorder(feed),
         owner_of=feed.owners.owner_of,
         decisions=(
-            NameDecisions(feed.job_id, spec.ask, spec.policy) if spec.ask is not None else None
+            NameDecisions(feed.job_id, spec.ask, spec.policy, spec.decision_timeout_s)
+            if spec.ask is not None
+            else None
         ),
     )
     stack.callback(stub.close)
@@ -300,7 +302,12 @@ async def make_trust(
     ca = await asyncio.to_thread(JobCA, job_id)
     files = await asyncio.to_thread(write_trust_files, ctx.trust_dir, job_id, ca.cert_pem)
     push_undo(stack, ctx, "trust", in_thread(remove_trust_files, files))
-    return JobTrust(Interception(spec.http, ca, spec.upstream_ca), files)
+    decisions = (
+        RequestDecisions(job_id, spec.ask, spec.decision_timeout_s)
+        if spec.ask is not None
+        else None
+    )
+    return JobTrust(Interception(spec.http, ca, spec.upstream_ca, decisions), files)
 
 
 async def start_proxy(

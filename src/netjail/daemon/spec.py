@@ -113,9 +113,11 @@ class JobSpec:
     #: Interception and per-request rules; the upstreams' CA file (None: the host's store).
     http: HttpPolicy = field(default_factory=HttpPolicy)
     upstream_ca: str | None = None
-    #: Live decisions on names no rule covers: the requesting connection's question (set by
-    #: the connection for a request with ``decide``), else None.
+    #: Live decisions on names and requests no rule covers: the requesting connection's
+    #: question (set by the connection for a request with ``decide``), else None; how long
+    #: an answer is waited for.
     ask: Ask | None = None
+    decision_timeout_s: float = p.DECISION_TIMEOUT_S
 
 
 def job_user(request: p.RunRequest, peer: PeerCred) -> JobUser:
@@ -308,4 +310,5 @@ def job_spec(request: p.RunRequest, peer: PeerCred, config: Config) -> JobSpec:
         jail=config.jail,
         http=http,
         upstream_ca=config.proxy.upstream_ca,
+        decision_timeout_s=config.policy.decision_timeout,
     )
