@@ -86,12 +86,21 @@ def command(tool: str, method: str, url: str, *headers: str) -> list[str]:
     return [interpreter, flag, script, method, url, *headers]
 
 
+#: How long the daemon waits for a live decision (test_request_decisions sees it run out).
+DECISION_TIMEOUT_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def intercepting(upstream: Upstream) -> Iterator[Daemon]:
-    """A daemon that verifies upstreams against the test CA."""
+    """A daemon that verifies upstreams against the test CA, and waits DECISION_TIMEOUT_S for
+    a live decision."""
     base = tempfile.mkdtemp(prefix="netjail-icpt-", dir="/run")
     os.chmod(base, 0o755)  # noqa: S103 - clients reach the socket
-    daemon = start_daemon(base, config_extra=f'[proxy]\nupstream_ca = "{upstream.ca_file}"\n')
+    config = (
+        f'[proxy]\nupstream_ca = "{upstream.ca_file}"\n'
+        f'[policy]\ndecision_timeout = "{DECISION_TIMEOUT_S:g}s"\n'
+    )
+    daemon = start_daemon(base, config_extra=config)
     try:
         yield daemon
     finally:
@@ -101,6 +110,7 @@ def intercepting(upstream: Upstream) -> Iterator[Daemon]:
 
 @pytest.fixture
 def client(intercepting: Daemon) -> Client:
+    """The module daemon's client (the leak check asks it too)."""
     return intercepting.client()
 
 

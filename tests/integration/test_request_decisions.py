@@ -2,8 +2,9 @@
 --allow-request matches waits for the client (the library's on_decide, sync and async, or the
 CLI's --ask on a terminal), then goes upstream or gets a 403 with the reason.
 
-A daemon of its own verifies upstreams against the test CA and waits 3 s for a decision
-(``policy.decision_timeout``), so that the timeout is seen within the test.
+The jobs run on test_intercept's daemon, which verifies upstreams against the test CA and waits
+DECISION_TIMEOUT_S (``policy.decision_timeout``) for a decision, so that the timeout is seen
+within the test.
 """
 
 from __future__ import annotations
@@ -11,24 +12,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from netjail import AsyncClient, Client, JobResult
+from netjail import AsyncClient, JobResult
 from netjail.protocol import AskedRequest, DecideQuestion, Event
 
-from .conftest import Daemon, start_daemon, stop_daemon
+from .conftest import Daemon
 from .test_cli_terminal import NETJAIL, Terminal
+from .test_intercept import API, client, intercepting  # noqa: F401 - the fixtures
+from .test_intercept import DECISION_TIMEOUT_S as TIMEOUT_S
 from .upstream import UPSTREAM_ADDR, Upstream
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
-API = "api.example.test"
-TIMEOUT_S = 3.0
 #: GETs each path given (in order, one connection each) and prints "PATH STATUS REASON BODY".
 FETCH = """
 import sys, urllib.request, urllib.error
@@ -41,29 +40,6 @@ for path in sys.argv[1:]:
     print(path, r.status, r.headers.get("x-netjail-reason"), body if r.status == 200 else "")
 """
 ALLOW_V1 = f"GET {API}/v1/*"
-
-
-@pytest.fixture(scope="module")
-def deciding(upstream: Upstream) -> Iterator[Daemon]:
-    """A daemon that verifies upstreams against the test CA and waits TIMEOUT_S to decide."""
-    base = tempfile.mkdtemp(prefix="netjail-decide-", dir="/run")
-    os.chmod(base, 0o755)  # noqa: S103 - clients reach the socket
-    config = (
-        f'[proxy]\nupstream_ca = "{upstream.ca_file}"\n'
-        f'[policy]\ndecision_timeout = "{TIMEOUT_S:g}s"\n'
-    )
-    daemon = start_daemon(base, config_extra=config)
-    try:
-        yield daemon
-    finally:
-        stop_daemon(daemon)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def client(deciding: Daemon) -> Client:
-    """The module daemon's client (the leak check asks it too)."""
-    return deciding.client()
 
 
 def run_fetch(daemon: Daemon, paths: list[str], decide: object, kind: str = "sync") -> JobResult:
@@ -88,7 +64,9 @@ def requests_of(result: JobResult) -> list[Event]:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_the_client_allows_or_denies_a_request_no_rule_allows(
-    deciding: Daemon, upstream: Upstream, kind: str
+    intercepting: Daemon,  # noqa: F811 - the fixture's own
+    upstream: Upstream,
+    kind: str,
 ) -> None:
     """A request --allow-request misses is put to on_decide with its method and path: allowed,
     the upstream answers it; denied, 403 decided_deny, never relayed; the same path later is
@@ -101,7 +79,7 @@ def test_the_client_allows_or_denies_a_request_no_rule_allows(
 
     before = upstream.requests.count(API)
     paths = ["/v1/ok", "/v2/yes", "/v2/no", "/v2/yes?again=1", "/v2/no"]
-    result = run_fetch(deciding, paths, decide, kind)
+    result = run_fetch(intercepting, paths, decide, kind)
     lines = (result.stdout or b"").decode().splitlines()
     hello = f"hello from {API}"
     denied = "decided_deny: no --allow-request matches, and the client denied it"
@@ -124,7 +102,8 @@ def test_the_client_allows_or_denies_a_request_no_rule_allows(
 
 
 def test_no_decision_in_time_denies_the_request_with_the_reason(
-    deciding: Daemon, upstream: Upstream
+    intercepting: Daemon,  # noqa: F811 - the fixture's own
+    upstream: Upstream,
 ) -> None:
     """A client that answers too late: the request gets 403 decision_timeout after the
     daemon's wait, the late answer changes nothing, and the path is not asked again."""
@@ -136,7 +115,7 @@ def test_no_decision_in_time_denies_the_request_with_the_reason(
         return True
 
     before = upstream.requests.count(API)
-    result = run_fetch(deciding, ["/v2/slow", "/v2/slow"], decide)
+    result = run_fetch(intercepting, ["/v2/slow", "/v2/slow"], decide)
     lines = (result.stdout or b"").decode().splitlines()
     late = f"decision_timeout: no --allow-request matches, and no decision came in {TIMEOUT_S:g}s"
     assert lines == [f"/v2/slow 403 {late} "] * 2, result.stderr
@@ -151,10 +130,12 @@ def test_no_decision_in_time_denies_the_request_with_the_reason(
     )
 
 
-def test_ask_prompts_for_a_request_and_obeys_the_key(deciding: Daemon) -> None:
+def test_ask_prompts_for_a_request_and_obeys_the_key(
+    intercepting: Daemon,  # noqa: F811 - the fixture's own
+) -> None:
     """netjail run --ask shows METHOD NAME/PATH and the daemon's timeout; y relays the
     request, n gets it a 403; the report says what was decided."""
-    env = {**os.environ, "NETJAIL_SOCKET": deciding.socket, "TERM": "xterm"}
+    env = {**os.environ, "NETJAIL_SOCKET": intercepting.socket, "TERM": "xterm"}
     with tempfile.TemporaryDirectory() as directory:
         report_path = os.path.join(directory, "report.json")
         options = ["-T", "--ask", "--cwd", "/", "--report", report_path]

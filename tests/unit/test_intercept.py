@@ -11,7 +11,7 @@ import h11
 from netjail.daemon import intercept
 from netjail.daemon.certauthority import JobCA
 from netjail.daemon.decisions import Question, RequestDecisions
-from netjail.daemon.intercept import HttpRelay, RequestRecord, UpstreamRefused
+from netjail.daemon.intercept import HttpRelay, RequestRecord, Transport, UpstreamRefused
 from netjail.daemon.interception import Interception, serve_intercepted
 from netjail.daemon.tlsstream import Stream
 from netjail.httppolicy import HttpPolicy, parse_http_policy
@@ -57,18 +57,21 @@ def serve(
     policy: HttpPolicy,
     responses: list[bytes] | None = None,
     decisions: RequestDecisions | None = None,
+    transport: Transport = "tls",
 ) -> tuple[list[h11.Event], list[RequestRecord], FakeUpstream]:
-    """Run the relay over ``requests``; the job's parsed responses, the records, the upstream."""
+    """Run the relay over ``requests`` (to port 443 over TLS, 80 plain); the job's parsed
+    responses, the records, the upstream."""
     job = FakeStream([requests])
     upstream = FakeUpstream(responses)
     records: list[RequestRecord] = []
     relay = HttpRelay(
         job=job,
         domain=API,
-        port=443,
+        port=443 if transport == "tls" else 80,
         policy=policy,
         connect=upstream,
         record=records.append,
+        transport=transport,
         decisions=decisions,
     )
     asyncio.run(relay.serve())
@@ -336,20 +339,10 @@ def test_plain_http_to_a_host_with_injections_is_refused_before_any_upstream() -
     """Over plain HTTP (transport "plain") a host with --inject-header gets 403
     inject_needs_tls, and the upstream never sees the credential."""
     policy = parse_http_policy(inject_headers=[f"{API}:Authorization=Bearer s3cret"])
-    job = FakeStream([get("/")])
-    upstream = FakeUpstream([b"HTTP/1.1 204 No Content\r\n\r\n"])
-    records: list[RequestRecord] = []
-    relay = HttpRelay(
-        job=job,
-        domain=API,
-        port=80,
-        policy=policy,
-        connect=upstream,
-        record=records.append,
-        transport="plain",
+    events, _, upstream = serve(
+        get("/"), policy, [b"HTTP/1.1 204 No Content\r\n\r\n"], transport="plain"
     )
-    asyncio.run(relay.serve())
-    [(status, headers, _)] = responses(parse_responses(bytes(job.sent)))
+    [(status, headers, _)] = responses(events)
     assert status == 403
     assert headers[b"x-netjail-reason"].startswith(b"inject_needs_tls")
     assert b"s3cret" not in upstream_got(upstream)
