@@ -10,13 +10,17 @@ because the daemon is multi-threaded (pyroute2's own ``netns.create`` forks a he
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import socket
+import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TypeVar
 
-from pyroute2 import IPRoute
+from pyroute2 import IPBatch
 
 from netjail.errors import NetnsError
 from netjail.kernel import syscalls
@@ -36,6 +40,12 @@ T = TypeVar("T")
 
 _IFA_F_NODAD = 0x02
 _RT_SCOPE_LINK = 253
+_NLMSG_ERROR = 2
+#: nlmsghdr: length, type, flags, sequence number, port id.
+_NLMSG_HEADER = struct.Struct("=IHHII")
+_NETLINK_BUFFER = 1 << 16
+#: The kernel answers within the write; this only bounds a thread against the unexpected.
+_NETLINK_TIMEOUT_S = 5.0
 
 
 def netns_path(name: str) -> str:
@@ -111,23 +121,97 @@ def run_in_netns(name: str, work: Callable[[], T]) -> Future[T]:
 
 
 def configure_jail_interfaces() -> None:
-    """In the current thread's netns: lo up, the veth pair up, addresses and default routes."""
+    """In the current thread's netns: lo up, the veth pair up, addresses and default routes.
+
+    Two batches, each one write and its acks: lo up and the pair made up, then, with the
+    pair's indexes, the peer up, the addresses and the routes. The requests are the same for
+    every jail, so pyroute2 encodes them once (``IPBatch``). Sent one at a time through
+    ``IPRoute`` they cost ~4.5 ms a jail on the test VM, nearly all of it pyroute2's Python
+    around each request, and under load that was the daemon's largest use of the GIL.
+    """
     try:
-        with IPRoute() as ip:
-            ip.link("set", index=1, state="up")
-            ip.link("add", ifname=JAIL_IF, kind="veth", peer=JAIL_PEER_IF)
-            (index,) = ip.link_lookup(ifname=JAIL_IF)
-            (peer,) = ip.link_lookup(ifname=JAIL_PEER_IF)
-            ip.link("set", index=peer, state="up")
-            ip.link("set", index=index, state="up")
-            ip.addr("add", index=index, address=JAIL_ADDR4, prefixlen=30)
-            # No duplicate address detection: nothing else is on this link, and DAD would delay
-            # the address being usable as a source for IPv6 connects.
-            ip.addr("add", index=index, address=JAIL_ADDR6, prefixlen=64, flags=_IFA_F_NODAD)
-            ip.route("add", dst="0.0.0.0/0", oif=index, scope=_RT_SCOPE_LINK)
-            ip.route("add", dst="::/0", oif=index, family=10)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.settimeout(_NETLINK_TIMEOUT_S)
+            _send_batch(sock, _link_requests())
+            index = socket.if_nametoindex(JAIL_IF)
+            peer = socket.if_nametoindex(JAIL_PEER_IF)
+            _send_batch(sock, _address_requests(index, peer))
+    except NetnsError:
+        raise
     except Exception as e:
         raise NetnsError(f"cannot configure the jail's interfaces: {e}") from e
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Encoded rtnetlink requests, and what each one does, by its sequence number."""
+
+    data: bytes
+    steps: tuple[tuple[int, str], ...]
+
+
+def _encoded(build: Callable[[IPBatch], None], labels: Sequence[str]) -> _Batch:
+    batch = IPBatch()
+    try:
+        build(batch)
+        data = bytes(batch.batch)
+    finally:
+        batch.close()
+    seqs = []
+    offset = 0
+    while offset < len(data):
+        length, _type, _flags, seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
+        seqs.append(seq)
+        offset += (length + 3) & ~3
+    if len(seqs) != len(labels):
+        raise NetnsError(f"pyroute2 encoded {len(seqs)} requests for {len(labels)} steps")
+    return _Batch(data, tuple(zip(seqs, labels, strict=True)))
+
+
+@functools.cache
+def _link_requests() -> _Batch:
+    def build(ip: IPBatch) -> None:
+        ip.link("set", index=1, state="up")
+        ip.link("add", ifname=JAIL_IF, kind="veth", peer=JAIL_PEER_IF, state="up")
+
+    return _encoded(build, ["lo up", f"veth {JAIL_IF}/{JAIL_PEER_IF}"])
+
+
+@functools.lru_cache(maxsize=8)
+def _address_requests(index: int, peer: int) -> _Batch:
+    def build(ip: IPBatch) -> None:
+        ip.link("set", index=peer, state="up")
+        ip.addr("add", index=index, address=JAIL_ADDR4, prefixlen=30)
+        # No duplicate address detection: nothing else is on this link, and DAD would delay
+        # the address being usable as a source for IPv6 connects.
+        ip.addr("add", index=index, address=JAIL_ADDR6, prefixlen=64, flags=_IFA_F_NODAD)
+        ip.route("add", dst="0.0.0.0/0", oif=index, scope=_RT_SCOPE_LINK)
+        ip.route("add", dst="::/0", oif=index, family=socket.AF_INET6)
+
+    labels = [f"{JAIL_PEER_IF} up", "IPv4 address", "IPv6 address", "IPv4 route", "IPv6 route"]
+    return _encoded(build, labels)
+
+
+def _send_batch(sock: socket.socket, batch: _Batch) -> None:
+    """Send ``batch`` in one write and check every request's ack (the kernel handles each
+    request of a batch, and acks it, within the write)."""
+    sock.send(batch.data)
+    pending = dict(batch.steps)
+    while pending:
+        data = sock.recv(_NETLINK_BUFFER)
+        offset = 0
+        while offset + _NLMSG_HEADER.size + 4 <= len(data):
+            length, kind, _flags, seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
+            if length < _NLMSG_HEADER.size:
+                raise NetnsError("a malformed rtnetlink answer")
+            if kind == _NLMSG_ERROR and seq in pending:
+                step = pending.pop(seq)
+                (error,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
+                if error:
+                    raise NetnsError(
+                        f"cannot configure the jail's interfaces: {step}: {os.strerror(-error)}"
+                    )
+            offset += (length + 3) & ~3
 
 
 def delete_netns(name: str) -> None:
