@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from netjail import console, ptyrelay
+from netjail import console, ptyrelay, runfiles
 from netjail import protocol as p
 from netjail.clicontext import fail, open_client
 from netjail.errors import ExecError, NetjailError
@@ -278,8 +278,8 @@ def run(
     """
     try:
         # Opened before the job: a bad path fails now, not once the job has run.
-        report_out = console.open_report(report_path)
-        sink = None if quiet else Sink(console.open_events(events_to))
+        report_out = runfiles.open_report(report_path)
+        sink = None if quiet else Sink(runfiles.open_events(events_to))
         mounts = [p.parse_bind(b, "rw") for b in binds] + [p.parse_bind(b, "ro") for b in ro_binds]
         prompt = _open_prompt() if ask else None
         terminal = ptyrelay.wants_tty(tty)
@@ -290,7 +290,7 @@ def run(
         request = p.RunRequest(
             argv=list(command),
             env=job_env,
-            cwd=cwd or console.current_directory(),
+            cwd=cwd or runfiles.current_directory(),
             cwd_fallback="error" if cwd else "home",
             binds=mounts,
             hostname=hostname,
@@ -307,11 +307,11 @@ def run(
             deny=list(deny),
             add_hosts=list(add_hosts),
             intercept=list(intercept),
-            mocks=console.expand_mocks(mocks),
+            mocks=runfiles.expand_mocks(mocks),
             deny_requests=list(deny_requests),
             allow_requests=list(allow_requests),
             redact=list(redact),
-            inject_headers=console.expand_headers(inject_headers),
+            inject_headers=runfiles.expand_headers(inject_headers),
             decide=ask,
         )
         display = console.Display(
@@ -321,7 +321,7 @@ def run(
             deny=deny,
         )
         decide = None if prompt is None else prompt.ask
-        end = console.run_job(open_client(ctx), request, console.stdio_fds(), display, decide)
+        end = console.run_job(open_client(ctx), request, runfiles.stdio_fds(), display, decide)
     except ExecError as e:
         fail(str(e), e.exit_code)
     except NetjailError as e:
