@@ -50,6 +50,7 @@ POOL_BUILD_OPERATIONS = (
     "apply_rules",
     "open_log_socket",
     "open_listeners",
+    "make_home",
     "prefork",
     "netns_inode",
 )
@@ -165,6 +166,8 @@ class FakeJailHost:
         self.processes: dict[int, FakeProcess] = {}
         self.requests: list[JobPlan] = []
         self.homes: dict[str, tuple[int, int, int]] = {}
+        #: Every HOME made, by path: (uid, gid, size) as it was last made.
+        self.homes_made: dict[str, tuple[int, int, int]] = {}
         #: Bind sources opened: (path, credentials, access).
         self.bind_opens: list[tuple[str, Credentials, BindAccess]] = []
         self.source_fds: list[list[int]] = []
@@ -336,6 +339,7 @@ class FakeJailHost:
     def make_home(self, path: str, uid: int, gid: int, size_bytes: int) -> None:
         self._maybe_fail("make_home")
         self.homes[path] = (uid, gid, size_bytes)
+        self.homes_made[path] = (uid, gid, size_bytes)
         self._made(f"home {path}")
 
     def remove_home(self, path: str) -> None:

@@ -14,9 +14,12 @@ import pytest
 from netjail.daemon.config import Jail
 from netjail.daemon.jobs import JobManager
 from netjail.daemon.pipeline import JailContext, Job
+from netjail.daemon.spec import FixedUser, LeasedUser
 from netjail.errors import JailError
 from netjail.kernel import cgroup as cgroups
-from netjail.kernel.fsplan import Tmpfs, TmpfsSizes
+from netjail.kernel.fsplan import Bind, PathSource, Tmpfs
+from netjail.kernel.host import JobProcess
+from netjail.kernel.jobplan import JobPlan
 from netjail.policy import Policy, parse_rule
 from netjail.protocol import Report
 from tests.unit.fakehost import (
@@ -79,7 +82,7 @@ def test_a_job_claims_a_warm_jail_and_its_jail_goes_with_it(
         manager = JobManager(ctx, pool_size=SIZE)
         await warm(manager)
         host.journal.clear()
-        job = await manager.start(spec(), [], None)
+        job = await manager.start(spec(user=LeasedUser()), [], None)
         report = await finish(job)
         await warm(manager)
         await manager.shutdown()
@@ -87,9 +90,14 @@ def test_a_job_claims_a_warm_jail_and_its_jail_goes_with_it(
 
     job, report = run(scenario())
     assert report.exit_code == 7
-    # No netns, cgroup or process was made for the job itself: only what is per job.
-    claim = [op for op in host.journal if op in CLAIM_OPERATIONS]
-    assert claim == ["apply_limits", "make_home", "open_bind_source", "start_standby"]
+    # No netns, cgroup, process, HOME or /etc file was made for the job itself: only what is
+    # per job. (The refill's builds, under way meanwhile, make HOMEs of their own.)
+    claim = [op for op in host.journal if op in CLAIM_OPERATIONS and op != "make_home"]
+    assert claim == ["apply_limits", "open_bind_source", "start_standby"]
+    home = f"/var/lib/netjail/homes/{job.id}"
+    assert host.made.count(f"home {home}") == 1
+    assert host.made.index(f"home {home}") < host.made.index(f"standby {job.id}")
+    assert host.homes_made[home] == (job.uid, job.gid, Jail().home_size)
     assert host.journal.index("start_standby") < host.journal.index(f"kill_all {job.id}")
     assert f"standby {job.id}" in host.made
     (plan,) = host.requests
@@ -98,8 +106,8 @@ def test_a_job_claims_a_warm_jail_and_its_jail_goes_with_it(
     # The job's own undos, then its pool jail's (standby, netns, cgroup), as a cold job's.
     ours = [u for u in host.undone_order if job.id in u]
     assert ours == [
-        f"home /var/lib/netjail/homes/{job.id}",
         f"standby {job.id}",
+        f"home /var/lib/netjail/homes/{job.id}",
         f"netns netjail-{job.id}",
         f"cgroup {job.id}",
     ]
@@ -183,7 +191,7 @@ def test_a_jail_that_cannot_be_fitted_is_destroyed_and_the_job_built_cold(
     assert host.live() == []
 
 
-@pytest.mark.parametrize("operation", ["make_home", "open_bind_source", "start_standby"])
+@pytest.mark.parametrize("operation", ["open_bind_source", "start_standby"])
 def test_a_claimed_job_that_fails_to_start_undoes_its_steps_and_its_jail(
     host: FakeJailHost, ctx: JailContext, operation: str
 ) -> None:
@@ -198,6 +206,71 @@ def test_a_claimed_job_that_fails_to_start_undoes_its_steps_and_its_jail(
             await manager.start(spec(), [], None)
         host.fail_at = None
         assert manager.jobs == {}
+        await manager.shutdown()
+
+    run(scenario())
+    assert host.live() == []
+    assert os.listdir(ctx.records.directory) == []
+    assert ctx.uids.held == []
+
+
+def test_a_job_that_wants_other_files_gets_them_remade_in_its_pool_jail(
+    host: FakeJailHost, ctx: JailContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool jail's HOME is made for its leased uid and its /etc files for netjail-<job>: a
+    job that runs as another uid, or asks for a hostname, gets those remade, at the same paths,
+    removed once with the jail."""
+    host.exit_at_once = exited(0)
+    other = FixedUser(uid=1234, gid=1234)
+    shown: dict[str, str] = {}
+    start_standby = host.start_standby
+
+    async def reading_etc(
+        standby: JobProcess, plan: JobPlan, stdio: list[int], fds: list[int]
+    ) -> None:
+        for step in plan.fs.steps:
+            if (
+                isinstance(step, Bind)
+                and isinstance(step.source, PathSource)
+                and step.target.startswith("/etc/host")
+            ):
+                shown[step.target] = Path(step.source.path).read_text()
+        await start_standby(standby, plan, stdio, fds)
+
+    monkeypatch.setattr(host, "start_standby", reading_etc)
+
+    async def scenario() -> Job:
+        manager = JobManager(ctx, pool_size=1)
+        await warm(manager, 1)
+        named = dataclasses.replace(spec(user=other), hostname="box")
+        job = await manager.start(named, [], None)
+        await finish(job)
+        await manager.shutdown()
+        return job
+
+    job = run(scenario())
+    home = f"/var/lib/netjail/homes/{job.id}"
+    assert f"standby {job.id}" in host.made  # warm
+    assert host.made.count(f"home {home}") == 2
+    assert host.homes_made[home] == (1234, 1234, Jail().home_size)
+    assert "127.0.1.1\tbox\n" in shown["/etc/hosts"]
+    assert shown["/etc/hostname"] == "box\n"
+    assert host.live() == []
+    assert os.listdir(ctx.etc_dir) == []
+
+
+def test_a_pool_jail_whose_files_cannot_be_remade_is_destroyed_with_the_job(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """A remade HOME that fails fails the job closed, with the error; nothing is left."""
+
+    async def scenario() -> None:
+        manager = JobManager(ctx, pool_size=1)
+        await warm(manager, 1)
+        host.fail_at = "make_home"
+        with pytest.raises(JailError, match="injected failure at make_home"):
+            await manager.start(spec(user=FixedUser(uid=1234, gid=1234)), [], None)
+        host.fail_at = None
         await manager.shutdown()
 
     run(scenario())
@@ -324,7 +397,7 @@ def test_new_tmpfs_sizes_rebuild_the_warm_jails(host: FakeJailHost, ctx: JailCon
         manager = JobManager(ctx, pool_size=1)
         await warm(manager, 1)
         (old,) = pool_jails(host)
-        manager.pool.use_fs_sizes(TmpfsSizes(tmp=1 << 20))
+        manager.pool.use_jail_config(Jail(tmp_size=1 << 20))
         await until(lambda: old in host.undone_order and manager.pool.ready == 1)
         bigger = dataclasses.replace(spec(), jail=Jail(tmp_size=1 << 20))
         await finish(await manager.start(bigger, [], None))

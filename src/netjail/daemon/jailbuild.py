@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from netjail.daemon.config import Jail
 from netjail.daemon.intake import EventIntake
+from netjail.daemon.jobfiles import HomeShape, JobFiles, make_job_files, remove_job_files
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.spec import FixedUser, JobSpec
 from netjail.daemon.uids import UidLeases
@@ -103,6 +104,8 @@ class BuiltJail:
     inside: InsideJail
     #: A pool jail's init, in the jail's netns and cgroups already, waiting for its plan.
     standby: JobProcess | None
+    #: A pool jail's HOME and /etc files, made ahead for its leased uid and default hostname.
+    files: JobFiles | None = None
 
 
 @dataclass
@@ -240,6 +243,26 @@ async def prefork_standby(
 
     push_undo(stack, ctx, "standby", end)
     return process
+
+
+async def make_files(
+    stack: AsyncExitStack, ctx: JailContext, job_id: str, shape: HomeShape, hostname: str
+) -> JobFiles:
+    """9, 9a (for a cold job, or ahead in a pool jail). The job's HOME (empty, writable by
+    the job only, a tmpfs of its own) and its /etc/hosts and /etc/hostname, which know its
+    hostname; in one worker-thread hop, and gone after."""
+    host = ctx.host
+    files = await asyncio.to_thread(
+        make_job_files,
+        host,
+        homes_dir=ctx.homes_dir,
+        etc_dir=ctx.etc_dir,
+        job_id=job_id,
+        shape=shape,
+        hostname=hostname,
+    )
+    push_undo(stack, ctx, "home and /etc files", in_thread(remove_job_files, host, files))
+    return files
 
 
 # ---------------------------------------------------------------------- helpers

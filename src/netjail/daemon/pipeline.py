@@ -20,7 +20,6 @@ and call it at its place in ``start_job``.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 from netjail.daemon.certauthority import JobCA
 from netjail.daemon.decisions import NameDecisions, RequestDecisions
 from netjail.daemon.dnsstub import DnsStub
-from netjail.daemon.etcfiles import EtcFiles, remove_etc_files, write_etc_files
 from netjail.daemon.intake import EventSink, JobFeed
 from netjail.daemon.interception import Interception
 from netjail.daemon.jailbuild import (
@@ -41,8 +39,10 @@ from netjail.daemon.jailbuild import (
     build_jail_for,
     fs_sizes,
     in_thread,
+    make_files,
     push_undo,
 )
+from netjail.daemon.jobfiles import HomeShape, JobFiles, remake_job_files
 from netjail.daemon.jobstdio import take_terminal, wire_stdio
 from netjail.daemon.pool import JailPool
 from netjail.daemon.proxy import Proxy
@@ -161,8 +161,7 @@ async def start_job(
                 listeners=inside.listeners,
                 trust=trust,
             )
-            home = await make_home(cleanup_on_fail, ctx, job_id, user, spec)  # 9
-            etc = await write_etc(cleanup_on_fail, ctx, job_id, spec)  # 9a
+            files = await provide_files(cleanup_on_fail, ctx, jail, user, spec)  # 9, 9a
             sources = await open_binds(always_cleanup, ctx, spec)  # 10
             plan = plan_job(  # 11
                 ctx,
@@ -171,10 +170,9 @@ async def start_job(
                 user=user,
                 netns_name=jail.netns_name,
                 cgroup=jail.cgroup,
-                home=home,
+                files=files,
                 sources=sources,
                 trust=trust,
-                etc=etc,
             )
             wired = wire_stdio(always_cleanup, cleanup_on_fail, spec, stdio)  # 12
             marks.mark()
@@ -336,23 +334,22 @@ async def start_proxy(
     await proxy.start(list(listeners.proxy))
 
 
-async def make_home(
-    stack: AsyncExitStack, ctx: JailContext, job_id: str, user: FixedUser, spec: JobSpec
-) -> str:
-    """9. The job's HOME: empty, writable by the job only, a tmpfs of its own; gone after."""
-    path = os.path.join(ctx.homes_dir, job_id)
-    await asyncio.to_thread(ctx.host.make_home, path, user.uid, user.gid, spec.jail.home_size)
-    push_undo(stack, ctx, "home", in_thread(ctx.host.remove_home, path))
-    return path
-
-
-async def write_etc(
-    stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec
-) -> EtcFiles:
-    """9a. The job's /etc/hosts and /etc/hostname, which know its hostname; gone after."""
-    files = await asyncio.to_thread(write_etc_files, ctx.etc_dir, job_id, hostname_of(spec, job_id))
-    push_undo(stack, ctx, "etc", in_thread(remove_etc_files, files))
-    return files
+async def provide_files(
+    stack: AsyncExitStack, ctx: JailContext, jail: BuiltJail, user: FixedUser, spec: JobSpec
+) -> JobFiles:
+    """9, 9a. The job's HOME (empty, writable by the job only, a tmpfs of its own) and its
+    /etc/hosts and /etc/hostname, which know its hostname; gone after. A pool jail's were made
+    ahead: they are taken as they are when they are what this job would get, the part that
+    differs is remade otherwise (netjail.daemon.jobfiles)."""
+    shape = HomeShape(user.uid, user.gid, spec.jail.home_size)
+    hostname = hostname_of(spec, jail.job_id)
+    ahead = jail.files
+    if ahead is None:
+        return await make_files(stack, ctx, jail.job_id, shape, hostname)
+    parts = ahead.misfits(shape, hostname)
+    if not parts:
+        return ahead
+    return await asyncio.to_thread(remake_job_files, ctx.host, ahead, parts, shape, hostname)
 
 
 def hostname_of(spec: JobSpec, job_id: str) -> str:
@@ -389,23 +386,22 @@ def plan_job(
     user: FixedUser,
     netns_name: str,
     cgroup: JobCgroupHandle,
-    home: str,
+    files: JobFiles,
     sources: list[tuple[BindMount, BindSource]],
     trust: JobTrust | None = None,
-    etc: EtcFiles | None = None,
 ) -> JobPlan:
     """11. Everything the job's init needs, as one struct (pure)."""
     trust_binds = trust.files.binds() if trust is not None else []
     fs = build_fs_plan(
         host=ctx.host.host_layout(),
-        home=PathSource(home),
+        home=PathSource(files.home),
         binds=[
             Bind(FdSource(index), bind.target or bind.source, bind.access)
             for index, (bind, _) in enumerate(sources)
         ],
         files=[
             Bind(PathSource(ctx.resolv_conf), "/etc/resolv.conf", "ro"),
-            *(etc.binds() if etc is not None else []),
+            *files.etc.binds(),
             *trust_binds,
         ],
         sizes=fs_sizes(spec.jail),

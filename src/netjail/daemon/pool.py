@@ -3,7 +3,8 @@
 A pool jail is steps 1-4 of a job (netjail.daemon.jailbuild) done before the job exists: its
 state record (so crash recovery sweeps it like a job), a leased uid, a cgroup without limits,
 the netns with its veth, routes, the base ruleset, the NFLOG socket and the stub's and
-proxy's listeners, and a standby init already in the netns and the cgroups (the costly first
+proxy's listeners, the job's HOME and /etc files for its uid and default hostname
+(netjail.daemon.jobfiles), and a standby init already in the netns and the cgroups (the costly first
 migration into a fresh cgroup is paid here, not by the job). ``claim`` fits one to a job:
 the job's limits are written to its cgroup, and its ruleset, if the policy's CIDR rules make
 it differ from the base one, replaces the base one in one transaction. A jail that cannot be
@@ -24,6 +25,7 @@ from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+from netjail.daemon.config import Jail
 from netjail.daemon.jailbuild import (
     BuiltJail,
     CgroupRemoval,
@@ -34,15 +36,18 @@ from netjail.daemon.jailbuild import (
     lease_uid,
     limits_of,
     make_cgroup,
+    make_files,
     prefork_standby,
     proxied_ranges,
     write_record,
 )
+from netjail.daemon.jobfiles import HomeShape
 from netjail.daemon.spec import JobSpec
 from netjail.jobid import new_job_id
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, netns
 from netjail.kernel.fsplan import FsPlan, TmpfsSizes
+from netjail.kernel.jobplan import job_hostname
 from netjail.kernel.spawn import ExitStatus
 from netjail.policy import Policy
 
@@ -83,6 +88,8 @@ class JailPool:
         self._closing = False
         #: The sizes of the jobs' tmpfs mounts: the standbys mount them ahead.
         self.fs_sizes = TmpfsSizes()
+        #: The size of the jobs' HOME, made ahead with each jail.
+        self.home_size = Jail().home_size
         self.claimed = 0
         self.missed = 0
 
@@ -116,9 +123,12 @@ class JailPool:
         while self._destroying:
             await asyncio.gather(*self._destroying, return_exceptions=True)
 
-    def use_fs_sizes(self, sizes: TmpfsSizes) -> None:
-        """The jobs' tmpfs sizes from now on (the config, at start and at each reload). Warm
-        jails built with other sizes fit no new job: they are destroyed and rebuilt."""
+    def use_jail_config(self, jail: Jail) -> None:
+        """The jobs' tmpfs and HOME sizes from now on (the config's ``[jail]``, at start and
+        at each reload). Warm jails built with other tmpfs sizes fit no new job: they are
+        destroyed and rebuilt; one whose HOME has another size gets a new one at its claim."""
+        self.home_size = jail.home_size
+        sizes = fs_sizes(jail)
         if sizes == self.fs_sizes:
             return
         self.fs_sizes = sizes
@@ -237,6 +247,8 @@ class JailPool:
             cgroup = await make_cgroup(teardown, self.ctx, job_id, cgroups.Limits(), removal)  # 3
             rules = firewall.JailRules(job_id, dns_stub=True, proxied=BASE_PROXIED)
             inside = await build_netns(teardown, self.ctx, netns_name, rules)  # 4
+            shape = HomeShape(leased.uid, leased.gid, self.home_size)
+            files = await make_files(teardown, self.ctx, job_id, shape, job_hostname(job_id))  # 9
             base = base_fs_plan(self.ctx, self.fs_sizes)
             standby = await prefork_standby(teardown, self.ctx, netns_name, cgroup, base)  # 4e
             jail = BuiltJail(
@@ -247,6 +259,7 @@ class JailPool:
                 cgroup=cgroup,
                 inside=inside,
                 standby=standby,
+                files=files,
             )
             on_fail.pop_all()
         return _PoolJail(jail, teardown, base)

@@ -31,7 +31,6 @@ from netjail._version import __version__
 from netjail.daemon.config import Config
 from netjail.daemon.connection import Connection
 from netjail.daemon.intake import EventIntake
-from netjail.daemon.jailbuild import fs_sizes
 from netjail.daemon.jobs import JobManager, max_jobs_for
 from netjail.daemon.outbox import close_gracefully
 from netjail.errors import BusyError
@@ -78,7 +77,7 @@ class Server:
         self.connections: set[Connection] = set()
         #: Connections one non-root uid may hold at once; root's are not counted.
         self.max_connections_per_uid = config.max_connections_per_uid
-        self.jobs.pool.use_fs_sizes(fs_sizes(config.jail))
+        self.jobs.pool.use_jail_config(config.jail)
         #: Connections being served, per uid.
         self._per_uid: Counter[int] = Counter()
         #: Uids refused for the limit since their count last dropped below it (logged once).
@@ -116,7 +115,7 @@ class Server:
         self.config = config
         self.file_config = file_config
         self.max_connections_per_uid = config.max_connections_per_uid
-        self.jobs.pool.use_fs_sizes(fs_sizes(config.jail))
+        self.jobs.pool.use_jail_config(config.jail)
         if config.max_jobs is not None:
             self.jobs.max_jobs = config.max_jobs
         else:
