@@ -105,6 +105,7 @@ class FakeCgroup:
         self.host.end_all(self.job_id, exited(None, signal.SIGKILL))
 
     def usage(self) -> cgroups.ResourceUsage:
+        self.host.journal.append(f"usage {self.job_id}")
         if isinstance(self.usage_result, Exception):
             raise self.usage_result
         return self.usage_result

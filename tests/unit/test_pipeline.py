@@ -400,6 +400,32 @@ def test_a_supervision_failure_fails_the_job_and_still_tears_down(
     assert_nothing_left(host, ctx)
 
 
+def test_the_end_kills_only_what_the_job_left_behind(host: FakeJailHost, ctx: JailContext) -> None:
+    """A job's init takes its PID namespace with it: a job whose cgroup is empty at its end
+    gets no kill before its figures are read; one whose cgroup still lists a process has it
+    killed (and waited for) first."""
+
+    async def scenario() -> tuple[Job, Job]:
+        manager = JobManager(ctx)
+        quiet = await manager.start(spec(), [], None)
+        host.end(quiet.process.pid, exited(0))
+        await finish(manager, quiet)
+        left = await manager.start(spec(), [], None)
+        host.cgroups[left.id].members.append(4242)
+        host.end(left.process.pid, exited(0))
+        await finish(manager, left)
+        await manager.shutdown()
+        return quiet, left
+
+    quiet, left = run(scenario())
+    journal = host.journal
+    # The teardown's removal kills (nothing) in every case; the question is what came first.
+    assert journal.index(f"usage {quiet.id}") < journal.index(f"kill_all {quiet.id}")
+    assert journal.index(f"kill_all {left.id}") < journal.index(f"usage {left.id}")
+    assert host.cgroups[left.id].members == []
+    assert_nothing_left(host, ctx)
+
+
 def test_unreadable_resource_usage_is_logged_and_reported_as_unknown(
     host: FakeJailHost, ctx: JailContext
 ) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import resource
 import signal
 import time
+from dataclasses import dataclass
 
 from netjail.daemon.intake import EventSink
 from netjail.daemon.jobstdio import drain_capture
@@ -22,6 +23,8 @@ from netjail.daemon.pool import JailPool
 from netjail.daemon.report import Ending, build_report
 from netjail.daemon.spec import JobSpec
 from netjail.errors import BusyError, JailError, NotFoundError
+from netjail.kernel.cgroup import ResourceUsage
+from netjail.kernel.host import JobCgroupHandle
 from netjail.kernel.peer import PeerCred
 from netjail.kernel.spawn import ExitStatus
 from netjail.protocol import Event, Report
@@ -52,6 +55,34 @@ def _fd_limit() -> int:
 #: Jails torn down at once (jobs' and unused pool jails'): each is mostly kernel work on
 #: worker threads, and past a few at once they only slow the jobs being built.
 TEARDOWNS_AT_ONCE = 4
+
+
+@dataclass(frozen=True)
+class Remains:
+    """A finished job's cgroup, read once nothing of the job is left in it."""
+
+    #: None when the host could not give the figures (``usage_error`` says why).
+    usage: ResourceUsage | None
+    usage_error: str | None
+
+
+def read_remains(cgroup: JobCgroupHandle) -> Remains:
+    """Once the job's init was reaped: end whatever of the job is left, then read what it used
+    (one worker-thread hop for both).
+
+    The init was PID 1 of the job's PID namespace, which every process of the job is in (none
+    may make a user namespace, so none can leave it), and the kernel killed and reaped them all
+    before the init's end was reported: the cgroup is empty, and only a check is needed. A job
+    that left anything behind anyway (daemons, setsid, nohup) is killed now, and waited for.
+    The kill would otherwise cost the end of every job its cgroup write, which waits behind any
+    cgroup migration under way on the host (a pool jail being built, say).
+    """
+    if cgroup.pids():
+        cgroup.kill_all()
+    try:
+        return Remains(usage=cgroup.usage(), usage_error=None)
+    except Exception as e:
+        return Remains(usage=None, usage_error=str(e))
 
 
 def may_see(peer: PeerCred, owner_uid: int | None) -> bool:
@@ -186,14 +217,14 @@ class JobManager:
 
     async def _finish(self, job: Job, status: ExitStatus) -> Report:
         reaped = time.perf_counter()
-        # The main process is gone; whatever it left behind (daemons, setsid, nohup) goes too.
-        await asyncio.to_thread(job.cgroup.kill_all)
-        try:
-            usage = await asyncio.to_thread(job.cgroup.usage)
-        except Exception as e:
-            usage = None
+        remains = await asyncio.to_thread(read_remains, job.cgroup)
+        usage = remains.usage
+        if remains.usage_error is not None:
             self.ctx.log(
-                "warning", "cannot read the job's resource usage", job=job.id, error=str(e)
+                "warning",
+                "cannot read the job's resource usage",
+                job=job.id,
+                error=remains.usage_error,
             )
         # Packets are logged synchronously with the send, so all the job's messages are
         # already queued (NFLOG socket or kernel log): read them before the jail goes.
