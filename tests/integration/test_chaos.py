@@ -185,7 +185,8 @@ def test_sigkill_at_random_points_of_build_and_teardown_leaves_nothing(chaos_bas
                 "cgroups": {os.path.basename(c) for c in netjail_job_cgroups()} & dead,
                 "processes": set(processes_of_jobs(dead)),
                 "netns mounts": set(netns_mounts(dead)),
-                "homes": set(home_mounts(os.path.join(daemon.state_dir, "homes"))),
+                # The dead one's: the new daemon's pool jails have HOMEs made ahead.
+                "homes": set(of_jobs(home_mounts(os.path.join(daemon.state_dir, "homes")), dead)),
                 # Only the dead one's: the new daemon's pool has jails (records, leases) of
                 # its own by now.
                 "state": set(of_jobs(state_leftovers(daemon.state_dir), dead)),
