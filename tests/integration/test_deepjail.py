@@ -301,7 +301,9 @@ def test_files_in_tmp_and_home_are_gone_after_the_job(client: Client, daemon: Da
         time.sleep(0.05)
     left = [n for _root, dirs, files in os.walk(daemon.state_dir) for n in dirs + files]
     assert [n for n in left if marker in n or first.job in n] == []
-    assert os.listdir(os.path.join(daemon.state_dir, "homes")) == []
+    # What is left there is the warm pool's: HOMEs made ahead for jobs not asked for yet.
+    homes = set(os.listdir(os.path.join(daemon.state_dir, "homes")))
+    assert homes & {first.job, second.job} == set()
     assert not any(os.path.exists(f"{p}/{marker}") for p in places)
     assert first.job not in Path("/proc/self/mountinfo").read_text()
 
