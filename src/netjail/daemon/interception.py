@@ -18,8 +18,9 @@ import contextlib
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netjail.daemon.certauthority import JobCA, upstream_context
 from netjail.daemon.decisions import RequestDecisions
@@ -35,6 +36,33 @@ HANDSHAKE_S = 10.0
 #: The first byte of checked first bytes that are a ClientHello (a TLS handshake record), not
 #: an HTTP request head.
 _TLS_HANDSHAKE_RECORD = b"\x16"
+#: Upstream TLS sessions one job keeps to resume (by name, address and port).
+MAX_SESSIONS = 256
+
+
+class UpstreamSessions:
+    """One job's TLS sessions with its upstreams, to resume the next connection to each.
+
+    A resumed handshake skips the certificate's verification, the costliest part of the
+    proxy's handshake with the upstream (about 0.5 ms of the 0.7 here): the session was made
+    by a handshake that verified it, for that name, with the job's one upstream context. Kept
+    per job, so that no upstream can tell two jobs' connections apart from one job's.
+    """
+
+    def __init__(self) -> None:
+        self._sessions: OrderedDict[tuple[str, str, int], ssl.SSLSession] = OrderedDict()
+
+    def get(self, key: tuple[str, str, int]) -> ssl.SSLSession | None:
+        session = self._sessions.get(key)
+        if session is not None:
+            self._sessions.move_to_end(key)
+        return session
+
+    def put(self, key: tuple[str, str, int], session: ssl.SSLSession) -> None:
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        if len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +74,7 @@ class Interception:
     ca: JobCA
     upstream_ca: str | None
     decisions: RequestDecisions | None = None
+    sessions: UpstreamSessions = field(default_factory=UpstreamSessions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +106,9 @@ async def serve_intercepted(
             return sock
         if not tls:
             return PlainStream(sock)
-        return await open_tls_upstream(sock, domain, interception.upstream_ca)
+        return await open_tls_upstream(
+            sock, domain, interception.upstream_ca, interception.sessions
+        )
 
     # When no rule can keep a request from the upstream, connect to it while the job's
     # handshake runs (a time to first byte of one handshake, not two in a row). Otherwise
@@ -88,6 +119,10 @@ async def serve_intercepted(
         and (tls or not interception.http.injections_for(domain))
         else None
     )
+    if early is not None:
+        # Let the upstream's connect go out before the job's handshake takes the loop: the
+        # upstream's handshake is the longer of the two, and only its start can move.
+        await asyncio.sleep(0)
     try:
         job: Stream = PlainStream(conn, first)
         if tls:
@@ -146,12 +181,20 @@ class Early:
 
 
 async def open_tls_upstream(
-    sock: socket.socket, domain: str, cafile: str | None
+    sock: socket.socket, domain: str, cafile: str | None, sessions: UpstreamSessions
 ) -> Stream | UpstreamRefused:
-    """TLS to the upstream, its certificate verified for ``domain``; the socket is closed when
-    that fails."""
+    """TLS to the upstream, its certificate verified for ``domain`` (or a session of the job's
+    with it resumed); the socket is closed when that fails."""
     try:
-        stream = TlsStream.client(sock, upstream_context(cafile), domain)
+        host, port = sock.getpeername()[:2]
+        key = (domain, str(host), int(port))
+        stream = TlsStream.client(
+            sock,
+            upstream_context(cafile),
+            domain,
+            session=sessions.get(key),
+            on_session=lambda session: sessions.put(key, session),
+        )
         async with asyncio.timeout(HANDSHAKE_S):
             await stream.handshake()
     except ssl.SSLCertVerificationError as exc:

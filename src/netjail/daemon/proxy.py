@@ -400,9 +400,8 @@ class Proxy:
             except OSError:
                 continue  # no socket (out of descriptors…): counts as unreachable, like a refusal
             try:
-                await asyncio.wait_for(
-                    loop.sock_connect(sock, (str(upstream.address), port)), CONNECT_TIMEOUT_S
-                )
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):  # no task per call, as wait_for
+                    await loop.sock_connect(sock, (str(upstream.address), port))
             except (OSError, TimeoutError):
                 sock.close()
                 continue

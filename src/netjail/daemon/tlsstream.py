@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Protocol
 
 #: Most bytes read from a socket at once.
@@ -58,7 +59,13 @@ class TlsStream:
     """TLS over a socket, driven by hand: the handshake, then records both ways."""
 
     def __init__(
-        self, sock: socket.socket, context: ssl.SSLContext, *, server_hostname: str | None
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_hostname: str | None,
+        session: ssl.SSLSession | None = None,
+        on_session: Callable[[ssl.SSLSession], None] | None = None,
     ) -> None:
         self._sock = sock
         self._in = ssl.MemoryBIO()
@@ -68,7 +75,9 @@ class TlsStream:
             self._out,
             server_side=server_hostname is None,
             server_hostname=server_hostname,
+            session=session,
         )
+        self._on_session = on_session
 
     @classmethod
     def server(cls, sock: socket.socket, context: ssl.SSLContext, first: bytes) -> TlsStream:
@@ -78,9 +87,19 @@ class TlsStream:
         return stream
 
     @classmethod
-    def client(cls, sock: socket.socket, context: ssl.SSLContext, name: str) -> TlsStream:
-        """The upstream's side, verifying its certificate for ``name``."""
-        return cls(sock, context, server_hostname=name)
+    def client(
+        cls,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        name: str,
+        *,
+        session: ssl.SSLSession | None = None,
+        on_session: Callable[[ssl.SSLSession], None] | None = None,
+    ) -> TlsStream:
+        """The upstream's side, verifying its certificate for ``name``, or resuming
+        ``session`` (one that verified it, from ``context``); ``on_session`` is given the
+        connection's session once the server has sent a ticket to resume it by."""
+        return cls(sock, context, server_hostname=name, session=session, on_session=on_session)
 
     @property
     def alpn(self) -> str | None:
@@ -110,7 +129,17 @@ class TlsStream:
                 continue
             except ssl.SSLError:  # close_notify, a ragged EOF, or a broken record: the end
                 return b""
+            if self._on_session is not None:
+                self._offer_session()
             return first + self._read_buffered(READ_SIZE - len(first))
+
+    def _offer_session(self) -> None:
+        """Hand the session on once: in TLS 1.3 its ticket comes after the handshake, with
+        (or before) the first data the server sends."""
+        session = self._tls.session
+        if session is not None and session.has_ticket and self._on_session is not None:
+            self._on_session(session)
+            self._on_session = None
 
     def _read_buffered(self, limit: int) -> bytes:
         """More plaintext from records already received (one read gives one record, at most
