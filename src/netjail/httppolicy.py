@@ -238,6 +238,11 @@ class HttpPolicy:
         """Whether any name is intercepted at all."""
         return bool(self.intercept)
 
+    def exact_intercepts(self) -> tuple[str, ...]:
+        """The names intercepted by name, not by ``*.NAME``: the ones known before the job
+        connects."""
+        return tuple(rule.name for rule in self.intercept if not rule.wildcard)
+
     def intercepts(self, name: str) -> bool:
         """Whether the proxy terminates TLS (and reads requests) for ``name``."""
         canonical = canonical_name(name)

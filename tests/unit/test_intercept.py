@@ -12,7 +12,7 @@ from netjail.daemon import intercept
 from netjail.daemon.certauthority import JobCA
 from netjail.daemon.decisions import Question, RequestDecisions
 from netjail.daemon.intercept import HttpRelay, RequestRecord, Transport, UpstreamRefused
-from netjail.daemon.interception import Interception, serve_intercepted
+from netjail.daemon.interception import Interception, serve_intercepted, warm_leaves
 from netjail.daemon.tlsstream import Stream
 from netjail.httppolicy import HttpPolicy, parse_http_policy
 
@@ -450,3 +450,13 @@ def test_a_deny_request_rule_is_never_put_to_the_client() -> None:
     assert [r[0] for r in responses(events)] == [403]
     assert asked == []
     assert [r.reason for r in records] == ["deny_request"]
+
+
+def test_the_leaves_of_exactly_intercepted_names_are_made_ahead() -> None:
+    """warm_leaves makes a leaf for each name intercepted by name (not for *.NAME, which names
+    no host yet), and the first connection then finds it cached."""
+    ca = JobCA("j-1")
+    policy = parse_http_policy(intercept=[API, "*.example.org"])
+    asyncio.run(warm_leaves(Interception(policy, ca, None)))
+    assert list(ca._leaves) == [API]
+    assert ca.server_context(API) is ca._leaves[API]

@@ -38,6 +38,8 @@ HANDSHAKE_S = 10.0
 _TLS_HANDSHAKE_RECORD = b"\x16"
 #: Upstream TLS sessions one job keeps to resume (by name, address and port).
 MAX_SESSIONS = 256
+#: Most names whose leaf is made ahead, at the job's start.
+MAX_WARM_LEAVES = 16
 
 
 class UpstreamSessions:
@@ -82,6 +84,18 @@ class HandshakeRefused:
     """The job did not complete TLS with netjail's certificate."""
 
     detail: str
+
+
+async def warm_leaves(interception: Interception) -> None:
+    """Make the leaves of the names the job intercepts exactly, in a thread, one after the
+    other, so that the first connection to each does not wait for one on the loop."""
+    ca = interception.ca
+    for name in interception.http.exact_intercepts()[:MAX_WARM_LEAVES]:
+        try:
+            context = await asyncio.to_thread(ca.make_leaf, name)
+        except (ssl.SSLError, OSError, ValueError):
+            return  # the first connection makes its own, and fails closed there if it must
+        ca.keep_leaf(name, context)
 
 
 async def serve_intercepted(

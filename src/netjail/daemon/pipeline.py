@@ -29,7 +29,7 @@ from netjail.daemon.certauthority import JobCA
 from netjail.daemon.decisions import NameDecisions, RequestDecisions
 from netjail.daemon.dnsstub import DnsStub
 from netjail.daemon.intake import EventSink, JobFeed
-from netjail.daemon.interception import Interception
+from netjail.daemon.interception import Interception, warm_leaves
 from netjail.daemon.jailbuild import (
     BuiltJail,
     JailContext,
@@ -293,8 +293,9 @@ class JobTrust:
 async def make_trust(
     stack: AsyncExitStack, ctx: JailContext, job_id: str, spec: JobSpec
 ) -> JobTrust | None:
-    """8a. For a job that intercepts: its CA (the key stays in the daemon), and its trust
-    bundle files, bound into the jail at step 11."""
+    """8a. For a job that intercepts: its CA (the key stays in the daemon), its trust bundle
+    files, bound into the jail at step 11, and, in the background, the leaves of the names it
+    intercepts exactly."""
     if not spec.http.active:
         return None
     ca = await asyncio.to_thread(JobCA, job_id)
@@ -305,7 +306,11 @@ async def make_trust(
         if spec.ask is not None
         else None
     )
-    return JobTrust(Interception(spec.http, ca, spec.upstream_ca, decisions), files)
+    interception = Interception(spec.http, ca, spec.upstream_ca, decisions)
+    # In the background: the job starts without waiting, its first connections seldom do.
+    warming = asyncio.ensure_future(warm_leaves(interception))
+    stack.callback(warming.cancel)
+    return JobTrust(interception, files)
 
 
 async def start_proxy(
