@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netjail.text import sanitize, sanitize_argv
 
@@ -56,3 +58,14 @@ def test_sanitize_argv_joins_with_spaces_and_cleans() -> None:
     """sanitize_argv renders a command line as one clean line."""
     assert sanitize_argv(["sh", "-c", "echo a\necho b"]) == "sh -c echo a?echo b"
     assert sanitize_argv(["x" * 600]) == "x" * 512 + "…"
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x7F)), st.integers(0, 300))
+def test_ascii_takes_the_fast_path_with_the_same_result(text: str, limit: int) -> None:
+    """ASCII text (done by str.translate) keeps its printable characters and has every
+    control character replaced, as the character-by-character rule does."""
+    head = text[: limit + 1]
+    expected = "".join(ch if " " <= ch <= "~" else "?" for ch in head)
+    if len(expected) > limit:
+        expected = expected[:limit] + "…"
+    assert sanitize(text, limit) == expected
