@@ -153,6 +153,9 @@ def test_intercepted_https_works_with_no_ca_from_the_user(client: Client, tool: 
         200,
     )
     assert event.bytes_in == len(body)
+    # Named while the job checked netjail's certificate (its socket open, waiting).
+    assert event.process is not None
+    assert event.process.comm == {"curl": "curl", "python": "python3"}.get(tool, "node")
     # The domain summary counts the request as well as the name's DNS answers.
     lookups = sum(e.count for e in result.events if e.kind == "dns" and e.verdict == "allowed")
     assert result.report.domains[API].allowed == lookups + 1
@@ -373,3 +376,17 @@ def test_plain_http_never_carries_an_injected_header(client: Client, upstream: U
     result = run(client, argv, inject_headers=[f"{API}:X-Vault-Token=s3cret-9d2e"])
     assert status_line(result)[0].startswith("403 inject_needs_tls"), (result.stdout, result.stderr)
     assert not any(h.get("x-vault-token") for h in upstream.headers[before:])
+
+
+def test_a_job_that_refuses_netjail_s_certificate_is_blocked_and_named(
+    client: Client, upstream: Upstream
+) -> None:
+    """A client that trusts only another CA (as a pinning one would) ends the handshake: the
+    connection is a blocked tls_refused event, naming the process that refused it."""
+    argv = ["curl", "-sS", "--max-time", "20", "--cacert", upstream.ca_file, f"https://{API}/"]
+    result = run(client, argv, intercept=[API], binds=[upstream.ca_bind])
+    assert result.exit_code != 0
+    [event] = [e for e in result.events if e.reason == "tls_refused"]
+    assert (event.kind, event.verdict, event.domain) == ("egress", "blocked", API)
+    assert event.process is not None
+    assert event.process.comm == "curl"

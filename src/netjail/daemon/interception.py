@@ -107,8 +107,11 @@ async def serve_intercepted(
     *,
     connect: Callable[[], Awaitable[socket.socket | UpstreamRefused]],
     record: Callable[[RequestRecord], None],
+    meanwhile: Callable[[], object] = lambda: None,
 ) -> HandshakeRefused | None:
-    """Serve the connection's requests; HandshakeRefused if TLS with the job failed."""
+    """Serve the connection's requests; HandshakeRefused if TLS with the job failed.
+    ``meanwhile`` is called once, while the job checks netjail's certificate (at once for
+    plain HTTP), so that its work takes none of the time to the first byte."""
     tls = first[:1] == _TLS_HANDSHAKE_RECORD
     # Heads, bodies and handshake messages go out as they are made: with Nagle, a response
     # head sent before its body waits for the job's delayed ACK (40 ms).
@@ -139,8 +142,12 @@ async def serve_intercepted(
         await asyncio.sleep(0)
     try:
         job: Stream = PlainStream(conn, first)
-        if tls:
+        if not tls:
+            meanwhile()
+        else:
             server = TlsStream.server(conn, interception.ca.server_context(domain), first)
+            # Run when the handshake first waits: for the job's answer to netjail's flight.
+            asyncio.get_running_loop().call_soon(meanwhile)
             try:
                 async with asyncio.timeout(HANDSHAKE_S):  # no task per call, as wait_for makes
                     await server.handshake()

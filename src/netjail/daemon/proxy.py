@@ -244,23 +244,26 @@ class Proxy:
                 _reset(conn)
                 return
             domain = self._pool.name_for(dst)
-            # Looked up now: by the time an allowed connection is reported (when it closes),
-            # the job's socket may be gone.
-            try:
-                toward = (str(dst), port)
-                process = self._owner_of(peer_end("tcp", conn.getpeername(), toward))
-            except OSError:
-                process = None  # reset by the job already
+            owner = _Owner(lambda: self._look_up_owner(conn, dst, port))
+            interception = self._interception
+            intercepted = (
+                interception is not None
+                and domain is not None
+                and interception.http.intercepts(domain)
+            )
+            if not intercepted:
+                # Looked up now: by the time an allowed connection is reported (when it
+                # closes), the job's socket may be gone.
+                owner.get()
             try:
                 route = await self._route(conn, dst, port, domain)
-                interception = self._interception
                 if (
                     interception is not None
                     and domain is not None
+                    and intercepted
                     and route.access == "checked"
-                    and interception.http.intercepts(domain)
                 ):
-                    await self._intercept(interception, conn, route, (dst, port, domain), process)
+                    await self._intercept(interception, conn, route, (dst, port, domain), owner)
                     return
                 upstream = await self._connect(route, port, domain or str(dst))
                 if route.first:
@@ -277,7 +280,7 @@ class Proxy:
                     domain,
                     reason=blocked.reason,
                     detail=blocked.detail,
-                    process=process,
+                    process=owner.get(),
                 )
                 _reset(conn)
                 return
@@ -291,7 +294,7 @@ class Proxy:
                 reason="unverified" if route.access == "unverified" else None,
                 bytes_out=sent + len(route.first),
                 bytes_in=received,
-                process=process,
+                process=owner.get(),
             )
         finally:
             conn.close()
@@ -304,9 +307,11 @@ class Proxy:
         conn: socket.socket,
         route: _Route,
         where: _Where,
-        process: EventProcess | None,
+        owner: _Owner,
     ) -> None:
-        """The connection's requests, each checked (netjail.daemon.interception)."""
+        """The connection's requests, each checked (netjail.daemon.interception). Its owner
+        is looked up while the job checks netjail's certificate: the job's socket is open
+        then, and the loop has nothing else of this connection to do."""
         dst, port, domain = where
 
         async def connect() -> socket.socket | UpstreamRefused:
@@ -319,14 +324,28 @@ class Proxy:
             event = request_event(
                 request, job_id=self._job_id, uid=self._uid, dst=dst, port=port, domain=domain
             )
-            event.process = process
+            event.process = owner.get()
             self._record(event)
 
         refused = await serve_intercepted(
-            interception, conn, route.first, domain, port, connect=connect, record=record
+            interception,
+            conn,
+            route.first,
+            domain,
+            port,
+            connect=connect,
+            record=record,
+            meanwhile=owner.get,
         )
         if refused is not None:
             raise Blocked("tls_refused", refused.detail)
+
+    def _look_up_owner(self, conn: socket.socket, dst: IPAddress, port: int) -> EventProcess | None:
+        try:
+            peer = conn.getpeername()
+        except OSError:
+            return None  # reset by the job already
+        return self._owner_of(peer_end("tcp", peer, (str(dst), port)))
 
     async def _route(
         self, conn: socket.socket, dst: IPAddress, port: int, domain: str | None
@@ -453,6 +472,20 @@ async def read_first_bytes(conn: socket.socket, domain: str, port: int, wait_s: 
             f" (SSH, SMTP, MySQL…): --allow tcp://{domain}:{port}",
         )
     return data
+
+
+class _Owner:
+    """The process behind one connection, looked up once, when first asked for."""
+
+    def __init__(self, look_up: Callable[[], EventProcess | None]) -> None:
+        self._look_up: Callable[[], EventProcess | None] | None = look_up
+        self._process: EventProcess | None = None
+
+    def get(self) -> EventProcess | None:
+        if self._look_up is not None:
+            look_up, self._look_up = self._look_up, None
+            self._process = look_up()
+        return self._process
 
 
 def _reset(conn: socket.socket) -> None:
