@@ -16,6 +16,11 @@ the same run:
    sleeper killed and its report awaited. Prints p50/p95 latency and their ratio to the idle
    p50, and the daemon's memory and fds per running job.
 
+Part 1 also prints where the CPU went while it ran (bench/cpuusage.py): the daemon, its fork
+server and the jobs it reaped, the nft helper, the clients, the kernel's threads and the rest of
+the machine, per job, and the rate the netjail share alone would allow on these CPUs: a number
+that other load on the machine moves much less than jobs/s.
+
 Targets (issue 12): 0 lost exits; 1,000 running jobs without an error; p50 latency with them
 running at most 1.5x the idle p50; at most 200 KB of daemon memory per running job.
 """
@@ -39,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from _common import percentile
+from cpuusage import busy_share, cpu_by_role, take_snapshot
 from netjail import Client
 from netjail.errors import NetjailError
 from netjail.protocol import Event
@@ -178,12 +184,15 @@ def throughput(daemon: Daemon, jobs: int, clients: int) -> None:
         for i in range(clients)
     ]
     rss_before = rss_bytes(daemon.pid)
+    roles = daemon_roles(daemon.pid)
+    cpu_before = take_snapshot()
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    cpu_after = take_snapshot()
     total = Tally()
     for tally in tallies:
         for name in ("done", "lost_exits", "wrong_reports", "foreign_events", "events"):
@@ -209,6 +218,46 @@ def throughput(daemon: Daemon, jobs: int, clients: int) -> None:
     print(f"   daemon RSS            {mib(rss_before)} MiB before, {mib(rss_after)} MiB after")
     for error, n in total.errors.most_common(5):
         print(f"   error x{n}: {error}")
+    used = cpu_by_role(cpu_before, cpu_after, roles)
+    print_cpu(used, busy_share(cpu_before, cpu_after), total.done)
+
+
+def daemon_roles(pid: int) -> dict[int, str]:
+    """The daemon, its helpers (by their module), and this process (the clients)."""
+    roles = {pid: "daemon", os.getpid(): "clients (this process)"}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == pid:
+            module = next((a.decode() for a in argv if a.startswith(b"netjail.")), "helper")
+            roles[int(entry)] = module.rsplit(".", 1)[-1]
+    return roles
+
+
+def print_cpu(used: Counter[str], machine: tuple[float, float], jobs: int) -> None:
+    """CPU by role over the run, per job, and the rate the netjail share alone would allow."""
+    had, busy = machine
+    print(f"   CPU over the run: {had:.1f} CPU-s on {os.cpu_count()} CPUs, {busy:.0%} busy")
+    ours = 0.0
+    for role, seconds in used.most_common():
+        if seconds < 0.005:
+            continue
+        if role != "other":
+            ours += seconds
+        print(f"     {role:28} {seconds:7.2f} CPU-s  {seconds / max(1, jobs) * 1000:6.2f} ms/job")
+    per_job = ours / max(1, jobs)
+    print(
+        f"   netjail and the kernel threads: {per_job * 1000:.2f} ms CPU a job, so at most"
+        f" {(os.cpu_count() or 1) / per_job if per_job else 0:.0f} jobs/s on these CPUs"
+        ' if nothing else ran ("other" is the rest of the machine)'
+    )
 
 
 # ---------------------------------------------------------------------- 2. many running
@@ -331,6 +380,7 @@ def main() -> None:
         help="the daemon's fd limit [this process's hard limit]",
     )
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-running", action="store_true", help="skip part 2")
     args = parser.parse_args()
     # One thread and one connection per held job, in this process.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -338,7 +388,8 @@ def main() -> None:
     with private_daemon(args.nofile) as daemon:
         if not args.skip_throughput:
             throughput(daemon, args.jobs, args.clients)
-        many_running(daemon, args.running, args.ramp, args.samples)
+        if not args.skip_running:
+            many_running(daemon, args.running, args.ramp, args.samples)
         errors = [line for line in read_text(daemon.log_path).splitlines() if " ERROR " in line]
         print(f"\ndaemon log: {len(errors)} error lines")
         for line in errors[:10]:

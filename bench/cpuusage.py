@@ -1,0 +1,106 @@
+"""Where the CPU went during a run: per process from /proc/PID/stat deltas, kernel threads
+included, grouped by role (the daemon, its helpers, the jobs, the kernel, everyone else).
+
+A job's processes are short-lived: their CPU is counted where the kernel folds it, in the
+reaper's ``cutime``/``cstime`` (the fork server reaps every init, and each init its command),
+so "jobs" is the fork server's children's time. A process that started during the run counts
+whole. Kernel threads are grouped by their name without the work item (``kworker/u8:2-netns``
+is a kworker); the work they do for jobs (netns cleanup, cgroup destruction, RCU callbacks) is
+not told apart from the rest of the machine's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class _Proc:
+    comm: str
+    ppid: int
+    start: int
+    own: int
+    children: int
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    procs: dict[int, _Proc]
+    #: /proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal.
+    totals: tuple[int, ...]
+
+
+def take_snapshot() -> CpuSnapshot:
+    """Every process's CPU ticks so far, and the machine's."""
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        close = data.rindex(")")
+        fields = data[close + 2 :].split()
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        procs[int(name)] = _Proc(
+            comm=data[data.index("(") + 1 : close],
+            ppid=int(fields[1]),
+            start=int(fields[19]),
+            own=utime + stime,
+            children=cutime + cstime,
+        )
+    with open("/proc/stat") as f:
+        totals = tuple(int(x) for x in f.readline().split()[1:9])
+    return CpuSnapshot(procs, totals)
+
+
+def _kernel_thread(pid: int, proc: _Proc) -> bool:
+    return pid == 2 or proc.ppid == 2
+
+
+def cpu_by_role(before: CpuSnapshot, after: CpuSnapshot, roles: dict[int, str]) -> Counter[str]:
+    """CPU seconds from ``before`` to ``after`` by role: ``roles`` names pids (their own
+    time); their descendants' time, reaped or still running, is "<role> children"; kernel
+    threads are "kernel threads"; everything else "other"."""
+    used: Counter[str] = Counter()
+    for pid, proc in after.procs.items():
+        old = before.procs.get(pid)
+        if old is not None and old.start == proc.start:
+            own, children = proc.own - old.own, proc.children - old.children
+        else:
+            own, children = proc.own, proc.children
+        if pid in roles:
+            used[roles[pid]] += own
+            used[f"{roles[pid]} children"] += children
+        elif _kernel_thread(pid, proc):
+            used["kernel threads"] += own
+        else:
+            ancestor = _role_ancestor(after, proc.ppid, roles)
+            used[f"{ancestor} children" if ancestor else "other"] += own + children
+    return Counter({role: ticks / _HZ for role, ticks in used.items()})
+
+
+def _role_ancestor(snapshot: CpuSnapshot, pid: int, roles: dict[int, str]) -> str | None:
+    seen = 0
+    while pid > 1 and seen < 64:
+        if pid in roles:
+            return roles[pid]
+        proc = snapshot.procs.get(pid)
+        if proc is None:
+            return None
+        pid, seen = proc.ppid, seen + 1
+    return None
+
+
+def busy_share(before: CpuSnapshot, after: CpuSnapshot) -> tuple[float, float]:
+    """(CPU seconds the machine had, the share of them that was busy) between the two."""
+    deltas = [b - a for a, b in zip(before.totals, after.totals, strict=True)]
+    whole = sum(deltas)
+    idle = deltas[3] + deltas[4]
+    return whole / _HZ, (whole - idle) / whole if whole else 0.0
