@@ -110,8 +110,8 @@ async def serve_intercepted(
     meanwhile: Callable[[], object] = lambda: None,
 ) -> HandshakeRefused | None:
     """Serve the connection's requests; HandshakeRefused if TLS with the job failed.
-    ``meanwhile`` is called once, while the job checks netjail's certificate (at once for
-    plain HTTP), so that its work takes none of the time to the first byte."""
+    ``meanwhile`` is called once, after the upstream's early connect went out and before
+    netjail's handshake flight, so that its work overlaps the upstream's connect."""
     tls = first[:1] == _TLS_HANDSHAKE_RECORD
     # Heads, bodies and handshake messages go out as they are made: with Nagle, a response
     # head sent before its body waits for the job's delayed ACK (40 ms).
@@ -142,12 +142,12 @@ async def serve_intercepted(
         await asyncio.sleep(0)
     try:
         job: Stream = PlainStream(conn, first)
-        if not tls:
-            meanwhile()
-        else:
+        # Before netjail's first flight, while the upstream's connect is out: after that
+        # flight, a job that refuses the certificate may close its socket before the loop
+        # gets back here, and could no longer be named.
+        meanwhile()
+        if tls:
             server = TlsStream.server(conn, interception.ca.server_context(domain), first)
-            # Run when the handshake first waits: for the job's answer to netjail's flight.
-            asyncio.get_running_loop().call_soon(meanwhile)
             try:
                 async with asyncio.timeout(HANDSHAKE_S):  # no task per call, as wait_for makes
                     await server.handshake()

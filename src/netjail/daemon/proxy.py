@@ -310,8 +310,8 @@ class Proxy:
         owner: _Owner,
     ) -> None:
         """The connection's requests, each checked (netjail.daemon.interception). Its owner
-        is looked up while the job checks netjail's certificate: the job's socket is open
-        then, and the loop has nothing else of this connection to do."""
+        is looked up while the upstream's early connect is out, before netjail's handshake
+        flight: the job's socket is open then (it waits for that flight)."""
         dst, port, domain = where
 
         async def connect() -> socket.socket | UpstreamRefused:
