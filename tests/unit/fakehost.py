@@ -22,7 +22,7 @@ from netjail.kernel import cgroup as cgroups
 from netjail.kernel.firewall import JailRules
 from netjail.kernel.fsplan import FsPlan, HostDir, HostLayout, HostLink, split_fs_plan
 from netjail.kernel.host import JailListeners, JobCgroupHandle
-from netjail.kernel.jobplan import JobPlan
+from netjail.kernel.jobplan import JobExit, JobPlan
 from netjail.kernel.pathcheck import BindSource, Credentials
 from netjail.kernel.spawn import ExitStatus, ForkServerHealth
 from netjail.protocol import BindAccess
@@ -415,6 +415,11 @@ class FakeJailHost:
     async def wait(self, pid: int) -> ExitStatus:
         # Shielded: as with the fork server's, a waiter that gives up ends no other's wait.
         return await asyncio.shield(self._exits[pid])
+
+    async def wait_end(self, pid: int) -> JobExit:
+        # A fake init has no record to send ahead: its job ends when it exits.
+        status = await asyncio.shield(self._exits[pid])
+        return JobExit(status.exit_code, status.signal)
 
     def exit_future(self, pid: int) -> asyncio.Future[ExitStatus] | None:
         return self._exits.get(pid)

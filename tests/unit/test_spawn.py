@@ -21,7 +21,7 @@ from netjail.errors import SpawnError
 from netjail.kernel import forkserver, serverproc, spawn
 from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
 from netjail.kernel.helperproc import helper_env
-from netjail.kernel.jobplan import JobPlan
+from netjail.kernel.jobplan import JobExit, JobPlan
 from netjail.kernel.serverproc import restart_delay
 from netjail.kernel.spawn import ForkServer, ForkServerHealth
 
@@ -29,7 +29,8 @@ from .daemonfakes import RecordingLog, open_fds
 
 #: A fork server that reads each plan, notes its argv's marker in a file, and answers with its
 #: own pidfd. Modes: serve; held (serves only after SIGUSR1); first (answers only the first
-#: spawn); refuse (StartFailed); die (exits before Ready).
+#: spawn); refuse (StartFailed); die (exits before Ready); ends (each job then ends: Ended at
+#: once, its Exited after SIGUSR1); killed (each job's Exited at once, with no Ended).
 STAND_IN = """\
 import os, signal, sys
 from netjail.kernel import forkserver as fs
@@ -64,6 +65,15 @@ while True:
     reply = fs.Spawned(id=request.id, pid=1000 + request.id)
     send_with_fds(sock, fs.encode(reply), [pidfd])
     os.close(pidfd)
+    if mode == "ends":
+        sock.send(fs.encode(fs.Ended(pid=reply.pid, exit_code=3, signal=None)))
+        signal.sigwait({signal.SIGUSR1})
+    if mode in ("ends", "killed"):
+        code, sig = (3, None) if mode == "ends" else (None, 9)
+        usage = fs.ExitStatus(
+            exit_code=code, signal=sig, cpu_user_s=0.5, cpu_system_s=0.25, max_rss_bytes=1
+        )
+        sock.send(fs.encode(fs.Exited(pid=reply.pid, status=usage)))
 """
 
 
@@ -243,6 +253,59 @@ def test_a_killed_server_fails_jobs_in_flight_is_logged_and_replaced(
         "running": 1,
         "restart_in_s": serverproc.RESTART_FIRST_S,
     }
+
+
+def test_a_jobs_end_comes_with_its_inits_record_before_its_reaping(
+    stand_in: tuple[list[str], Path], pipe: list[int]
+) -> None:
+    """wait_end returns at the init's record (Ended) while its reaping is still to come; wait
+    then returns the reaping with the rusage, and nothing of the job is kept after."""
+    command, notes = stand_in
+    server = ForkServer.start([*command, "ends", str(notes)])
+
+    async def main() -> tuple[JobExit, bool, forkserver.ExitStatus]:
+        server.attach(asyncio.get_running_loop(), RecordingLog())
+        job = await server.spawn(plan_for(1), pipe)
+        reaped = asyncio.ensure_future(server.wait(job.pid))
+        ended = await asyncio.wait_for(server.wait_end(job.pid), 10)
+        await asyncio.sleep(0.05)
+        early = not reaped.done()
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGUSR1)
+        status = await asyncio.wait_for(reaped, 10)
+        job.close()
+        assert server._server is not None
+        assert (server._server.ends, server._owners) == ({}, {})
+        return ended, early, status
+
+    try:
+        ended, early, status = asyncio.run(main())
+    finally:
+        server.close()
+    assert ended == JobExit(exit_code=3, signal=None)
+    assert early
+    assert (status.exit_code, status.cpu_user_s) == (3, 0.5)
+
+
+def test_a_job_whose_init_was_killed_ends_at_its_reaping(
+    stand_in: tuple[list[str], Path], pipe: list[int]
+) -> None:
+    """No record came (the init was killed from outside): its reaping is the job's end."""
+    command, notes = stand_in
+    server = ForkServer.start([*command, "killed", str(notes)])
+
+    async def main() -> JobExit:
+        server.attach(asyncio.get_running_loop(), RecordingLog())
+        job = await server.spawn(plan_for(1), pipe)
+        ended = await asyncio.wait_for(server.wait_end(job.pid), 10)
+        await asyncio.wait_for(server.wait(job.pid), 10)
+        job.close()
+        return ended
+
+    try:
+        assert asyncio.run(main()) == JobExit(exit_code=None, signal=9)
+    finally:
+        server.close()
 
 
 def test_the_restart_back_off_doubles_while_servers_die_young() -> None:

@@ -25,12 +25,15 @@ from netjail.daemon.spec import JobSpec
 from netjail.errors import BusyError, JailError, NotFoundError
 from netjail.kernel.cgroup import ResourceUsage
 from netjail.kernel.host import JobCgroupHandle
+from netjail.kernel.jobplan import JobExit
 from netjail.kernel.peer import PeerCred
 from netjail.kernel.spawn import ExitStatus
 from netjail.protocol import Event, Report
 
 #: How often a graceful stop checks whether the job's processes are gone.
 _GRACE_POLL_S = 0.02
+#: How long the end waits for an init's reaping (its exit takes milliseconds).
+_REAPING_S = 5.0
 #: The fds a job holds in the daemon while it is built or runs (measured by bench/load.py: its
 #: netns, NFLOG socket, DNS stub and proxy listeners, pidfd and pipes, about 9), and its client's
 #: connection.
@@ -185,8 +188,8 @@ class JobManager:
 
     async def _supervise(self, job: Job) -> None:
         try:
-            status = await self._wait(job)
-            report = await self._finish(job, status)
+            ended = await self._wait(job)
+            report = await self._finish(job, ended)
             self.metrics.count_end(outcome_of(report))
             if not job.finished.done():
                 job.finished.set_result(report)
@@ -196,16 +199,24 @@ class JobManager:
             if not job.finished.done():
                 job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))
         finally:
-            # After the report: the client has it; the jail goes now, in reverse build order,
-            # a bounded number at once.
+            # After the report: the client has it; the init's reaping is collected (its exit
+            # was still under way), and the jail goes, in reverse build order, a bounded number
+            # at once.
+            await self._collect_reaping(job)
             async with self._teardowns:
                 await job.teardown.aclose()
             self.jobs.pop(job.id, None)
             job.removed.set()
 
-    async def _wait(self, job: Job) -> ExitStatus:
-        """The main process's exit; past the timeout, the job is ended (TERM, grace, KILL)."""
-        wait = asyncio.ensure_future(self.ctx.host.wait(job.process.pid))
+    async def _collect_reaping(self, job: Job) -> None:
+        """Wait for the init's reaping (bounded: a fork server that ended took it with it)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ctx.host.wait(job.process.pid), _REAPING_S)
+
+    async def _wait(self, job: Job) -> JobExit:
+        """The command's end, with nothing else of the job left running; past the timeout,
+        the job is ended (TERM, grace, KILL)."""
+        wait = asyncio.ensure_future(self.ctx.host.wait_end(job.process.pid))
         timeout = job.spec.limits.timeout_s
         try:
             return await asyncio.wait_for(asyncio.shield(wait), timeout)
@@ -215,10 +226,11 @@ class JobManager:
             await self.terminate(job, job.spec.limits.kill_grace_s)
             return await wait
 
-    async def _finish(self, job: Job, status: ExitStatus) -> Report:
+    async def _finish(self, job: Job, ended: JobExit) -> Report:
         reaped = time.perf_counter()
         remains = await asyncio.to_thread(read_remains, job.cgroup)
         usage = remains.usage
+        status: ExitStatus | JobExit = ended
         if remains.usage_error is not None:
             self.ctx.log(
                 "warning",
@@ -226,6 +238,9 @@ class JobManager:
                 job=job.id,
                 error=remains.usage_error,
             )
+            # The CPU figures then come from the init's rusage, once it is reaped.
+            with contextlib.suppress(Exception):
+                status = await asyncio.wait_for(self.ctx.host.wait(job.process.pid), _REAPING_S)
         # Packets are logged synchronously with the send, so all the job's messages are
         # already queued (NFLOG socket or kernel log): read them before the jail goes.
         self._read_pending_events(job)
@@ -256,7 +271,8 @@ class JobManager:
             lost_events=report.lost_events,
             timed_out=job.timed_out,
             oom_killed=report.oom_killed,
-            # From the fork server's exit message to the report: the end's share of the wall.
+            # From the job's end (its init's status record) to the report: the end's share of
+            # the wall.
             finish_ms=round((time.perf_counter() - reaped) * 1000, 2),
         )
         return report

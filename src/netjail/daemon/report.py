@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from netjail.daemon.intake import JobFeed
 from netjail.daemon.spec import JobSpec
 from netjail.kernel.cgroup import ResourceUsage
+from netjail.kernel.jobplan import JobExit
 from netjail.kernel.seccomp import PROFILE as SECCOMP_PROFILE
 from netjail.kernel.spawn import ExitStatus
 from netjail.protocol import Report
@@ -36,7 +37,9 @@ class Capture:
 class Ending:
     """How the job ended, as the supervisor saw it."""
 
-    status: ExitStatus
+    #: The command's end; with the init's rusage (ExitStatus) when the cgroup's figures could
+    #: not be read.
+    status: ExitStatus | JobExit
     #: The cgroup's figures; None when the host could not give them.
     usage: ResourceUsage | None
     wall_s: float
@@ -57,6 +60,7 @@ def build_report(
     ``user`` is the (uid, gid) the job ran as: its leased uid, or the fixed one.
     """
     status, usage = ending.status, ending.usage
+    rusage = status if isinstance(status, ExitStatus) else None
     report = Report(
         job=job_id,
         argv=spec.argv,
@@ -69,8 +73,8 @@ def build_report(
         lost_events=feed.lost,
         timed_out=ending.timed_out,
         oom_killed=bool(usage and usage.oom_killed),
-        cpu_user_s=usage.cpu_user_s if usage else status.cpu_user_s,
-        cpu_system_s=usage.cpu_system_s if usage else status.cpu_system_s,
+        cpu_user_s=usage.cpu_user_s if usage else rusage.cpu_user_s if rusage else None,
+        cpu_system_s=usage.cpu_system_s if usage else rusage.cpu_system_s if rusage else None,
         memory_peak_bytes=usage.memory_peak_bytes if usage else None,
         pids_peak=usage.pids_peak if usage else None,
         limits=spec.limits,

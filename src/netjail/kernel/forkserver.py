@@ -42,6 +42,7 @@ import os
 import selectors
 import signal
 import socket
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -50,7 +51,7 @@ from netjail.kernel import syscalls
 from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
 from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.jailinit import ExecHook, StartedJob, read_job_exit, spawn_job
-from netjail.kernel.jobplan import JobPlan, SpawnFailure
+from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure, decode_job_exit
 from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
 from netjail.kernel.standby import (
     StandbyFailed,
@@ -134,13 +135,23 @@ class SpawnFailed(msgspec.Struct, frozen=True, tag="failed"):
     failure: SpawnFailure
 
 
+class Ended(msgspec.Struct, frozen=True, tag="ended"):
+    """Job ``pid``'s command ended, and every other process of its PID namespace is killed and
+    reaped: its init wrote its status record and is exiting (``Exited`` follows, once it is
+    reaped, with the rusage)."""
+
+    pid: int
+    exit_code: int | None
+    signal: int | None
+
+
 class Exited(msgspec.Struct, frozen=True, tag="exited"):
     pid: int
     status: ExitStatus
 
 
 ToServer = SpawnRequest | PreforkRequest | StartRequest
-FromServer = Ready | StartFailed | Spawned | Started | SpawnFailed | Exited
+FromServer = Ready | StartFailed | Spawned | Started | SpawnFailed | Ended | Exited
 to_server = msgspec.msgpack.Decoder(ToServer)
 from_server = msgspec.msgpack.Decoder(FromServer)
 plan_decoder = msgspec.msgpack.Decoder(JobPlan)
@@ -154,7 +165,59 @@ def _send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = 
     send_with_fds(sock, encode(message), fds or ())
 
 
-def _reap(sock: socket.socket, jobs: dict[int, int], standbys: StandbyTable) -> None:
+@dataclass
+class _Inits:
+    """The jobs' inits (standbys included) and their status pipes, which the selector watches
+    until the record, or EOF, comes."""
+
+    selector: selectors.BaseSelector
+    #: An init's pid -> its status pipe's read end.
+    status_fds: dict[int, int] = field(default_factory=dict)
+    #: A watched status pipe -> its init's pid.
+    watched: dict[int, int] = field(default_factory=dict)
+    #: Records read ahead of the reaping, by pid.
+    records: dict[int, bytes] = field(default_factory=dict)
+
+    def add(self, pid: int, status_fd: int) -> None:
+        self.status_fds[pid] = status_fd
+        self.selector.register(status_fd, selectors.EVENT_READ)
+        self.watched[status_fd] = pid
+
+    def on_status(self, sock: socket.socket, fd: int) -> None:
+        """The status pipe ``fd`` is readable: with the record, the job ended (say so now);
+        EOF alone, its init was killed (its reaping says how)."""
+        pid = self.watched[fd]
+        try:
+            record = os.read(fd, 8)
+        except BlockingIOError:
+            return
+        self._unwatch(fd)
+        if not record:
+            return
+        self.records[pid] = record
+        ended = decode_job_exit(record, 0)
+        _send(sock, Ended(pid=pid, exit_code=ended.exit_code, signal=ended.signal))
+
+    def reaped(self, pid: int, wait_status: int) -> JobExit | None:
+        """How init ``pid``'s job ended, now it is reaped (None: it was no init of ours)."""
+        status_fd = self.status_fds.pop(pid, None)
+        if status_fd is None:
+            return None
+        record = self.records.pop(pid, None)
+        self._unwatch(status_fd)
+        try:
+            if record is not None:
+                return decode_job_exit(record, wait_status)
+            return read_job_exit(status_fd, wait_status)
+        finally:
+            os.close(status_fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if self.watched.pop(fd, None) is not None:
+            self.selector.unregister(fd)
+
+
+def _reap(sock: socket.socket, inits: _Inits, standbys: StandbyTable) -> None:
     """Reap every exited child; report jobs' inits with how their command ended (a standby's
     answer still owed goes first)."""
     while True:
@@ -165,11 +228,9 @@ def _reap(sock: socket.socket, jobs: dict[int, int], standbys: StandbyTable) -> 
         if pid == 0:
             return
         _answer_standby(sock, standbys.forget(pid))
-        status_fd = jobs.pop(pid, None)
-        if status_fd is None:
+        ended = inits.reaped(pid, status)
+        if ended is None:
             continue  # not a job's init: nothing to report
-        ended = read_job_exit(status_fd, status)
-        os.close(status_fd)
         exit_status = ExitStatus(
             exit_code=ended.exit_code,
             signal=ended.signal,
@@ -196,7 +257,7 @@ def _handle(
     sock: socket.socket,
     request: ToServer,
     fds: list[int],
-    jobs: dict[int, int],
+    inits: _Inits,
     standbys: StandbyTable,
 ) -> None:
     """Serve one request (the fds are closed by the caller)."""
@@ -207,7 +268,7 @@ def _handle(
         if isinstance(forked, SpawnFailure):
             _send(sock, SpawnFailed(id=request.id, failure=forked))
             return
-        jobs[forked.pid] = forked.status_fd
+        inits.add(forked.pid, forked.status_fd)
         standbys.add(forked)
         return
     if isinstance(request, StartRequest):
@@ -217,7 +278,7 @@ def _handle(
     if isinstance(outcome, SpawnFailure):
         _send(sock, SpawnFailed(id=request.id, failure=outcome))
         return
-    jobs[outcome.init_pid] = outcome.status_fd
+    inits.add(outcome.init_pid, outcome.status_fd)
     pidfd = os.pidfd_open(outcome.init_pid)
     try:
         _send(sock, Spawned(id=request.id, pid=outcome.init_pid), [pidfd])
@@ -231,10 +292,10 @@ def serve(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    jobs: dict[int, int] = {}  # init pid -> its status pipe
     standbys = StandbyTable()
     watching: dict[int, int] = {}  # a standby's watched fd -> its pid
     selector = selectors.DefaultSelector()
+    inits = _Inits(selector)
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     _send(sock, Ready())
@@ -243,11 +304,13 @@ def serve(sock: socket.socket) -> None:
             if key.fileobj == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
-                _reap(sock, jobs, standbys)
+                _reap(sock, inits, standbys)
                 continue
             if key.fileobj != sock:
                 if key.fd in watching:
                     _answer_standby(sock, standbys.on_readable(watching[key.fd]))
+                elif key.fd in inits.watched:
+                    inits.on_status(sock, key.fd)
                 continue
             try:
                 data, fds = recv_with_fds(sock, MAX_MESSAGE, MAX_FDS)
@@ -256,11 +319,11 @@ def serve(sock: socket.socket) -> None:
             if not data:
                 return
             try:
-                _handle(sock, to_server.decode(data), fds, jobs, standbys)
+                _handle(sock, to_server.decode(data), fds, inits, standbys)
             finally:
                 for fd in fds:
                     os.close(fd)
-            _reap(sock, jobs, standbys)
+            _reap(sock, inits, standbys)
         _watch_standbys(selector, watching, standbys)
 
 

@@ -30,7 +30,7 @@ from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, listeners, netns, nflog, pathcheck, rootfs, syscalls
 from netjail.kernel.backends import FirewallBackend, LogBackend
 from netjail.kernel.fsplan import FsPlan, HostLayout
-from netjail.kernel.jobplan import JobPlan
+from netjail.kernel.jobplan import JobExit, JobPlan
 from netjail.kernel.peer import pids_in_netns
 from netjail.kernel.spawn import ExitStatus, ForkServer, ForkServerHealth
 from netjail.protocol import BindAccess
@@ -140,6 +140,8 @@ class JailHost(Protocol):
     ) -> None: ...
 
     async def wait(self, pid: int) -> ExitStatus: ...
+
+    async def wait_end(self, pid: int) -> JobExit: ...
 
     def fork_server_health(self) -> ForkServerHealth: ...
 
@@ -285,6 +287,9 @@ class KernelJailHost:
 
     async def wait(self, pid: int) -> ExitStatus:
         return await self._forkserver.wait(pid)
+
+    async def wait_end(self, pid: int) -> JobExit:
+        return await self._forkserver.wait_end(pid)
 
     def fork_server_health(self) -> ForkServerHealth:
         return self._forkserver.health()

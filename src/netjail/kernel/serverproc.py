@@ -27,6 +27,7 @@ from netjail.kernel.forkserver import (
     from_server,
 )
 from netjail.kernel.helperproc import describe_exit, helper_env
+from netjail.kernel.jobplan import JobExit
 
 __all__ = [
     "READY_TIMEOUT_S",
@@ -109,6 +110,9 @@ class ServerProcess:
     starting: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     waiters: dict[int, asyncio.Future[ExitStatus]] = field(default_factory=dict)
     exits: dict[int, ExitStatus] = field(default_factory=dict)
+    #: Jobs' ends (``Ended``, or ``Exited`` when no record came), awaited or not yet.
+    end_waiters: dict[int, asyncio.Future[JobExit]] = field(default_factory=dict)
+    ends: dict[int, JobExit] = field(default_factory=dict)
     outbox: deque[Outgoing] = field(default_factory=deque)
     reading: bool = False
 

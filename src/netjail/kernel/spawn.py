@@ -35,6 +35,7 @@ from netjail.kernel.fdpass import recv_with_fds, sealed_payload, send_with_fds
 from netjail.kernel.forkserver import (
     MAX_FDS,
     MAX_MESSAGE,
+    Ended,
     Exited,
     ExitStatus,
     FromServer,
@@ -51,7 +52,7 @@ from netjail.kernel.forkserver import (
 )
 from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.helperproc import describe_exit, helper_command
-from netjail.kernel.jobplan import JobPlan, SpawnFailure
+from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure
 from netjail.kernel.serverproc import (
     READY_TIMEOUT_S,
     ForkServerHealth,
@@ -153,7 +154,14 @@ class ForkServer:
             self._dispatch(server, message, fds)
 
     def _dispatch(self, server: ServerProcess, message: FromServer, fds: list[int]) -> None:
+        if isinstance(message, Ended):
+            self._job_ended(server, message.pid, JobExit(message.exit_code, message.signal))
+            return
         if isinstance(message, Exited):
+            if message.pid not in server.ends:
+                # No record came ahead (the init was killed): its reaping is the job's end.
+                status = message.status
+                self._job_ended(server, message.pid, JobExit(status.exit_code, status.signal))
             waiter = server.waiters.pop(message.pid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message.status)
@@ -174,6 +182,15 @@ class ForkServer:
                 os.close(fd)
             return
         self._dispatch_spawned(server, message, fds)
+
+    @staticmethod
+    def _job_ended(server: ServerProcess, pid: int, ended: JobExit) -> None:
+        if pid in server.ends:
+            return  # told once already
+        server.ends[pid] = ended
+        waiter = server.end_waiters.pop(pid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(ended)
 
     def _dispatch_spawned(
         self, server: ServerProcess, message: Spawned | SpawnFailed, fds: list[int]
@@ -258,6 +275,10 @@ class ForkServer:
         for waiter in server.waiters.values():
             if not waiter.done():
                 waiter.set_exception(_lost_exit(ended))
+        for end_waiter in server.end_waiters.values():
+            if not end_waiter.done():
+                end_waiter.set_exception(_lost_exit(ended))
+        server.end_waiters.clear()
         server.outbox.clear()
         server.pending.clear()
         server.waiters.clear()
@@ -424,7 +445,7 @@ class ForkServer:
         if server is None:
             raise _lost_exit(self._last_exit or "ended")
         if pid in server.exits:
-            del self._owners[pid]
+            self._forget(server, pid)
             return server.exits.pop(pid)
         if self._loop is None:
             raise SpawnError("fork server not attached to the event loop")
@@ -439,10 +460,33 @@ class ForkServer:
                 del server.waiters[pid]
             raise
         except BaseException:
-            self._owners.pop(pid, None)
+            self._forget(server, pid)
             raise
-        self._owners.pop(pid, None)
+        self._forget(server, pid)
         return status
+
+    def _forget(self, server: ServerProcess, pid: int) -> None:
+        """Job ``pid`` was reaped and its reaping collected: nothing more comes of it."""
+        self._owners.pop(pid, None)
+        server.ends.pop(pid, None)
+
+    async def wait_end(self, pid: int) -> JobExit:
+        """Wait for job ``pid``'s command to end, with nothing else of its PID namespace left:
+        at its init's status record, without waiting for the init's own exit (or at its
+        reaping, if it was killed first). ``wait`` collects the reaping after."""
+        server = self._owners.get(pid)
+        if server is None:
+            raise _lost_exit(self._last_exit or "ended")
+        if pid in server.ends:
+            return server.ends[pid]
+        if self._loop is None:
+            raise SpawnError("fork server not attached to the event loop")
+        future = server.end_waiters.get(pid)
+        if future is None:
+            future = self._loop.create_future()
+            server.end_waiters[pid] = future
+        # Shielded: a waiter that gives up (a timeout) ends no other's wait.
+        return await asyncio.shield(future)
 
     def close(self) -> None:
         """Stop: no new server; close our end, so the running one exits; reap it."""
