@@ -401,13 +401,14 @@ def test_a_supervision_failure_fails_the_job_and_still_tears_down(
 
 
 def test_the_end_kills_only_what_the_job_left_behind(host: FakeJailHost, ctx: JailContext) -> None:
-    """A job's init takes its PID namespace with it: a job whose cgroup is empty at its end
-    gets no kill before its figures are read; one whose cgroup still lists a process has it
-    killed (and waited for) first."""
+    """A job's init kills the rest of its PID namespace before it says the job ended: a job
+    whose cgroup holds only its (exiting) init then gets no kill before its figures are read;
+    one whose cgroup still lists another process has it killed (and waited for) first."""
 
     async def scenario() -> tuple[Job, Job]:
         manager = JobManager(ctx)
         quiet = await manager.start(spec(), [], None)
+        host.cgroups[quiet.id].members.append(quiet.process.pid)
         host.end(quiet.process.pid, exited(0))
         await finish(manager, quiet)
         left = await manager.start(spec(), [], None)

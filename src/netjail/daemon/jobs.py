@@ -69,18 +69,19 @@ class Remains:
     usage_error: str | None
 
 
-def read_remains(cgroup: JobCgroupHandle) -> Remains:
-    """Once the job's init was reaped: end whatever of the job is left, then read what it used
-    (one worker-thread hop for both).
+def read_remains(cgroup: JobCgroupHandle, init_pid: int) -> Remains:
+    """Once the job ended (its init's status record came): end whatever of the job is left,
+    then read what it used (one worker-thread hop for both).
 
-    The init was PID 1 of the job's PID namespace, which every process of the job is in (none
-    may make a user namespace, so none can leave it), and the kernel killed and reaped them all
-    before the init's end was reported: the cgroup is empty, and only a check is needed. A job
-    that left anything behind anyway (daemons, setsid, nohup) is killed now, and waited for.
-    The kill would otherwise cost the end of every job its cgroup write, which waits behind any
-    cgroup migration under way on the host (a pool jail being built, say).
+    Before its record, the init (``init_pid``, PID 1 of the job's PID namespace, which every
+    process of the job is in: none may make a user namespace, so none can leave it) killed and
+    reaped every other process of it: the cgroup holds only the init, which is exiting, and
+    only a check is needed. A job that left anything else behind anyway is killed now, and
+    waited for. The kill would otherwise cost the end of every job a cgroup write, which waits
+    behind any cgroup migration under way on the host (a pool jail being built, say), and the
+    wait for the init's own exit.
     """
-    if cgroup.pids():
+    if any(pid != init_pid for pid in cgroup.pids()):
         cgroup.kill_all()
     try:
         return Remains(usage=cgroup.usage(), usage_error=None)
@@ -228,7 +229,7 @@ class JobManager:
 
     async def _finish(self, job: Job, ended: JobExit) -> Report:
         reaped = time.perf_counter()
-        remains = await asyncio.to_thread(read_remains, job.cgroup)
+        remains = await asyncio.to_thread(read_remains, job.cgroup, job.process.pid)
         usage = remains.usage
         status: ExitStatus | JobExit = ended
         if remains.usage_error is not None:
