@@ -167,31 +167,34 @@ def _send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = 
 
 @dataclass
 class _Inits:
-    """The jobs' inits (standbys included) and their status pipes, which the selector watches
-    until the record, or EOF, comes."""
+    """The jobs' inits (standbys included) and their status pipes, watched (``watched``) until
+    the record, or EOF, comes."""
 
-    selector: selectors.BaseSelector
     #: An init's pid -> its status pipe's read end.
     status_fds: dict[int, int] = field(default_factory=dict)
-    #: A watched status pipe -> its init's pid.
-    watched: dict[int, int] = field(default_factory=dict)
+    #: The inits whose pipe is still to be read.
+    unread: set[int] = field(default_factory=set)
     #: Records read ahead of the reaping, by pid.
     records: dict[int, bytes] = field(default_factory=dict)
 
     def add(self, pid: int, status_fd: int) -> None:
         self.status_fds[pid] = status_fd
-        self.selector.register(status_fd, selectors.EVENT_READ)
-        self.watched[status_fd] = pid
+        self.unread.add(pid)
 
-    def on_status(self, sock: socket.socket, fd: int) -> None:
-        """The status pipe ``fd`` is readable: with the record, the job ended (say so now);
-        EOF alone, its init was killed (its reaping says how)."""
-        pid = self.watched[fd]
+    def watched(self) -> list[tuple[int, int]]:
+        """(fd, pid) pairs the selector must watch now."""
+        return [(self.status_fds[pid], pid) for pid in self.unread]
+
+    def on_status(self, sock: socket.socket, pid: int) -> None:
+        """Init ``pid``'s status pipe is readable: with the record, its job ended (say so now);
+        EOF alone, it was killed (its reaping says how)."""
+        if pid not in self.unread:
+            return  # read, or reaped, earlier in the same round of events
         try:
-            record = os.read(fd, 8)
+            record = os.read(self.status_fds[pid], 8)
         except BlockingIOError:
             return
-        self._unwatch(fd)
+        self.unread.discard(pid)
         if not record:
             return
         self.records[pid] = record
@@ -204,17 +207,13 @@ class _Inits:
         if status_fd is None:
             return None
         record = self.records.pop(pid, None)
-        self._unwatch(status_fd)
+        self.unread.discard(pid)
         try:
             if record is not None:
                 return decode_job_exit(record, wait_status)
             return read_job_exit(status_fd, wait_status)
         finally:
             os.close(status_fd)
-
-    def _unwatch(self, fd: int) -> None:
-        if self.watched.pop(fd, None) is not None:
-            self.selector.unregister(fd)
 
 
 def _reap(sock: socket.socket, inits: _Inits, standbys: StandbyTable) -> None:
@@ -293,9 +292,9 @@ def serve(sock: socket.socket) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     standbys = StandbyTable()
-    watching: dict[int, int] = {}  # a standby's watched fd -> its pid
+    inits = _Inits()
+    watching: dict[int, _Watched] = {}  # a watched fd of an init -> what it is
     selector = selectors.DefaultSelector()
-    inits = _Inits(selector)
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     _send(sock, Ready())
@@ -307,10 +306,11 @@ def serve(sock: socket.socket) -> None:
                 _reap(sock, inits, standbys)
                 continue
             if key.fileobj != sock:
-                if key.fd in watching:
-                    _answer_standby(sock, standbys.on_readable(watching[key.fd]))
-                elif key.fd in inits.watched:
-                    inits.on_status(sock, key.fd)
+                watched = watching.get(key.fd)
+                if isinstance(watched, _StandbyFd):
+                    _answer_standby(sock, standbys.on_readable(watched.pid))
+                elif isinstance(watched, _StatusFd):
+                    inits.on_status(sock, watched.pid)
                 continue
             try:
                 data, fds = recv_with_fds(sock, MAX_MESSAGE, MAX_FDS)
@@ -324,7 +324,7 @@ def serve(sock: socket.socket) -> None:
                 for fd in fds:
                     os.close(fd)
             _reap(sock, inits, standbys)
-        _watch_standbys(selector, watching, standbys)
+        _watch_inits(selector, watching, standbys, inits)
 
 
 def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None) -> None:
@@ -346,19 +346,42 @@ def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None) -> None
         _send(sock, SpawnFailed(id=outcome.request, failure=outcome.failure))
 
 
-def _watch_standbys(
-    selector: selectors.BaseSelector, watching: dict[int, int], standbys: StandbyTable
+@dataclass(frozen=True)
+class _StandbyFd:
+    """A standby's channel or set-up pipe (``standby.StandbyTable.watched``)."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class _StatusFd:
+    """An init's status pipe, until its record (``_Inits.watched``)."""
+
+    pid: int
+
+
+_Watched = _StandbyFd | _StatusFd
+
+
+def _watch_inits(
+    selector: selectors.BaseSelector,
+    watching: dict[int, _Watched],
+    standbys: StandbyTable,
+    inits: _Inits,
 ) -> None:
-    """Watch exactly the fds the standbys wait on now."""
-    wanted = dict(standbys.watched())
+    """Watch exactly the fds the inits wait on now: one place registers them all, so an fd
+    closed and its number reused (a standby's pipe, then a new init's) is never registered
+    twice."""
+    wanted: dict[int, _Watched] = {fd: _StandbyFd(pid) for fd, pid in standbys.watched()}
+    wanted.update((fd, _StatusFd(pid)) for fd, pid in inits.watched())
     for fd in [fd for fd in watching if watching[fd] != wanted.get(fd)]:
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(fd)
         del watching[fd]
-    for fd, pid in wanted.items():
+    for fd, what in wanted.items():
         if fd not in watching:
             selector.register(fd, selectors.EVENT_READ)
-            watching[fd] = pid
+            watching[fd] = what
 
 
 def _take_socket() -> socket.socket:
