@@ -95,7 +95,10 @@ class JobResult(msgspec.Struct, frozen=True):
 
 
 class _Connection:
-    def __init__(self, path: str, timeout: float | None) -> None:
+    def __init__(self, path: str, timeout: float | None, first: bytes = b"") -> None:
+        """Connect and say hello; ``first``, the frames of a request without fds, goes in the
+        same write, before the hello's reply is read: one round trip less (the daemon serves
+        a connection's frames in order, and fds sent would go with the hello's)."""
         self.sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -108,7 +111,7 @@ class _Connection:
         #: File descriptors the daemon sent (SCM_RIGHTS), not yet taken.
         self.fds: list[int] = []
         try:
-            self._send_frame(session.hello_frame("netjail-python"))
+            self._send_frame(session.hello_frame("netjail-python") + first)
             session.expect(self.recv(), p.HelloReply, "hello")
         except BaseException:
             self.sock.close()
@@ -396,9 +399,13 @@ class Client:
         For callers that wait on more than the daemon (a terminal, a pipe), as the CLI does;
         ``run`` is this and a loop over ``RunningJob.receive``.
         """
-        conn = self._connect()
+        if fds:
+            conn = self._connect()
+        else:
+            conn = _Connection(self.socket, self.timeout, p.encode_request(request))
         try:
-            conn.send(request, list(fds))
+            if fds:
+                conn.send(request, list(fds))
             started = session.expect(conn.recv(), p.Started, "started")
             received = conn.take_fds()
             terminal = received.pop(0) if request.stdio == "tty" and received else None
