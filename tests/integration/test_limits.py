@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,20 @@ NETJAIL = [sys.executable, "-m", "netjail.cli"]
 
 
 def job_processes(job: str) -> list[str]:
-    """Processes left in a finished job's cgroup (there must be none)."""
-    return processes_of_jobs({job})
+    """Processes left in a finished job's cgroup when its report came (there must be none) but
+    its init: PID 1 of the job's namespace, whose own exit may still be under way then (it
+    killed and reaped the rest before it said the job ended)."""
+    return [pid for pid in processes_of_jobs({job}) if not namespace_init(pid)]
+
+
+def namespace_init(pid: str) -> bool:
+    """Whether ``pid`` is PID 1 of its PID namespace (False if it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+    return nspid.split()[-1] == "1"
 
 
 def kernel_has_pids_peak() -> bool:
@@ -160,6 +173,11 @@ def test_job_that_double_forks_a_daemon_leaves_nothing_running(client: Client) -
     assert result.exit_code == 0
     assert result.stdout == b"parent done\n"
     assert job_processes(result.job) == []
+    deadline = time.monotonic() + 10
+    while client.ps():  # unlisted once its teardown is done: then not even its init is left
+        assert time.monotonic() < deadline, client.ps()
+        time.sleep(0.02)
+    assert processes_of_jobs({result.job}) == []
 
 
 def test_sigterm_ignoring_job_is_killed_after_the_grace(client: Client) -> None:
