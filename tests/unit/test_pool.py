@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from netjail.daemon.config import Jail
+from netjail.daemon.config import Config, Jail
 from netjail.daemon.jobs import JobManager
 from netjail.daemon.pipeline import JailContext, Job
 from netjail.daemon.spec import FixedUser, LeasedUser
@@ -279,6 +279,57 @@ def test_a_pool_jail_whose_files_cannot_be_remade_is_destroyed_with_the_job(
     assert ctx.uids.held == []
 
 
+def test_a_job_with_the_default_limits_writes_none_at_its_claim(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """Pool cgroups are made with the config's default limits: a job that asks for no limit
+    of its own writes none when it claims one; a job with a limit of its own writes it."""
+    host.exit_at_once = exited(0)
+
+    async def scenario() -> None:
+        manager = JobManager(ctx, pool_size=1)
+        manager.pool.use_config(Config())
+        await warm(manager, 1)
+        await finish(await manager.start(spec(), [], None))
+        assert "apply_limits" not in host.journal
+        plain = spec()
+        fewer = dataclasses.replace(plain, limits=msgspec.structs.replace(plain.limits, pids=64))
+        await warm(manager, 1)
+        await finish(await manager.start(fewer, [], None))
+        await manager.shutdown()
+
+    run(scenario())
+    assert host.journal.count("apply_limits") == 1
+    assert cgroups.Limits(pids=64) in [c.limits for c in host.cgroups.values()]
+    assert host.live() == []
+
+
+def test_a_pool_jail_keeps_only_limits_the_job_replaces(
+    host: FakeJailHost, ctx: JailContext
+) -> None:
+    """A limit a pool cgroup was made with that the job would not set (a reload dropped the
+    default) could not be taken back by writing the job's: such a jail is not claimed."""
+    host.exit_at_once = exited(0)
+
+    async def scenario() -> Job:
+        manager = JobManager(ctx, pool_size=1)
+        manager.pool.use_config(Config())
+        await warm(manager, 1)
+        plain = spec()
+        unlimited = dataclasses.replace(
+            plain, limits=msgspec.structs.replace(plain.limits, pids=None)
+        )
+        job = await manager.start(unlimited, [], None)
+        await finish(job)
+        await manager.shutdown()
+        return job
+
+    job = run(scenario())
+    assert f"process {job.id}" in host.made  # built cold
+    assert host.cgroups[job.id].limits == cgroups.Limits()
+    assert host.live() == []
+
+
 def test_a_policy_with_cidr_rules_replaces_the_base_ruleset(
     host: FakeJailHost, ctx: JailContext
 ) -> None:
@@ -397,7 +448,7 @@ def test_new_tmpfs_sizes_rebuild_the_warm_jails(host: FakeJailHost, ctx: JailCon
         manager = JobManager(ctx, pool_size=1)
         await warm(manager, 1)
         (old,) = pool_jails(host)
-        manager.pool.use_jail_config(Jail(tmp_size=1 << 20))
+        manager.pool.use_config(Config(jail=Jail(tmp_size=1 << 20)))
         await until(lambda: old in host.undone_order and manager.pool.ready == 1)
         bigger = dataclasses.replace(spec(), jail=Jail(tmp_size=1 << 20))
         await finish(await manager.start(bigger, [], None))

@@ -1,15 +1,15 @@
 """The warm pool: jails built ahead of any job, each used by one job, then destroyed.
 
 A pool jail is steps 1-4 of a job (netjail.daemon.jailbuild) done before the job exists: its
-state record (so crash recovery sweeps it like a job), a leased uid, a cgroup without limits,
-the netns with its veth, routes, the base ruleset, the NFLOG socket and the stub's and
-proxy's listeners, the job's HOME and /etc files for its uid and default hostname
-(netjail.daemon.jobfiles), and a standby init already in the netns and the cgroups (the costly first
-migration into a fresh cgroup is paid here, not by the job). ``claim`` fits one to a job:
-the job's limits are written to its cgroup, and its ruleset, if the policy's CIDR rules make
-it differ from the base one, replaces the base one in one transaction. A jail that cannot be
-fitted is destroyed and the job is built cold; a jail is never shared, never reused, and
-never weaker than a cold one.
+state record (so crash recovery sweeps it like a job), a leased uid, a cgroup with the
+config's default limits, the netns with its veth, routes, the base ruleset, the NFLOG socket
+and the stub's and proxy's listeners, the job's HOME and /etc files for its uid and default
+hostname (netjail.daemon.jobfiles), and a standby init already in the netns and the cgroups
+(the costly first migration into a fresh cgroup is paid here, not by the job). ``claim`` fits
+one to a job: the job's limits are written to its cgroup unless they are the defaults it was
+made with, and its ruleset, if the policy's CIDR rules make it differ from the base one,
+replaces the base one in one transaction. A jail that cannot be fitted is destroyed and the
+job is built cold; a jail is never shared, never reused, and never weaker than a cold one.
 
 Reuse would carry state from one job to the next (conntrack entries, sockets, files in the
 tmpfs mounts, the uid's processes), so every jail is destroyed after its one job, like a cold
@@ -25,7 +25,7 @@ from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from netjail.daemon.config import Jail
+from netjail.daemon.config import Config, Jail
 from netjail.daemon.jailbuild import (
     BuiltJail,
     CgroupRemoval,
@@ -42,7 +42,7 @@ from netjail.daemon.jailbuild import (
     write_record,
 )
 from netjail.daemon.jobfiles import HomeShape
-from netjail.daemon.spec import JobSpec
+from netjail.daemon.spec import JobSpec, applied_limits
 from netjail.jobid import new_job_id
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, netns
@@ -67,6 +67,8 @@ class _PoolJail:
     teardown: AsyncExitStack
     #: The part of its job's file system its standby has built (for jobs whose plan has it).
     base: FsPlan
+    #: The limits its cgroup was made with (the config's defaults when it was built).
+    limits: cgroups.Limits
     #: The standby's end, awaited while the jail waits: one that dies (killed, or its fork
     #: server gone) takes its jail out of the pool. Cancelled at the claim: the job's
     #: supervisor waits for it from then on.
@@ -90,6 +92,9 @@ class JailPool:
         self.fs_sizes = TmpfsSizes()
         #: The size of the jobs' HOME, made ahead with each jail.
         self.home_size = Jail().home_size
+        #: The limits of a job that asks for none (the config's defaults): each jail's cgroup
+        #: is made with them, so such a job's claim writes nothing.
+        self.limits = cgroups.Limits()
         self.claimed = 0
         self.missed = 0
 
@@ -123,15 +128,15 @@ class JailPool:
         while self._destroying:
             await asyncio.gather(*self._destroying, return_exceptions=True)
 
-    def use_jail_config(self, jail: Jail) -> None:
-        """The jobs' tmpfs and HOME sizes from now on (the config's ``[jail]``, at start and
-        at each reload). Warm jails built with other tmpfs sizes fit no new job: they are
+    def use_config(self, config: Config) -> None:
+        """The jobs' tmpfs and HOME sizes and default limits from now on (the config, at start
+        and at each reload). Warm jails built with other tmpfs sizes or default limits are
         destroyed and rebuilt; one whose HOME has another size gets a new one at its claim."""
-        self.home_size = jail.home_size
-        sizes = fs_sizes(jail)
-        if sizes == self.fs_sizes:
+        self.home_size = config.jail.home_size
+        sizes, limits = fs_sizes(config.jail), default_limits(config)
+        if (sizes, limits) == (self.fs_sizes, self.limits):
             return
-        self.fs_sizes = sizes
+        self.fs_sizes, self.limits = sizes, limits
         stale, self._idle = list(self._idle), deque()
         for pooled in stale:
             if pooled.watch is not None:
@@ -152,7 +157,7 @@ class JailPool:
             return None
         self._wanted.set()
         try:
-            await fit_jail(self.ctx, pooled.jail, spec, limits)
+            await fit_jail(self.ctx, pooled, spec, limits)
         except Exception as e:
             self.ctx.log(
                 "warning",
@@ -168,7 +173,11 @@ class JailPool:
 
     def _take(self, limits: cgroups.Limits, base: FsPlan) -> _PoolJail | None:
         for pooled in self._idle:
-            if pooled.base == base and pooled.jail.cgroup.fits(limits):
+            if (
+                pooled.base == base
+                and pooled.jail.cgroup.fits(limits)
+                and overwrites(limits, pooled.limits)
+            ):
                 self._idle.remove(pooled)
                 if pooled.watch is not None:
                     pooled.watch.cancel()
@@ -244,7 +253,8 @@ class JailPool:
             write_record(teardown, self.ctx, job_id, netns_name)  # 1
             removal = CgroupRemoval()
             leased = lease_uid(teardown, self.ctx, job_id, removal)  # 2
-            cgroup = await make_cgroup(teardown, self.ctx, job_id, cgroups.Limits(), removal)  # 3
+            limits = self.limits
+            cgroup = await make_cgroup(teardown, self.ctx, job_id, limits, removal)  # 3
             rules = firewall.JailRules(job_id, dns_stub=True, proxied=BASE_PROXIED)
             inside = await build_netns(teardown, self.ctx, netns_name, rules)  # 4
             shape = HomeShape(leased.uid, leased.gid, self.home_size)
@@ -262,19 +272,43 @@ class JailPool:
                 files=files,
             )
             on_fail.pop_all()
-        return _PoolJail(jail, teardown, base)
+        return _PoolJail(jail, teardown, base, limits)
 
     async def _destroy(self, pooled: _PoolJail) -> None:
         async with self._teardowns:
             await pooled.teardown.aclose()
 
 
+def default_limits(config: Config) -> cgroups.Limits:
+    """The cgroup limits of a job that asks for none."""
+    applied = applied_limits(
+        config.limits, memory=None, cpus=None, pids=None, timeout=None, kill_grace=None
+    )
+    return cgroups.Limits(memory_bytes=applied.memory_bytes, cpus=applied.cpus, pids=applied.pids)
+
+
+def overwrites(limits: cgroups.Limits, made_with: cgroups.Limits) -> bool:
+    """Whether writing ``limits`` replaces every limit a cgroup ``made_with`` has (a limit
+    the job does not set would otherwise stay)."""
+    return all(
+        new is not None or old is None
+        for new, old in (
+            (limits.memory_bytes, made_with.memory_bytes),
+            (limits.cpus, made_with.cpus),
+            (limits.pids, made_with.pids),
+        )
+    )
+
+
 async def fit_jail(
-    ctx: JailContext, jail: BuiltJail, spec: JobSpec, limits: cgroups.Limits
+    ctx: JailContext, pooled: _PoolJail, spec: JobSpec, limits: cgroups.Limits
 ) -> None:
-    """Make a pool jail the one ``spec`` asks for: its limits, and its ruleset if the policy
-    needs more than the base one (replaced in one transaction)."""
-    await asyncio.to_thread(jail.cgroup.apply_limits, limits)
+    """Make a pool jail the one ``spec`` asks for: its limits, unless its cgroup was made with
+    them, and its ruleset if the policy needs more than the base one (replaced in one
+    transaction)."""
+    jail = pooled.jail
+    if limits != pooled.limits:
+        await asyncio.to_thread(jail.cgroup.apply_limits, limits)
     proxied = proxied_ranges(spec.policy)
     if proxied == BASE_PROXIED:
         return

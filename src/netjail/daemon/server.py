@@ -77,7 +77,7 @@ class Server:
         self.connections: set[Connection] = set()
         #: Connections one non-root uid may hold at once; root's are not counted.
         self.max_connections_per_uid = config.max_connections_per_uid
-        self.jobs.pool.use_jail_config(config.jail)
+        self.jobs.pool.use_config(config)
         #: Connections being served, per uid.
         self._per_uid: Counter[int] = Counter()
         #: Uids refused for the limit since their count last dropped below it (logged once).
@@ -115,7 +115,7 @@ class Server:
         self.config = config
         self.file_config = file_config
         self.max_connections_per_uid = config.max_connections_per_uid
-        self.jobs.pool.use_jail_config(config.jail)
+        self.jobs.pool.use_config(config)
         if config.max_jobs is not None:
             self.jobs.max_jobs = config.max_jobs
         else:

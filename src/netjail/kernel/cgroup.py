@@ -388,8 +388,8 @@ class JobCgroup:
         return set(self._strategy.job_roles(limits)) <= set(self._dirs)
 
     def apply_limits(self, limits: Limits) -> None:
-        """Write *limits* to cgroups made without any; CgroupError if one cannot be written
-        (then the cgroups must not be used for the job)."""
+        """Write *limits* to cgroups made without any, or with limits these all replace;
+        CgroupError if one cannot be written (then the cgroups must not be used for the job)."""
         if not self.fits(limits):
             raise CgroupError(f"job {self.job_id}'s cgroups cannot take these limits")
         for write in self._strategy.plan_limits(self._dirs, limits):
