@@ -18,7 +18,7 @@ from netjail import Client
 from netjail.kernel.fsplan import JOB_HOME
 from netjail.protocol import BindMount
 
-from .conftest import Daemon, processes_of_jobs
+from .conftest import Daemon, processes_at_report, processes_of_jobs
 from .jailtools import OUTCOME, PY, cli_run, cwd_note, run_as_user, text
 from .test_limits import kernel_has_pids_peak
 
@@ -174,6 +174,11 @@ def test_fork_bomb_without_options_stops_at_the_shipped_pids_limit(client: Clien
     assert result.report.limits is not None
     assert result.report.limits.pids == DEFAULT_PIDS < pid_max // 4
     assert result.report.pids_peak == (DEFAULT_PIDS if kernel_has_pids_peak() else None)
+    assert processes_at_report({result.job}) == []
+    deadline = time.monotonic() + 10
+    while client.ps():  # unlisted once its teardown is done: then not even its init is left
+        assert time.monotonic() < deadline, client.ps()
+        time.sleep(0.02)
     assert processes_of_jobs({result.job}) == []
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from netjail import Client
 
-from .conftest import Daemon, processes_of_jobs
+from .conftest import Daemon, processes_at_report, processes_of_jobs
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -22,20 +22,9 @@ NETJAIL = [sys.executable, "-m", "netjail.cli"]
 
 
 def job_processes(job: str) -> list[str]:
-    """Processes left in a finished job's cgroup when its report came (there must be none) but
-    its init: PID 1 of the job's namespace, whose own exit may still be under way then (it
-    killed and reaped the rest before it said the job ended)."""
-    return [pid for pid in processes_of_jobs({job}) if not namespace_init(pid)]
-
-
-def namespace_init(pid: str) -> bool:
-    """Whether ``pid`` is PID 1 of its PID namespace (False if it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
-    return nspid.split()[-1] == "1"
+    """Processes left in a finished job's cgroup when its report came (there must be none but
+    its ending init)."""
+    return processes_at_report({job})
 
 
 def kernel_has_pids_peak() -> bool:
