@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netjail.kernel import jailinit, syscalls
+from netjail.kernel import initloop, jailinit, syscalls
 from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
 from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure, encode_job_status
 
@@ -78,7 +78,7 @@ def test_init_forwards_the_signals_a_job_needs() -> None:
         signal.SIGUSR2,
         signal.SIGWINCH,
         signal.SIGCONT,
-    } == jailinit.FORWARDED_SIGNALS
+    } == initloop.FORWARDED_SIGNALS
 
 
 def _spawn_and_read(argv: list[str], env: dict[str, str]) -> tuple[int, str]:

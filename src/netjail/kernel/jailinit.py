@@ -29,7 +29,8 @@ I (``run_job_init``), in order:
 9. enters the job's cwd, then runs the caller's last steps (``ExecHook``: the seccomp filter);
 10. spawns **K**, the command, with posix_spawn: a vfork-like clone in which only glibc runs,
     so no page table is copied (a fork of the fork server costs about 2 ms on this VM);
-11. serves as init: reaps every child, forwards signals, and exits with K's status.
+11. serves as init (``netjail.kernel.initloop``): reaps every child, forwards signals, and
+    exits with K's status.
 
 The seccomp filter is loaded in I, last before K's exec, because K is spawned by glibc and
 runs no Python. So it binds I too. That costs I nothing: after step 9, I only spawns K,
@@ -67,36 +68,18 @@ import msgspec
 from netjail.errors import NetjailError, SpawnError
 from netjail.kernel import rootfs, syscalls
 from netjail.kernel.fsplan import FsPlan, split_fs_plan
+from netjail.kernel.initloop import serve_as_init
 from netjail.kernel.jobplan import (
     JobExit,
     JobPlan,
     SpawnFailure,
     decode_job_exit,
     encode_failure,
-    encode_job_status,
     read_setup_failure,
 )
 from netjail.kernel.pty import open_job_pty
 from netjail.kernel.standbychannel import STANDBY_READY, receive_plan
 
-#: What I passes on to the job: to the terminal's foreground process group when the job's
-#: stdin is I's controlling terminal, otherwise to every process of the namespace.
-FORWARDED_SIGNALS = frozenset(
-    {
-        signal.SIGINT,
-        signal.SIGTERM,
-        signal.SIGHUP,
-        signal.SIGQUIT,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-        signal.SIGWINCH,
-        signal.SIGCONT,
-    }
-)
-#: I takes these with sigwaitinfo, not with handlers: blocked from I's start, none is lost and
-#: no Python runs at an arbitrary point. Blocked, they are queued even though PID 1 would
-#: otherwise ignore them. (Every other signal stays blocked and pending in I.)
-_WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
 _ALL_SIGNALS = frozenset(signal.valid_signals())
 _NAMESPACES = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWUTS
 _plans = msgspec.msgpack.Decoder(JobPlan)
@@ -370,7 +353,7 @@ def _become_job(
     for fd in {report_fd, *stdio} - kept:
         with contextlib.suppress(OSError):
             os.close(fd)
-    _serve_as_init(command, status_fd, stdio[0] if terminal else None)
+    serve_as_init(command, status_fd, stdio[0] if terminal else None)
 
 
 def _reset_signals() -> None:
@@ -433,59 +416,6 @@ def _use_search_path(env: dict[str, str]) -> None:
         os.environ["PATH"] = env["PATH"]
     else:
         os.environ.pop("PATH", None)
-
-
-def _serve_as_init(command: int, status_fd: int, terminal: int | None) -> NoReturn:
-    """Reap every child, forward signals, and end with the command."""
-    while True:
-        sig = signal.sigwaitinfo(_WAITED).si_signo
-        if sig != signal.SIGCHLD:
-            _forward(sig, terminal)
-            continue
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            if pid == command:
-                _end(status, status_fd)
-
-
-def _forward(sig: int, terminal: int | None) -> None:
-    # kill(-1) from PID 1 reaches every process of the namespace but PID 1 itself.
-    target = -1
-    if terminal is not None:
-        with contextlib.suppress(OSError):
-            target = -os.tcgetpgrp(terminal)
-    with contextlib.suppress(OSError):
-        os.kill(target, sig)
-
-
-def _end(status: int, status_fd: int) -> NoReturn:
-    # The rest of the job goes before the record: so whoever reads it knows that nothing of the
-    # job runs any more, while I's own exit is still under way (the teardown of its address
-    # space and namespaces, ~2 ms here: the daemon reports without waiting for it).
-    _kill_the_rest()
-    with contextlib.suppress(OSError):
-        os.write(status_fd, encode_job_status(status))
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-
-
-def _kill_the_rest() -> None:
-    """SIGKILL every other process of the namespace and reap them all, as the kernel would at
-    I's exit: kill(-1) from PID 1 reaches every process of the namespace but I, and a fork
-    under way either completes before it (its child is killed) or fails (its parent has the
-    signal pending). Every process of the namespace is I's descendant, and an orphan is I's
-    child (a subreaper among them is killed too), so no child left means none left at all."""
-    while True:
-        with contextlib.suppress(OSError):
-            os.kill(-1, signal.SIGKILL)
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
 
 
 def _failure_of(stage: str, error: BaseException, plan: JobPlan | None) -> SpawnFailure:
