@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
@@ -157,12 +157,7 @@ def _encoded(build: Callable[[IPBatch], None], labels: Sequence[str]) -> _Batch:
         data = bytes(batch.batch)
     finally:
         batch.close()
-    seqs = []
-    offset = 0
-    while offset < len(data):
-        length, _type, _flags, seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
-        seqs.append(seq)
-        offset += (length + 3) & ~3
+    seqs = [seq for _offset, _kind, seq in _netlink_messages(data)]
     if len(seqs) != len(labels):
         raise NetnsError(f"pyroute2 encoded {len(seqs)} requests for {len(labels)} steps")
     return _Batch(data, tuple(zip(seqs, labels, strict=True)))
@@ -199,19 +194,28 @@ def _send_batch(sock: socket.socket, batch: _Batch) -> None:
     pending = dict(batch.steps)
     while pending:
         data = sock.recv(_NETLINK_BUFFER)
-        offset = 0
-        while offset + _NLMSG_HEADER.size + 4 <= len(data):
-            length, kind, _flags, seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
-            if length < _NLMSG_HEADER.size:
+        for offset, kind, seq in _netlink_messages(data):
+            if kind != _NLMSG_ERROR or seq not in pending:
+                continue
+            if offset + _NLMSG_HEADER.size + 4 > len(data):
                 raise NetnsError("a malformed rtnetlink answer")
-            if kind == _NLMSG_ERROR and seq in pending:
-                step = pending.pop(seq)
-                (error,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
-                if error:
-                    raise NetnsError(
-                        f"cannot configure the jail's interfaces: {step}: {os.strerror(-error)}"
-                    )
-            offset += (length + 3) & ~3
+            step = pending.pop(seq)
+            (error,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
+            if error:
+                raise NetnsError(
+                    f"cannot configure the jail's interfaces: {step}: {os.strerror(-error)}"
+                )
+
+
+def _netlink_messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(offset, type, sequence number) of each netlink message in ``data``."""
+    offset = 0
+    while offset + _NLMSG_HEADER.size <= len(data):
+        length, kind, _flags, seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
+        if length < _NLMSG_HEADER.size:
+            raise NetnsError("a malformed rtnetlink answer")
+        yield offset, kind, seq
+        offset += (length + 3) & ~3
 
 
 def delete_netns(name: str) -> None:
