@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from netjail import Client
+from netjail import Client, JobResult
 
 from .conftest import Daemon, processes_at_report, processes_of_jobs
 
@@ -209,3 +211,73 @@ def test_bad_limit_values_are_clear_usage_errors(daemon: Daemon) -> None:
     )
     assert done.returncode == 2
     assert b"invalid size '12Q': use a number with an optional K, M, G or T suffix" in done.stderr
+
+
+def _job_cgroup(pid: int, job: str) -> str | None:
+    """A cgroup directory of job ``job``'s process ``pid``: its memory one (cgroup v1), or
+    its cgroup2 one."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    roots = {"memory": "/sys/fs/cgroup/memory", "": "/sys/fs/cgroup"}
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        roots[""] = "/sys/fs/cgroup/unified"
+    for _, controllers, path in lines:
+        for name in controllers.split(","):
+            if name in roots and os.path.basename(path) == job:
+                return roots[name] + path
+    return None
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_job_cgroup_still_busy_at_teardown_is_removed_once_it_can_be(
+    client: Client, daemon: Daemon, tmp_path: Path
+) -> None:
+    """A cgroup made below the job's, with a directory mounted on it, cannot be removed
+    (EBUSY) and holds no process. So the job ends and is killed as usual, but its teardown
+    cannot remove its cgroup. The daemon keeps trying in the background, with the uid still
+    leased; once the mount is gone, the cgroup goes, and then the lease."""
+    started: list[tuple[str, int]] = []
+    results: list[JobResult] = []
+    runner = threading.Thread(
+        target=lambda: results.append(
+            client.run(
+                ["/bin/sleep", "0.5"],
+                stdio="capture",
+                on_start=lambda job, pid: started.append((job, pid)),
+            )
+        )
+    )
+    runner.start()
+    _wait_for(lambda: bool(started) or not runner.is_alive(), "the job to start")
+    assert started, "the job did not start"
+    job, pid = started[0]
+    cgroup = _job_cgroup(pid, job)
+    assert cgroup is not None, Path(f"/proc/{pid}/cgroup").read_text()
+    busy = os.path.join(cgroup, "busy")
+    os.mkdir(busy)
+    subprocess.run(["mount", "--bind", str(tmp_path), busy], check=True)
+    leases = os.path.join(daemon.state_dir, "uids")
+    try:
+        runner.join(30)
+        assert [r.exit_code for r in results] == [0]
+        retrying = "cannot remove a job's cgroup yet; retrying in the background"
+        _wait_for(
+            lambda: any(retrying in line and job in line for line in daemon.log().splitlines()),
+            "the teardown to hand the cgroup to the background",
+        )
+        assert os.path.isdir(cgroup)
+        assert [n for n in os.listdir(leases) if n.endswith(f".{job}")], "the uid was released"
+    finally:
+        subprocess.run(["umount", busy], check=True)
+    _wait_for(lambda: not os.path.exists(cgroup), "the cgroup to be removed")
+    late = [line for line in daemon.log().splitlines() if "removed a job's cgroup late" in line]
+    assert [line for line in late if job in line]
+    _wait_for(
+        lambda: not [n for n in os.listdir(leases) if n.endswith(f".{job}")], "the lease to go"
+    )

@@ -603,29 +603,3 @@ def test_a_hidden_cwd_falls_back_to_home_only_when_asked(
     assert run(scenario("home", "/usr/share")).cwd == "/usr/share"
     assert run(scenario("home", "/data/x")).cwd == "/data/x"  # under the client's bind
     assert run(scenario("error", "/work/main")).cwd == "/work/main"
-
-
-def test_a_cgroup_that_cannot_be_removed_keeps_its_uid_leased(
-    host: FakeJailHost, ctx: JailContext, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """If the cgroup's undo fails, a process may still hold the uid: the lease stays."""
-    host.exit_at_once = exited(0)
-
-    async def scenario() -> Job:
-        manager = JobManager(ctx)
-        job = await manager.start(spec(user=LeasedUser()), [], None)
-
-        def stuck() -> None:
-            raise OSError(16, "Device or resource busy")
-
-        monkeypatch.setattr(host.cgroups[job.id], "remove", stuck)
-        await finish(manager, job)
-        return job
-
-    job = run(scenario())
-    assert [lease.uid for lease in ctx.uids.held] == [job.uid]
-    log = ctx.log
-    assert isinstance(log, Logged)
-    assert ("warning", "uid kept leased: the job's cgroup is still there") in [
-        (level, message) for level, message, _ in log.lines
-    ]

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netjail.daemon.config import Jail
 from netjail.daemon.intake import EventIntake
 from netjail.daemon.jobfiles import HomeShape, JobFiles, make_job_files, remove_job_files
+from netjail.daemon.lateremoval import LateRemovals
 from netjail.daemon.recovery import StateRecords
 from netjail.daemon.spec import FixedUser, JobSpec
 from netjail.daemon.uids import UidLeases
@@ -66,6 +68,8 @@ class JailContext:
     trust_dir: str
     #: Where each job's /etc/hosts and /etc/hostname are written, root only.
     etc_dir: str
+    #: Job cgroups whose removal failed at their teardown, retried in the background.
+    late_removals: LateRemovals = field(default_factory=LateRemovals)
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,21 @@ class BuiltJail:
 
 @dataclass
 class CgroupRemoval:
-    """Whether the job's cgroup could not be removed: then its uid stays leased (a process of
-    the job may still hold it) until recovery at the next start removes the cgroup."""
+    """Whether the job's cgroup could not be removed at its teardown: then its uid stays
+    leased (a process of the job may still hold it) until the cgroup is gone, removed later
+    in the background (``LateRemovals``) or by recovery at the next start."""
 
     failed: bool = False
+    _then: list[Callable[[], None]] = field(default_factory=list)
+
+    def when_removed(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the cgroup is gone after all."""
+        self._then.append(then)
+
+    def removed(self) -> None:
+        for then in self._then:
+            then()
+        self._then.clear()
 
 
 async def build_jail_for(stack: AsyncExitStack, ctx: JailContext, spec: JobSpec) -> BuiltJail:
@@ -157,6 +172,7 @@ def lease_uid(
     def release() -> None:
         if removal.failed:
             ctx.log("warning", "uid kept leased: the job's cgroup is still there", uid=lease.uid)
+            removal.when_removed(lambda: ctx.uids.release(lease))
             return
         ctx.uids.release(lease)
 
@@ -179,6 +195,9 @@ async def make_cgroup(
             await asyncio.to_thread(_kill_and_remove, cgroup)
         except BaseException:
             removal.failed = True
+            ctx.late_removals.add(
+                job_id, functools.partial(_kill_and_remove, cgroup), removal.removed, ctx.log
+            )
             raise
 
     push_undo(stack, ctx, "cgroup", remove)

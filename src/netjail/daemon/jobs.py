@@ -331,3 +331,5 @@ class JobManager:
             # queued then (a netns delete, a cgroup removal) would never run, while the later
             # ones (the lease, the record) would, hiding the leftover from recovery.
             await job.removed.wait()
+        # Last, the cgroups whose removal failed at their teardown and is still retried.
+        await self.ctx.late_removals.close(self.ctx.log)
