@@ -151,7 +151,18 @@ def note_stopped(daemon: Daemon) -> None:
     (its jobs, and its state's leftovers) for the suite's leak check."""
     assert daemon.process.poll() is not None, "note_stopped needs a daemon that has exited"
     daemon.job_ids()
-    daemon.leftovers = state_leftovers(daemon.state_dir)
+    left = state_leftovers(daemon.state_dir)
+    # Each with what the log said of its job: the log goes with the test's directory.
+    lines = daemon.log().splitlines() if left else []
+    daemon.leftovers = [
+        " | ".join([path, *[line for line in lines if _leftover_job(path) in line][-8:]])
+        for path in left
+    ]
+
+
+def _leftover_job(path: str) -> str:
+    """The job a state leftover is of: a HOME is named <job>, a lease <uid>.<job>."""
+    return os.path.basename(path).rpartition(".")[2]
 
 
 def assert_leased_uid(report: Report, daemon: Daemon) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,7 @@ def test_a_job_cgroup_that_cannot_be_removed_keeps_its_uid_until_it_is_gone(
     )
     failures = Flaky(3)
 
-    async def scenario() -> tuple[Job, list[int]]:
+    async def scenario() -> tuple[Job, list[int], list[str]]:
         manager = JobManager(ctx)
         job = await manager.start(spec(user=LeasedUser()), [], None)
         cgroup = host.cgroups[job.id]
@@ -132,13 +133,17 @@ def test_a_job_cgroup_that_cannot_be_removed_keeps_its_uid_until_it_is_gone(
         monkeypatch.setattr(cgroup, "remove", stuck)
         await finish(manager, job)
         held = [lease.uid for lease in ctx.uids.held]
+        recorded = os.listdir(ctx.records.directory)
         async with asyncio.timeout(5):
             while ctx.late_removals.pending:
                 await asyncio.sleep(0.01)
-        return job, held
+        return job, held, recorded
 
-    job, held_at_teardown = run(scenario())
+    job, held_at_teardown, recorded_at_teardown = run(scenario())
     assert held_at_teardown == [job.uid]
+    # The record stays too, for recovery to find the cgroup by, until it is gone.
+    assert [name for name in recorded_at_teardown if job.id in name] != []
+    assert os.listdir(ctx.records.directory) == []
     assert failures.calls == 4
     assert ctx.uids.held == []
     log = ctx.log
@@ -167,6 +172,7 @@ def test_a_job_cgroup_still_busy_at_a_graceful_stop_is_left_for_recovery(
 
     job = run(scenario())
     assert [lease.uid for lease in ctx.uids.held] == [job.uid]
+    assert [name for name in os.listdir(ctx.records.directory) if job.id in name] != []
     log = ctx.log
     assert isinstance(log, Logged)
     assert [f for lv, m, f in log.lines if m.startswith("a job's cgroup is left behind")] == [

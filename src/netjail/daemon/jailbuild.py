@@ -135,8 +135,8 @@ async def build_jail_for(stack: AsyncExitStack, ctx: JailContext, spec: JobSpec)
     """Steps 1-4 for the job ``spec`` asks for, now (the cold path)."""
     job_id = new_job_id()
     netns_name = f"{netns.NETNS_PREFIX}{job_id}"
-    write_record(stack, ctx, job_id, netns_name)  # 1
     removal = CgroupRemoval()
+    write_record(stack, ctx, job_id, netns_name, removal)  # 1
     leased = None if isinstance(spec.user, FixedUser) else lease_uid(stack, ctx, job_id, removal)
     cgroup = await make_cgroup(stack, ctx, job_id, limits_of(spec), removal)  # 3
     rules = firewall.JailRules(job_id, dns_stub=True, proxied=proxied_ranges(spec.policy))
@@ -155,10 +155,25 @@ async def build_jail_for(stack: AsyncExitStack, ctx: JailContext, spec: JobSpec)
 # ---------------------------------------------------------------------- the steps
 
 
-def write_record(stack: AsyncExitStack, ctx: JailContext, job_id: str, netns_name: str) -> None:
-    """1. The state record, before anything is built: a crash from here on leaves a trace."""
+def write_record(
+    stack: AsyncExitStack,
+    ctx: JailContext,
+    job_id: str,
+    netns_name: str,
+    removal: CgroupRemoval,
+) -> None:
+    """1. The state record, before anything is built: a crash from here on leaves a trace. It
+    goes last, and only once the job's cgroup is gone: while that is still being retried, the
+    record is what recovery at the next start finds it by."""
     ctx.records.write(job_id, netns_name, time.time())
-    stack.callback(ctx.records.remove, job_id)
+
+    def remove() -> None:
+        if removal.failed:
+            removal.when_removed(lambda: ctx.records.remove(job_id))
+            return
+        ctx.records.remove(job_id)
+
+    stack.callback(remove)
 
 
 def lease_uid(

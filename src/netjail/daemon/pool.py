@@ -250,8 +250,8 @@ class JailPool:
             # A build that fails undoes what it made.
             teardown = AsyncExitStack()
             on_fail.push_async_callback(teardown.aclose)
-            write_record(teardown, self.ctx, job_id, netns_name)  # 1
             removal = CgroupRemoval()
+            write_record(teardown, self.ctx, job_id, netns_name, removal)  # 1
             leased = lease_uid(teardown, self.ctx, job_id, removal)  # 2
             limits = self.limits
             cgroup = await make_cgroup(teardown, self.ctx, job_id, limits, removal)  # 3
