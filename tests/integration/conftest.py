@@ -106,18 +106,19 @@ def processes_at_report(job_ids: set[str]) -> list[str]:
     """What ``processes_of_jobs`` finds when the jobs' reports came (there must be nothing)
     but their inits: PID 1 of a job's namespace, whose own exit may still be under way then
     (it killed and reaped the rest of the job before it said the job ended)."""
-    return [pid for pid in processes_of_jobs(job_ids) if not _namespace_init(pid)]
+    return [pid for pid in processes_of_jobs(job_ids) if _left_at_report(pid)]
 
 
-def _namespace_init(pid: str) -> bool:
-    """Whether ``pid`` is PID 1 of its PID namespace (False if it is gone)."""
+def _left_at_report(pid: str) -> bool:
+    """Whether ``pid`` is still there and not PID 1 of its PID namespace. One gone since it
+    was listed is not left: an ending init may finish exiting in between."""
     try:
         with open(f"/proc/{pid}/status") as f:
             status = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
     nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
-    return nspid.split()[-1] == "1"
+    return nspid.split()[-1] != "1"
 
 
 def home_mounts(under: str) -> list[str]:
