@@ -460,3 +460,41 @@ def test_the_leaves_of_exactly_intercepted_names_are_made_ahead() -> None:
     asyncio.run(warm_leaves(Interception(policy, ca, None)))
     assert list(ca._leaves) == [API]
     assert ca.server_context(API) is ca._leaves[API]
+
+
+def test_sized_bodies_in_pieces_keep_one_upstream_connection_for_the_next_request() -> None:
+    """Content-Length bodies go past the upstream's h11 in whatever pieces they come; the
+    upstream connection is kept for the next request, as h11's next cycle would keep it."""
+    policy = parse_http_policy()
+    first, second = ok(b"hello " * 1000), ok(b"world")
+    pieces = [first[:40], first[40:41], first[41:5000], first[5000:], second]
+    events, records, upstream = serve(get("/a") + get("/b"), policy, pieces)
+    assert [(status, body) for status, _, body in responses(events)] == [
+        (200, b"hello " * 1000),
+        (200, b"world"),
+    ]
+    assert [(r.path, r.status, r.bytes_in) for r in records] == [
+        ("/a", 200, 6000),
+        ("/b", 200, 5),
+    ]
+    assert len(upstream.streams) == 1
+
+
+def test_an_upstream_that_says_close_or_sends_past_the_body_is_not_used_again() -> None:
+    """After ``Connection: close``, or bytes past the Content-Length, the next request goes on
+    a new upstream connection (each fake connection answers from the start again)."""
+    policy = parse_http_policy()
+    for answer in (ok(b"hello", "Connection: close\r\n"), ok(b"hello") + b"HTTP/1.1 200"):
+        events, _, upstream = serve(get("/a") + get("/b"), policy, [answer])
+        assert [(status, body) for status, _, body in responses(events)] == [
+            (200, b"hello"),
+            (200, b"hello"),
+        ]
+        assert len(upstream.streams) == 2
+
+
+def test_an_upstream_that_closes_inside_a_sized_body_ends_the_connection() -> None:
+    """The job gets what came, then the end of the connection: never a complete response."""
+    events, records, _ = serve(get("/a") + get("/b"), parse_http_policy(), [ok(b"x" * 100)[:-10]])
+    assert not any(isinstance(event, h11.EndOfMessage) for event in events)
+    assert records == []

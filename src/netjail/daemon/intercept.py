@@ -155,9 +155,10 @@ class HttpRelay:
         upstream = self._upstream
         if upstream is None:
             return
-        if upstream.conn.our_state is h11.DONE and upstream.conn.their_state is h11.DONE:
+        states = (upstream.conn.our_state, upstream.conn.their_state)
+        if states == (h11.DONE, h11.DONE):
             upstream.conn.start_next_cycle()
-        else:
+        elif states != (h11.IDLE, h11.IDLE):  # IDLE: a fresh one, after a sized body
             await self._close_upstream()
 
     async def _close_upstream(self) -> None:
@@ -285,9 +286,7 @@ class HttpRelay:
             stream = await self._connect()
             if isinstance(stream, UpstreamRefused):
                 return stream
-            self._upstream = _Upstream(
-                stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-            )
+            self._upstream = _Upstream(stream, _upstream_connection())
         return self._upstream
 
     def _upstream_headers(
@@ -344,6 +343,9 @@ class HttpRelay:
         await self._send_job(
             h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
         )
+        length = None if bodyless else _content_length(event)
+        if length is not None:
+            return event.status_code, await self._relay_sized_body(upstream, length), True
         received = 0
         while True:
             body = await _next_event(upstream.stream, upstream.conn)
@@ -355,6 +357,35 @@ class HttpRelay:
                 return event.status_code, received, True
             else:
                 raise _Closed
+
+    async def _relay_sized_body(self, upstream: _Upstream, length: int) -> int:
+        """A response body of ``length`` bytes (its Content-Length), sent on as it comes.
+
+        The bytes go past the upstream's h11, whose buffer would copy each one twice; the job's
+        side still counts them (``send_with_data_passthrough`` copies nothing). The upstream's
+        h11 connection is then replaced by a fresh one for the next request, which is what its
+        own next cycle would be, unless the response ends the connection (``Connection:
+        close``, HTTP/1.0) or bytes came past the body: then it is closed before the next.
+        """
+        keep_alive = upstream.conn.our_state is h11.DONE
+        data, _ = upstream.conn.trailing_data
+        left = length
+        while True:
+            if len(data) > left:
+                data, keep_alive = data[:left], False
+            if data:
+                left -= len(data)
+                for piece in self._server.send_with_data_passthrough(h11.Data(data=data)) or ():
+                    await self._job.send(piece)
+            if not left:
+                break
+            data = await upstream.stream.recv()
+            if not data:
+                raise _Closed
+        await self._send_job(h11.EndOfMessage())
+        if keep_alive:
+            upstream.conn = _upstream_connection()
+        return length
 
     async def _relay_redacted(
         self, upstream: _Upstream, response: h11.Response, *, bodyless: bool
@@ -482,6 +513,19 @@ class HttpRelay:
         data = upstream.conn.send(event)
         if data:
             await upstream.stream.send(data)
+
+
+def _upstream_connection() -> h11.Connection:
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+
+def _content_length(response: h11.Response) -> int | None:
+    """The body's length when the response is framed by Content-Length alone (h11 checked
+    the value), else None: chunked, or to the connection's end."""
+    lengths = [value for name, value in response.headers if name == b"content-length"]
+    if len(lengths) != 1 or any(name == b"transfer-encoding" for name, _ in response.headers):
+        return None
+    return int(lengths[0])
 
 
 async def _next_event(stream: Stream, conn: h11.Connection) -> h11.Event | type[h11.PAUSED]:

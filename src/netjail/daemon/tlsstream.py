@@ -131,7 +131,9 @@ class TlsStream:
                 return b""
             if self._on_session is not None:
                 self._offer_session()
-            return first + self._read_buffered(READ_SIZE - len(first))
+            if not self._in.pending:
+                return first
+            return b"".join(self._read_buffered([first], READ_SIZE - len(first)))
 
     def _offer_session(self) -> None:
         """Hand the session on once: in TLS 1.3 its ticket comes after the handshake, with
@@ -141,10 +143,10 @@ class TlsStream:
             self._on_session(session)
             self._on_session = None
 
-    def _read_buffered(self, limit: int) -> bytes:
-        """More plaintext from records already received (one read gives one record, at most
-        16 KiB), so the relay handles a socket read's worth at once."""
-        chunks: list[bytes] = []
+    def _read_buffered(self, chunks: list[bytes], limit: int) -> list[bytes]:
+        """``chunks`` and more plaintext from records already received (one read gives one
+        record, at most 16 KiB), so the relay handles a socket read's worth at once (joined
+        once, by the caller)."""
         while limit > 0 and self._in.pending:
             try:
                 chunk = self._tls.read(limit)
@@ -152,7 +154,7 @@ class TlsStream:
                 break
             chunks.append(chunk)
             limit -= len(chunk)
-        return b"".join(chunks)
+        return chunks
 
     async def send(self, data: bytes) -> None:
         self._tls.write(data)
