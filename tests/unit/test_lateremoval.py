@@ -44,7 +44,7 @@ def test_a_removal_is_retried_until_it_succeeds_then_what_follows_runs() -> None
 
     async def scenario() -> list[str]:
         late = LateRemovals(first_s=0.01, max_s=0.02)
-        late.add("j-00000001", removal, lambda: then.append("released"), log)
+        late.add("j-00000001", removal, lambda: then.append("released"), log, error="busy")
         assert late.pending == ["j-00000001"]
         async with asyncio.timeout(5):
             while late.pending:
@@ -67,7 +67,7 @@ def test_the_stop_tries_once_more_before_its_pause_is_over() -> None:
 
     async def scenario() -> list[str]:
         late = LateRemovals(first_s=60)
-        late.add("j-00000002", removal, lambda: then.append("released"), log)
+        late.add("j-00000002", removal, lambda: then.append("released"), log, error="busy")
         removal.left = 0
         return await late.close(log)
 
@@ -81,7 +81,7 @@ def test_one_still_busy_at_the_stop_is_named_in_an_error_and_its_follow_up_never
 
     async def scenario() -> list[str]:
         late = LateRemovals(first_s=0.01, final_s=0.05)
-        late.add("j-00000003", Flaky(10**6), lambda: then.append("released"), log)
+        late.add("j-00000003", Flaky(10**6), lambda: then.append("released"), log, error="busy")
         return await late.close(log)
 
     assert run(scenario()) == ["j-00000003"]
@@ -99,7 +99,7 @@ def test_a_follow_up_that_fails_is_logged_and_does_not_end_the_loop() -> None:
 
     async def scenario() -> list[str]:
         late = LateRemovals(first_s=0.01)
-        late.add("j-00000004", Flaky(0), broken, log)
+        late.add("j-00000004", Flaky(0), broken, log, error="busy")
         async with asyncio.timeout(5):
             while late.pending:
                 await asyncio.sleep(0.01)

@@ -208,12 +208,13 @@ async def make_cgroup(
     async def remove() -> None:
         try:
             await asyncio.to_thread(_kill_and_remove, cgroup)
-        except BaseException:
+        except BaseException as e:
+            # Not given up on: retried in the background, its uid and record kept meanwhile.
             removal.failed = True
-            ctx.late_removals.add(
-                job_id, functools.partial(_kill_and_remove, cgroup), removal.removed, ctx.log
-            )
-            raise
+            retry = functools.partial(_kill_and_remove, cgroup)
+            ctx.late_removals.add(job_id, retry, removal.removed, ctx.log, error=str(e))
+            if not isinstance(e, Exception):
+                raise
 
     push_undo(stack, ctx, "cgroup", remove)
     return cgroup

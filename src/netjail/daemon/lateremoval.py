@@ -32,9 +32,9 @@ class _Pending:
     what: str
     remove: Callable[[], None]
     then: Callable[[], None]
+    error: str
     since: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
-    error: str = ""
 
 
 class LateRemovals:
@@ -58,14 +58,25 @@ class LateRemovals:
         return [p.what for p in self._pending]
 
     def add(
-        self, what: str, remove: Callable[[], None], then: Callable[[], None], log: Log
+        self,
+        what: str,
+        remove: Callable[[], None],
+        then: Callable[[], None],
+        log: Log,
+        *,
+        error: str,
     ) -> None:
         """Retry ``remove`` (blocking; it runs on a worker thread) until it succeeds, then call
-        ``then`` on the loop. ``what`` names it in the log."""
-        entry = _Pending(what, remove, then)
+        ``then`` on the loop. ``what`` names it in the log; ``error`` is why it failed first."""
+        entry = _Pending(what, remove, then, error=error)
         self._pending.append(entry)
         entry.task = asyncio.get_running_loop().create_task(self._retry(entry, log))
-        log("warning", "cannot remove a job's cgroup yet; retrying in the background", cgroup=what)
+        log(
+            "warning",
+            "cannot remove a job's cgroup yet; retrying in the background",
+            cgroup=what,
+            error=error,
+        )
 
     async def _retry(self, entry: _Pending, log: Log) -> None:
         pause = self._first_s
