@@ -315,10 +315,7 @@ class HttpRelay:
             event = await _next_event(self._job, self._server)
             if isinstance(event, h11.Data):
                 sent += len(event.data)
-                # As it came from the job's h11 (no join, so no copy): TLS takes any buffer.
-                data = h11.Data(data=event.data)
-                for piece in upstream.conn.send_with_data_passthrough(data) or ():
-                    await upstream.stream.send(piece)
+                await self._send_upstream(upstream, h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 await self._send_upstream(upstream, h11.EndOfMessage())
                 return sent
