@@ -138,9 +138,11 @@ def home_mounts(under: str) -> list[str]:
 
 def state_leftovers(state_dir: str) -> list[str]:
     """What of its jobs is left in a daemon's state directory: a HOME (its directory under
-    homes/, or its mount) or a uid lease (a file under uids/). A stopped daemon leaves none."""
+    homes/, or its mount), a uid lease (a file under uids/) or a job's record (jobs/<job>.json,
+    kept while its cgroup could not be removed; a pool jail's is there while it is warm). A
+    stopped daemon leaves none."""
     found = home_mounts(os.path.join(state_dir, "homes"))
-    for part in ("homes", "uids"):
+    for part in ("homes", "uids", "jobs"):
         directory = os.path.join(state_dir, part)
         with contextlib.suppress(FileNotFoundError):
             found += [os.path.join(directory, name) for name in sorted(os.listdir(directory))]
@@ -162,8 +164,9 @@ def note_stopped(daemon: Daemon) -> None:
 
 
 def _leftover_job(path: str) -> str:
-    """The job a state leftover is of: a HOME is named <job>, a lease <uid>.<job>."""
-    return os.path.basename(path).rpartition(".")[2]
+    """The job a state leftover is of: a HOME is named <job>, a lease <uid>.<job>, a record
+    <job>.json."""
+    return os.path.basename(path).removesuffix(".json").rpartition(".")[2]
 
 
 def assert_leased_uid(report: Report, daemon: Daemon) -> None:
@@ -433,7 +436,7 @@ def no_leaks(client: Client) -> Iterator[None]:
     [serving] = [d for d in STARTED if d.socket == client.socket and d.process.poll() is None]
     # HOMEs are named <job>, leases <uid>.<job>.
     left = state_leftovers(serving.state_dir)
-    assert [p for p in left if os.path.basename(p).rpartition(".")[2] in ours] == []
+    assert [p for p in left if _leftover_job(p) in ours] == []
 
 
 @pytest.fixture(scope="module")
