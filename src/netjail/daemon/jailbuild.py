@@ -121,9 +121,14 @@ class CgroupRemoval:
     failed: bool = False
     _then: list[Callable[[], None]] = field(default_factory=list)
 
-    def when_removed(self, then: Callable[[], None]) -> None:
-        """Call ``then`` once the cgroup is gone after all."""
-        self._then.append(then)
+    def once_removed(self, then: Callable[[], None]) -> bool:
+        """Call ``then`` now, or, if the cgroup could not be removed, once it is gone after
+        all; whether it waits."""
+        if self.failed:
+            self._then.append(then)
+            return True
+        then()
+        return False
 
     def removed(self) -> None:
         for then in self._then:
@@ -166,14 +171,7 @@ def write_record(
     goes last, and only once the job's cgroup is gone: while that is still being retried, the
     record is what recovery at the next start finds it by."""
     ctx.records.write(job_id, netns_name, time.time())
-
-    def remove() -> None:
-        if removal.failed:
-            removal.when_removed(lambda: ctx.records.remove(job_id))
-            return
-        ctx.records.remove(job_id)
-
-    stack.callback(remove)
+    stack.callback(removal.once_removed, functools.partial(ctx.records.remove, job_id))
 
 
 def lease_uid(
@@ -185,11 +183,8 @@ def lease_uid(
     lease = ctx.uids.lease(job_id)
 
     def release() -> None:
-        if removal.failed:
+        if removal.once_removed(functools.partial(ctx.uids.release, lease)):
             ctx.log("warning", "uid kept leased: the job's cgroup is still there", uid=lease.uid)
-            removal.when_removed(lambda: ctx.uids.release(lease))
-            return
-        ctx.uids.release(lease)
 
     stack.callback(release)
     return FixedUser(lease.uid, lease.gid)

@@ -209,10 +209,12 @@ class JobManager:
             self.jobs.pop(job.id, None)
             job.removed.set()
 
-    async def _collect_reaping(self, job: Job) -> None:
-        """Wait for the init's reaping (bounded: a fork server that ended took it with it)."""
+    async def _collect_reaping(self, job: Job) -> ExitStatus | None:
+        """The init's reaping, with its rusage (bounded: None if a fork server that ended took
+        it with it)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ctx.host.wait(job.process.pid), _REAPING_S)
+            return await asyncio.wait_for(self.ctx.host.wait(job.process.pid), _REAPING_S)
+        return None
 
     async def _wait(self, job: Job) -> JobExit:
         """The command's end, with nothing else of the job left running; past the timeout,
@@ -240,8 +242,9 @@ class JobManager:
                 error=remains.usage_error,
             )
             # The CPU figures then come from the init's rusage, once it is reaped.
-            with contextlib.suppress(Exception):
-                status = await asyncio.wait_for(self.ctx.host.wait(job.process.pid), _REAPING_S)
+            reaped_status = await self._collect_reaping(job)
+            if reaped_status is not None:
+                status = reaped_status
         # Packets are logged synchronously with the send, so all the job's messages are
         # already queued (NFLOG socket or kernel log): read them before the jail goes.
         self._read_pending_events(job)

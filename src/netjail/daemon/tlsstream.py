@@ -131,8 +131,7 @@ class TlsStream:
                 return b""
             if self._on_session is not None:
                 self._offer_session()
-            if not self._in.pending:
-                return first
+            # One join (of one item: no copy when nothing more is buffered).
             return b"".join(self._read_buffered([first], READ_SIZE - len(first)))
 
     def _offer_session(self) -> None:
