@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
 import socket
 import struct
@@ -368,6 +369,60 @@ def test_tcp_connections_beyond_the_bound_are_closed_at_once(
             finally:
                 first_writer.close()
             assert len(running.events) == 2
+
+    run(main())
+
+
+class _OutOfDescriptors(socket.socket):
+    """A listener whose first ``failures`` accepts fail with EMFILE (the connection stays
+    queued, as the kernel leaves it), counting every call."""
+
+    failures = 1
+    calls = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        type(self).calls += 1
+        if type(self).failures:
+            type(self).failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+def test_tcp_out_of_descriptors_pauses_accepting_then_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accept() failing with EMFILE stops the stub watching the listener (it would spin: the
+    connection stays queued) until a retry, which then serves the connection."""
+    monkeypatch.setattr(dnsstub, "_ACCEPT_RETRY_S", 0.2)
+
+    async def main() -> None:
+        stub = DnsStub(
+            job_id=JOB,
+            uid=1000,
+            policy=Policy.parse(["allowed.example"]),
+            pool=SyntheticPool(),
+            blocked_rcode="NXDOMAIN",
+            record=lambda event: None,
+        )
+        listener = _OutOfDescriptors(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        try:
+            await stub.start([], [listener])
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            try:
+                await asyncio.sleep(0.1)
+                # One failed accept, then no more tries while paused (a spin makes thousands).
+                assert _OutOfDescriptors.calls == 1
+                answer = await asyncio.wait_for(
+                    ask_tcp(writer, reader, query("allowed.example", ident=7)), 5
+                )
+                assert dns.message.from_wire(answer).id == 7
+            finally:
+                writer.close()
+        finally:
+            stub.close()
+        assert listener.fileno() == -1  # the stub owns its listeners: closed with it
 
     run(main())
 
