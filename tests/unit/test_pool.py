@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from netjail.daemon import pool as pool_module
 from netjail.daemon.config import Config, Jail
 from netjail.daemon.jobs import JobManager
 from netjail.daemon.pipeline import JailContext, Job
@@ -116,6 +117,80 @@ def test_a_job_claims_a_warm_jail_and_its_jail_goes_with_it(
     assert host.live() == []
     assert os.listdir(ctx.records.directory) == []
     assert ctx.uids.held == []
+
+
+def test_a_lone_job_s_jail_is_replaced_after_its_report(
+    host: FakeJailHost, ctx: JailContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no other job about, the claimed jail's replacement is not built beside the job
+    (it would slow its start): it is built once the job's report is out."""
+    monkeypatch.setattr(pool_module, "REFILL_AFTER_CLAIM_S", 30.0)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        manager = JobManager(ctx, pool_size=SIZE)
+        await warm(manager)
+        host.journal.clear()
+        job = await manager.start(spec(user=LeasedUser()), [], None)
+        await asyncio.sleep(0.05)
+        while_running = list(host.journal)
+        host.end(job.process.pid, exited(0))
+        await finish(job)
+        await warm(manager)
+        after = list(host.journal)
+        await manager.shutdown()
+        return while_running, after
+
+    while_running, after = run(scenario())
+    assert "start_standby" in while_running
+    assert "create_cgroup" not in while_running
+    assert "create_cgroup" in after
+    assert host.live() == []
+
+
+def test_a_lone_job_that_runs_on_has_its_jail_replaced_after_a_while(
+    host: FakeJailHost, ctx: JailContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that runs longer than ``REFILL_AFTER_CLAIM_S`` does not hold up the refill."""
+    monkeypatch.setattr(pool_module, "REFILL_AFTER_CLAIM_S", 0.05)
+
+    async def scenario() -> int:
+        manager = JobManager(ctx, pool_size=SIZE)
+        await warm(manager)
+        job = await manager.start(spec(user=LeasedUser()), [], None)
+        await warm(manager)  # while the job still runs
+        ready = manager.pool.ready
+        host.end(job.process.pid, exited(0))
+        await finish(job)
+        await manager.shutdown()
+        return ready
+
+    assert run(scenario()) == SIZE
+    assert host.live() == []
+
+
+def test_under_load_a_claimed_jail_is_replaced_at_once(
+    host: FakeJailHost, ctx: JailContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another job runs, the pool refills at the claim: it serves a load."""
+    monkeypatch.setattr(pool_module, "REFILL_AFTER_CLAIM_S", 30.0)
+
+    async def scenario() -> bool:
+        manager = JobManager(ctx, pool_size=SIZE)
+        await warm(manager)
+        first = await manager.start(spec(user=LeasedUser()), [], None)
+        await asyncio.sleep(0.05)  # a lone job's: deferred
+        host.journal.clear()
+        second = await manager.start(spec(user=LeasedUser()), [], None)
+        await until(lambda: "create_cgroup" in host.journal)
+        running = not first.finished.done() and not second.finished.done()
+        for job in (first, second):
+            host.end(job.process.pid, exited(0))
+            await finish(job)
+        await manager.shutdown()
+        return running
+
+    assert run(scenario()) is True
+    assert host.live() == []
 
 
 def test_pool_jails_are_not_jobs(host: FakeJailHost, ctx: JailContext) -> None:

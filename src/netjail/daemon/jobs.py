@@ -101,7 +101,13 @@ class JobManager:
         self.ctx = ctx
         self._teardowns = asyncio.Semaphore(TEARDOWNS_AT_ONCE)
         #: Warm jails (jail.pool_size); started by ``start_pool``, once the daemon serves.
-        self.pool = JailPool(ctx, pool_size, self._teardowns)
+        self.pool = JailPool(
+            ctx,
+            pool_size,
+            self._teardowns,
+            # Besides the one claiming, which counts as starting.
+            others_busy=lambda: self._starting + len(self.jobs) > 1,
+        )
         self.jobs: dict[str, Job] = {}
         self.jobs_total = 0
         #: The most jobs built or running at once (``max_jobs``); past it, a new one is busy.
@@ -200,9 +206,10 @@ class JobManager:
             if not job.finished.done():
                 job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))
         finally:
-            # After the report: the client has it; the init's reaping is collected (its exit
-            # was still under way), and the jail goes, in reverse build order, a bounded number
-            # at once.
+            # After the report: the client has it; the pool replaces what the job's claim took,
+            # the init's reaping is collected (its exit was still under way), and the jail
+            # goes, in reverse build order, a bounded number at once.
+            self.pool.refill()
             await self._collect_reaping(job)
             async with self._teardowns:
                 await job.teardown.aclose()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -54,6 +55,9 @@ from netjail.policy import Policy
 #: Pool jails built at once. Each build waits mostly on the kernel (the standby's first
 #: migration into its cgroup), so two overlap well on two cores without starving the jobs.
 BUILDERS = 2
+#: A lone job's claimed jail is replaced once its report is out, or this long after the
+#: claim if that comes first.
+REFILL_AFTER_CLAIM_S = 0.1
 #: After a failed build, the next waits this long, doubling up to the maximum.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
@@ -78,8 +82,17 @@ class _PoolJail:
 class JailPool:
     """Up to ``size`` warm jails; owned by the daemon's loop (``start`` ... ``close``)."""
 
-    def __init__(self, ctx: JailContext, size: int, teardowns: asyncio.Semaphore) -> None:
+    def __init__(
+        self,
+        ctx: JailContext,
+        size: int,
+        teardowns: asyncio.Semaphore,
+        *,
+        others_busy: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.ctx = ctx
+        #: Whether jobs other than the one claiming are starting or running (the manager's).
+        self._others_busy = others_busy
         self.size = size
         self._teardowns = teardowns
         self._idle: deque[_PoolJail] = deque()
@@ -148,14 +161,22 @@ class JailPool:
 
     async def claim(self, stack: AsyncExitStack, spec: JobSpec) -> BuiltJail | None:
         """A warm jail fitted to ``spec``, its undos on ``stack``; None if there is none to
-        have (the caller builds one cold)."""
+        have (the caller builds one cold). Its replacement is built at once while other jobs
+        start or run; for a lone job, after its report (``refill``), or
+        ``REFILL_AFTER_CLAIM_S`` after the claim if that comes first."""
         limits = limits_of(spec)
         pooled = self._take(limits, base_fs_plan(self.ctx, fs_sizes(spec.jail)))
         if pooled is None:
             if self.size > 0:
                 self.missed += 1
             return None
-        self._wanted.set()
+        if self._others_busy():
+            self._wanted.set()  # the pool serves a load: refill at once
+        else:
+            # A lone job: a build beside its start would take the loop and a core from it (on
+            # two cores the fork server then waited ~0.4 ms for one to read the job's plan).
+            # Its report calls ``refill``; a job that runs longer gets it after a while.
+            asyncio.get_running_loop().call_later(REFILL_AFTER_CLAIM_S, self._wanted.set)
         try:
             await fit_jail(self.ctx, pooled, spec, limits)
         except Exception as e:
@@ -170,6 +191,10 @@ class JailPool:
         stack.push_async_callback(pooled.teardown.aclose)
         self.claimed += 1
         return pooled.jail
+
+    def refill(self) -> None:
+        """Wake the builders for the jails claims took (a job's report calls it)."""
+        self._wanted.set()
 
     def _take(self, limits: cgroups.Limits, base: FsPlan) -> _PoolJail | None:
         for pooled in self._idle:
