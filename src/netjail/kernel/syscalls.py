@@ -98,6 +98,20 @@ _libc.posix_spawn_file_actions_adddup2.argtypes = [ctypes.c_void_p, ctypes.c_int
 _libc.posix_spawn_file_actions_addclose.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libc.posix_spawnattr_setpgroup.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libc.posix_spawnattr_setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
+# Every function the job's init calls is looked up here, at import, with its prototype:
+# looked up in the init, a fork of the fork server, each would be a dlsym and new objects
+# there (copy-on-write faults included), for every job.
+for _name in (
+    "posix_spawn_file_actions_init",
+    "posix_spawn_file_actions_destroy",
+    "posix_spawnattr_init",
+    "posix_spawnattr_destroy",
+    "sigemptyset",
+    "sigfillset",
+):
+    getattr(_libc, _name).argtypes = [ctypes.c_void_p]
+_libc.posix_spawnattr_setsigmask.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.posix_spawnattr_setsigdefault.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 #: glibc 2.35 and later: the child takes the terminal's foreground before it execs.
 _addtcsetpgrp = getattr(_libc, "posix_spawn_file_actions_addtcsetpgrp_np", None)
 if _addtcsetpgrp is not None:
@@ -110,6 +124,12 @@ _POSIX_SPAWN_SETSIGMASK = 0x08
 #: Room for glibc's opaque posix_spawn_file_actions_t (80 bytes), posix_spawnattr_t (336) and
 #: sigset_t (128), with margin: they are only ever handled by glibc.
 _OPAQUE = 1024
+#: The spawned command's signal mask (none blocked) and the signals it gets at their default
+#: (all), made once: glibc copies them into each spawn's attributes.
+_NO_SIGNALS = ctypes.create_string_buffer(_OPAQUE)
+_ALL_SIGNALS = ctypes.create_string_buffer(_OPAQUE)
+_libc.sigemptyset(_NO_SIGNALS)
+_libc.sigfillset(_ALL_SIGNALS)
 _libc.prctl.argtypes = [
     ctypes.c_int,
     ctypes.c_ulong,
@@ -129,6 +149,9 @@ class _CapData(ctypes.Structure):
         ("permitted", ctypes.c_uint32),
         ("inheritable", ctypes.c_uint32),
     ]
+
+
+_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 
 def _check(result: int, what: str) -> None:
@@ -258,10 +281,6 @@ def spawn_command(
     """
     actions = ctypes.create_string_buffer(_OPAQUE)
     attr = ctypes.create_string_buffer(_OPAQUE)
-    no_signals = ctypes.create_string_buffer(_OPAQUE)
-    all_signals = ctypes.create_string_buffer(_OPAQUE)
-    _libc.sigemptyset(no_signals)
-    _libc.sigfillset(all_signals)
     _libc.posix_spawn_file_actions_init(actions)
     _libc.posix_spawnattr_init(attr)
     try:
@@ -279,8 +298,8 @@ def spawn_command(
             attr, _POSIX_SPAWN_SETPGROUP | _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK
         )
         _libc.posix_spawnattr_setpgroup(attr, 0)
-        _libc.posix_spawnattr_setsigmask(attr, no_signals)
-        _libc.posix_spawnattr_setsigdefault(attr, all_signals)
+        _libc.posix_spawnattr_setsigmask(attr, _NO_SIGNALS)
+        _libc.posix_spawnattr_setsigdefault(attr, _ALL_SIGNALS)
         args = (ctypes.c_char_p * (len(argv) + 1))(*(a.encode() for a in argv), None)
         pairs = [f"{key}={value}".encode() for key, value in env.items()]
         envp = (ctypes.c_char_p * (len(pairs) + 1))(*pairs, None)
