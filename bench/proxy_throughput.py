@@ -22,6 +22,12 @@ throughputs (targets: proxied ≥ 0.5 of direct, intercepted ≥ 0.5 of direct T
 latency (targets: < 1 ms p50 proxied, ≤ 2 ms intercepted), and the added latency of each run's
 first connection (for a job: a new leaf certificate, a full upstream handshake; later ones
 resume the upstream's TLS session).
+
+Last, the CPU seconds each process took per round (the client: the job's cgroup when jailed;
+the upstream: this process's threads; netjaild), and the ceiling they set on the TLS ratio:
+intercepted, every byte is decrypted and encrypted twice, once more in netjaild, so when the
+direct run already keeps every CPU busy the ratio can be no higher than direct's CPU seconds
+over intercepted's.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import socket
 import ssl
@@ -190,6 +197,37 @@ def answer(raw: socket.socket, chunk: bytes, context: ssl.SSLContext | None) -> 
             size -= conn.send(chunk[: min(size, len(chunk))])
 
 
+def own_cpu_s() -> float:
+    """CPU seconds of this process so far: the upstream's threads, mostly."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pid(sock: str) -> int:
+    """The private daemon's pid, found by its socket argument."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"netjail.daemon" in argv and sock.encode() in argv:
+                return int(entry)
+    raise SystemExit("cannot find the private daemon's process")
+
+
 #: The four ways, in the order of each round: (label, TLS, through netjail).
 WAYS = (
     ("direct (host loopback)", False, False),
@@ -221,11 +259,14 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in WAYS}
     config = f'[proxy]\nupstream_ca = "{ca_file}"\n'
     with private_daemon(config=config) as sock:
+        daemon = daemon_pid(sock)
         # Alternate the ways, so that drift in the machine's speed touches all alike.
         for _ in range(args.rounds):
             for label, tls, jailed in WAYS:
                 client_args = [str(ports[tls]), str(size), str(args.connects), str(int(tls))]
+                upstream_cpu, daemon_cpu = own_cpu_s(), process_cpu_s(daemon)
                 if not jailed:
+                    client_cpu = children_cpu_s()
                     done = subprocess.run(
                         [PY, "-c", CLIENT, "127.0.0.1", NAME, *client_args],
                         capture_output=True,
@@ -233,6 +274,11 @@ def main() -> None:
                         env={**os.environ, "SSL_CERT_FILE": ca_file},
                     )
                     runs[label].append(json.loads(done.stdout))
+                    runs[label][-1]["cpu"] = {
+                        "client": children_cpu_s() - client_cpu,
+                        "upstream": own_cpu_s() - upstream_cpu,
+                        "netjaild": process_cpu_s(daemon) - daemon_cpu,
+                    }
                     continue
                 # --intercept alone would allow ports 80 and 443: the upstream's is another.
                 policy = {"allow": [f"{NAME}:{ports[tls]}"], "intercept": [NAME] if tls else []}
@@ -248,6 +294,13 @@ def main() -> None:
                     raise SystemExit(f"job failed: {result.stderr!r}")
                 assert result.stdout is not None
                 runs[label].append(json.loads(result.stdout))
+                runs[label][-1]["cpu"] = {
+                    # The job's own, from its cgroup (the report's figures).
+                    "client": (result.report.cpu_user_s or 0.0)
+                    + (result.report.cpu_system_s or 0.0),
+                    "upstream": own_cpu_s() - upstream_cpu,
+                    "netjaild": process_cpu_s(daemon) - daemon_cpu,
+                }
     for listener in listeners:
         listener.close()
     shutil.rmtree(directory, ignore_errors=True)
@@ -295,6 +348,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> N
         print(
             f"{way}: added latency of the first connection of a run, median {firsts * 1e3:.3f} ms"
         )
+    print_cpu(runs, labels)
     with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
         host_cc = f.read().strip()
     print(
@@ -306,6 +360,37 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> N
         "name lookup p50 in the jail (DNS stub; the host run reads no DNS for 127.0.0.1): "
         f"{statistics.median(lookups) * 1e3:.3f} ms"
     )
+
+
+def print_cpu(runs: dict[str, list[dict[str, Any]]], labels: list[str]) -> None:
+    """CPU seconds a round took, by process, and what they bound the TLS ratio to.
+
+    Each round moves the same bytes either way. When the direct run already keeps every CPU
+    busy, the intercepted run can go no faster than its CPU seconds spread over all CPUs, so
+    the ratio of throughputs can be no higher than direct's CPU seconds over intercepted's.
+    """
+    cpus = os.cpu_count() or 1
+    print(f"\nCPU seconds per round, medians ({cpus} CPUs; client: the job's cgroup when jailed)")
+    totals = {}
+    for label in labels:
+        parts = {k: statistics.median(run["cpu"][k] for run in runs[label]) for k in CPU_PARTS}
+        totals[label] = sum(parts.values())
+        walls = statistics.median(run["seconds"] + run["upload"] for run in runs[label])
+        cells = "  ".join(f"{k} {v:6.2f}" for k, v in parts.items())
+        print(
+            f"{label:24} {cells}  all {totals[label]:6.2f}"
+            f"  (bulk wall {walls:5.2f} s, {totals[label] / walls:.2f} CPUs busy)"
+        )
+    direct, intercepted = totals[labels[2]], totals[labels[3]]
+    print(
+        f"intercepted (TLS, h11) / direct TLS, CPU-bound ceiling of the throughput ratio: "
+        f"{direct / intercepted:.2f} (direct's CPU seconds over intercepted's; it binds when"
+        f" direct keeps all {cpus} CPUs busy)"
+    )
+
+
+#: The processes whose CPU a round counts.
+CPU_PARTS = ("client", "upstream", "netjaild")
 
 
 if __name__ == "__main__":
