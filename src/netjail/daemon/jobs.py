@@ -19,7 +19,7 @@ from netjail.daemon.intake import EventSink
 from netjail.daemon.jobstdio import drain_capture
 from netjail.daemon.metrics import DaemonState, Metrics, outcome_of
 from netjail.daemon.pipeline import JailContext, Job, NflogSource, start_job
-from netjail.daemon.pool import JailPool
+from netjail.daemon.pool import REFILL_AFTER_REPORT_S, JailPool
 from netjail.daemon.report import Ending, build_report
 from netjail.daemon.spec import JobSpec
 from netjail.errors import BusyError, JailError, NotFoundError
@@ -207,9 +207,11 @@ class JobManager:
                 job.finished.set_exception(JailError(f"job {job.id} failed: {e}"))
         finally:
             # After the report: the client has it; the pool replaces what the job's claim took,
-            # the init's reaping is collected (its exit was still under way), and the jail
-            # goes, in reverse build order, a bounded number at once.
-            self.pool.refill()
+            # once the report is written (woken now, its builder would run ahead of the
+            # connection's task that sends it); the init's reaping is collected (its exit was
+            # still under way), and the jail goes, in reverse build order, a bounded number at
+            # once.
+            asyncio.get_running_loop().call_later(REFILL_AFTER_REPORT_S, self.pool.refill)
             await self._collect_reaping(job)
             async with self._teardowns:
                 await job.teardown.aclose()

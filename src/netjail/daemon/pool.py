@@ -58,6 +58,9 @@ BUILDERS = 2
 #: A lone job's claimed jail is replaced once its report is out, or this long after the
 #: claim if that comes first.
 REFILL_AFTER_CLAIM_S = 0.1
+#: ... "once its report is out": this long after the report is made, by when its connection
+#: has written it.
+REFILL_AFTER_REPORT_S = 0.005
 #: After a failed build, the next waits this long, doubling up to the maximum.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
