@@ -197,6 +197,30 @@ def test_hybrid_usage_reads_v1_accounting(tmp_path: Path) -> None:
     assert job.usage() == ResourceUsage(2.5, 0.25, 8388608, 7, oom_killed=True)
 
 
+def test_hybrid_usage_reads_no_cpu_source_it_does_not_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With cpuacct's ns counters there, neither cpuacct.stat nor cgroup2's cpu.stat is read:
+    the job's end waits for these reads."""
+    manager, fs = hybrid_manager(tmp_path)
+    job = manager.create_job("j1", Limits())
+    cpuacct = Path(job.directories[2])
+    (cpuacct / "cpuacct.usage_user").write_text("2500000000\n")
+    (cpuacct / "cpuacct.usage_sys").write_text("250000000\n")
+    read, names = fs.read, []
+
+    def recording(path: str) -> str:
+        names.append(os.path.basename(path))
+        return read(path)
+
+    monkeypatch.setattr(fs, "read", recording)
+    usage = job.usage()
+    assert (usage.cpu_user_s, usage.cpu_system_s) == (2.5, 0.25)
+    assert "cpuacct.usage_user" in names
+    assert "cpuacct.stat" not in names
+    assert "cpu.stat" not in names
+
+
 def test_hybrid_usage_is_none_where_the_kernel_cannot_tell(tmp_path: Path) -> None:
     """Without pids.peak or cpuacct usage files, usage() says None instead of guessing."""
     manager, _fs = hybrid_manager(tmp_path, omit={"pids.peak", "cpuacct.usage_user"})

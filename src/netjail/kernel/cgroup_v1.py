@@ -59,14 +59,24 @@ def plan_v1_limits(
 def read_v1_usage(fs: CgroupFs, dirs: Mapping[Role, str]) -> ResourceUsage:
     """What the job used, from its v1 accounting files (and cgroup2 cpu.stat, if it has one)."""
     cpuacct, memory = dirs.get("cpuacct"), dirs.get("memory")
+    # The CPU time's sources in the order usage_from_v1 prefers them, each read only when
+    # those before it are missing: the job's end waits for these reads.
+    user = read_optional(fs, cpuacct, "cpuacct.usage_user")
+    system = read_optional(fs, cpuacct, "cpuacct.usage_sys") if user is not None else None
+    stat = read_optional(fs, cpuacct, "cpuacct.stat") if system is None else None
+    unified = (
+        read_optional(fs, dirs.get("unified"), "cpu.stat")
+        if system is None and stat is None
+        else None
+    )
     files = V1UsageFiles(
-        cpuacct_usage_user=read_optional(fs, cpuacct, "cpuacct.usage_user"),
-        cpuacct_usage_sys=read_optional(fs, cpuacct, "cpuacct.usage_sys"),
-        cpuacct_stat=read_optional(fs, cpuacct, "cpuacct.stat"),
+        cpuacct_usage_user=user,
+        cpuacct_usage_sys=system,
+        cpuacct_stat=stat,
         memory_max_usage_in_bytes=read_optional(fs, memory, "memory.max_usage_in_bytes"),
         memory_oom_control=read_optional(fs, memory, "memory.oom_control"),
         pids_peak=read_optional(fs, dirs.get("pids"), "pids.peak"),
-        unified_cpu_stat=read_optional(fs, dirs.get("unified"), "cpu.stat"),
+        unified_cpu_stat=unified,
     )
     return usage_from_v1(files, os.sysconf("SC_CLK_TCK"))
 
