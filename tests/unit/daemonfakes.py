@@ -120,6 +120,9 @@ class StubCgroup:
     def pids(self) -> list[int]:
         return []
 
+    def holds_other_than(self, pid: int) -> bool:
+        return False
+
     def kill_all(self, timeout: float = 2.0) -> None:
         pass
 

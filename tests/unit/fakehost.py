@@ -99,6 +99,9 @@ class FakeCgroup:
     def pids(self) -> list[int]:
         return list(self.members)
 
+    def holds_other_than(self, pid: int) -> bool:
+        return any(member != pid for member in self.members)
+
     def kill_all(self, timeout: float = 2.0) -> None:
         self.host.journal.append(f"kill_all {self.job_id}")
         self.members.clear()

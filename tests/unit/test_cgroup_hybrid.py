@@ -197,6 +197,34 @@ def test_hybrid_usage_reads_v1_accounting(tmp_path: Path) -> None:
     assert job.usage() == ResourceUsage(2.5, 0.25, 8388608, 7, oom_killed=True)
 
 
+def test_hybrid_holds_other_than_reads_the_first_hierarchy_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end's check for leftovers lists the first hierarchy's tree only (a sub-cgroup the
+    job made included): every process of the job is in all its cgroups at once."""
+    manager, fs = hybrid_manager(tmp_path)
+    job = manager.create_job("j1", Limits())
+    first = job.directories[0]
+    read, paths = fs.read, []
+
+    def recording(path: str) -> str:
+        paths.append(path)
+        return read(path)
+
+    monkeypatch.setattr(fs, "read", recording)
+    with sleeping_child() as init, sleeping_child() as other:
+        for procs in job.procs_files:
+            fs.write(procs, str(init.pid))
+        assert job.holds_other_than(init.pid) is False
+        sub = os.path.join(first, "inner")
+        fs.make_dir(sub)
+        fs.write(os.path.join(sub, "cgroup.procs"), str(other.pid))
+        assert job.holds_other_than(init.pid) is True
+        assert job.holds_other_than(other.pid) is True  # the init is the other one then
+    assert paths
+    assert all(path.startswith(first + "/") for path in paths)
+
+
 def test_hybrid_usage_reads_no_cpu_source_it_does_not_use(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -81,7 +81,7 @@ def read_remains(cgroup: JobCgroupHandle, init_pid: int) -> Remains:
     behind any cgroup migration under way on the host (a pool jail being built, say), and the
     wait for the init's own exit.
     """
-    if any(pid != init_pid for pid in cgroup.pids()):
+    if cgroup.holds_other_than(init_pid):
         cgroup.kill_all()
     try:
         return Remains(usage=cgroup.usage(), usage_error=None)

@@ -297,6 +297,23 @@ class JobCgroup:
                 found.update(parse_pids(procs))
         return sorted(found)
 
+    def holds_other_than(self, pid: int) -> bool:
+        """Whether the job's cgroups hold a process other than ``pid``, read from the first
+        hierarchy's tree alone: every process of the job is in all of them at once (its init
+        joins each before it forks anything, and nothing in the job may move a process), so
+        one lists them all, in a quarter of the reads on a hybrid host."""
+        for cgroup in self._fs.list_tree(self.directories[0]):
+            with cgroup_errors("list the processes of", cgroup):
+                try:
+                    procs = self._fs.read(os.path.join(cgroup, "cgroup.procs"))
+                except OSError as exc:
+                    if not is_gone(exc):
+                        raise
+                    continue  # removed while we looked: it holds nobody
+            if any(listed != pid for listed in parse_pids(procs)):
+                return True
+        return False
+
     def contains(self, pid: int) -> bool:
         """Whether process *pid* is in the job's cgroups."""
         return pid in self.pids()
