@@ -28,7 +28,7 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from netjail.errors import CgroupError, map_os_errors
@@ -286,15 +286,8 @@ class JobCgroup:
         """Every process in the job's cgroups (and any cgroups it made below them), sorted."""
         found: set[int] = set()
         for top in self.directories:
-            for cgroup in self._fs.list_tree(top):
-                with cgroup_errors("list the processes of", cgroup):
-                    try:
-                        procs = self._fs.read(os.path.join(cgroup, "cgroup.procs"))
-                    except OSError as exc:
-                        if not is_gone(exc):
-                            raise
-                        continue  # removed while we looked: it holds nobody
-                found.update(parse_pids(procs))
+            for listed in self._listed_in_tree(top):
+                found.update(listed)
         return sorted(found)
 
     def holds_other_than(self, pid: int) -> bool:
@@ -302,7 +295,14 @@ class JobCgroup:
         hierarchy's tree alone: every process of the job is in all of them at once (its init
         joins each before it forks anything, and nothing in the job may move a process), so
         one lists them all, in a quarter of the reads on a hybrid host."""
-        for cgroup in self._fs.list_tree(self.directories[0]):
+        return any(
+            any(other != pid for other in listed)
+            for listed in self._listed_in_tree(self.directories[0])
+        )
+
+    def _listed_in_tree(self, top: str) -> Iterator[list[int]]:
+        """The processes of each cgroup of ``top``'s tree, read as the walk reaches it."""
+        for cgroup in self._fs.list_tree(top):
             with cgroup_errors("list the processes of", cgroup):
                 try:
                     procs = self._fs.read(os.path.join(cgroup, "cgroup.procs"))
@@ -310,9 +310,7 @@ class JobCgroup:
                     if not is_gone(exc):
                         raise
                     continue  # removed while we looked: it holds nobody
-            if any(listed != pid for listed in parse_pids(procs)):
-                return True
-        return False
+            yield parse_pids(procs)
 
     def contains(self, pid: int) -> bool:
         """Whether process *pid* is in the job's cgroups."""
