@@ -58,8 +58,8 @@ BUILDERS = 2
 #: A lone job's claimed jail is replaced once its report is out, or this long after the
 #: claim if that comes first.
 REFILL_AFTER_CLAIM_S = 0.1
-#: ... "once its report is out": this long after the report is made, by when its connection
-#: has written it.
+#: How long after a lone job's report is made its jail's replacement starts: by then the
+#: job's connection has written the report.
 REFILL_AFTER_REPORT_S = 0.005
 #: After a failed build, the next waits this long, doubling up to the maximum.
 RETRY_MIN_S = 0.5
