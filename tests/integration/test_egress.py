@@ -168,6 +168,45 @@ def test_hard_coded_resolver_is_answered_by_the_stub_and_logged(
     assert_job_uid(query.uid, result, backend)
 
 
+def test_dns_over_tcp_is_answered_by_the_stub_and_logged(client: Client) -> None:
+    """A length-prefixed query over TCP to the jail's resolver is answered like a datagram:
+    an allowed name gets a synthetic address, and the event says tcp."""
+    code = (
+        "import socket\n"
+        "query = bytes.fromhex('beef01000001000000000000') + "
+        "b'\\x07allowed\\x07example\\x00' + bytes.fromhex('00010001')\n"
+        "s = socket.create_connection(('127.0.0.1', 53), timeout=20)\n"
+        "s.sendall(len(query).to_bytes(2, 'big') + query)\n"
+        "reply = b''\n"
+        "while len(reply) < 2 or len(reply) < 2 + int.from_bytes(reply[:2], 'big'):\n"
+        "    chunk = s.recv(4096)\n"
+        "    if not chunk: break\n"
+        "    reply += chunk\n"
+        "body = reply[2:]\n"
+        "print(body[:2].hex(), body[3] & 0x0F, int.from_bytes(body[6:8], 'big'))\n"
+        "print('.'.join(str(b) for b in body[-4:]))\n"
+    )
+    result = client.run(
+        [PY, "-c", code],
+        stdio="capture",
+        cwd="/",
+        allow=["allowed.example"],
+        on_event=lambda e: None,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout is not None
+    ids, address = result.stdout.decode().splitlines()
+    assert ids == "beef 0 1"  # our id, NOERROR, one answer
+    assert address.startswith("198.18.")  # from the synthetic pool
+    [query] = [e for e in result.events if e.kind == "dns"]
+    assert (query.proto, query.verdict, query.domain, query.qtype) == (
+        "tcp",
+        "allowed",
+        "allowed.example",
+        "A",
+    )
+
+
 def test_dns_over_tls_is_rejected_and_reported(client: Client, backend: Backend) -> None:
     """DNS over TLS (853) is not DNS to the stub: it is refused and logged like any TCP."""
     result = run(client, ["curl", "-sS", "--max-time", "20", "telnet://8.8.8.8:853"])
