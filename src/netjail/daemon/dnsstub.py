@@ -133,6 +133,9 @@ class DnsStub:
         except OSError:
             conn.close()
             return
+        except BaseException:  # cancelled: the jail is going away
+            conn.close()
+            raise
         await self._on_tcp(reader, writer)
 
     def _answer(self, query: bytes, proto: str, family: int, origin: Origin) -> bytes | None:
