@@ -441,29 +441,25 @@ async def read_first_bytes(conn: socket.socket, domain: str, port: int, wait_s: 
     loop = asyncio.get_running_loop()
     data = b""
     need: sniff.NeedMore | None = sniff.NeedMore(1)
-    deadline = loop.time() + wait_s
-    while need is not None:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
-        try:
-            chunk = await asyncio.wait_for(
-                loop.sock_recv(conn, sniff.MAX_FIRST_BYTES - len(data)), remaining
-            )
-        except TimeoutError:
-            break
-        except OSError:
-            # The job reset the connection before it could be checked: nothing to relay.
-            raise Blocked("client_reset") from None
-        if not chunk:
-            break
-        data += chunk
-        if (
-            len(data) >= sniff.MAX_FIRST_BYTES
-            or (need.needed is None and b"\n" in chunk)
-            or (need.needed is not None and len(data) >= need.needed)
-        ):
-            need = check_first_bytes(data, domain, port)
+    # One deadline for every read, and no task per read (as wait_for makes one): bytes already
+    # there are taken without a turn of the loop.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(loop.time() + wait_s):
+            while need is not None:
+                try:
+                    chunk = await loop.sock_recv(conn, sniff.MAX_FIRST_BYTES - len(data))
+                except OSError:
+                    # The job reset the connection before it could be checked: nothing to relay.
+                    raise Blocked("client_reset") from None
+                if not chunk:
+                    break
+                data += chunk
+                if (
+                    len(data) >= sniff.MAX_FIRST_BYTES
+                    or (need.needed is None and b"\n" in chunk)
+                    or (need.needed is not None and len(data) >= need.needed)
+                ):
+                    need = check_first_bytes(data, domain, port)
     if need is not None and check_first_bytes(data, domain, port) is not None:
         raise Blocked(
             "no_hello",
