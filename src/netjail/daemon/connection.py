@@ -215,10 +215,10 @@ class Connection:
                 self.send_error(ProtocolError(self._silence_message()))
                 return b"", []
             try:
-                # A busy connection has no deadline: look again in a while.
-                return await asyncio.wait_for(
-                    self._recv(), IDLE_TIMEOUT_S if left is None else left
-                )
+                # A busy connection has no deadline: look again in a while. No task per read
+                # (as wait_for makes one): a request already there is read at once.
+                async with asyncio.timeout(IDLE_TIMEOUT_S if left is None else left):
+                    return await self._recv()
             except TimeoutError:
                 continue
 
