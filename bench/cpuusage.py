@@ -38,26 +38,38 @@ def take_snapshot() -> CpuSnapshot:
     """Every process's CPU ticks so far, and the machine's."""
     procs = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        close = data.rindex(")")
-        fields = data[close + 2 :].split()
-        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-        procs[int(name)] = _Proc(
-            comm=data[data.index("(") + 1 : close],
-            ppid=int(fields[1]),
-            start=int(fields[19]),
-            own=utime + stime,
-            children=cutime + cstime,
-        )
+        if name.isdigit() and (proc := _read_proc(int(name))) is not None:
+            procs[int(name)] = proc
     with open("/proc/stat") as f:
         totals = tuple(int(x) for x in f.readline().split()[1:9])
     return CpuSnapshot(procs, totals)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU seconds process ``pid`` has used itself so far (OSError if it is gone)."""
+    proc = _read_proc(pid)
+    if proc is None:
+        raise ProcessLookupError(pid)
+    return proc.own / _HZ
+
+
+def _read_proc(pid: int) -> _Proc | None:
+    """Process ``pid``'s /proc/PID/stat; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    close = data.rindex(")")
+    fields = data[close + 2 :].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return _Proc(
+        comm=data[data.index("(") + 1 : close],
+        ppid=int(fields[1]),
+        start=int(fields[19]),
+        own=utime + stime,
+        children=cutime + cstime,
+    )
 
 
 def _kernel_thread(pid: int, proc: _Proc) -> bool:

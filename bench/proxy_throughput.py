@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from _common import percentile, private_daemon
+from cpuusage import cpu_seconds
 from netjail import Client
 
 PY = "/usr/bin/python3"
@@ -208,26 +209,6 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def daemon_pid(sock: str) -> int:
-    """The private daemon's pid, found by its socket argument."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"netjail.daemon" in argv and sock.encode() in argv:
-                return int(entry)
-    raise SystemExit("cannot find the private daemon's process")
-
-
 #: The four ways, in the order of each round: (label, TLS, through netjail).
 WAYS = (
     ("direct (host loopback)", False, False),
@@ -259,12 +240,12 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in WAYS}
     config = f'[proxy]\nupstream_ca = "{ca_file}"\n'
     with private_daemon(config=config) as sock:
-        daemon = daemon_pid(sock)
+        daemon = Client(sock).status().pid
         # Alternate the ways, so that drift in the machine's speed touches all alike.
         for _ in range(args.rounds):
             for label, tls, jailed in WAYS:
                 client_args = [str(ports[tls]), str(size), str(args.connects), str(int(tls))]
-                upstream_cpu, daemon_cpu = own_cpu_s(), process_cpu_s(daemon)
+                upstream_cpu, daemon_cpu = own_cpu_s(), cpu_seconds(daemon)
                 if not jailed:
                     client_cpu = children_cpu_s()
                     done = subprocess.run(
@@ -277,7 +258,7 @@ def main() -> None:
                     runs[label][-1]["cpu"] = {
                         "client": children_cpu_s() - client_cpu,
                         "upstream": own_cpu_s() - upstream_cpu,
-                        "netjaild": process_cpu_s(daemon) - daemon_cpu,
+                        "netjaild": cpu_seconds(daemon) - daemon_cpu,
                     }
                     continue
                 # --intercept alone would allow ports 80 and 443: the upstream's is another.
@@ -299,7 +280,7 @@ def main() -> None:
                     "client": (result.report.cpu_user_s or 0.0)
                     + (result.report.cpu_system_s or 0.0),
                     "upstream": own_cpu_s() - upstream_cpu,
-                    "netjaild": process_cpu_s(daemon) - daemon_cpu,
+                    "netjaild": cpu_seconds(daemon) - daemon_cpu,
                 }
     for listener in listeners:
         listener.close()
