@@ -112,6 +112,7 @@ for _name in (
     getattr(_libc, _name).argtypes = [ctypes.c_void_p]
 _libc.posix_spawnattr_setsigmask.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 _libc.posix_spawnattr_setsigdefault.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 #: glibc 2.35 and later: the child takes the terminal's foreground before it execs.
 _addtcsetpgrp = getattr(_libc, "posix_spawn_file_actions_addtcsetpgrp_np", None)
 if _addtcsetpgrp is not None:
@@ -149,9 +150,6 @@ class _CapData(ctypes.Structure):
         ("permitted", ctypes.c_uint32),
         ("inheritable", ctypes.c_uint32),
     ]
-
-
-_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 
 def _check(result: int, what: str) -> None:
