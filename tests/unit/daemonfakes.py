@@ -33,6 +33,8 @@ from netjail.daemon.server import Server
 from netjail.daemon.spec import FixedUser, JobSpec, job_spec
 from netjail.daemon.uids import UidLeases, UidRange
 from netjail.kernel import cgroup as cgroups
+from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
+from netjail.kernel.jobplan import JobPlan
 from netjail.kernel.peer import PeerCred
 
 from .fakehost import FakeJailHost
@@ -45,6 +47,22 @@ BOB = PeerCred(pid=103, uid=1001, gid=1001)
 #: Every stub job's start (wall clock); its RFC 3339 form is STARTED_TEXT.
 STARTED_WALL = 1_795_000_000.0
 STARTED_TEXT = "2026-11-18T11:06:40.000Z"
+
+
+def job_plan(**changes: Any) -> JobPlan:
+    """A job's plan, for tests of how it travels (it is never run): defaults, with ``changes``."""
+    plan = JobPlan(
+        argv=["/bin/true"],
+        env={"PATH": "/usr/bin"},
+        cwd="/",
+        uid=61184,
+        gid=61184,
+        netns_path="/run/netns/netjail-j-1",
+        cgroup_procs=[],
+        hostname="netjail-j-1",
+        fs=build_fs_plan(host=HostLayout(()), home=PathSource("/var/lib/netjail/home/j-1")),
+    )
+    return msgspec.structs.replace(plan, **changes)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -19,13 +19,12 @@ import pytest
 
 from netjail.errors import SpawnError
 from netjail.kernel import forkserver, serverproc, spawn
-from netjail.kernel.fsplan import HostLayout, PathSource, build_fs_plan
 from netjail.kernel.helperproc import helper_env
 from netjail.kernel.jobplan import JobExit, JobPlan
 from netjail.kernel.serverproc import restart_delay
 from netjail.kernel.spawn import ForkServer, ForkServerHealth
 
-from .daemonfakes import RecordingLog, open_fds
+from .daemonfakes import RecordingLog, job_plan, open_fds
 
 #: A fork server that reads each plan, notes its argv's marker in a file, and answers with its
 #: own pidfd. Modes: serve; held (serves only after SIGUSR1); first (answers only the first
@@ -78,17 +77,7 @@ while True:
 
 
 def plan_for(n: int, size: int = 10) -> JobPlan:
-    return JobPlan(
-        argv=["sh", "-c", "exit 0", f"{n:03d}" + "x" * size],
-        env={"PATH": "/usr/bin"},
-        cwd="/",
-        uid=61184,
-        gid=61184,
-        netns_path="/run/netns/netjail-j-1",
-        cgroup_procs=[],
-        hostname="netjail-j-1",
-        fs=build_fs_plan(host=HostLayout(()), home=PathSource("/var/lib/netjail/home/j-1")),
-    )
+    return job_plan(argv=["sh", "-c", "exit 0", f"{n:03d}" + "x" * size])
 
 
 @pytest.fixture

@@ -30,9 +30,11 @@ once the seccomp filter is compiled, or ``StartFailed`` with the reason. Both en
 the daemon validated everything before it got here. A new request is one more struct in the
 ``ToServer`` union and one more branch in ``_handle``.
 
-Pool jails. ``PreforkRequest`` forks a standby init into a pool jail's netns and cgroups, and
-``StartRequest`` later gives it its job (``netjail.kernel.standby``): neither blocks this loop,
-which watches each standby's channel and set-up pipe beside the daemon's socket.
+Pool jails. ``PreforkRequest`` forks a standby init into a pool jail's netns and cgroups
+(``netjail.kernel.standby``) without blocking this loop, which watches each warming
+standby's channel beside the daemon's socket. Once the standby is ready, its answer
+(``Spawned``) carries its channel and set-up pipe besides its pidfd: the daemon gives it its
+job directly (``netjail.kernel.standbylink``); this process only reaps it.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ from netjail.kernel.standby import (
     StandbyFailed,
     StandbyOutcome,
     StandbyReady,
-    StandbyStarted,
     StandbyTable,
     fork_standby,
 )
@@ -90,27 +91,14 @@ class SpawnRequest(msgspec.Struct, frozen=True, tag="spawn"):
 
 class PreforkRequest(msgspec.Struct, frozen=True, tag="prefork"):
     """Fork a standby init (``netjail.kernel.standby``) into the jail at ``netns_path`` and
-    ``cgroup_procs``; answered by ``Spawned`` (with its pidfd) once it is there, waiting."""
+    ``cgroup_procs``; answered by ``Spawned`` once it is there, waiting, with its pidfd, its
+    channel and its set-up pipe's read end (in that order), or by ``SpawnFailed``."""
 
     id: int
     netns_path: str
     cgroup_procs: list[str]
     #: The part of every job's file system the standby builds ahead (fsplan.split_fs_plan).
     base: FsPlan
-
-
-class StartRequest(msgspec.Struct, frozen=True, tag="start"):
-    """Give standby ``pid`` its job; the message's fds are as ``SpawnRequest``'s. Answered by
-    ``Started`` once the command exec'd, or ``SpawnFailed``."""
-
-    id: int
-    pid: int
-
-
-class Started(msgspec.Struct, frozen=True, tag="started"):
-    """A standby's command exec'd."""
-
-    id: int
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):
@@ -124,7 +112,8 @@ class StartFailed(msgspec.Struct, frozen=True, tag="start_failed"):
 
 
 class Spawned(msgspec.Struct, frozen=True, tag="spawned"):
-    """The job runs; its pidfd comes with this message (SCM_RIGHTS)."""
+    """The job runs; its pidfd comes with this message (SCM_RIGHTS), and, for a standby, its
+    channel and set-up pipe after it (``PreforkRequest``)."""
 
     id: int
     pid: int
@@ -150,8 +139,8 @@ class Exited(msgspec.Struct, frozen=True, tag="exited"):
     status: ExitStatus
 
 
-ToServer = SpawnRequest | PreforkRequest | StartRequest
-FromServer = Ready | StartFailed | Spawned | Started | SpawnFailed | Ended | Exited
+ToServer = SpawnRequest | PreforkRequest
+FromServer = Ready | StartFailed | Spawned | SpawnFailed | Ended | Exited
 to_server = msgspec.msgpack.Decoder(ToServer)
 from_server = msgspec.msgpack.Decoder(FromServer)
 plan_decoder = msgspec.msgpack.Decoder(JobPlan)
@@ -270,9 +259,6 @@ def _handle(
         inits.add(forked.pid, forked.status_fd)
         standbys.add(forked)
         return
-    if isinstance(request, StartRequest):
-        _answer_standby(sock, standbys.start(request.id, request.pid, fds))
-        return
     outcome = _start_job(fds)
     if isinstance(outcome, SpawnFailure):
         _send(sock, SpawnFailed(id=request.id, failure=outcome))
@@ -330,25 +316,33 @@ def serve(sock: socket.socket) -> None:
 def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None) -> None:
     if isinstance(outcome, StandbyReady):
         try:
-            pidfd = os.pidfd_open(outcome.pid)
-        except OSError as e:
-            failure = SpawnFailure(stage="standby", errno=e.errno or 0, detail=e.strerror or "")
-            _send(sock, SpawnFailed(id=outcome.request, failure=failure))
-            return
-        try:
-            _send(sock, Spawned(id=outcome.request, pid=outcome.pid), [pidfd])
+            _pass_standby(sock, outcome)
         finally:
-            os.close(pidfd)
-    elif isinstance(outcome, StandbyStarted):
-        _send(sock, Started(id=outcome.request))
+            outcome.channel.close()
+            os.close(outcome.report_fd)
     elif isinstance(outcome, StandbyFailed):
         # The init ends by itself (a failed step exits; a closed channel, too).
         _send(sock, SpawnFailed(id=outcome.request, failure=outcome.failure))
 
 
+def _pass_standby(sock: socket.socket, ready: StandbyReady) -> None:
+    """The ready standby's pidfd, channel and set-up pipe, to the daemon (``Spawned``)."""
+    try:
+        pidfd = os.pidfd_open(ready.pid)
+    except OSError as e:
+        failure = SpawnFailure(stage="standby", errno=e.errno or 0, detail=e.strerror or "")
+        _send(sock, SpawnFailed(id=ready.request, failure=failure))
+        return
+    try:
+        fds = [pidfd, ready.channel.fileno(), ready.report_fd]
+        _send(sock, Spawned(id=ready.request, pid=ready.pid), fds)
+    finally:
+        os.close(pidfd)
+
+
 @dataclass(frozen=True)
 class _StandbyFd:
-    """A standby's channel or set-up pipe (``standby.StandbyTable.watched``)."""
+    """A warming standby's channel (``standby.StandbyTable.watched``)."""
 
     pid: int
 

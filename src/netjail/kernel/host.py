@@ -10,8 +10,9 @@ Calls fall in three groups:
 - *in-jail* calls (``configure_jail``, ``apply_rules``, ``open_*``), which must run on the
   thread ``in_new_netns`` gives its work: a socket keeps the netns it was made in for ever,
   and libnftables' netlink socket, too, belongs to the calling thread's netns;
-- the job's process, through the fork server (async): a cold spawn, or a pool jail's standby
-  init forked ahead (``prefork``) and given its job later (``start_standby``).
+- the job's process (async): a cold spawn through the fork server, or a pool jail's standby
+  init forked ahead by it (``prefork``) and given its job later, by the daemon directly
+  (``start_standby``).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from netjail.errors import JailError, map_os_errors
+from netjail.errors import JailError, SpawnError, map_os_errors
 from netjail.kernel import cgroup as cgroups
 from netjail.kernel import firewall, listeners, netns, nflog, pathcheck, rootfs, syscalls
 from netjail.kernel.backends import FirewallBackend, LogBackend
 from netjail.kernel.fsplan import FsPlan, HostLayout
 from netjail.kernel.jobplan import JobExit, JobPlan
 from netjail.kernel.peer import pids_in_netns
-from netjail.kernel.spawn import ExitStatus, ForkServer, ForkServerHealth
+from netjail.kernel.spawn import ExitStatus, ForkServer, ForkServerHealth, SpawnedJob
 from netjail.protocol import BindAccess
 
 T = TypeVar("T")
@@ -285,7 +286,9 @@ class KernelJailHost:
     async def start_standby(
         self, standby: JobProcess, plan: JobPlan, stdio: list[int], source_fds: list[int]
     ) -> None:
-        await self._forkserver.start_standby(standby.pid, plan, stdio, source_fds)
+        if not isinstance(standby, SpawnedJob):
+            raise SpawnError("the pool jail's init is not one of this fork server's standbys")
+        await self._forkserver.start_standby(standby, plan, stdio, source_fds)
 
     async def wait(self, pid: int) -> ExitStatus:
         return await self._forkserver.wait(pid)

@@ -221,7 +221,7 @@ def run_standby_init(
     """A pool jail's I, ahead of any job: steps 1-6 with the ``base`` of every job's file
     system (``fsplan.split_fs_plan``) and its session (step 7's first part), then it says so
     on ``channel`` and waits there for its one plan (``receive_plan``). With it come detached
-    trees of the job's own binds (the fork server made them in the daemon's mount namespace):
+    trees of the job's own binds (the daemon made them in its mount namespace):
     I adds the job's steps to its root, seals it, and goes on from step 7. Ends quietly if the
     channel closes first (the jail is destroyed unused)."""
     stage = "signals"

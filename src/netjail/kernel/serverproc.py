@@ -28,6 +28,7 @@ from netjail.kernel.forkserver import (
 )
 from netjail.kernel.helperproc import describe_exit, helper_env
 from netjail.kernel.jobplan import JobExit
+from netjail.kernel.standbylink import StandbyLink
 
 __all__ = [
     "READY_TIMEOUT_S",
@@ -66,10 +67,12 @@ class ForkServerHealth:
 
 @dataclass
 class SpawnedJob:
-    """A running job's main process, as the daemon sees it."""
+    """A running job's main process, as the daemon sees it; for a standby init, also its
+    channel and set-up pipe until its job's start (``standbylink``)."""
 
     pid: int
     pidfd: int
+    link: StandbyLink | None = None
 
     def send_signal(self, sig: int) -> bool:
         """Signal the main process; False if it has already exited (never hits a reused pid)."""
@@ -80,6 +83,8 @@ class SpawnedJob:
         return True
 
     def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -106,8 +111,6 @@ class ServerProcess:
     #: Why it cannot serve, if it said so (``StartFailed``).
     refusal: str | None = None
     pending: dict[int, asyncio.Future[SpawnedJob]] = field(default_factory=dict)
-    #: Standbys given their job, until their command exec'd (``start_standby``).
-    starting: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     waiters: dict[int, asyncio.Future[ExitStatus]] = field(default_factory=dict)
     exits: dict[int, ExitStatus] = field(default_factory=dict)
     #: Jobs' ends (``Ended``, or ``Exited`` when no record came), awaited or not yet.

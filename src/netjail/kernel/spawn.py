@@ -44,9 +44,7 @@ from netjail.kernel.forkserver import (
     Spawned,
     SpawnFailed,
     SpawnRequest,
-    Started,
     StartFailed,
-    StartRequest,
     encode,
     from_server,
 )
@@ -64,6 +62,7 @@ from netjail.kernel.serverproc import (
     restart_delay,
     wait_ready,
 )
+from netjail.kernel.standbylink import StandbyLink, start_standby_job
 
 __all__ = ["ExitStatus", "ForkServer", "ForkServerHealth", "SpawnedJob", "spawn_error"]
 
@@ -176,11 +175,6 @@ class ForkServer:
         if isinstance(message, StartFailed):
             server.refusal = message.detail
             return
-        if isinstance(message, Started) or message.id in server.starting:
-            self._dispatch_started(server, message)
-            for fd in fds:
-                os.close(fd)
-            return
         self._dispatch_spawned(server, message, fds)
 
     @staticmethod
@@ -196,27 +190,23 @@ class ForkServer:
         self, server: ServerProcess, message: Spawned | SpawnFailed, fds: list[int]
     ) -> None:
         future = server.pending.pop(message.id, None)
-        if future is None or future.done():
+        if future is None or future.done() or isinstance(message, SpawnFailed) or not fds:
             for fd in fds:
+                os.close(fd)  # a standby's channel among them: it ends unused
+            if future is None or future.done():
+                return
+            if isinstance(message, SpawnFailed):
+                future.set_exception(spawn_error(message.failure))
+            else:
+                future.set_exception(SpawnError("fork server sent no pidfd"))
+            return
+        pidfd, *rest = fds
+        link = StandbyLink.from_fds(*rest) if len(rest) == 2 else None
+        if link is None:
+            for fd in rest:
                 os.close(fd)
-            return
-        if isinstance(message, SpawnFailed):
-            future.set_exception(spawn_error(message.failure))
-        elif fds:
-            self._owners[message.pid] = server
-            future.set_result(SpawnedJob(pid=message.pid, pidfd=fds[0]))
-        else:
-            future.set_exception(SpawnError("fork server sent no pidfd"))
-
-    @staticmethod
-    def _dispatch_started(server: ServerProcess, message: Started | Spawned | SpawnFailed) -> None:
-        started = server.starting.pop(message.id, None)
-        if started is None or started.done():
-            return
-        if isinstance(message, SpawnFailed):
-            started.set_exception(spawn_error(message.failure))
-        else:
-            started.set_result(None)
+        self._owners[message.pid] = server
+        future.set_result(SpawnedJob(pid=message.pid, pidfd=pidfd, link=link))
 
     def _stop_reading(self, server: ServerProcess) -> None:
         if server.reading and self._loop is not None:
@@ -268,10 +258,6 @@ class ForkServer:
         for future in server.pending.values():
             if not future.done():
                 future.set_exception(refused)
-        for started in server.starting.values():
-            if not started.done():
-                started.set_exception(refused)
-        server.starting.clear()
         for waiter in server.waiters.values():
             if not waiter.done():
                 waiter.set_exception(_lost_exit(ended))
@@ -362,33 +348,24 @@ class ForkServer:
         return await future
 
     async def start_standby(
-        self, pid: int, plan: JobPlan, stdio: list[int], source_fds: Sequence[int] = ()
+        self, standby: SpawnedJob, plan: JobPlan, stdio: list[int], source_fds: Sequence[int] = ()
     ) -> None:
-        """Give standby ``pid`` its job; returns once the command exec'd. SpawnError naming the
-        failed step otherwise (the standby then ends), or if its fork server is gone."""
-        loop, server = self._serving("the job was not started")
-        if self._owners.get(pid) is not server:
+        """Give ``standby`` its job, directly down its channel (``standbylink``); returns once
+        the command exec'd. SpawnError naming the failed step otherwise (the standby then
+        ends), or if its fork server, which alone can report its end, is gone."""
+        self._serving("the job was not started")
+        if self._owners.get(standby.pid) is not self._server:
             raise SpawnError("the pool jail's standby init belongs to a fork server that ended")
-        with map_os_errors(SpawnError, "cannot hand the job's plan to the fork server"):
+        if standby.link is None:
+            raise SpawnError("the pool jail's standby init has no channel")
+        with map_os_errors(SpawnError, "cannot hand the job's plan to its standby init"):
             plan_fd = sealed_payload("netjail-plan", encode(plan))
         try:
-            self._next_id += 1
-            request_id = self._next_id
-            request = Outgoing(
-                data=encode(StartRequest(id=request_id, pid=pid)),
-                fds=[plan_fd, *stdio, *source_fds],
-                sent=loop.create_future(),
-            )
-            future: asyncio.Future[None] = loop.create_future()
-            server.starting[request_id] = future
-            try:
-                await self._deliver(loop, server, request)
-            except BaseException:
-                server.starting.pop(request_id, None)
-                raise
+            failure = await start_standby_job(standby.link, plan_fd, plan, stdio, source_fds)
         finally:
             os.close(plan_fd)
-        await future
+        if failure is not None:
+            raise spawn_error(failure)
 
     def _serving(self, outcome: str) -> tuple[asyncio.AbstractEventLoop, ServerProcess]:
         """The loop and the fork server serving now; SpawnError (ending in ``outcome``) if

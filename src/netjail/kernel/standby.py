@@ -4,20 +4,19 @@ A cold job's init enters the jail's netns and joins its cgroups after the job is
 joining a fresh cgroup is the costliest step of a job (the kernel's first migration into it
 waits for an RCU grace period, ~12 ms on the test VM). A standby init takes those steps when
 its pool jail is built (``jailinit.run_standby_init``), says ``ready`` on its channel, and
-waits there. The job's plan, stdio and bind sources come down the channel when a job claims
+waits there. The job's plan, stdio and bind trees come down the channel when a job claims
 the jail; the init then does only the per-job steps (file system, uid, seccomp, spawn).
 
-``StandbyTable`` is the fork server's side: it never blocks on an init. Each standby moves
-through three states, driven by the fork server's selector:
+``StandbyTable`` is the fork server's side, and it never blocks on an init: a standby is
+*warming* from its fork until its channel says ``ready`` (EOF instead: it failed, and its
+set-up pipe says why). Once ready, the fork server passes its channel and the read end of
+its set-up pipe to the daemon with its pidfd, and keeps neither: the daemon gives it its job
+directly (``netjail.kernel.standbylink``), and the fork server, its parent, only reaps it and
+reports its end, as any job's.
 
-- *warming*: forked; its channel is watched for ``ready`` (EOF instead: it failed, and its
-  set-up pipe says why);
-- *idle*: ready; nothing is watched (its end is seen by the reaper, like any init's);
-- *starting*: its plan was sent; its set-up pipe is watched, EOF meaning the command exec'd.
-
-A standby is used for one job. One whose jail is destroyed unused is killed with its cgroup;
-the reaper reports its end like a job's, and ``forget`` drops what the table held for it. A
-standby that fails ends by itself (and one whose channel closes, too).
+A standby is used for one job. One whose jail is destroyed unused is killed with its cgroup
+(and one whose channel closes ends by itself); the reaper reports its end like a job's. A
+standby that fails ends by itself.
 """
 
 from __future__ import annotations
@@ -27,66 +26,50 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-import msgspec
-
-from netjail.errors import NetjailError, SpawnError
-from netjail.kernel.fdpass import read_payload, send_with_fds
-from netjail.kernel.fsplan import FsPlan, split_fs_plan
+from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.jailinit import (
     ExecHook,
     fork_in_new_pid_namespace,
     run_standby_init,
 )
 from netjail.kernel.jobplan import SpawnFailure, read_setup_failure
-from netjail.kernel.rootfs import open_bind_trees
-from netjail.kernel.standbychannel import MAX_PLAN, STANDBY_PLAN, STANDBY_READY, plans
-
-StandbyState = Literal["warming", "idle", "starting"]
+from netjail.kernel.standbychannel import STANDBY_READY
 
 
 @dataclass
 class Standby:
-    """One standby init, as the fork server holds it."""
+    """One standby init, as the fork server holds it while it warms."""
 
-    #: The request (prefork, then start) whose answer is owed.
+    #: The prefork request whose answer is owed.
     request: int
     pid: int
     channel: socket.socket
     report_fd: int
     status_fd: int
-    #: The part of every job's file system it built ahead.
-    base: FsPlan
-    state: StandbyState = "warming"
 
 
 @dataclass(frozen=True)
 class StandbyReady:
-    """The standby ``pid`` is in its jail, waiting for a plan."""
+    """The standby ``pid`` is in its jail, waiting for a plan on ``channel``; ``report_fd``
+    is its set-up pipe's read end. Both are the receiver's to pass on and close."""
 
     request: int
     pid: int
-
-
-@dataclass(frozen=True)
-class StandbyStarted:
-    """The standby ``pid``'s command exec'd."""
-
-    request: int
-    pid: int
+    channel: socket.socket
+    report_fd: int
 
 
 @dataclass(frozen=True)
 class StandbyFailed:
-    """The standby could not get ready, or could not start its job; it is ending."""
+    """The standby could not get ready; it is ending."""
 
     request: int
     pid: int
     failure: SpawnFailure
 
 
-StandbyOutcome = StandbyReady | StandbyStarted | StandbyFailed
+StandbyOutcome = StandbyReady | StandbyFailed
 
 
 def fork_standby(
@@ -100,7 +83,7 @@ def fork_standby(
     ``base`` of its job's file system; at once."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         pid = fork_in_new_pid_namespace()
     except OSError as e:
@@ -129,12 +112,11 @@ def fork_standby(
         channel=ours,
         report_fd=report_r,
         status_fd=status_r,
-        base=base,
     )
 
 
 class StandbyTable:
-    """The fork server's standby inits, by pid, and what each waits for."""
+    """The fork server's warming standby inits, by pid."""
 
     def __init__(self) -> None:
         self._by_pid: dict[int, Standby] = {}
@@ -143,106 +125,41 @@ class StandbyTable:
         self._by_pid[standby.pid] = standby
 
     def watched(self) -> list[tuple[int, int]]:
-        """(fd, pid) pairs the selector must watch now."""
-        out = []
-        for standby in self._by_pid.values():
-            if standby.state == "warming":
-                out.append((standby.channel.fileno(), standby.pid))
-            elif standby.state == "starting":
-                out.append((standby.report_fd, standby.pid))
-        return out
+        """(fd, pid) pairs the selector must watch now: each warming standby's channel."""
+        return [(standby.channel.fileno(), pid) for pid, standby in self._by_pid.items()]
 
     def on_readable(self, pid: int) -> StandbyOutcome | None:
-        """What a readable watched fd of standby ``pid`` means (None: nothing yet)."""
+        """What standby ``pid``'s readable channel means (None: nothing yet). Either way, it
+        leaves the table."""
         standby = self._by_pid.get(pid)
         if standby is None:
             return None
-        if standby.state == "warming":
-            return self._on_warming(standby)
-        if standby.state == "starting":
-            failure = read_setup_failure(_read_all(standby.report_fd))
-            if failure is not None:
-                return self._failed(standby, failure)
-            self._release(standby)
-            return StandbyStarted(standby.request, pid)
-        return None
-
-    def _on_warming(self, standby: Standby) -> StandbyOutcome | None:
         try:
             data = standby.channel.recv(16)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
             data = b""
-        if data == STANDBY_READY:
-            standby.state = "idle"
-            return StandbyReady(standby.request, standby.pid)
-        return self._failed(standby)
+        if data != STANDBY_READY:
+            return self._failed(standby)
+        del self._by_pid[pid]
+        return StandbyReady(standby.request, pid, standby.channel, standby.report_fd)
 
-    def start(self, request: int, pid: int, fds: Sequence[int]) -> StandbyFailed | None:
-        """Pass standby ``pid`` its plan (``fds``: the sealed plan memfd, the job's stdio,
-        its bind sources, as the daemon sent them), with a detached tree of each of the job's
-        own binds, made here, in the daemon's mount namespace, where the sources are; a
-        failure at once if it cannot take them."""
+    def forget(self, pid: int) -> StandbyFailed | None:
+        """Standby ``pid`` was reaped: if it was still warming, it failed (its set-up pipe
+        says why); its status pipe is the reaper's."""
         standby = self._by_pid.get(pid)
-        if standby is None or standby.state != "idle" or len(fds) < 4:
-            failure = SpawnFailure(stage="standby", errno=0, detail=f"no idle standby {pid}")
-            return StandbyFailed(request, pid, failure)
-        standby.request = request
-        try:
-            plan = plans.decode(read_payload(fds[0], MAX_PLAN))
-            prefix, steps = split_fs_plan(plan.fs)
-            if prefix != standby.base:
-                raise SpawnError("the job's file system is not the one the pool jail was made for")
-            trees = open_bind_trees(FsPlan(plan.fs.root_size_bytes, steps), fds[4:])
-        except (ValueError, msgspec.DecodeError, NetjailError) as e:
-            failure = SpawnFailure(stage="bind sources", errno=0, detail=str(e))
-            return self._failed(standby, failure)
-        try:
-            standby.channel.setblocking(True)
-            send_with_fds(standby.channel, STANDBY_PLAN, [*fds[:4], *trees])
-        except OSError as e:
-            failure = SpawnFailure(stage="standby", errno=e.errno or 0, detail=e.strerror or "")
-            return self._failed(standby, failure)
-        finally:
-            for fd in trees:
-                os.close(fd)
-        standby.channel.close()
-        standby.state = "starting"
-        return None
+        return None if standby is None else self._failed(standby)
 
-    def status_fd(self, pid: int) -> int | None:
-        standby = self._by_pid.get(pid)
-        return None if standby is None else standby.status_fd
-
-    def forget(self, pid: int) -> StandbyOutcome | None:
-        """Standby ``pid`` was reaped: drop what is held for it (its status pipe is the
-        reaper's), and what its end means for the request still owed, if any. The reaper may
-        see the init end before the selector sees its set-up pipe close: the answer then
-        comes from here, before the end is reported."""
-        standby = self._by_pid.get(pid)
-        if standby is None:
-            return None
-        if standby.state == "idle":
-            self._release(standby)
-            return None
-        # Its pipe's write end is closed now: reading it cannot block.
-        return self.on_readable(pid) if standby.state == "starting" else self._failed(standby)
-
-    def _failed(self, standby: Standby, failure: SpawnFailure | None = None) -> StandbyFailed:
-        if failure is None:
-            failure = read_setup_failure(_read_all(standby.report_fd)) or SpawnFailure(
-                stage="standby", errno=0, detail="the standby init ended before it was ready"
-            )
-        self._release(standby)
-        return StandbyFailed(standby.request, standby.pid, failure)
-
-    def _release(self, standby: Standby) -> None:
-        """Out of the table, but for its status pipe, which stays with the reaper."""
+    def _failed(self, standby: Standby) -> StandbyFailed:
+        failure = read_setup_failure(_read_all(standby.report_fd)) or SpawnFailure(
+            stage="standby", errno=0, detail="the standby init ended before it was ready"
+        )
         self._by_pid.pop(standby.pid, None)
         standby.channel.close()
         with contextlib.suppress(OSError):
             os.close(standby.report_fd)
+        return StandbyFailed(standby.request, standby.pid, failure)
 
 
 def _read_all(fd: int) -> bytes:

@@ -1,5 +1,6 @@
-"""The channel between the fork server and a standby init: the standby's ``ready``, then
-the job's plan with its stdio and detached bind trees (SCM_RIGHTS)."""
+"""A standby init's channel: the standby's ``ready`` (read by the fork server), then the job's
+plan with its stdio and detached bind trees (SCM_RIGHTS; sent by the daemon, which holds the
+channel once the standby is ready: ``netjail.kernel.standbylink``)."""
 
 from __future__ import annotations
 
