@@ -69,20 +69,21 @@ class Remains:
     usage_error: str | None
 
 
-def read_remains(cgroup: JobCgroupHandle, init_pid: int) -> Remains:
+async def read_remains(cgroup: JobCgroupHandle, init_pid: int) -> Remains:
     """Once the job ended (its init's status record came): end whatever of the job is left,
-    then read what it used (one worker-thread hop for both).
+    then read what it used.
 
     Before its record, the init (``init_pid``, PID 1 of the job's PID namespace, which every
     process of the job is in: none may make a user namespace, so none can leave it) killed and
     reaped every other process of it: the cgroup holds only the init, which is exiting, and
     only a check is needed. A job that left anything else behind anyway is killed now, and
-    waited for. The kill would otherwise cost the end of every job a cgroup write, which waits
-    behind any cgroup migration under way on the host (a pool jail being built, say), and the
-    wait for the init's own exit.
+    waited for, on a worker thread: a write to ``cgroup.kill`` takes the kernel's cgroup
+    mutex, and waits behind any cgroup migration under way on the host (a pool jail being
+    built, say). The check and the usage are reads of the cgroup's files, which take no such
+    lock: they run on the loop, with no worker-thread hop.
     """
     if cgroup.holds_other_than(init_pid):
-        cgroup.kill_all()
+        await asyncio.to_thread(cgroup.kill_all)
     try:
         return Remains(usage=cgroup.usage(), usage_error=None)
     except Exception as e:
@@ -240,7 +241,7 @@ class JobManager:
 
     async def _finish(self, job: Job, ended: JobExit) -> Report:
         reaped = time.perf_counter()
-        remains = await asyncio.to_thread(read_remains, job.cgroup, job.process.pid)
+        remains = await read_remains(job.cgroup, job.process.pid)
         usage = remains.usage
         status: ExitStatus | JobExit = ended
         if remains.usage_error is not None:
