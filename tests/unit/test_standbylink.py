@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import pytest
 
 from netjail.errors import SpawnError
 from netjail.kernel import forkserver
-from netjail.kernel.fdpass import read_payload, recv_with_fds, sealed_payload
+from netjail.kernel.fdpass import read_payload, recv_with_fds
 from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.jobplan import SpawnFailure, encode_failure
 from netjail.kernel.standby import Standby, StandbyReady, StandbyTable
@@ -60,12 +61,9 @@ def standby() -> Iterator[StandbyEnds]:
     assert open_fds() == before
 
 
-async def start(link: StandbyLink, stdio: list[int]) -> SpawnFailure | None:
-    plan_fd = sealed_payload("test-plan", forkserver.encode(PLAN))
-    try:
-        return await start_standby_job(link, plan_fd, PLAN, stdio, ())
-    finally:
-        os.close(plan_fd)
+def start(link: StandbyLink) -> Coroutine[Any, Any, SpawnFailure | None]:
+    """PLAN's start on ``link``, the job's stdio this process's own."""
+    return start_standby_job(link, PLAN, [0, 1, 2], ())
 
 
 def test_the_plan_goes_down_the_channel_and_the_pipes_end_is_the_exec(
@@ -77,12 +75,8 @@ def test_the_plan_goes_down_the_channel_and_the_pipes_end_is_the_exec(
     async def main() -> None:
         r, w = os.pipe()
         try:
-            plan_fd = sealed_payload("test-plan", forkserver.encode(PLAN))
-            task = asyncio.ensure_future(
-                start_standby_job(standby.link, plan_fd, PLAN, [r, w, w], ())
-            )
+            task = asyncio.ensure_future(start_standby_job(standby.link, PLAN, [r, w, w], ()))
             await asyncio.sleep(0.01)
-            os.close(plan_fd)
             data, fds = recv_with_fds(standby.channel, 64, 16)
             assert data == STANDBY_PLAN
             assert len(fds) == 4
@@ -105,7 +99,7 @@ def test_a_failed_step_is_read_from_the_set_up_pipe(standby: StandbyEnds) -> Non
     async def main() -> None:
         failure = SpawnFailure(stage="privileges", errno=1, detail="Operation not permitted")
         standby.execs(failure)  # before the plan is even read: the pipe holds it
-        assert await asyncio.wait_for(start(standby.link, [0, 1, 2]), 5) == failure
+        assert await asyncio.wait_for(start(standby.link), 5) == failure
 
     run(main())
 
@@ -116,7 +110,7 @@ def test_a_standby_gone_fails_the_start_closed(standby: StandbyEnds) -> None:
     async def main() -> None:
         standby.channel.close()
         with pytest.raises(SpawnError, match="cannot hand the job's plan to its standby init"):
-            await asyncio.wait_for(start(standby.link, [0, 1, 2]), 5)
+            await asyncio.wait_for(start(standby.link), 5)
         assert standby.link.used
 
     run(main())
@@ -125,16 +119,16 @@ def test_a_standby_gone_fails_the_start_closed(standby: StandbyEnds) -> None:
 def test_a_link_takes_one_plan(standby: StandbyEnds) -> None:
     async def main() -> None:
         standby.execs()
-        assert await asyncio.wait_for(start(standby.link, [0, 1, 2]), 5) is None
+        assert await asyncio.wait_for(start(standby.link), 5) is None
         with pytest.raises(SpawnError, match="already given a job"):
-            await start(standby.link, [0, 1, 2])
+            await start(standby.link)
 
     run(main())
 
 
 def test_a_cancelled_start_stops_reading_and_closes_the_pipe(standby: StandbyEnds) -> None:
     async def main() -> None:
-        task = asyncio.ensure_future(start(standby.link, [0, 1, 2]))
+        task = asyncio.ensure_future(start(standby.link))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

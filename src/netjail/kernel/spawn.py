@@ -193,20 +193,20 @@ class ForkServer:
         if future is None or future.done() or isinstance(message, SpawnFailed) or not fds:
             for fd in fds:
                 os.close(fd)  # a standby's channel among them: it ends unused
-            if future is None or future.done():
-                return
-            if isinstance(message, SpawnFailed):
-                future.set_exception(spawn_error(message.failure))
-            else:
-                future.set_exception(SpawnError("fork server sent no pidfd"))
+        if future is None or future.done():
             return
-        pidfd, *rest = fds
-        link = StandbyLink.from_fds(*rest) if len(rest) == 2 else None
-        if link is None:
-            for fd in rest:
-                os.close(fd)
-        self._owners[message.pid] = server
-        future.set_result(SpawnedJob(pid=message.pid, pidfd=pidfd, link=link))
+        if isinstance(message, SpawnFailed):
+            future.set_exception(spawn_error(message.failure))
+        elif not fds:
+            future.set_exception(SpawnError("fork server sent no pidfd"))
+        else:
+            pidfd, *rest = fds
+            link = StandbyLink.from_fds(*rest) if len(rest) == 2 else None
+            if link is None:
+                for fd in rest:
+                    os.close(fd)
+            self._owners[message.pid] = server
+            future.set_result(SpawnedJob(pid=message.pid, pidfd=pidfd, link=link))
 
     def _stop_reading(self, server: ServerProcess) -> None:
         if server.reading and self._loop is not None:
@@ -358,12 +358,7 @@ class ForkServer:
             raise SpawnError("the pool jail's standby init belongs to a fork server that ended")
         if standby.link is None:
             raise SpawnError("the pool jail's standby init has no channel")
-        with map_os_errors(SpawnError, "cannot hand the job's plan to its standby init"):
-            plan_fd = sealed_payload("netjail-plan", encode(plan))
-        try:
-            failure = await start_standby_job(standby.link, plan_fd, plan, stdio, source_fds)
-        finally:
-            os.close(plan_fd)
+        failure = await start_standby_job(standby.link, plan, stdio, source_fds)
         if failure is not None:
             raise spawn_error(failure)
 

@@ -26,8 +26,10 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from netjail.errors import NetjailError, SpawnError
-from netjail.kernel.fdpass import send_with_fds
+import msgspec
+
+from netjail.errors import NetjailError, SpawnError, map_os_errors
+from netjail.kernel.fdpass import sealed_payload, send_with_fds
 from netjail.kernel.fsplan import FsPlan, split_fs_plan
 from netjail.kernel.jobplan import JobPlan, SpawnFailure, read_setup_failure
 from netjail.kernel.rootfs import open_bind_trees
@@ -70,30 +72,34 @@ class StandbyLink:
 
 async def start_standby_job(
     link: StandbyLink,
-    plan_fd: int,
     plan: JobPlan,
     stdio: Sequence[int],
     source_fds: Sequence[int],
 ) -> SpawnFailure | None:
-    """Give the standby behind ``link`` its job (``plan``, also in the sealed ``plan_fd``);
-    return once its command exec'd (None), or with the step that failed. SpawnError if the
-    plan cannot reach it. The link is closed either way (the caller keeps the other fds)."""
+    """Give the standby behind ``link`` its job; return once its command exec'd (None), or
+    with the step that failed. SpawnError if the plan cannot reach it. The link is closed
+    either way (the caller keeps ``stdio`` and ``source_fds``)."""
     try:
         if link.used:
             raise SpawnError("the pool jail's standby init was already given a job")
-        _, steps = split_fs_plan(plan.fs)
+        with map_os_errors(SpawnError, "cannot hand the job's plan to its standby init"):
+            plan_fd = sealed_payload("netjail-plan", msgspec.msgpack.encode(plan))
         try:
-            trees = open_bind_trees(FsPlan(plan.fs.root_size_bytes, steps), source_fds)
-        except NetjailError as e:
-            return SpawnFailure(stage="bind sources", errno=0, detail=str(e))
-        try:
-            send_with_fds(link.channel, STANDBY_PLAN, [plan_fd, *stdio, *trees])
-        except OSError as e:
-            detail = f"cannot hand the job's plan to its standby init: {e.strerror or e}"
-            raise SpawnError(detail) from None
+            _, steps = split_fs_plan(plan.fs)
+            try:
+                trees = open_bind_trees(FsPlan(plan.fs.root_size_bytes, steps), source_fds)
+            except NetjailError as e:
+                return SpawnFailure(stage="bind sources", errno=0, detail=str(e))
+            try:
+                send_with_fds(link.channel, STANDBY_PLAN, [plan_fd, *stdio, *trees])
+            except OSError as e:
+                detail = f"cannot hand the job's plan to its standby init: {e.strerror or e}"
+                raise SpawnError(detail) from None
+            finally:
+                for fd in trees:
+                    os.close(fd)
         finally:
-            for fd in trees:
-                os.close(fd)
+            os.close(plan_fd)
         link.channel.close()
         return read_setup_failure(await _read_to_end(link.report_fd))
     finally:
