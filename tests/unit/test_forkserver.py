@@ -104,3 +104,29 @@ def test_an_fd_number_reused_from_a_standby_by_a_status_pipe_is_watched_once() -
         selector.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_handed_over_status_pipe_is_no_longer_read_and_its_reaping_is_the_inits_own(
+    channel: tuple[socket.socket, socket.socket],
+) -> None:
+    """hand_over gives the daemon a standby's pipe: it leaves the watched fds, a record in it
+    is not read (nor told as Ended) here, and the reaping reports the init's own end. An
+    init whose pipe was read already (EOF: it is ending) is not handed over."""
+    ours, theirs = channel
+    inits = forkserver._Inits()
+    r, w = os.pipe2(os.O_NONBLOCK)
+    inits.add(4321, r)
+    assert inits.hand_over(4321) == r
+    assert inits.watched() == []
+    os.write(w, encode_job_status(3 << 8))
+    assert inits.reaped(4321, 7 << 8) == JobExit(exit_code=7, signal=None)
+    assert sent(theirs) == []
+    assert os.read(r, 8) == encode_job_status(3 << 8)  # the pipe is the daemon's, still open
+    os.close(r)
+    os.close(w)
+    r, w = os.pipe2(os.O_NONBLOCK)
+    inits.add(99, r)
+    os.close(w)
+    inits.on_status(ours, 99)  # EOF
+    assert inits.hand_over(99) is None
+    assert inits.reaped(99, signal.SIGKILL) == JobExit(exit_code=None, signal=signal.SIGKILL)

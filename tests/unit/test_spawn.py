@@ -29,11 +29,15 @@ from .daemonfakes import RecordingLog, job_plan, open_fds
 #: A fork server that reads each plan, notes its argv's marker in a file, and answers with its
 #: own pidfd. Modes: serve; held (serves only after SIGUSR1); first (answers only the first
 #: spawn); refuse (StartFailed); die (exits before Ready); ends (each job then ends: Ended at
-#: once, its Exited after SIGUSR1); killed (each job's Exited at once, with no Ended).
+#: once, its Exited after SIGUSR1); killed (each job's Exited at once, with no Ended); handed
+#: and handed-killed (as a ready standby's answer: a channel, a set-up pipe and a status pipe
+#: come with the pidfd; the status pipe gets exit 3's record, or none, and Exited tells the
+#: init's own end, exit 0 or SIGKILL, after SIGUSR1).
 STAND_IN = """\
-import os, signal, sys
+import os, signal, socket, sys
 from netjail.kernel import forkserver as fs
 from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
+from netjail.kernel.jobplan import encode_job_status
 
 mode, notes = sys.argv[1], sys.argv[2]
 sock = fs._take_socket()
@@ -62,6 +66,24 @@ while True:
     answered += 1
     pidfd = os.pidfd_open(os.getpid())
     reply = fs.Spawned(id=request.id, pid=1000 + request.id)
+    if mode.startswith("handed"):
+        channel, _ = socket.socketpair()
+        report_r, report_w = os.pipe()
+        status_r, status_w = os.pipe()
+        send_with_fds(sock, fs.encode(reply), [pidfd, channel.fileno(), report_r, status_r])
+        for fd in (pidfd, report_r, report_w, status_r):
+            os.close(fd)
+        channel.close()
+        if mode == "handed":
+            os.write(status_w, encode_job_status(3 << 8))
+        os.close(status_w)
+        signal.sigwait({signal.SIGUSR1})
+        code, sig = (0, None) if mode == "handed" else (None, 9)
+        usage = fs.ExitStatus(
+            exit_code=code, signal=sig, cpu_user_s=0.5, cpu_system_s=0.25, max_rss_bytes=1
+        )
+        sock.send(fs.encode(fs.Exited(pid=reply.pid, status=usage)))
+        continue
     send_with_fds(sock, fs.encode(reply), [pidfd])
     os.close(pidfd)
     if mode == "ends":
@@ -295,6 +317,49 @@ def test_a_job_whose_init_was_killed_ends_at_its_reaping(
         assert asyncio.run(main()) == JobExit(exit_code=None, signal=9)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "end", "code"),
+    [("handed", JobExit(exit_code=3, signal=None), 3), ("handed-killed", JobExit(None, 9), None)],
+)
+def test_a_standbys_end_is_read_from_its_status_pipe_here(
+    stand_in: tuple[list[str], Path], pipe: list[int], mode: str, end: JobExit, code: int | None
+) -> None:
+    """A ready standby's status pipe comes with its answer and is read on the daemon's loop:
+    its record is the job's end before the reaping, and the reaping's status carries the
+    record's exit code with the rusage (not the init's own exit 0). With no record (the init
+    killed), the reaping is the end. The pipe is closed after; nothing is left open."""
+    command, notes = stand_in
+    before = open_fds()
+    server = ForkServer.start([*command, mode, str(notes)])
+
+    async def main() -> tuple[JobExit, forkserver.ExitStatus]:
+        server.attach(asyncio.get_running_loop(), RecordingLog())
+        job = await server.spawn(plan_for(1), pipe)
+        assert job.link is not None
+        job.link.close()
+        reaped = asyncio.ensure_future(server.wait(job.pid))
+        end_task = asyncio.ensure_future(server.wait_end(job.pid))
+        if mode == "handed":
+            await asyncio.wait_for(asyncio.shield(end_task), 10)
+            assert not reaped.done()
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGUSR1)
+        status = await asyncio.wait_for(reaped, 10)
+        ended = await asyncio.wait_for(end_task, 10)
+        job.close()
+        assert server._server is not None
+        assert (server._server.status_fds, server._server.ends, server._owners) == ({}, {}, {})
+        return ended, status
+
+    try:
+        ended, status = asyncio.run(main())
+    finally:
+        server.close()
+    assert ended == end
+    assert (status.exit_code, status.signal, status.cpu_user_s) == (code, end.signal, 0.5)
+    assert open_fds() == before
 
 
 def test_the_restart_back_off_doubles_while_servers_die_young() -> None:

@@ -18,9 +18,9 @@ this short command line as /proc/1/cmdline, not the daemon's (its config, socket
 paths).
 
 The helper is also a child subreaper, so whatever leaves a job's namespaces is re-parented to
-it and reaped: zombies never pile up. It reports every init's exit with the command's status
-(read from the init's status pipe) and the rusage; the daemon holds a pidfd per job, so signals
-never reach a recycled pid.
+it and reaped: zombies never pile up. It reports every init's exit with the rusage, and, for a
+job it forked, the command's status (read from the init's status pipe; a standby's pipe goes to
+the daemon, below); the daemon holds a pidfd per job, so signals never reach a recycled pid.
 
 The channel. Its socket (one end of a SOCK_SEQPACKET socketpair) comes as fd 0. Messages are
 typed msgspec structs (``ToServer``, ``FromServer``), one per datagram, fds passed with
@@ -33,8 +33,9 @@ the daemon validated everything before it got here. A new request is one more st
 Pool jails. ``PreforkRequest`` forks a standby init into a pool jail's netns and cgroups
 (``netjail.kernel.standby``) without blocking this loop, which watches each warming
 standby's channel beside the daemon's socket. Once the standby is ready, its answer
-(``Spawned``) carries its channel and set-up pipe besides its pidfd: the daemon gives it its
-job directly (``netjail.kernel.standbylink``); this process only reaps it.
+(``Spawned``) carries its channel, its set-up pipe and its status pipe besides its pidfd: the
+daemon gives it its job directly (``netjail.kernel.standbylink``) and reads the job's end
+from the status pipe itself; this process only reaps the init and reports the reaping.
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ class StartFailed(msgspec.Struct, frozen=True, tag="start_failed"):
 
 class Spawned(msgspec.Struct, frozen=True, tag="spawned"):
     """The job runs; its pidfd comes with this message (SCM_RIGHTS), and, for a standby, its
-    channel and set-up pipe after it (``PreforkRequest``)."""
+    channel, its set-up pipe and (unless its init is already ending) its status pipe after it
+    (``PreforkRequest``). A standby's job end is then read by the daemon from that pipe: no
+    ``Ended`` comes from here for it, only its ``Exited``, whose exit code and signal are
+    then the init's own."""
 
     id: int
     pid: int
@@ -165,6 +169,8 @@ class _Inits:
     unread: set[int] = field(default_factory=set)
     #: Records read ahead of the reaping, by pid.
     records: dict[int, bytes] = field(default_factory=dict)
+    #: Inits whose status pipe the daemon reads (``hand_over``): their reaping is told alone.
+    handed: set[int] = field(default_factory=set)
 
     def add(self, pid: int, status_fd: int) -> None:
         self.status_fds[pid] = status_fd
@@ -190,8 +196,22 @@ class _Inits:
         ended = decode_job_exit(record, 0)
         _send(sock, Ended(pid=pid, exit_code=ended.exit_code, signal=ended.signal))
 
+    def hand_over(self, pid: int) -> int | None:
+        """Init ``pid``'s status pipe, for the daemon to read from now on (the caller sends
+        it and closes this copy); None if its pipe was already read (the init is ending: its
+        reaping is reported here, as any other's). From then on only its reaping is told."""
+        if pid not in self.unread:
+            return None
+        self.unread.discard(pid)
+        self.handed.add(pid)
+        return self.status_fds.pop(pid)
+
     def reaped(self, pid: int, wait_status: int) -> JobExit | None:
-        """How init ``pid``'s job ended, now it is reaped (None: it was no init of ours)."""
+        """How init ``pid``'s job ended, now it is reaped (None: it was no init of ours). For
+        a handed-over pipe, the init's own end: the daemon has the record, if one came."""
+        if pid in self.handed:
+            self.handed.discard(pid)
+            return decode_job_exit(b"", wait_status)
         status_fd = self.status_fds.pop(pid, None)
         if status_fd is None:
             return None
@@ -215,7 +235,7 @@ def _reap(sock: socket.socket, inits: _Inits, standbys: StandbyTable) -> None:
             return
         if pid == 0:
             return
-        _answer_standby(sock, standbys.forget(pid))
+        _answer_standby(sock, standbys.forget(pid), inits)
         ended = inits.reaped(pid, status)
         if ended is None:
             continue  # not a job's init: nothing to report
@@ -294,7 +314,7 @@ def serve(sock: socket.socket) -> None:
             if key.fileobj != sock:
                 watched = watching.get(key.fd)
                 if isinstance(watched, _StandbyFd):
-                    _answer_standby(sock, standbys.on_readable(watched.pid))
+                    _answer_standby(sock, standbys.on_readable(watched.pid), inits)
                 elif isinstance(watched, _StatusFd):
                     inits.on_status(sock, watched.pid)
                 continue
@@ -313,10 +333,10 @@ def serve(sock: socket.socket) -> None:
         _watch_inits(selector, watching, standbys, inits)
 
 
-def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None) -> None:
+def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None, inits: _Inits) -> None:
     if isinstance(outcome, StandbyReady):
         try:
-            _pass_standby(sock, outcome)
+            _pass_standby(sock, outcome, inits)
         finally:
             outcome.channel.close()
             os.close(outcome.report_fd)
@@ -325,19 +345,28 @@ def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None) -> None
         _send(sock, SpawnFailed(id=outcome.request, failure=outcome.failure))
 
 
-def _pass_standby(sock: socket.socket, ready: StandbyReady) -> None:
-    """The ready standby's pidfd, channel and set-up pipe, to the daemon (``Spawned``)."""
+def _pass_standby(sock: socket.socket, ready: StandbyReady, inits: _Inits) -> None:
+    """The ready standby's pidfd, channel, set-up pipe and status pipe, to the daemon
+    (``Spawned``): its job's start and its end are the daemon's to read, with no hop through
+    this process; only the init's reaping (with the rusage) is still told from here."""
     try:
         pidfd = os.pidfd_open(ready.pid)
     except OSError as e:
         failure = SpawnFailure(stage="standby", errno=e.errno or 0, detail=e.strerror or "")
         _send(sock, SpawnFailed(id=ready.request, failure=failure))
         return
+    status_fd = inits.hand_over(ready.pid)
     try:
         fds = [pidfd, ready.channel.fileno(), ready.report_fd]
-        _send(sock, Spawned(id=ready.request, pid=ready.pid), fds)
+        _send(sock, Spawned(id=ready.request, pid=ready.pid), fds + _some(status_fd))
     finally:
         os.close(pidfd)
+        if status_fd is not None:
+            os.close(status_fd)
+
+
+def _some(fd: int | None) -> list[int]:
+    return [] if fd is None else [fd]
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,8 @@ class ServerProcess:
     #: Jobs' ends (``Ended``, or ``Exited`` when no record came), awaited or not yet.
     end_waiters: dict[int, asyncio.Future[JobExit]] = field(default_factory=dict)
     ends: dict[int, JobExit] = field(default_factory=dict)
+    #: Standbys' status pipes, read here until the record or EOF (``Spawned``), by pid.
+    status_fds: dict[int, int] = field(default_factory=dict)
     outbox: deque[Outgoing] = field(default_factory=deque)
     reading: bool = False
 

@@ -50,7 +50,7 @@ from netjail.kernel.forkserver import (
 )
 from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.helperproc import describe_exit, helper_command
-from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure
+from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure, decode_job_exit
 from netjail.kernel.serverproc import (
     READY_TIMEOUT_S,
     ForkServerHealth,
@@ -157,15 +157,26 @@ class ForkServer:
             self._job_ended(server, message.pid, JobExit(message.exit_code, message.signal))
             return
         if isinstance(message, Exited):
-            if message.pid not in server.ends:
+            status = message.status
+            if message.pid in server.status_fds:
+                # A standby's pipe, read here: a record was written before the init exited.
+                self._on_status(server, message.pid)
+                self._close_status(server, message.pid)
+            ended = server.ends.get(message.pid)
+            if ended is None:
                 # No record came ahead (the init was killed): its reaping is the job's end.
-                status = message.status
                 self._job_ended(server, message.pid, JobExit(status.exit_code, status.signal))
+            else:
+                # The record's, not the init's own end (the fork server's, for a standby whose
+                # pipe is read here; for the others the fork server said the same).
+                status = msgspec.structs.replace(
+                    status, exit_code=ended.exit_code, signal=ended.signal
+                )
             waiter = server.waiters.pop(message.pid, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(message.status)
+                waiter.set_result(status)
             else:
-                server.exits[message.pid] = message.status
+                server.exits[message.pid] = status
             return
         if isinstance(message, Ready):
             server.ready = True
@@ -176,6 +187,37 @@ class ForkServer:
             server.refusal = message.detail
             return
         self._dispatch_spawned(server, message, fds)
+
+    def _watch_status(self, server: ServerProcess, pid: int, status_fd: int) -> None:
+        """Read standby ``pid``'s status pipe from the loop: its record is its job's end."""
+        server.status_fds[pid] = status_fd
+        os.set_blocking(status_fd, False)
+        if self._loop is not None:
+            self._loop.add_reader(status_fd, self._on_status, server, pid)
+
+    def _on_status(self, server: ServerProcess, pid: int) -> None:
+        """The pipe is readable: with a record, the job ended (say so now); at EOF alone, the
+        init was killed, and its reaping (``Exited``) says how."""
+        status_fd = server.status_fds.get(pid)
+        if status_fd is None:
+            return
+        try:
+            record = os.read(status_fd, 8)
+        except BlockingIOError:
+            return
+        except OSError:
+            record = b""
+        self._close_status(server, pid)
+        if len(record) == 4:
+            self._job_ended(server, pid, decode_job_exit(record, 0))
+
+    def _close_status(self, server: ServerProcess, pid: int) -> None:
+        status_fd = server.status_fds.pop(pid, None)
+        if status_fd is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(status_fd)
+        os.close(status_fd)
 
     @staticmethod
     def _job_ended(server: ServerProcess, pid: int, ended: JobExit) -> None:
@@ -201,10 +243,12 @@ class ForkServer:
             future.set_exception(SpawnError("fork server sent no pidfd"))
         else:
             pidfd, *rest = fds
-            link = StandbyLink.from_fds(*rest) if len(rest) == 2 else None
+            link = StandbyLink.from_fds(*rest[:2]) if len(rest) in (2, 3) else None
             if link is None:
                 for fd in rest:
                     os.close(fd)
+            elif len(rest) == 3:
+                self._watch_status(server, message.pid, rest[2])
             self._owners[message.pid] = server
             future.set_result(SpawnedJob(pid=message.pid, pidfd=pidfd, link=link))
 
@@ -265,6 +309,8 @@ class ForkServer:
             if not end_waiter.done():
                 end_waiter.set_exception(_lost_exit(ended))
         server.end_waiters.clear()
+        for pid in list(server.status_fds):
+            self._close_status(server, pid)
         server.outbox.clear()
         server.pending.clear()
         server.waiters.clear()
@@ -441,6 +487,7 @@ class ForkServer:
         """Job ``pid`` was reaped and its reaping collected: nothing more comes of it."""
         self._owners.pop(pid, None)
         server.ends.pop(pid, None)
+        self._close_status(server, pid)
 
     async def wait_end(self, pid: int) -> JobExit:
         """Wait for job ``pid``'s command to end, with nothing else of its PID namespace left:
@@ -473,6 +520,8 @@ class ForkServer:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(server.pidfd)
+        for pid in list(server.status_fds):
+            self._close_status(server, pid)
         server.release()
 
 
