@@ -10,6 +10,7 @@ because the daemon is multi-threaded (pyroute2's own ``netns.create`` forks a he
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import socket
@@ -52,8 +53,32 @@ def netns_path(name: str) -> str:
     return os.path.join(NETNS_DIR, name)
 
 
+_netns_dir_lock = threading.Lock()
+
+
 def _ensure_netns_dir() -> None:
+    """/run/netns, made a shared mount point of its own, as ``ip netns add`` makes it; once a
+    process (at the first jail's build, after the start's recovery).
+
+    Left a plain directory, the first ``ip netns`` command run beside the daemon would bind it
+    over itself, hiding the namespace mounts of the jails made before: their files could no
+    longer be unmounted or removed (EBUSY), and every jail alive at that moment would leak.
+    """
+    with _netns_dir_lock:  # two first builds at once would bind it twice
+        _make_netns_dir()
+
+
+@functools.cache  # once it worked; a failure is tried again by the next build
+def _make_netns_dir() -> None:
     os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
+    shared = syscalls.MS_SHARED | syscalls.MS_REC
+    try:
+        syscalls.mount("none", NETNS_DIR, None, shared)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: not a mount point yet
+            raise
+        syscalls.mount(NETNS_DIR, NETNS_DIR, None, syscalls.MS_BIND | syscalls.MS_REC)
+        syscalls.mount("none", NETNS_DIR, None, shared)
 
 
 def run_in_new_netns(name: str, work: Callable[[], T]) -> Future[T]:
