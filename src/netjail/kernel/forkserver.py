@@ -55,6 +55,7 @@ from netjail.kernel.fdpass import read_payload, recv_with_fds, send_with_fds
 from netjail.kernel.fsplan import FsPlan
 from netjail.kernel.jailinit import ExecHook, StartedJob, read_job_exit, spawn_job
 from netjail.kernel.jobplan import JobExit, JobPlan, SpawnFailure, decode_job_exit
+from netjail.kernel.prefault import HotPages
 from netjail.kernel.seccomp import load_job_filter, prepare_job_filter
 from netjail.kernel.standby import (
     StandbyFailed,
@@ -267,17 +268,23 @@ def _handle(
     fds: list[int],
     inits: _Inits,
     standbys: StandbyTable,
+    *,
+    hot: HotPages,
 ) -> None:
     """Serve one request (the fds are closed by the caller)."""
     if isinstance(request, PreforkRequest):
         forked = fork_standby(
-            request.id, request.netns_path, request.cgroup_procs, request.base, _HOOKS
+            *(request.id, request.netns_path, request.cgroup_procs, request.base, _HOOKS),
+            hot=hot.runs,
+            learn=hot.wants_learner(),
         )
         if isinstance(forked, SpawnFailure):
             _send(sock, SpawnFailed(id=request.id, failure=forked))
             return
         inits.add(forked.pid, forked.status_fd)
         standbys.add(forked)
+        if forked.learn_fd is not None:
+            hot.add_learner(forked.learn_fd, forked.pid)
         return
     outcome = _start_job(fds)
     if isinstance(outcome, SpawnFailure):
@@ -299,6 +306,7 @@ def serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     standbys = StandbyTable()
     inits = _Inits()
+    hot = HotPages()
     watching: dict[int, _Watched] = {}  # a watched fd of an init -> what it is
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
@@ -317,6 +325,8 @@ def serve(sock: socket.socket) -> None:
                     _answer_standby(sock, standbys.on_readable(watched.pid), inits)
                 elif isinstance(watched, _StatusFd):
                     inits.on_status(sock, watched.pid)
+                elif isinstance(watched, _LearnFd):
+                    hot.on_readable(key.fd)
                 continue
             try:
                 data, fds = recv_with_fds(sock, MAX_MESSAGE, MAX_FDS)
@@ -325,12 +335,12 @@ def serve(sock: socket.socket) -> None:
             if not data:
                 return
             try:
-                _handle(sock, to_server.decode(data), fds, inits, standbys)
+                _handle(sock, to_server.decode(data), fds, inits, standbys, hot=hot)
             finally:
                 for fd in fds:
                     os.close(fd)
             _reap(sock, inits, standbys)
-        _watch_inits(selector, watching, standbys, inits)
+        _watch_inits(selector, watching, standbys, inits, hot)
 
 
 def _answer_standby(sock: socket.socket, outcome: StandbyOutcome | None, inits: _Inits) -> None:
@@ -383,7 +393,14 @@ class _StatusFd:
     pid: int
 
 
-_Watched = _StandbyFd | _StatusFd
+@dataclass(frozen=True)
+class _LearnFd:
+    """A learning standby's pipe of the pages its job wrote (``HotPages.watched``)."""
+
+    pid: int
+
+
+_Watched = _StandbyFd | _StatusFd | _LearnFd
 
 
 def _watch_inits(
@@ -391,12 +408,14 @@ def _watch_inits(
     watching: dict[int, _Watched],
     standbys: StandbyTable,
     inits: _Inits,
+    hot: HotPages | None = None,
 ) -> None:
     """Watch exactly the fds the inits wait on now: one place registers them all, so an fd
     closed and its number reused (a standby's pipe, then a new init's) is never registered
     twice."""
     wanted: dict[int, _Watched] = {fd: _StandbyFd(pid) for fd, pid in standbys.watched()}
     wanted.update((fd, _StatusFd(pid)) for fd, pid in inits.watched())
+    wanted.update((fd, _LearnFd(pid)) for fd, pid in (hot.watched() if hot is not None else ()))
     for fd in [fd for fd in watching if watching[fd] != wanted.get(fd)]:
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(fd)

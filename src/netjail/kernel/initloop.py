@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from typing import NoReturn
 
 from netjail.kernel.jobplan import encode_job_status
@@ -32,8 +33,14 @@ FORWARDED_SIGNALS = frozenset(
 _WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
 
 
-def serve_as_init(command: int, status_fd: int, terminal: int | None) -> NoReturn:
-    """Reap every child, forward signals, and end with the command."""
+def serve_as_init(
+    command: int,
+    status_fd: int,
+    terminal: int | None,
+    after_record: Callable[[], object] | None = None,
+) -> NoReturn:
+    """Reap every child, forward signals, and end with the command (``after_record`` runs
+    after the status record, before I exits: off the job's path)."""
     while True:
         sig = signal.sigwaitinfo(_WAITED).si_signo
         if sig != signal.SIGCHLD:
@@ -47,7 +54,7 @@ def serve_as_init(command: int, status_fd: int, terminal: int | None) -> NoRetur
             if pid == 0:
                 break
             if pid == command:
-                _end(status, status_fd)
+                _end(status, status_fd, after_record)
 
 
 def _forward(sig: int, terminal: int | None) -> None:
@@ -60,13 +67,16 @@ def _forward(sig: int, terminal: int | None) -> None:
         os.kill(target, sig)
 
 
-def _end(status: int, status_fd: int) -> NoReturn:
+def _end(status: int, status_fd: int, after_record: Callable[[], object] | None) -> NoReturn:
     # The rest of the job goes before the record: so whoever reads it knows that nothing of the
     # job runs any more, while I's own exit is still under way (the teardown of its address
     # space and namespaces, ~2 ms here: the daemon reports without waiting for it).
     _kill_the_rest()
     with contextlib.suppress(OSError):
         os.write(status_fd, encode_job_status(status))
+    if after_record is not None:
+        with contextlib.suppress(Exception):
+            after_record()
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import os
 import signal
@@ -66,7 +67,7 @@ from typing import NoReturn
 import msgspec
 
 from netjail.errors import NetjailError, SpawnError
-from netjail.kernel import rootfs, syscalls
+from netjail.kernel import prefault, rootfs, syscalls
 from netjail.kernel.fsplan import FsPlan, split_fs_plan
 from netjail.kernel.initloop import serve_as_init
 from netjail.kernel.jobplan import (
@@ -217,16 +218,20 @@ def run_standby_init(
     report_fd: int,
     status_fd: int,
     hooks: Sequence[ExecHook] = (),
+    hot: Sequence[tuple[int, int]] = (),
+    learn_fd: int = -1,
 ) -> NoReturn:
     """A pool jail's I, ahead of any job: steps 1-6 with the ``base`` of every job's file
-    system (``fsplan.split_fs_plan``) and its session (step 7's first part), then it says so
-    on ``channel`` and waits there for its one plan (``receive_plan``). With it come detached
-    trees of the job's own binds (the daemon made them in its mount namespace):
-    I adds the job's steps to its root, seals it, and goes on from step 7. Ends quietly if the
-    channel closes first (the jail is destroyed unused)."""
+    system (``fsplan.split_fs_plan``) and its session (step 7's first part), then it copies
+    the ``hot`` pages ahead (``prefault``), says so on ``channel`` and waits there for its one
+    plan (``receive_plan``). With it come detached trees of the job's own binds (the daemon
+    made them in its mount namespace): I adds the job's steps to its root, seals it, and goes
+    on from step 7. Ends quietly if the channel closes first (the jail is destroyed unused).
+    With ``learn_fd``, the pages its job's steps wrote go there after its status record."""
     stage = "signals"
+    watch: prefault.PageWatch | None = None
     try:
-        stage = _start_init({channel, report_fd, status_fd})
+        stage = _start_init({channel, report_fd, status_fd, learn_fd} - {-1})
         stage = _enter_jail(netns_path, cgroup_procs)
         trees = rootfs.open_bind_trees(base, ())
         stage = "namespaces"
@@ -239,6 +244,9 @@ def run_standby_init(
         # is a new task group, the costliest of the init's own steps.
         os.setsid()
         stage = "standby"
+        prefault.populate(hot)
+        if learn_fd >= 0:
+            watch = prefault.PageWatch()
         sock = socket.socket(fileno=channel)
         sock.send(STANDBY_READY)
         received = receive_plan(sock)
@@ -256,7 +264,17 @@ def run_standby_init(
     except BaseException as e:
         _report(report_fd, _failure_of(stage, e, None))
         os._exit(127)
-    _become_job(plan, stdio, report_fd=report_fd, status_fd=status_fd, hooks=hooks)
+    learned = None if watch is None else functools.partial(_tell_written, watch, learn_fd)
+    _become_job(
+        plan, stdio, report_fd=report_fd, status_fd=status_fd, hooks=hooks, after_record=learned
+    )
+
+
+def _tell_written(watch: prefault.PageWatch, learn_fd: int) -> None:
+    """After the record (off the job's path): the pages the job's steps wrote, to the fork
+    server (``prefault``); a pipe of at most 32 KB, empty, so the write never waits."""
+    with contextlib.suppress(OSError):
+        os.write(learn_fd, prefault.encode_pages(watch.written()))
 
 
 def _start_init(keep: set[int]) -> str:
@@ -324,6 +342,7 @@ def _become_job(
     report_fd: int,
     status_fd: int,
     hooks: Sequence[ExecHook],
+    after_record: Callable[[], object] | None = None,
 ) -> NoReturn:
     """Steps 7-11, in the job's file system and a session of its own already; never
     returns."""
@@ -353,7 +372,7 @@ def _become_job(
     for fd in {report_fd, *stdio} - kept:
         with contextlib.suppress(OSError):
             os.close(fd)
-    serve_as_init(command, status_fd, stdio[0] if terminal else None)
+    serve_as_init(command, status_fd, stdio[0] if terminal else None, after_record)
 
 
 def _reset_signals() -> None:

@@ -47,6 +47,8 @@ class Standby:
     channel: socket.socket
     report_fd: int
     status_fd: int
+    #: A learning standby's pipe of the pages its job wrote (``netjail.kernel.prefault``).
+    learn_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,17 +80,23 @@ def fork_standby(
     cgroup_procs: Sequence[str],
     base: FsPlan,
     hooks: Sequence[ExecHook],
+    *,
+    hot: Sequence[tuple[int, int]] = (),
+    learn: bool = False,
 ) -> Standby | SpawnFailure:
     """Fork a standby init for the jail at ``netns_path`` and ``cgroup_procs``, to build
-    ``base`` of its job's file system; at once."""
+    ``base`` of its job's file system; at once. It copies the ``hot`` page runs ahead; with
+    ``learn``, it tells which pages its job wrote (``netjail.kernel.prefault``)."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    learn_r, learn_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK) if learn else (-1, -1)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         pid = fork_in_new_pid_namespace()
     except OSError as e:
-        for fd in (report_r, report_w, status_r, status_w):
-            os.close(fd)
+        for fd in (report_r, report_w, status_r, status_w, learn_r, learn_w):
+            if fd >= 0:
+                os.close(fd)
         ours.close()
         theirs.close()
         return SpawnFailure(stage="namespaces", errno=e.errno or 0, detail=e.strerror or str(e))
@@ -101,10 +109,14 @@ def fork_standby(
             report_fd=report_w,
             status_fd=status_w,
             hooks=hooks,
+            hot=hot,
+            learn_fd=learn_w,
         )
     theirs.close()
     os.close(report_w)
     os.close(status_w)
+    if learn_w >= 0:
+        os.close(learn_w)
     ours.setblocking(False)
     return Standby(
         request=request,
@@ -112,6 +124,7 @@ def fork_standby(
         channel=ours,
         report_fd=report_r,
         status_fd=status_r,
+        learn_fd=learn_r if learn_r >= 0 else None,
     )
 
 

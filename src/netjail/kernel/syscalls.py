@@ -83,6 +83,7 @@ _libc.mount.argtypes = [
     ctypes.c_void_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
@@ -188,6 +189,11 @@ def mount(
 def umount2(target: str, flags: int) -> None:
     """umount2(2)."""
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on this process's own memory."""
+    _check(_libc.madvise(address, length, advice), "madvise")
 
 
 def open_tree(dirfd: int, path: str, flags: int) -> int:
