@@ -12,6 +12,7 @@ import pytest
 
 from netjail.kernel import forkserver
 from netjail.kernel.jobplan import JobExit, encode_job_status
+from netjail.kernel.prefault import HotPages
 from netjail.kernel.standby import StandbyTable
 
 
@@ -91,11 +92,11 @@ def test_an_fd_number_reused_from_a_standby_by_a_status_pipe_is_watched_once() -
     r, w = os.pipe2(os.O_NONBLOCK)
     try:
         standbys.fds = [(r, 1)]
-        forkserver._watch_inits(selector, watching, standbys, inits)
+        forkserver._watch_inits(selector, watching, standbys, inits, HotPages())
         assert watching == {r: forkserver._StandbyFd(1)}
         standbys.fds = []  # its pipe closed; the same number is now init 2's status pipe
         inits.add(2, r)
-        forkserver._watch_inits(selector, watching, standbys, inits)
+        forkserver._watch_inits(selector, watching, standbys, inits, HotPages())
         assert watching == {r: forkserver._StatusFd(2)}
         assert selector.get_key(r).fd == r
         os.write(w, encode_job_status(0))

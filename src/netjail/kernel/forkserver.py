@@ -274,7 +274,11 @@ def _handle(
     """Serve one request (the fds are closed by the caller)."""
     if isinstance(request, PreforkRequest):
         forked = fork_standby(
-            *(request.id, request.netns_path, request.cgroup_procs, request.base, _HOOKS),
+            request.id,
+            request.netns_path,
+            request.cgroup_procs,
+            request.base,
+            _HOOKS,
             hot=hot.runs,
             learn=hot.wants_learner(),
         )
@@ -408,14 +412,14 @@ def _watch_inits(
     watching: dict[int, _Watched],
     standbys: StandbyTable,
     inits: _Inits,
-    hot: HotPages | None = None,
+    hot: HotPages,
 ) -> None:
     """Watch exactly the fds the inits wait on now: one place registers them all, so an fd
     closed and its number reused (a standby's pipe, then a new init's) is never registered
     twice."""
     wanted: dict[int, _Watched] = {fd: _StandbyFd(pid) for fd, pid in standbys.watched()}
     wanted.update((fd, _StatusFd(pid)) for fd, pid in inits.watched())
-    wanted.update((fd, _LearnFd(pid)) for fd, pid in (hot.watched() if hot is not None else ()))
+    wanted.update((fd, _LearnFd(pid)) for fd, pid in hot.watched())
     for fd in [fd for fd in watching if watching[fd] != wanted.get(fd)]:
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(fd)

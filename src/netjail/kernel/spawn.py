@@ -219,6 +219,11 @@ class ForkServer:
             self._loop.remove_reader(status_fd)
         os.close(status_fd)
 
+    def _close_statuses(self, server: ServerProcess) -> None:
+        """The server is gone or closing: no record it would reap is read any more."""
+        for pid in list(server.status_fds):
+            self._close_status(server, pid)
+
     @staticmethod
     def _job_ended(server: ServerProcess, pid: int, ended: JobExit) -> None:
         if pid in server.ends:
@@ -309,8 +314,7 @@ class ForkServer:
             if not end_waiter.done():
                 end_waiter.set_exception(_lost_exit(ended))
         server.end_waiters.clear()
-        for pid in list(server.status_fds):
-            self._close_status(server, pid)
+        self._close_statuses(server)
         server.outbox.clear()
         server.pending.clear()
         server.waiters.clear()
@@ -520,8 +524,7 @@ class ForkServer:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(server.pidfd)
-        for pid in list(server.status_fds):
-            self._close_status(server, pid)
+        self._close_statuses(server)
         server.release()
 
 
