@@ -88,7 +88,11 @@ def clear_leftovers(daemon: Daemon, jobs: set[str]) -> None:
     and uid leases. A failing test cleans up too, or the suite's leak check trips on it."""
     for cgroup in [c for c in netjail_job_cgroups() if os.path.basename(c) in jobs]:
         for below, _dirs, _files in sorted(os.walk(cgroup), reverse=True):
-            with open(os.path.join(below, "cgroup.procs")) as f:
+            # A cgroup may vanish while this runs (a removal still under way): nothing to do.
+            with (
+                contextlib.suppress(FileNotFoundError),
+                open(os.path.join(below, "cgroup.procs")) as f,
+            ):
                 for pid in f.read().split():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid), signal.SIGKILL)
@@ -96,6 +100,8 @@ def clear_leftovers(daemon: Daemon, jobs: set[str]) -> None:
             while True:
                 try:
                     os.rmdir(below)
+                    break
+                except FileNotFoundError:
                     break
                 except OSError:
                     if time.monotonic() > deadline:
