@@ -7,6 +7,10 @@ so "jobs" is the fork server's children's time. A process that started during th
 whole. Kernel threads are grouped by their name without the work item (``kworker/u8:2-netns``
 is a kworker); the work they do for jobs (netns cleanup, cgroup destruction, RCU callbacks) is
 not told apart from the rest of the machine's.
+
+Each role's time is also split into user and system (kernel) time: the kernel's part (making
+and destroying namespaces, devices, mounts and cgroups, page faults, exits) bounds the rate no
+user-space work can raise.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 _HZ = os.sysconf("SC_CLK_TCK")
 
@@ -23,8 +28,24 @@ class _Proc:
     comm: str
     ppid: int
     start: int
-    own: int
-    children: int
+    #: (user, system) ticks: its own, and its reaped descendants'.
+    own_parts: tuple[int, int]
+    children_parts: tuple[int, int]
+
+    @property
+    def own(self) -> int:
+        return sum(self.own_parts)
+
+    def ticks(self, part: Part) -> tuple[int, int]:
+        """(own, children) ticks of ``part``."""
+        if part == "all":
+            return self.own, sum(self.children_parts)
+        index = 0 if part == "user" else 1
+        return self.own_parts[index], self.children_parts[index]
+
+
+#: Which CPU time: all of it, user space's, or the kernel's (system time).
+Part = Literal["all", "user", "system"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +88,8 @@ def _read_proc(pid: int) -> _Proc | None:
         comm=data[data.index("(") + 1 : close],
         ppid=int(fields[1]),
         start=int(fields[19]),
-        own=utime + stime,
-        children=cutime + cstime,
+        own_parts=(utime, stime),
+        children_parts=(cutime, cstime),
     )
 
 
@@ -76,17 +97,19 @@ def _kernel_thread(pid: int, proc: _Proc) -> bool:
     return pid == 2 or proc.ppid == 2
 
 
-def cpu_by_role(before: CpuSnapshot, after: CpuSnapshot, roles: dict[int, str]) -> Counter[str]:
-    """CPU seconds from ``before`` to ``after`` by role: ``roles`` names pids (their own
-    time); their descendants' time, reaped or still running, is "<role> children"; kernel
-    threads are "kernel threads"; everything else "other"."""
+def cpu_by_role(
+    before: CpuSnapshot, after: CpuSnapshot, roles: dict[int, str], part: Part = "all"
+) -> Counter[str]:
+    """CPU seconds (of ``part``) from ``before`` to ``after`` by role: ``roles`` names pids
+    (their own time); their descendants' time, reaped or still running, is "<role>
+    children"; kernel threads are "kernel threads"; everything else "other"."""
     used: Counter[str] = Counter()
     for pid, proc in after.procs.items():
         old = before.procs.get(pid)
+        own, children = proc.ticks(part)
         if old is not None and old.start == proc.start:
-            own, children = proc.own - old.own, proc.children - old.children
-        else:
-            own, children = proc.own, proc.children
+            old_own, old_children = old.ticks(part)
+            own, children = own - old_own, children - old_children
         if pid in roles:
             used[roles[pid]] += own
             used[f"{roles[pid]} children"] += children

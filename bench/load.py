@@ -18,8 +18,11 @@ the same run:
 
 Part 1 also prints where the CPU went while it ran (bench/cpuusage.py): the daemon, its fork
 server and the jobs it reaped, the nft helper, the clients, the kernel's threads and the rest of
-the machine, per job, and the rate the netjail share alone would allow on these CPUs: a number
-that other load on the machine moves much less than jobs/s.
+the machine, per job, user and kernel time apart, and the rate the netjail share alone would
+allow on these CPUs: a number that other load on the machine moves much less than jobs/s. Its
+kernel part alone (namespaces, devices, mounts, cgroups, page faults, exits, the kernel's
+threads) gives the rate no user-space work could pass; the same split is printed for
+``unshare -n true``.
 
 Targets (issue 12): 0 lost exits; 1,000 running jobs without an error; p50 latency with them
 running at most 1.5x the idle p50; at most 200 KB of daemon memory per running job.
@@ -202,10 +205,14 @@ def throughput(daemon: Daemon, jobs: int, clients: int) -> None:
         total.errors.update(tally.errors)
     print(f"\n1. {jobs} jobs from {clients} concurrent clients, {os.cpu_count()} CPUs")
     print(f"   wall {wall:.1f} s, {total.done / wall:.1f} jobs/s")
-    serial = serial_unshare_rate(200)
+    serial, serial_cpu = serial_unshare_rate(200)
     print(
         f"   unshare -n true, serially, in the same run: {serial:.1f} /s"
         f" (netjail at {total.done / wall / serial:.2f}x of it; target >= 0.5, and >= 250 jobs/s)"
+    )
+    print(
+        f"     its CPU: {serial_cpu['all'] * 1000:.2f} ms a run, the kernel's part"
+        f" {serial_cpu['system'] * 1000:.2f} ms (kernel threads included)"
     )
     print(f"   reports received      {total.done}")
     print(f"   lost exits            {total.lost_exits}")
@@ -218,7 +225,7 @@ def throughput(daemon: Daemon, jobs: int, clients: int) -> None:
     print(f"   daemon RSS            {mib(rss_before)} MiB before, {mib(rss_after)} MiB after")
     for error, n in total.errors.most_common(5):
         print(f"   error x{n}: {error}")
-    used = cpu_by_role(cpu_before, cpu_after, roles)
+    used = {part: cpu_by_role(cpu_before, cpu_after, roles, part) for part in ("user", "system")}
     print_cpu(used, busy_share(cpu_before, cpu_after), total.done)
 
 
@@ -241,22 +248,36 @@ def daemon_roles(pid: int) -> dict[int, str]:
     return roles
 
 
-def print_cpu(used: Counter[str], machine: tuple[float, float], jobs: int) -> None:
-    """CPU by role over the run, per job, and the rate the netjail share alone would allow."""
+def print_cpu(used: dict[str, Counter[str]], machine: tuple[float, float], jobs: int) -> None:
+    """CPU by role over the run, per job, user and kernel apart, and the rates the netjail
+    share would allow: as it is, and if its user space took no CPU at all."""
     had, busy = machine
     print(f"   CPU over the run: {had:.1f} CPU-s on {os.cpu_count()} CPUs, {busy:.0%} busy")
-    ours = 0.0
-    for role, seconds in used.most_common():
+    print(f"     {'':28} {'CPU-s':>7}  {'ms/job':>6}  {'user':>6}  {'kernel':>6}")
+    every = used["user"] + used["system"]
+    ours = kernel = 0.0
+    for role, seconds in every.most_common():
         if seconds < 0.005:
             continue
         if role != "other":
             ours += seconds
-        print(f"     {role:28} {seconds:7.2f} CPU-s  {seconds / max(1, jobs) * 1000:6.2f} ms/job")
-    per_job = ours / max(1, jobs)
+            kernel += used["system"][role]
+        user_ms, system_ms = (used[part][role] / max(1, jobs) * 1000 for part in ("user", "system"))
+        print(
+            f"     {role:28} {seconds:7.2f}  {seconds / max(1, jobs) * 1000:6.2f}"
+            f"  {user_ms:6.2f}  {system_ms:6.2f}"
+        )
+    per_job, kernel_per_job = ours / max(1, jobs), kernel / max(1, jobs)
+    cpus = os.cpu_count() or 1
     print(
         f"   netjail and the kernel threads: {per_job * 1000:.2f} ms CPU a job, so at most"
-        f" {(os.cpu_count() or 1) / per_job if per_job else 0:.0f} jobs/s on these CPUs"
+        f" {cpus / per_job if per_job else 0:.0f} jobs/s on these CPUs"
         ' if nothing else ran ("other" is the rest of the machine)'
+    )
+    print(
+        f"   the kernel's part of it: {kernel_per_job * 1000:.2f} ms a job, so at most"
+        f" {cpus / kernel_per_job if kernel_per_job else 0:.0f} jobs/s even if netjail's user"
+        " space took no CPU"
     )
 
 
@@ -358,12 +379,22 @@ def many_running(daemon: Daemon, running: int, ramp_width: int, samples: int) ->
     print(f"   ps after the kills: {len(client.ps())} jobs left")
 
 
-def serial_unshare_rate(n: int) -> float:
-    """How many ``unshare -n true`` run per second one after another (the issue's baseline)."""
+def serial_unshare_rate(n: int) -> tuple[float, dict[str, float]]:
+    """How many ``unshare -n true`` run per second one after another (the issue's baseline),
+    and the CPU seconds each took ("all" and "system"), the kernel threads' included (they
+    destroy the namespaces)."""
+    before = take_snapshot()
     start = time.perf_counter()
     for _ in range(n):
         subprocess.run(["unshare", "-n", "/bin/true"], check=True)
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    after = take_snapshot()
+    roles = {os.getpid(): "bench"}
+    cpu = {}
+    for part in ("all", "system"):
+        used = cpu_by_role(before, after, roles, part)
+        cpu[part] = (used["bench children"] + used["kernel threads"]) / n
+    return rate, cpu
 
 
 def main() -> None:
