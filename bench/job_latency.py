@@ -14,7 +14,8 @@ come.
 same run, alternating with this tree's in rounds, so a change can be shown to be no slower.
 
 Then the CLI's own start, against a bare ``python3 -I -c pass`` timed in the same rounds: the
-interpreter with no import; the same with click and msgspec alone (the floor the CLI's two
+interpreter with no import; the same with only ``socket`` and ``json`` (the floor of any
+Python client of netjaild's protocol); with click and msgspec alone (the floor the CLI's two
 dependencies set); ``import netjail.cli``; ``netjail ps`` against a socket that does not exist
 (the whole start up to a one-line error); and ``netjail run -- /bin/true`` through the private
 daemon (the CLI's whole job). Each is printed with its ratio to ``python3 -I -c pass``.
@@ -76,6 +77,8 @@ def time_cli_start(n: int, sock: str | None) -> dict[str, list[float]]:
         # The system's python3 (a PATH lookup may find a version manager's slow shim).
         "python3 -I -c pass": ["/usr/bin/python3", "-I", "-c", "pass"],
         "  this venv's python": [sys.executable, "-I", "-c", "pass"],
+        # The least any Python client of a Unix socket and JSON lines imports.
+        "  import socket, json": [sys.executable, "-I", "-c", "import socket, json"],
         "  import click, msgspec": [sys.executable, "-I", "-c", "import click, msgspec"],
         # As netjail ends: without tearing the interpreter down (cli._exit_now).
         "    ..., then os._exit": [
