@@ -136,6 +136,16 @@ def home_mounts(under: str) -> list[str]:
     ]
 
 
+def state_mounts(state_dirs: set[str]) -> list[str]:
+    """Which of ``state_dirs`` still have the daemon's own state tmpfs mounted on them."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = parse_mounts(f.read())
+    dirs = {os.path.realpath(d) for d in state_dirs}
+    return sorted(
+        {m.mount_point for m in mounts if m.source == "netjail-state" and m.mount_point in dirs}
+    )
+
+
 def state_leftovers(state_dir: str) -> list[str]:
     """What of its jobs is left in a daemon's state directory: a HOME (its directory under
     homes/, or its mount), a uid lease (a file under uids/) or a job's record (jobs/<job>.json,
@@ -375,6 +385,8 @@ def no_leaks_after_suite() -> Iterator[None]:
     assert unchecked == [], "stopped without note_stopped: their leftovers went unchecked"
     assert {state: d.leftovers for state, d in last.items() if d.leftovers} == {}
     assert [m for d in STARTED for m in home_mounts(d.state_dir)] == []
+    # The last daemon on each state directory stopped cleanly, so it unmounted its tmpfs.
+    assert state_mounts({d.state_dir for d in STARTED}) == []
 
 
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from netjail import Client, JobResult
+from netjail.mountinfo import parse_mounts
 
 from .conftest import (
     NO_POOL,
@@ -30,6 +31,7 @@ from .conftest import (
     processes_of_jobs,
     start_daemon,
     state_leftovers,
+    state_mounts,
     stop_daemon,
 )
 
@@ -107,7 +109,9 @@ def test_sigterm_ends_jobs_tells_clients_and_exits_cleanly(own_base: str) -> Non
     }
     assert processes_of_jobs(jobs) == []
     assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
-    assert os.listdir(os.path.join(d.state_dir, "jobs")) == []
+    # No record left: the state's tmpfs is unmounted only when none is (statefs.release).
+    assert state_mounts({d.state_dir}) == []
+    assert state_leftovers(d.state_dir) == []
     assert not os.path.exists(d.socket)
 
 
@@ -168,6 +172,8 @@ def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
         leased = {job: int(uid) for uid, _, job in (n.partition(".") for n in os.listdir(leases))}
         assert set(leased) == jobs
         assert all(uid in d.job_uids for uid in leased.values())
+        # All of it on the daemon's own tmpfs (statefs), which outlives the daemon.
+        assert state_mounts({d.state_dir}) == [os.path.realpath(d.state_dir)]
     finally:
         # Whatever failed above, the restart is what removes the crashed daemon's jails.
         again = start_daemon(own_base, config_extra=NO_POOL)
@@ -197,8 +203,48 @@ def test_restart_after_a_crash_removes_every_leftover(own_base: str) -> None:
             ["sh", "-c", "echo alive"], stdio="capture", cwd="/"
         )
         assert result.stdout == b"alive\n"
+        # The new daemon took the tmpfs as it found it: no second one stacked on it.
+        assert _mounts_on(again.state_dir) == ["netjail-state"]
     finally:
         stop_daemon(again)
+    # Stopped cleanly with nothing left in it: unmounted.
+    assert state_mounts({again.state_dir}) == []
+
+
+def _mounts_on(path: str) -> list[str]:
+    """The sources of the mounts on ``path`` itself, in order."""
+    with open("/proc/self/mountinfo") as f:
+        return [m.source for m in parse_mounts(f.read()) if m.mount_point == os.path.realpath(path)]
+
+
+def test_state_left_on_disk_is_recovered_there_and_the_next_start_moves_it_to_a_tmpfs(
+    own_base: str,
+) -> None:
+    """A record on disk (a daemon that kept its state there crashed) is recovered from the
+    disk, which no tmpfs hides for that run; a later start, with nothing left on the disk,
+    puts the state on a tmpfs of the daemon's own, and a clean stop unmounts it."""
+    state = os.path.join(own_base, "state")
+    os.makedirs(os.path.join(state, "jobs"), mode=0o700)
+    # A job recorded before anything of it was built: nothing else of it exists.
+    job = "j-0badcafe"
+    with open(os.path.join(state, "jobs", f"{job}.json"), "w") as f:
+        json.dump({"job": job, "netns": f"netjail-{job}", "started": 0}, f)
+    d = start_daemon(own_base, config_extra=NO_POOL)
+    try:
+        assert _mounts_on(state) == []
+        assert "stays on disk for this run" in d.log()
+        assert os.listdir(os.path.join(state, "jobs")) == []  # recovered, from the disk
+        assert Client(d.socket, timeout=10).run(["true"], cwd="/").exit_code == 0
+    finally:
+        stop_daemon(d)
+    again = start_daemon(own_base, config_extra=NO_POOL)
+    try:
+        assert _mounts_on(state) == ["netjail-state"]
+        result = Client(again.socket, timeout=10).run(["sh", "-c", "echo ok"], stdio="capture")
+        assert result.stdout == b"ok\n"
+    finally:
+        stop_daemon(again)
+    assert _mounts_on(state) == []
 
 
 def test_kmsg_backend_in_a_container_refuses_to_start_with_the_reason(own_base: str) -> None:
@@ -358,7 +404,8 @@ def test_sigterm_during_start_up_is_a_clean_stop(own_base: str) -> None:
         assert jobs  # the probe ran
         assert processes_of_jobs(jobs) == []
         assert {n.removeprefix("netjail-") for n in netjail_netns()} & jobs == set()
-        assert os.listdir(os.path.join(own_base, "state", "jobs")) == []
+        assert state_mounts({d.state_dir}) == []  # unmounted: no record was left in it
+        assert state_leftovers(d.state_dir) == []
     finally:
         if process.poll() is None:
             process.kill()

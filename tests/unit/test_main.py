@@ -683,13 +683,20 @@ class StartUp:
     served: list[Server] = field(default_factory=list)
     masks: list[int] = field(default_factory=list)
     cgroups: list[object] = field(default_factory=list)
+    #: statefs calls, in order: ("prepare" or "release", the state directory).
+    state_calls: list[tuple[str, str]] = field(default_factory=list)
 
 
 @pytest.fixture
 def start_up(monkeypatch: pytest.MonkeyPatch) -> StartUp:
     """main() as root, with the kernel-facing parts (fork server, cgroups, host, recovery,
-    the loop) replaced; the socket, state directory and server are real."""
+    the state's tmpfs, the loop) replaced; the socket, state directory and server are real."""
     made = StartUp()
+
+    def prepare(state_dir: str, log: object) -> str:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        made.state_calls.append(("prepare", state_dir))
+        return "disk"
 
     class ForkServer:
         @staticmethod
@@ -740,6 +747,12 @@ def start_up(monkeypatch: pytest.MonkeyPatch) -> StartUp:
         main_module, "recover", lambda host, records, log, uids, homes: ["netns netjail-j-0000dead"]
     )
     monkeypatch.setattr(main_module, "_serve", serve)
+    monkeypatch.setattr(main_module.statefs, "prepare", prepare)
+    monkeypatch.setattr(
+        main_module.statefs,
+        "release",
+        lambda state_dir, log: made.state_calls.append(("release", state_dir)),
+    )
     return made
 
 
@@ -798,6 +811,8 @@ def test_main_starts_in_order_serves_and_removes_its_socket(
     assert oct(os.stat(state_dir / "homes").st_mode & 0o777) == "0o700"
     assert ctx.resolv_conf == str(state_dir / "resolv.conf")
     assert os.path.isdir(state_dir / "jobs")
+    # The state's tmpfs: put in place before anything used the directory, released at exit.
+    assert start_up.state_calls == [("prepare", str(state_dir)), ("release", str(state_dir))]
     assert not socket_path.exists()
 
 
@@ -821,6 +836,8 @@ def test_main_that_cannot_start_says_why_and_exits_1(tmp_path: Path, start_up: S
     assert start_up.config_paths == [None]
     assert start_up.forkserver.closed == 1
     assert start_up.served == []
+    # Failed before the state directory was used; its release is a no-op then, and harmless.
+    assert start_up.state_calls == [("release", str(state_dir))]
 
 
 def test_the_fd_limit_is_raised_to_the_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:

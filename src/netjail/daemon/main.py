@@ -22,7 +22,7 @@ from typing import Literal
 import click
 
 from netjail._version import __version__
-from netjail.daemon import sdnotify
+from netjail.daemon import sdnotify, statefs
 from netjail.daemon.config import DEFAULT_CONFIG_PATH, Config, check_config, load_config
 from netjail.daemon.etcfiles import make_etc_dir
 from netjail.daemon.intake import EventIntake
@@ -307,6 +307,7 @@ def main(  # noqa: PLR0915 - the start-up order, step by step, reads best in one
     # than killing the daemon half-way through recovery or start-up; _serve unblocks them.
     signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
     log = Logger(log_format or "text")
+    config: Config | None = None
     try:
         file_config = load_config(config_path)
         config = replace(
@@ -326,6 +327,8 @@ def main(  # noqa: PLR0915 - the start-up order, step by step, reads best in one
             firewall_backend=config.firewall,
             log_backend=config.log_backend,
         )
+        # Before anything uses it: its per-job files on a tmpfs of its own (statefs).
+        statefs.prepare(config.state_dir, log)
         records = StateRecords(config.state_dir)
         ctx = JailContext(
             host=host,
@@ -353,6 +356,8 @@ def main(  # noqa: PLR0915 - the start-up order, step by step, reads best in one
         metrics, endpoint = _start_metrics(config, log)
     except (NetjailError, OSError) as e:
         forkserver.close()
+        if config is not None:
+            statefs.release(config.state_dir, log)
         log("error", "cannot start", error=str(e))
         click.echo(f"netjaild: {e}", err=True)
         sys.exit(1)
@@ -364,6 +369,7 @@ def main(  # noqa: PLR0915 - the start-up order, step by step, reads best in one
         if endpoint is not None:
             endpoint.close()
         forkserver.close()
+        statefs.release(config.state_dir, log)
         if not activated:
             with contextlib.suppress(OSError):
                 os.unlink(config.socket)
