@@ -320,7 +320,7 @@ def test_the_job_sees_only_the_jails_network(jail: Jail) -> None:
         host_port = host_listener.getsockname()[1]
         links = run_ok(make_plan(jail, ["ip", "-o", "link", "show"]))
         names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
-        assert names == {"lo", netns.JAIL_IF, netns.JAIL_PEER_IF}
+        assert names == {"lo", netns.JAIL_IF}
         assert run_ok(make_plan(jail, ["ls", "/sys/class/net"])).split() == sorted(names)
         tcp = run_ok(make_plan(jail, ["cat", "/proc/1/net/tcp"]))
         assert f"0100007F:{JAIL_PORT:04X}" in tcp

@@ -26,7 +26,7 @@ from netjail.cli import doctor
 
 from .conftest import Daemon, launch_daemon, stop_daemon, wait_until_ready
 
-KERNEL_CHECKS = ("netns", "nf_tables", "nfnetlink_log", "veth")
+KERNEL_CHECKS = ("netns", "nf_tables", "nfnetlink_log", "ifb")
 #: What the rest of the deep jail needs, all ok on this machine.
 DEEP_JAIL_CHECKS = (
     "pidns",

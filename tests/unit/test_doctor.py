@@ -130,7 +130,7 @@ ALL_CHECKS = [
     "netns",
     "nf_tables",
     "nfnetlink_log",
-    "veth",
+    "ifb",
     "pidns",
     "ipcns",
     "utsns",
@@ -212,7 +212,7 @@ def container(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
     fakes = {
         "probe_kernel": lambda: KernelInfo(
-            CONTAINER_RELEASE, None, frozenset({"veth"}), None, frozenset({"nf_tables"})
+            CONTAINER_RELEASE, None, frozenset({"ifb"}), None, frozenset({"nf_tables"})
         ),
         "probe_kernel_evidence": lambda: {
             "netns": "/proc/self/ns/net exists",
@@ -252,7 +252,7 @@ def test_run_checks_hands_each_check_its_evidence(container: list[object]) -> No
         "ok    netns: present (/proc/self/ns/net exists)",
         "ok    nf_tables: module nf_tables, loaded on first use",
         "ok    nfnetlink_log: present (registered in /proc/net/netfilter/nf_log)",
-        "ok    veth: present (/sys/module/veth)",
+        "ok    ifb: present (/sys/module/ifb)",
         "ok    pidns: present (/proc/self/ns/pid exists)",
         "ok    ipcns: present (/proc/self/ns/ipc exists)",
         "warn  utsns: cannot tell: no kernel config (/proc/config.gz,"

@@ -70,10 +70,42 @@ def test_a_malformed_answer_is_an_error(pair: tuple[socket.socket, socket.socket
 
 def test_the_requests_are_encoded_one_per_step() -> None:
     """pyroute2 encodes one request per named step, each with its own sequence number."""
-    for batch in (netns._link_requests(), netns._address_requests(3, 2)):
+    batches = [netns._link_requests(kind) for kind in ("ifb", "veth")]
+    batches += [netns._address_requests(3, None), netns._address_requests(3, 2)]
+    for batch in batches:
         seqs = [seq for seq, _step in batch.steps]
         assert len(set(seqs)) == len(seqs) > 1
         assert sum(1 for _ in _headers(batch.data)) == len(seqs)
+
+
+def test_every_ack_is_read_and_the_first_refusal_is_kept(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """After a refused request the later acks are still read (none is left for the next
+    batch), and the first refused step comes back with its errno."""
+    ours, kernel = pair
+    kernel.send(_ack(7) + _ack(8, errno.EOPNOTSUPP) + _ack(9, errno.ENODEV))
+    assert netns._refusal_of(ours, _batch(7, 8, 9)) == ("step 8", errno.EOPNOTSUPP)
+    ours.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        ours.recv(100)
+
+
+def test_the_link_is_an_ifb_and_names_its_step() -> None:
+    """New jails get an ifb link until the kernel refuses one; each kind names its step."""
+    assert netns.jail_link_kind() == "ifb"
+    assert netns._link_requests("ifb").steps[1][1] == "ifb nj0"
+    assert netns._link_requests("veth").steps[1][1] == "veth nj0/nj1"
+
+
+def test_a_refused_ifb_makes_every_later_jail_use_veth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fall-back happens once and sticks; a second refusal of ifb changes nothing more."""
+    monkeypatch.setattr(netns, "_link_kinds", ["ifb", "veth"])
+    assert netns._fall_back_to_veth("ifb") == "veth"
+    assert netns.jail_link_kind() == "veth"
+    assert netns._fall_back_to_veth("ifb") == "veth"
+    assert netns._fall_back_to_veth("veth") == "veth"
+    assert netns.jail_link_kind() == "veth"
 
 
 def _headers(data: bytes) -> list[tuple[int, ...]]:

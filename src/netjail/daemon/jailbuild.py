@@ -219,7 +219,7 @@ async def build_netns(
     stack: AsyncExitStack, ctx: JailContext, netns_name: str, rules: firewall.JailRules
 ) -> InsideJail:
     """4. The network namespace, and inside it, from its own thread:
-    4a. lo, the veth pair and default routes, and the jail's sysctls;
+    4a. lo, the jail's link (an ifb) and default routes, and the jail's sysctls;
     4b. one atomic ruleset (accept local, DNS to the stub, the synthetic pool and CIDR rules
         to the proxy, log and reject everything else);
     4c. the NFLOG socket (with log_backend = "nflog");

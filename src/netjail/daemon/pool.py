@@ -2,7 +2,7 @@
 
 A pool jail is steps 1-4 of a job (netjail.daemon.jailbuild) done before the job exists: its
 state record (so crash recovery sweeps it like a job), a leased uid, a cgroup with the
-config's default limits, the netns with its veth, routes, the base ruleset, the NFLOG socket
+config's default limits, the netns with its link, routes, the base ruleset, the NFLOG socket
 and the stub's and proxy's listeners, the job's HOME and /etc files for its uid and default
 hostname (netjail.daemon.jobfiles), and a standby init already in the netns and the cgroups
 (the costly first migration into a fresh cgroup is paid here, not by the job). ``claim`` fits

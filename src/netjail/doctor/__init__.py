@@ -12,7 +12,7 @@ when the kernel side is what is broken.
 The checks, by what they look at:
 
 - :mod:`~netjail.doctor.features`: kernel features for the network jail (network namespaces,
-  nf_tables, nfnetlink_log, veth) and for the rest of the deep jail (PID, IPC and UTS
+  nf_tables, nfnetlink_log, ifb or veth) and for the rest of the deep jail (PID, IPC and UTS
   namespaces, seccomp filter mode);
 - :mod:`~netjail.doctor.host`: cgroups, capabilities, the initial network namespace (decided
   by :mod:`netjail.hostns`), nf_log_all_netns, and the jail's mount namespace: the new mount
@@ -36,6 +36,7 @@ from netjail.doctor.access import check_daemon, check_socket
 from netjail.doctor.features import (
     KERNEL_FEATURES,
     SeccompInfo,
+    check_jail_link,
     check_kernel_feature,
     check_seccomp,
     parse_seccomp_mode,
@@ -65,6 +66,7 @@ def run_checks(socket_path: str) -> list[Check]:
         check_kernel_feature(feature, kernel, evidence.get(feature.check))
         for feature in KERNEL_FEATURES
     ]
+    checks.insert(3, check_jail_link(kernel))
     seccomp = SeccompInfo(parse_seccomp_mode(status), probe.probe_seccomp_filter())
     checks.append(check_seccomp(kernel, seccomp))
     mountinfo = probe.probe_mountinfo()

@@ -2,9 +2,10 @@
 
 Pure: :func:`check_kernel_feature` weighs a :class:`KernelInfo` (the config and module lists
 ``probe_kernel`` reads) and, where there is one, a direct sign of the feature at work, which
-outweighs any config file. Network namespaces, nf_tables, nfnetlink_log and veth make the network
-jail; the PID, IPC and UTS namespaces and seccomp's filter mode make the rest of the deep jail.
-A feature the kernel lacks is a blocker: no jail can be built without it.
+outweighs any config file. Network namespaces, nf_tables, nfnetlink_log and ifb (or veth, see
+:func:`check_jail_link`) make the network jail; the PID, IPC and UTS namespaces and seccomp's
+filter mode make the rest of the deep jail. A feature the kernel lacks is a blocker: no jail can
+be built without it.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ NF_TABLES = KernelFeature(
     ),
 )
 NFNETLINK_LOG = KernelFeature("nfnetlink_log", "CONFIG_NETFILTER_NETLINK_LOG", "nfnetlink_log")
+#: The jail's link (netjail.kernel.netns): an ifb device, or, where the kernel has none, a veth
+#: pair with both ends in the jail.
+IFB = KernelFeature("ifb", "CONFIG_IFB", "ifb")
 VETH = KernelFeature("veth", "CONFIG_VETH", "veth")
 # The deep jail's other namespaces; none can be a module.
 PIDNS = KernelFeature("pidns", "CONFIG_PID_NS", None)
 IPCNS = KernelFeature("ipcns", "CONFIG_IPC_NS", None)
 UTSNS = KernelFeature("utsns", "CONFIG_UTS_NS", None)
 #: The features whose check needs nothing more than check_kernel_feature, in display order.
-KERNEL_FEATURES = (NETNS, NF_TABLES, NFNETLINK_LOG, VETH, PIDNS, IPCNS, UTSNS)
+KERNEL_FEATURES = (NETNS, NF_TABLES, NFNETLINK_LOG, PIDNS, IPCNS, UTSNS)
 #: The namespaces a kernel built without them leaves out of /proc/<pid>/ns, by check name.
 NAMESPACE_LINKS = {NETNS.check: "net", PIDNS.check: "pid", IPCNS.check: "ipc", UTSNS.check: "uts"}
 
@@ -134,6 +138,27 @@ def check_kernel_feature(
             " are)",
         )
     return _check_without_config(feature, kernel)
+
+
+def check_jail_link(kernel: KernelInfo) -> Check:
+    """The "ifb" line: the device every jail's link is made of. A kernel without ifb but with
+    veth can still build jails (each with a veth pair, ~4.7 ms more CPU a jail): a warning.
+    Without either, a blocker."""
+    ifb = check_kernel_feature(IFB, kernel)
+    if ifb.status != "FAIL":
+        return ifb
+    veth = check_kernel_feature(VETH, kernel)
+    if veth.status == "FAIL":
+        return Check.fail(
+            IFB.check,
+            f"{ifb.detail}, and veth, the other device a jail's link can be: {veth.detail}",
+            ifb.fix or "",
+        )
+    return Check.warn(
+        IFB.check,
+        f"{ifb.detail}; jails get a veth pair instead ({veth.detail}), at ~4.7 ms more CPU each",
+        ifb.fix or "",
+    )
 
 
 def _check_module(feature: KernelFeature, kernel: KernelInfo) -> Check:

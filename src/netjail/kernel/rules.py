@@ -67,7 +67,8 @@ class Icmpv6Type:
 
 
 # IPv6 neighbour discovery and multicast listener reports are the kernel's own traffic on the
-# jail's veth link; the only other end of that link is inside the jail, so nothing leaves.
+# jail's link (netjail.kernel.netns): an ifb that drops all it is sent, or a veth pair with both
+# ends inside the jail, so nothing leaves.
 KERNEL_ICMPV6 = (
     Icmpv6Type("nd-router-solicit", 133),
     Icmpv6Type("nd-neighbor-solicit", 135),
