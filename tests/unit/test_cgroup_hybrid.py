@@ -72,19 +72,18 @@ def test_hybrid_create_job_writes_exact_limit_values(tmp_path: Path) -> None:
         str(cg_root / "unified/netjail/j1"),
         str(memory),
         str(cg_root / "cpu/netjail/j1"),
-        str(cg_root / "cpuacct/netjail/j1"),
         str(cg_root / "pids/netjail/j1"),
     )
     assert job.procs_files[0] == str(cg_root / "unified/netjail/j1/cgroup.procs")
-    assert len(job.procs_files) == 5
+    assert len(job.procs_files) == 4
     assert job.mode == "hybrid"
 
 
 def test_hybrid_without_cpu_limit_skips_the_cpu_hierarchy(tmp_path: Path) -> None:
-    """A job without a CPU limit joins cpuacct (accounting) but not cpu."""
+    """A job without a CPU limit joins neither cpu nor cpuacct (cgroup2 counts its CPU time)."""
     manager, _fs = hybrid_manager(tmp_path)
     job = manager.create_job("j1", Limits())
-    assert _hierarchy_names(tmp_path, job.directories) == ["unified", "memory", "cpuacct", "pids"]
+    assert _hierarchy_names(tmp_path, job.directories) == ["unified", "memory", "pids"]
 
 
 def test_hybrid_without_swap_accounting_sets_swappiness_zero(tmp_path: Path) -> None:
@@ -184,17 +183,33 @@ def test_hybrid_leftover_with_processes_but_no_unified_cgroup_is_refused(tmp_pat
         job.kill_all()
 
 
-def test_hybrid_usage_reads_v1_accounting(tmp_path: Path) -> None:
-    """usage() on hybrid reads cpuacct ns counters, max_usage_in_bytes, oom_control, pids.peak."""
+def test_hybrid_usage_reads_cgroup2_cpu_time_and_v1_accounting(tmp_path: Path) -> None:
+    """usage() on hybrid reads the cgroup2 cpu.stat, max_usage_in_bytes, oom_control and
+    pids.peak."""
     manager, _fs = hybrid_manager(tmp_path)
     job = manager.create_job("j1", Limits())
-    _unified, memory, cpuacct, pids = map(Path, job.directories)
-    (cpuacct / "cpuacct.usage_user").write_text("2500000000\n")
-    (cpuacct / "cpuacct.usage_sys").write_text("250000000\n")
+    unified, memory, pids = map(Path, job.directories)
+    (unified / "cpu.stat").write_text("usage_usec 2750000\nuser_usec 2500000\nsystem_usec 250000\n")
     (memory / "memory.max_usage_in_bytes").write_text("8388608\n")
     (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     (pids / "pids.peak").write_text("7\n")
     assert job.usage() == ResourceUsage(2.5, 0.25, 8388608, 7, oom_killed=True)
+
+
+def test_hybrid_cpu_time_of_a_job_from_before_still_comes_from_its_cpuacct(tmp_path: Path) -> None:
+    """A leftover job cgroup that joined cpuacct (an older daemon's) is opened with it, and its
+    CPU time read from cpuacct's ns counters."""
+    manager, fs = hybrid_manager(tmp_path)
+    job = manager.create_job("j-0ld", Limits())
+    cpuacct = tmp_path / "sys/fs/cgroup/cpuacct/netjail/j-0ld"
+    fs.make_dir(str(cpuacct))
+    (cpuacct / "cpuacct.usage_user").write_text("2500000000\n")
+    (cpuacct / "cpuacct.usage_sys").write_text("250000000\n")
+    opened = manager.open_job("j-0ld")
+    assert str(cpuacct) in opened.directories
+    usage = opened.usage()
+    assert (usage.cpu_user_s, usage.cpu_system_s) == (2.5, 0.25)
+    assert len(job.directories) == 3
 
 
 def test_hybrid_holds_other_than_reads_the_first_hierarchy_alone(
@@ -225,39 +240,16 @@ def test_hybrid_holds_other_than_reads_the_first_hierarchy_alone(
     assert all(path.startswith(first + "/") for path in paths)
 
 
-def test_hybrid_usage_reads_no_cpu_source_it_does_not_use(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With cpuacct's ns counters there, neither cpuacct.stat nor cgroup2's cpu.stat is read:
-    the job's end waits for these reads."""
-    manager, fs = hybrid_manager(tmp_path)
-    job = manager.create_job("j1", Limits())
-    cpuacct = Path(job.directories[2])
-    (cpuacct / "cpuacct.usage_user").write_text("2500000000\n")
-    (cpuacct / "cpuacct.usage_sys").write_text("250000000\n")
-    read, names = fs.read, []
-
-    def recording(path: str) -> str:
-        names.append(os.path.basename(path))
-        return read(path)
-
-    monkeypatch.setattr(fs, "read", recording)
-    usage = job.usage()
-    assert (usage.cpu_user_s, usage.cpu_system_s) == (2.5, 0.25)
-    assert "cpuacct.usage_user" in names
-    assert "cpuacct.stat" not in names
-    assert "cpu.stat" not in names
-
-
 def test_hybrid_usage_is_none_where_the_kernel_cannot_tell(tmp_path: Path) -> None:
-    """Without pids.peak or cpuacct usage files, usage() says None instead of guessing."""
-    manager, _fs = hybrid_manager(tmp_path, omit={"pids.peak", "cpuacct.usage_user"})
+    """Without pids.peak or a cpu.stat, usage() says None instead of guessing."""
+    manager, _fs = hybrid_manager(tmp_path, omit={"pids.peak"})
     job = manager.create_job("j1", Limits())
-    cpuacct = Path(job.directories[2])
-    (cpuacct / "cpuacct.stat").write_text(f"user {os.sysconf('SC_CLK_TCK') * 3}\nsystem 0\n")
+    stat = Path(job.directories[0]) / "cpu.stat"
+    if stat.exists():
+        stat.unlink()
     usage = job.usage()
     assert usage.pids_peak is None
-    assert usage.cpu_user_s == 3.0  # from cpuacct.stat, in clock ticks
+    assert (usage.cpu_user_s, usage.cpu_system_s) == (None, None)
     assert usage.memory_peak_bytes == 0
 
 

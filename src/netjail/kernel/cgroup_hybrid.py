@@ -1,9 +1,9 @@
 """The hybrid strategy: controllers in v1 hierarchies, plus a controller-less cgroup2 tree.
 
 This is systemd's "hybrid" layout (the cgroup2 tree at ``/sys/fs/cgroup/unified``). Limits and
-accounting use the v1 files, as on v1 (``cgroup_v1``). The job also gets a cgroup in the
-cgroup2 tree, first of all its cgroups, purely for ``cgroup.kill`` and a process list no job
-can leave; so the v1 freezer is not used.
+memory and pids accounting use the v1 files, as on v1 (``cgroup_v1``). The job also gets a
+cgroup in the cgroup2 tree, first of all its cgroups, for ``cgroup.kill``, a process list no
+job can leave, and its CPU time (``cpu.stat``); so neither the v1 freezer nor cpuacct is used.
 """
 
 from __future__ import annotations
@@ -49,8 +49,15 @@ class HybridStrategy:
         make_dirs_exist_ok(self._fs, unique_paths(self.parents.values()))
 
     def job_roles(self, limits: Limits) -> tuple[Role, ...]:
-        """The hierarchies a job with *limits* joins, the cgroup2 tree first."""
-        return plan_v1_roles("unified", self.parents.keys(), limits)
+        """The hierarchies a job with *limits* joins, the cgroup2 tree first.
+
+        Not cpuacct: the job's cgroup2 cgroup counts its CPU time already (cpu.stat's
+        user_usec and system_usec, kept by the kernel in every cgroup2 cgroup, controllers or
+        not), and one v1 cgroup fewer is ~0.3 ms less CPU a job (made, joined, removed). It
+        stays among the parents, so that leftovers of jobs that had one are still swept.
+        """
+        joinable = [role for role in self.parents if role != "cpuacct"]
+        return plan_v1_roles("unified", joinable, limits)
 
     def plan_limits(self, dirs: Mapping[Role, str], limits: Limits) -> tuple[ControlWrite, ...]:
         """The writes that apply *limits* to the job's fresh cgroups *dirs*."""
