@@ -14,6 +14,7 @@ from netjail.daemon.config import Policy as ConfigPolicy
 from netjail.daemon.pipeline import Job
 from netjail.daemon.selftest import (
     PROBE_ADDRESS,
+    PROBE_ADDRESS6,
     PROBE_NAME,
     PROBE_PORT,
     evaluate,
@@ -50,9 +51,12 @@ def event(
 
 GOOD_EVENTS = [
     event("egress", "tcp"),
+    msgspec.structs.replace(event("egress", "tcp"), family=6, dst=PROBE_ADDRESS6),
     event("egress", "udp"),
     event("dns", "udp", PROBE_NAME, "dns"),
 ]
+GOOD_OUTPUT = b"tcp refused\ntcp6 refused\nudp rejected\ndns failed\n"
+EXPECTED = "expected tcp refused, tcp6 refused, udp rejected, dns failed"
 
 
 def report(stdout: bytes, events: list[Event], exit_code: int = 0) -> Report:
@@ -72,33 +76,44 @@ def report(stdout: bytes, events: list[Event], exit_code: int = 0) -> Report:
 
 
 def test_a_working_jail_passes() -> None:
-    """All three attempts rejected and all three reported: no problem."""
-    assert evaluate(report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS), "nflog") == []
+    """All four attempts rejected and all four reported: no problem."""
+    assert evaluate(report(GOOD_OUTPUT, GOOD_EVENTS), "nflog") == []
 
 
 def test_a_connect_that_got_through_fails_the_test() -> None:
     """A TCP connect that was not refused is reported as not rejected."""
-    problems = evaluate(report(b"tcp connected\nudp rejected\ndns failed\n", GOOD_EVENTS), "nflog")
-    assert problems == [
-        "the probe's attempts were not all rejected (expected tcp refused, udp rejected, "
-        "dns failed; got tcp connected, udp rejected, dns failed)"
+    output = b"tcp connected\ntcp6 refused\nudp rejected\ndns failed\n"
+    assert evaluate(report(output, GOOD_EVENTS), "nflog") == [
+        f"the probe's attempts were not all rejected ({EXPECTED}; got tcp connected, tcp6 refused,"
+        " udp rejected, dns failed)"
+    ]
+
+
+def test_an_ipv6_connect_that_was_not_refused_fails_the_test() -> None:
+    """IPv6 is proved too: a TCP connect over IPv6 that failed otherwise (no route: nothing
+    was logged) is not a rejection."""
+    output = b"tcp refused\ntcp6 OSError\nudp rejected\ndns failed\n"
+    events = [GOOD_EVENTS[0], *GOOD_EVENTS[2:]]
+    assert evaluate(report(output, events), "nflog") == [
+        f"the probe's attempts were not all rejected ({EXPECTED}; got tcp refused, tcp6 OSError,"
+        " udp rejected, dns failed)",
+        "NFLOG events not received for the blocked TCP (IPv6) attempt: nfnetlink_log missing?",
     ]
 
 
 def test_missing_nflog_events_are_named_with_a_hint() -> None:
     """Rejected but unreported attempts fail the test, naming NFLOG and what to check."""
-    problems = evaluate(
-        report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS[2:]), "nflog"
-    )
+    problems = evaluate(report(GOOD_OUTPUT, GOOD_EVENTS[3:]), "nflog")
     assert problems == [
         "NFLOG events not received for the blocked TCP attempt: nfnetlink_log missing?",
+        "NFLOG events not received for the blocked TCP (IPv6) attempt: nfnetlink_log missing?",
         "NFLOG events not received for the blocked UDP attempt: nfnetlink_log missing?",
     ]
 
 
 def test_missing_kernel_log_events_point_at_the_sysctl() -> None:
     """With the kmsg backend the hint is nf_log_all_netns."""
-    problems = evaluate(report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS[1:]), "kmsg")
+    problems = evaluate(report(GOOD_OUTPUT, GOOD_EVENTS[1:]), "kmsg")
     assert problems == [
         "kernel log (LOG/kmsg) events not received for the blocked TCP attempt: "
         "is nf_log_all_netns=1?"
@@ -107,9 +122,7 @@ def test_missing_kernel_log_events_point_at_the_sysctl() -> None:
 
 def test_an_unreported_dns_lookup_fails_the_test() -> None:
     """The stub must report the probe's lookup."""
-    problems = evaluate(
-        report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS[:2]), "nflog"
-    )
+    problems = evaluate(report(GOOD_OUTPUT, GOOD_EVENTS[:3]), "nflog")
     assert problems == ["the DNS stub did not report the probe's lookup"]
 
 
@@ -118,17 +131,16 @@ def test_a_probe_that_crashed_says_what_it_printed() -> None:
     bad = report(b"", GOOD_EVENTS, exit_code=1)
     bad.stderr = b"Traceback: boom"
     assert evaluate(bad, "nflog") == [
-        "the probe's attempts were not all rejected (expected tcp refused, udp rejected, "
-        "dns failed; got Traceback: boom)"
+        f"the probe's attempts were not all rejected ({EXPECTED}; got Traceback: boom)"
     ]
 
 
 def test_the_right_output_with_a_failing_exit_status_fails_the_test() -> None:
     """The output alone is not enough: the probe must also exit 0."""
-    bad = report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS, exit_code=3)
+    bad = report(GOOD_OUTPUT, GOOD_EVENTS, exit_code=3)
     assert evaluate(bad, "nflog") == [
-        "the probe's attempts were not all rejected (expected tcp refused, udp rejected, "
-        "dns failed; got tcp refused, udp rejected, dns failed)"
+        f"the probe's attempts were not all rejected ({EXPECTED}; got tcp refused, tcp6 refused,"
+        " udp rejected, dns failed)"
     ]
 
 
@@ -139,9 +151,9 @@ def test_a_probe_that_left_nothing_names_every_missing_part() -> None:
     bad.stdout = None
     bad.stderr = None
     assert evaluate(bad, "nflog") == [
-        "the probe's attempts were not all rejected (expected tcp refused, udp rejected, "
-        "dns failed; got nothing)",
+        f"the probe's attempts were not all rejected ({EXPECTED}; got nothing)",
         "NFLOG events not received for the blocked TCP attempt: nfnetlink_log missing?",
+        "NFLOG events not received for the blocked TCP (IPv6) attempt: nfnetlink_log missing?",
         "NFLOG events not received for the blocked UDP attempt: nfnetlink_log missing?",
         "the DNS stub did not report the probe's lookup",
     ]
@@ -152,13 +164,16 @@ def test_events_about_other_attempts_do_not_count() -> None:
     probe's name, prove the jail reports."""
     elsewhere = [
         msgspec.structs.replace(GOOD_EVENTS[0], port=PROBE_PORT + 1),
-        msgspec.structs.replace(GOOD_EVENTS[1], dst="203.0.113.2"),
-        msgspec.structs.replace(GOOD_EVENTS[1], verdict="allowed"),
+        msgspec.structs.replace(GOOD_EVENTS[1], dst="2001:db8::2"),
+        msgspec.structs.replace(GOOD_EVENTS[2], dst="203.0.113.2"),
         msgspec.structs.replace(GOOD_EVENTS[2], verdict="allowed"),
-        msgspec.structs.replace(GOOD_EVENTS[2], domain="other.invalid"),
+        msgspec.structs.replace(GOOD_EVENTS[3], verdict="allowed"),
+        msgspec.structs.replace(GOOD_EVENTS[3], domain="other.invalid"),
     ]
-    assert evaluate(report(b"tcp refused\nudp rejected\ndns failed\n", elsewhere), "kmsg") == [
+    assert evaluate(report(GOOD_OUTPUT, elsewhere), "kmsg") == [
         "kernel log (LOG/kmsg) events not received for the blocked TCP attempt: "
+        "is nf_log_all_netns=1?",
+        "kernel log (LOG/kmsg) events not received for the blocked TCP (IPv6) attempt: "
         "is nf_log_all_netns=1?",
         "kernel log (LOG/kmsg) events not received for the blocked UDP attempt: "
         "is nf_log_all_netns=1?",
@@ -170,9 +185,7 @@ def test_events_about_other_attempts_do_not_count() -> None:
 
 
 def probe_report(job: Job) -> Report:
-    return msgspec.structs.replace(
-        report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS), job=job.id
-    )
+    return msgspec.structs.replace(report(GOOD_OUTPUT, GOOD_EVENTS), job=job.id)
 
 
 def test_run_self_test_runs_the_probe_as_root_with_capture_and_the_configs_limits(
@@ -219,11 +232,13 @@ def test_run_self_test_runs_the_probe_as_root_with_capture_and_the_configs_limit
 def test_run_self_test_returns_the_problems_of_the_probes_report(tmp_path: Path) -> None:
     """The report is judged with the configured log backend's wording."""
     daemon = make_daemon(str(tmp_path))
-    unreported = report(b"tcp refused\nudp rejected\ndns failed\n", GOOD_EVENTS[2:])
+    unreported = report(GOOD_OUTPUT, GOOD_EVENTS[3:])
     daemon.jobs.on_start = lambda job: daemon.jobs.finish(job, unreported)
     try:
         assert run(run_self_test(daemon.jobs, Config(log_backend="kmsg"))) == [
             "kernel log (LOG/kmsg) events not received for the blocked TCP attempt: "
+            "is nf_log_all_netns=1?",
+            "kernel log (LOG/kmsg) events not received for the blocked TCP (IPv6) attempt: "
             "is nf_log_all_netns=1?",
             "kernel log (LOG/kmsg) events not received for the blocked UDP attempt: "
             "is nf_log_all_netns=1?",

@@ -1,8 +1,9 @@
 """The start-up self-test: prove the jail blocks and reports before serving anyone.
 
 A probe job (uid 0, so it can run the daemon's own interpreter; it still has no capabilities)
-tries a TCP connect, a UDP send and a DNS lookup. Each must be rejected (refused, EPERM,
-NXDOMAIN) AND reported as an event. If either half is missing the daemon refuses to serve:
+tries a TCP connect over IPv4 and over IPv6, a UDP send and a DNS lookup. Each must be
+rejected (refused, EPERM, NXDOMAIN) AND reported as an event. If either half is missing the
+daemon refuses to serve:
 a jail that silently lets traffic through, or one that blocks without telling, is not one.
 """
 
@@ -21,6 +22,8 @@ from netjail.protocol import Report
 
 #: Documentation addresses (RFC 5737): never routed anywhere, rejected inside the jail.
 PROBE_ADDRESS = "203.0.113.1"
+#: The IPv6 documentation prefix (RFC 3849), as an event names it.
+PROBE_ADDRESS6 = "2001:db8::1"
 PROBE_PORT = 9
 PROBE_NAME = "netjail-self-test.invalid"
 
@@ -35,6 +38,15 @@ except ConnectionRefusedError:
     print("tcp refused")
 except OSError as e:
     print("tcp", type(e).__name__)
+s6 = socket.socket(socket.AF_INET6)
+s6.settimeout(5)
+try:
+    s6.connect(("{PROBE_ADDRESS6}", {PROBE_PORT}))
+    print("tcp6 connected")
+except ConnectionRefusedError:
+    print("tcp6 refused")
+except OSError as e:
+    print("tcp6", type(e).__name__)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 try:
     u.sendto(b"netjail self-test", ("{PROBE_ADDRESS}", {PROBE_PORT}))
@@ -48,7 +60,13 @@ except socket.gaierror:
     print("dns failed")
 """
 
-_EXPECTED_OUTPUT = ["tcp refused", "udp rejected", "dns failed"]
+_EXPECTED_OUTPUT = ["tcp refused", "tcp6 refused", "udp rejected", "dns failed"]
+#: Each blocked attempt that must come back as an event: (protocol, address, its name).
+_ATTEMPTS = (
+    ("tcp", PROBE_ADDRESS, "TCP"),
+    ("tcp", PROBE_ADDRESS6, "TCP (IPv6)"),
+    ("udp", PROBE_ADDRESS, "UDP"),
+)
 
 
 def probe_argv() -> list[str]:
@@ -70,18 +88,16 @@ def evaluate(report: Report, log_backend: str) -> list[str]:
         )
     source = "NFLOG" if log_backend == "nflog" else "kernel log (LOG/kmsg)"
     hint = "nfnetlink_log missing?" if log_backend == "nflog" else "is nf_log_all_netns=1?"
-    for proto in ("tcp", "udp"):
+    for proto, address, name in _ATTEMPTS:
         if not any(
             e.kind == "egress"
             and e.verdict == "blocked"
             and e.proto == proto
-            and e.dst == PROBE_ADDRESS
+            and e.dst == address
             and e.port == PROBE_PORT
             for e in report.events
         ):
-            problems.append(
-                f"{source} events not received for the blocked {proto.upper()} attempt: {hint}"
-            )
+            problems.append(f"{source} events not received for the blocked {name} attempt: {hint}")
     if not any(
         e.kind == "dns" and e.domain == PROBE_NAME and e.verdict == "blocked" for e in report.events
     ):
