@@ -29,24 +29,17 @@ PROBE_NAME = "netjail-self-test.invalid"
 
 PROBE = f"""
 import socket
-s = socket.socket()
-s.settimeout(5)
-try:
-    s.connect(("{PROBE_ADDRESS}", {PROBE_PORT}))
-    print("tcp connected")
-except ConnectionRefusedError:
-    print("tcp refused")
-except OSError as e:
-    print("tcp", type(e).__name__)
-s6 = socket.socket(socket.AF_INET6)
-s6.settimeout(5)
-try:
-    s6.connect(("{PROBE_ADDRESS6}", {PROBE_PORT}))
-    print("tcp6 connected")
-except ConnectionRefusedError:
-    print("tcp6 refused")
-except OSError as e:
-    print("tcp6", type(e).__name__)
+tcp = ((socket.AF_INET, "{PROBE_ADDRESS}", "tcp"), (socket.AF_INET6, "{PROBE_ADDRESS6}", "tcp6"))
+for family, address, name in tcp:
+    s = socket.socket(family)
+    s.settimeout(5)
+    try:
+        s.connect((address, {PROBE_PORT}))
+        print(name, "connected")
+    except ConnectionRefusedError:
+        print(name, "refused")
+    except OSError as e:
+        print(name, type(e).__name__)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 try:
     u.sendto(b"netjail self-test", ("{PROBE_ADDRESS}", {PROBE_PORT}))
