@@ -53,15 +53,15 @@ class FakeUpstream:
 
 
 def serve(
-    requests: bytes,
+    requests: bytes | list[bytes],
     policy: HttpPolicy,
     responses: list[bytes] | None = None,
     decisions: RequestDecisions | None = None,
     transport: Transport = "tls",
 ) -> tuple[list[h11.Event], list[RequestRecord], FakeUpstream]:
-    """Run the relay over ``requests`` (to port 443 over TLS, 80 plain); the job's parsed
-    responses, the records, the upstream."""
-    job = FakeStream([requests])
+    """Run the relay over ``requests`` (in these pieces, if a list; to port 443 over TLS, 80
+    plain); the job's parsed responses, the records, the upstream."""
+    job = FakeStream(requests if isinstance(requests, list) else [requests])
     upstream = FakeUpstream(responses)
     records: list[RequestRecord] = []
     relay = HttpRelay(
@@ -80,9 +80,11 @@ def serve(
 
 def parse_responses(data: bytes) -> list[h11.Event]:
     """The job's side as a client reads it, one response per (pretend) request."""
+    events: list[h11.Event] = []
+    if not data:  # nothing sent (h11 would read b"" as the end of the connection)
+        return events
     client = h11.Connection(h11.CLIENT)
     client.receive_data(data)
-    events: list[h11.Event] = []
     while client.our_state is h11.IDLE:
         client.send(h11.Request(method="GET", target="/", headers=[("Host", API)]))
         client.send(h11.EndOfMessage())
@@ -498,3 +500,82 @@ def test_an_upstream_that_closes_inside_a_sized_body_ends_the_connection() -> No
     events, records, _ = serve(get("/a") + get("/b"), parse_http_policy(), [ok(b"x" * 100)[:-10]])
     assert not any(isinstance(event, h11.EndOfMessage) for event in events)
     assert records == []
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: {API}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def upstream_requests(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(target, body) of each whole request the upstream got, as its h11 reads them."""
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(data)
+    found: list[tuple[bytes, bytes]] = []
+    target, body = b"", b""
+    while True:
+        event = server.next_event()
+        if isinstance(event, h11.Request):
+            target, body = event.target, b""
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            found.append((target, body))
+            server.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+            server.send(h11.EndOfMessage())
+            server.start_next_cycle()
+        else:
+            return found
+
+
+def test_a_sized_request_body_in_pieces_reaches_the_upstream_then_the_next_request() -> None:
+    """A Content-Length body goes past the job's h11 in whatever pieces it comes; a request
+    sent in the same piece as the body's end is served next, on the same connections."""
+    body = b"0123456789" * 1000
+    sent = post("/up", body) + get("/after")
+    pieces = [sent[:30], sent[30:31], sent[31:4000], sent[4000:]]
+    events, records, upstream = serve(pieces, parse_http_policy(), [ok(b"one"), ok(b"two")])
+    assert [(status, got) for status, _, got in responses(events)] == [(200, b"one"), (200, b"two")]
+    assert [(r.method, r.path, r.bytes_out) for r in records] == [
+        ("POST", "/up", len(body)),
+        ("GET", "/after", 0),
+    ]
+    [stream] = upstream.streams
+    assert upstream_requests(bytes(stream.sent)) == [(b"/up", body), (b"/after", b"")]
+
+
+def test_a_job_that_closes_inside_a_sized_request_body_ends_the_connection() -> None:
+    """The upstream never gets a whole request, and nothing is recorded as relayed."""
+    events, records, upstream = serve(post("/up", b"x" * 100)[:-10], parse_http_policy(), [ok(b"")])
+    assert events == []
+    assert records == []
+    assert upstream_requests(bytes(upstream.streams[0].sent)) == []
+
+
+def test_a_sized_request_body_then_the_jobs_end_is_answered_then_the_connection_ends() -> None:
+    """The job's side closed right after the body: the response still comes, then the end."""
+    events, records, _ = serve([post("/up", b"data"), b""], parse_http_policy(), [ok(b"done")])
+    assert [(status, got) for status, _, got in responses(events)] == [(200, b"done")]
+    assert [(r.path, r.bytes_out) for r in records] == [("/up", 4)]
+
+
+def test_a_job_waiting_for_100_continue_gets_it_before_its_sized_body_is_relayed() -> None:
+    """Expect: 100-continue: the proxy answers 100 itself, and the Expect header stays here."""
+    head, body = post("/up", b"payload", "Expect: 100-continue\r\n").split(b"\r\n\r\n")
+    job = FakeStream([head + b"\r\n\r\n", body])
+    upstream = FakeUpstream([ok(b"ok")])
+    records: list[RequestRecord] = []
+    relay = HttpRelay(
+        job=job,
+        domain=API,
+        port=443,
+        policy=parse_http_policy(),
+        connect=upstream,
+        record=records.append,
+    )
+    asyncio.run(relay.serve())
+    assert bytes(job.sent).startswith(b"HTTP/1.1 100 ")
+    sent = bytes(upstream.streams[0].sent)
+    assert b"expect" not in sent.lower()
+    assert upstream_requests(sent) == [(b"/up", b"payload")]
+    assert [(r.status, r.bytes_out) for r in records] == [(200, 7)]

@@ -130,7 +130,10 @@ class HttpRelay:
         self._policy = policy
         self._connect = connect
         self._record = record
-        self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._server = _job_connection()
+        #: After a request body that went past h11: the bytes that came after it (the start
+        #: of the next request).
+        self._after_body: bytes | None = None
         self._upstream: _Upstream | None = None
         self._redactions = policy.redactions_for(domain)
 
@@ -140,7 +143,7 @@ class HttpRelay:
             while await self._one_request():
                 if self._server.our_state is not h11.DONE:
                     break
-                self._server.start_next_cycle()
+                self._next_job_cycle()
                 await self._next_upstream_cycle()
         except (_Closed, h11.ProtocolError, OSError):
             pass
@@ -148,6 +151,18 @@ class HttpRelay:
             await self._close_upstream()
             with contextlib.suppress(OSError):
                 await self._job.close()
+
+    def _next_job_cycle(self) -> None:
+        """Ready the job's side for its next request: h11's next cycle, or, after a request
+        body that went past h11 (``_pump_sized_request_body``), a fresh connection fed the
+        bytes that came after that body."""
+        if self._after_body is None:
+            self._server.start_next_cycle()
+            return
+        rest, self._after_body = self._after_body, None
+        self._server = _job_connection()
+        if rest:
+            self._server.receive_data(rest)
 
     async def _next_upstream_cycle(self) -> None:
         """Keep the upstream connection for the next request, or close it (a new one is made
@@ -271,7 +286,11 @@ class HttpRelay:
             upstream,
             h11.Request(method=request.method, target=request.target, headers=headers),
         )
-        sent = await self._pump_request_body(upstream)
+        length = _content_length(request)
+        if not length or upgrade:  # no body, or one that may not end (an upgrade's)
+            sent = await self._pump_request_body(upstream)
+        else:
+            sent = await self._pump_sized_request_body(upstream, length)
         status, received, keep = await self._relay_response(upstream, method)
         if status == 101:
             received += await self._tunnel(upstream)
@@ -322,6 +341,18 @@ class HttpRelay:
             else:
                 raise _Closed
 
+    async def _pump_sized_request_body(self, upstream: _Upstream, length: int) -> int:
+        """A request body of ``length`` bytes (its Content-Length, which h11 checked), sent
+        upstream as it comes, past the job's h11 as a sized response body goes past the
+        upstream's (``_relay_sized_body``); the upstream's h11 still counts the bytes. What
+        came after the body is the next request's, kept for ``_next_job_cycle``."""
+        first, _ = self._server.trailing_data
+        self._after_body = await _pass_sized(
+            first, length, source=self._job, counter=upstream.conn, sink=upstream.stream
+        )
+        await self._send_upstream(upstream, h11.EndOfMessage())
+        return length
+
     async def _relay_response(self, upstream: _Upstream, method: str) -> tuple[int, int, bool]:
         """The upstream's response, sent on to the job: (status, body bytes, keep-alive)."""
         while True:
@@ -368,22 +399,12 @@ class HttpRelay:
         close``, HTTP/1.0) or bytes came past the body: then it is closed before the next.
         """
         keep_alive = upstream.conn.our_state is h11.DONE
-        data, _ = upstream.conn.trailing_data
-        left = length
-        while True:
-            if len(data) > left:
-                data, keep_alive = data[:left], False
-            if data:
-                left -= len(data)
-                for piece in self._server.send_with_data_passthrough(h11.Data(data=data)) or ():
-                    await self._job.send(piece)
-            if not left:
-                break
-            data = await upstream.stream.recv()
-            if not data:
-                raise _Closed
+        first, _ = upstream.conn.trailing_data
+        rest = await _pass_sized(
+            first, length, source=upstream.stream, counter=self._server, sink=self._job
+        )
         await self._send_job(h11.EndOfMessage())
-        if keep_alive:
+        if keep_alive and not rest:
             upstream.conn = _upstream_connection()
         return length
 
@@ -515,15 +536,42 @@ class HttpRelay:
             await upstream.stream.send(data)
 
 
+async def _pass_sized(
+    first: bytes, length: int, *, source: Stream, counter: h11.Connection, sink: Stream
+) -> bytes:
+    """Pass a body of ``length`` bytes from ``source`` (``first``, then what it brings) to
+    ``sink`` as it comes, through ``counter``, the sending side's h11, which counts the bytes
+    without a copy (``send_with_data_passthrough``); the bytes read past the body, returned.
+    Raises _Closed if the source ends first."""
+    data, left = first, length
+    while True:
+        rest = b""
+        if len(data) > left:
+            data, rest = data[:left], data[left:]
+        if data:
+            left -= len(data)
+            for piece in counter.send_with_data_passthrough(h11.Data(data=data)) or ():
+                await sink.send(piece)
+        if not left:
+            return rest
+        data = await source.recv()
+        if not data:
+            raise _Closed
+
+
+def _job_connection() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+
 def _upstream_connection() -> h11.Connection:
     return h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
 
 
-def _content_length(response: h11.Response) -> int | None:
-    """The body's length when the response is framed by Content-Length alone (h11 checked
-    the value), else None: chunked, or to the connection's end."""
-    lengths = [value for name, value in response.headers if name == b"content-length"]
-    if len(lengths) != 1 or any(name == b"transfer-encoding" for name, _ in response.headers):
+def _content_length(message: h11.Request | h11.Response) -> int | None:
+    """The body's length when the message is framed by Content-Length alone (h11 checked
+    the value), else None: chunked, to the connection's end, or (a request) none."""
+    lengths = [value for name, value in message.headers if name == b"content-length"]
+    if len(lengths) != 1 or any(name == b"transfer-encoding" for name, _ in message.headers):
         return None
     return int(lengths[0])
 
