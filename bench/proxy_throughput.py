@@ -5,7 +5,7 @@ Run as root: ``.venv/bin/python bench/proxy_throughput.py [--mib 1024] [--connec
 
 An HTTP-ish upstream server runs on this host's loopback, in cleartext and over TLS (a
 certificate for ``bulk.test`` from a CA made for the run). The same client script (system
-Python, sockets only) runs in alternating rounds, four ways:
+Python, sockets only) runs in alternating rounds, five ways:
 
 - *direct*: on the host, cleartext; *proxied*: as a netjail job allowed to reach ``bulk.test``
   (``--add-host bulk.test:127.0.0.1``), so every byte goes job → in-jail listener → proxy →
@@ -13,7 +13,11 @@ Python, sockets only) runs in alternating rounds, four ways:
 - *direct TLS*: on the host, TLS to the upstream; *intercepted*: as a job with ``--intercept
   bulk.test``: TLS to the proxy with the job's CA, which the job trusts by netjail's variables,
   every request parsed (h11), and TLS again from the proxy to the upstream, verified against
-  the run's CA (``[proxy] upstream_ca``).
+  the run's CA (``[proxy] upstream_ca``);
+- and a fifth, *plain Python TLS relay*: on the host, the client's TLS to ``RELAY``, a relay of
+  a few dozen lines in the system Python that terminates TLS as netjaild does (MemoryBIO, one
+  thread) and connects to the upstream over TLS, with no HTTP parsing and no policy: the floor
+  any such relay in Python has on this machine, against which intercepted is also compared.
 
 Each round downloads and uploads --mib MiB and makes --connects connect+GET round trips
 (with TLS, each a new handshake: the time to the first byte of a new connection). Prints the
@@ -24,7 +28,8 @@ first connection (for a job: a new leaf certificate, a full upstream handshake; 
 resume the upstream's TLS session).
 
 Last, the CPU seconds each process took per round (the client: the job's cgroup when jailed;
-the upstream: this process's threads; netjaild), and the ceiling they set on the TLS ratio:
+the upstream: this process's threads; the proxy: netjaild, or the plain relay), and the
+ceiling they set on the TLS ratio:
 intercepted, every byte is decrypted and encrypted twice, once more in netjaild, so when the
 direct run already keeps every CPU busy the ratio can be no higher than direct's CPU seconds
 over intercepted's.
@@ -33,6 +38,7 @@ over intercepted's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -44,7 +50,9 @@ import statistics
 import subprocess
 import tempfile
 import threading
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -112,8 +120,91 @@ print(json.dumps(result))
 """
 
 
-def make_certificates(directory: str) -> tuple[str, ssl.SSLContext]:
-    """The run's CA file, and a server context with a certificate for NAME it signed."""
+# The floor of a TLS-terminating relay in Python, for comparison: one thread, MemoryBIO as
+# netjaild uses (an SSLSocket was slower here: it reads each record in two syscalls), no HTTP
+# parsing, no asyncio, no policy. Serves one connection at a time (the client's are one after
+# another, and never send both ways at once, so blocking writes cannot deadlock).
+RELAY = r"""
+import select, socket, ssl, sys
+port, upstream_port, ca_file, chain, name = *map(int, sys.argv[1:3]), *sys.argv[3:6]
+as_server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+as_server.load_cert_chain(chain)
+as_client = ssl.create_default_context(cafile=ca_file)
+listener = socket.create_server(("127.0.0.1", port))
+print("ready", flush=True)
+
+class End:
+    def __init__(self, sock, context, hostname):
+        self.sock, self.inc, self.out = sock, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(
+            self.inc, self.out, server_side=hostname is None, server_hostname=hostname
+        )
+
+    def flush(self):
+        data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def fill(self):
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise EOFError
+        self.inc.write(data)
+
+    def handshake(self):
+        while True:
+            try:
+                self.tls.do_handshake()
+                return self.flush()
+            except ssl.SSLWantReadError:
+                self.flush()
+                self.fill()
+
+    def plaintext(self):
+        chunks = []
+        while True:
+            try:
+                chunk = self.tls.read(1 << 20)
+            except ssl.SSLWantReadError:
+                return b"".join(chunks)
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+
+def relay(job, upstream):
+    pairs = {job.sock: (job, upstream), upstream.sock: (upstream, job)}
+    pending = job.plaintext()  # a request that came with the handshake's last bytes
+    if pending:
+        upstream.tls.write(pending)
+        upstream.flush()
+    while True:
+        for sock in select.select(list(pairs), [], [])[0]:
+            src, dst = pairs[sock]
+            src.fill()
+            data = src.plaintext()
+            if data:
+                dst.tls.write(data)
+                dst.flush()
+
+while True:
+    conn, _ = listener.accept()
+    ends = [End(conn, as_server, None)]
+    try:
+        ends[0].handshake()
+        ends.append(End(socket.create_connection(("127.0.0.1", upstream_port)), as_client, name))
+        ends[1].handshake()
+        relay(*ends)
+    except (OSError, ssl.SSLError, EOFError):
+        pass
+    finally:
+        for end in ends:
+            end.sock.close()
+"""
+
+
+def make_certificates(directory: str) -> tuple[str, str, ssl.SSLContext]:
+    """The run's CA file; a certificate for NAME it signed, with its key (a PEM file); and a
+    server context with that certificate."""
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "netjail bench CA")])
@@ -154,7 +245,32 @@ def make_certificates(directory: str) -> tuple[str, ssl.SSLContext]:
         )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(chain)
-    return ca_file, context
+    return ca_file, chain, context
+
+
+@dataclass(frozen=True)
+class Relay:
+    pid: int
+    port: int
+
+
+@contextlib.contextmanager
+def plain_relay(upstream_port: int, ca_file: str, chain: str) -> Iterator[Relay]:
+    """RELAY, run with the system Python on a free port of the host's loopback, to the TLS
+    upstream; stopped at the end."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [str(port), str(upstream_port), ca_file, chain, NAME]
+    process = subprocess.Popen([PY, "-c", RELAY, *args], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline() != b"ready\n":
+            raise SystemExit("the plain relay did not start")
+        yield Relay(process.pid, port)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def serve(listener: socket.socket, context: ssl.SSLContext | None) -> None:
@@ -209,12 +325,15 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-#: The four ways, in the order of each round: (label, TLS, through netjail).
-WAYS = (
-    ("direct (host loopback)", False, False),
-    ("through the proxy", False, True),
-    ("direct TLS", True, False),
-    ("intercepted (TLS, h11)", True, True),
+#: Through what a way's client reaches the upstream: nothing, a netjail job's proxy, or RELAY.
+Via = Literal["host", "netjail", "relay"]
+#: The ways, in the order of each round: (label, TLS, via).
+WAYS: tuple[tuple[str, bool, Via], ...] = (
+    ("direct (host loopback)", False, "host"),
+    ("through the proxy", False, "netjail"),
+    ("direct TLS", True, "host"),
+    ("intercepted (TLS, h11)", True, "netjail"),
+    ("plain Python TLS relay", True, "relay"),
 )
 
 
@@ -227,7 +346,7 @@ def main() -> None:
     size = args.mib << 20
 
     directory = tempfile.mkdtemp(prefix="netjail-bench-tls-", dir="/run")
-    ca_file, server_context = make_certificates(directory)
+    ca_file, chain, server_context = make_certificates(directory)
     ports = {}
     listeners = []
     for tls in (False, True):
@@ -239,14 +358,16 @@ def main() -> None:
 
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in WAYS}
     config = f'[proxy]\nupstream_ca = "{ca_file}"\n'
-    with private_daemon(config=config) as sock:
+    with private_daemon(config=config) as sock, plain_relay(ports[True], ca_file, chain) as relay:
         daemon = Client(sock).status().pid
         # Alternate the ways, so that drift in the machine's speed touches all alike.
         for _ in range(args.rounds):
-            for label, tls, jailed in WAYS:
-                client_args = [str(ports[tls]), str(size), str(args.connects), str(int(tls))]
-                upstream_cpu, daemon_cpu = own_cpu_s(), cpu_seconds(daemon)
-                if not jailed:
+            for label, tls, via in WAYS:
+                port = relay.port if via == "relay" else ports[tls]
+                client_args = [str(port), str(size), str(args.connects), str(int(tls))]
+                proxy = relay.pid if via == "relay" else daemon
+                upstream_cpu, proxy_cpu = own_cpu_s(), cpu_seconds(proxy)
+                if via != "netjail":
                     client_cpu = children_cpu_s()
                     done = subprocess.run(
                         [PY, "-c", CLIENT, "127.0.0.1", NAME, *client_args],
@@ -258,7 +379,7 @@ def main() -> None:
                     runs[label][-1]["cpu"] = {
                         "client": children_cpu_s() - client_cpu,
                         "upstream": own_cpu_s() - upstream_cpu,
-                        "netjaild": cpu_seconds(daemon) - daemon_cpu,
+                        "proxy": cpu_seconds(proxy) - proxy_cpu,
                     }
                     continue
                 # --intercept alone would allow ports 80 and 443: the upstream's is another.
@@ -280,7 +401,7 @@ def main() -> None:
                     "client": (result.report.cpu_user_s or 0.0)
                     + (result.report.cpu_system_s or 0.0),
                     "upstream": own_cpu_s() - upstream_cpu,
-                    "netjaild": cpu_seconds(daemon) - daemon_cpu,
+                    "proxy": cpu_seconds(proxy) - proxy_cpu,
                 }
     for listener in listeners:
         listener.close()
@@ -308,13 +429,10 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> N
     for base, way, target in ((labels[0], labels[1], 1.0), (labels[2], labels[3], 2.0)):
         direct, proxied = runs[base], runs[way]
         for key, direction in (("seconds", "download"), ("upload", "upload")):
-            ratios = [d[key] / p[key] for d, p in zip(direct, proxied, strict=True)]
-            ratio = statistics.median(d[key] for d in direct) / statistics.median(
-                p[key] for p in proxied
-            )
+            ratio, low, high = throughput_ratio(direct, proxied, key)
             print(
                 f"{way} / {base}, {direction} throughput, medians: {ratio:.2f}"
-                f" (target >= 0.50); per round {min(ratios):.2f}-{max(ratios):.2f}"
+                f" (target >= 0.50); per round {low:.2f}-{high:.2f}"
             )
         added = statistics.median(x for p in proxied for x in p["latencies"]) - statistics.median(
             x for d in direct for x in d["latencies"]
@@ -329,6 +447,12 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> N
         print(
             f"{way}: added latency of the first connection of a run, median {firsts * 1e3:.3f} ms"
         )
+    # No target: what any one-thread Python relay that terminates TLS reaches here.
+    for base, way in ((labels[2], labels[4]), (labels[4], labels[3])):
+        down, up = (
+            throughput_ratio(runs[base], runs[way], key)[0] for key in ("seconds", "upload")
+        )
+        print(f"{way} / {base}, throughput medians: download {down:.2f}, upload {up:.2f}")
     print_cpu(runs, labels)
     with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
         host_cc = f.read().strip()
@@ -341,6 +465,16 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> N
         "name lookup p50 in the jail (DNS stub; the host run reads no DNS for 127.0.0.1): "
         f"{statistics.median(lookups) * 1e3:.3f} ms"
     )
+
+
+def throughput_ratio(
+    direct: list[dict[str, Any]], proxied: list[dict[str, Any]], key: str
+) -> tuple[float, float, float]:
+    """The ratio of the median throughputs of ``proxied`` to ``direct`` (``key``: download
+    or upload seconds), and the lowest and highest of the rounds' own ratios."""
+    ratios = [d[key] / p[key] for d, p in zip(direct, proxied, strict=True)]
+    median = statistics.median(d[key] for d in direct) / statistics.median(p[key] for p in proxied)
+    return median, min(ratios), max(ratios)
 
 
 def print_cpu(runs: dict[str, list[dict[str, Any]]], labels: list[str]) -> None:
@@ -362,16 +496,16 @@ def print_cpu(runs: dict[str, list[dict[str, Any]]], labels: list[str]) -> None:
             f"{label:24} {cells}  all {totals[label]:6.2f}"
             f"  (bulk wall {walls:5.2f} s, {totals[label] / walls:.2f} CPUs busy)"
         )
-    direct, intercepted = totals[labels[2]], totals[labels[3]]
-    print(
-        f"intercepted (TLS, h11) / direct TLS, CPU-bound ceiling of the throughput ratio: "
-        f"{direct / intercepted:.2f} (direct's CPU seconds over intercepted's; it binds when"
-        f" direct keeps all {cpus} CPUs busy)"
-    )
+    for way in (labels[3], labels[4]):
+        print(
+            f"{way} / {labels[2]}, CPU-bound ceiling of the throughput ratio: "
+            f"{totals[labels[2]] / totals[way]:.2f} (direct's CPU seconds over this way's; it"
+            f" binds when direct keeps all {cpus} CPUs busy)"
+        )
 
 
-#: The processes whose CPU a round counts.
-CPU_PARTS = ("client", "upstream", "netjaild")
+#: The processes whose CPU a round counts (the proxy: netjaild, or RELAY's process).
+CPU_PARTS = ("client", "upstream", "proxy")
 
 
 if __name__ == "__main__":
