@@ -287,7 +287,7 @@ class HttpRelay:
             h11.Request(method=request.method, target=request.target, headers=headers),
         )
         length = _content_length(request)
-        if not length or upgrade:  # no body, or one that may not end (an upgrade's)
+        if not length or upgrade:  # chunked, no body, or an upgrade: through h11
             sent = await self._pump_request_body(upstream)
         else:
             sent = await self._pump_sized_request_body(upstream, length)
