@@ -126,12 +126,12 @@ print(json.dumps(result))
 # another, and never send both ways at once, so blocking writes cannot deadlock).
 RELAY = r"""
 import select, socket, ssl, sys
-port, upstream_port, ca_file, chain, name = *map(int, sys.argv[1:3]), *sys.argv[3:6]
+upstream_port, ca_file, chain, name = int(sys.argv[1]), *sys.argv[2:5]
 as_server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 as_server.load_cert_chain(chain)
 as_client = ssl.create_default_context(cafile=ca_file)
-listener = socket.create_server(("127.0.0.1", port))
-print("ready", flush=True)
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)  # the port: ready
 
 class End:
     def __init__(self, sock, context, hostname):
@@ -256,18 +256,16 @@ class Relay:
 
 @contextlib.contextmanager
 def plain_relay(upstream_port: int, ca_file: str, chain: str) -> Iterator[Relay]:
-    """RELAY, run with the system Python on a free port of the host's loopback, to the TLS
-    upstream; stopped at the end."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = [str(port), str(upstream_port), ca_file, chain, NAME]
+    """RELAY, run with the system Python on a port of the host's loopback it picks and
+    prints, to the TLS upstream; stopped at the end."""
+    args = [str(upstream_port), ca_file, chain, NAME]
     process = subprocess.Popen([PY, "-c", RELAY, *args], stdout=subprocess.PIPE)
     try:
         assert process.stdout is not None
-        if process.stdout.readline() != b"ready\n":
+        port = process.stdout.readline().strip()
+        if not port.isdigit():
             raise SystemExit("the plain relay did not start")
-        yield Relay(process.pid, port)
+        yield Relay(process.pid, int(port))
     finally:
         process.kill()
         process.wait()
