@@ -34,10 +34,10 @@ NETNS_PREFIX = "netjail-"
 #: silently with ENETUNREACH; nothing sent through it goes anywhere. It is an ``ifb`` device: an
 #: Ethernet-like device that drops what it is given, made and freed with the netns for ~4.7 ms
 #: less CPU a jail than a veth pair one at a time, 3-5% more jobs/s under load (ARCHITECTURE.md,
-#: "The jail's link is an ifb device"). A kernel
-#: without ifb gets the veth pair ``nj0``/``nj1``, both ends in the jail, instead. Not lo itself:
-#: an ICMP error for a packet routed through lo has the packet's foreign destination as its
-#: source, which the kernel will not send from, so ping would get no "filtered" answer.
+#: "The jail's link is an ifb device"). A kernel without ifb gets the veth pair ``nj0``/``nj1``,
+#: both ends in the jail, instead. Not lo itself: an ICMP error for a packet routed through lo
+#: has the packet's foreign destination as its source, which the kernel will not send from, so
+#: ping would get no "filtered" answer.
 JAIL_IF = "nj0"
 JAIL_PEER_IF = "nj1"
 JAIL_ADDR4 = "169.254.77.1"
