@@ -562,19 +562,10 @@ def test_a_sized_request_body_then_the_jobs_end_is_answered_then_the_connection_
 def test_a_job_waiting_for_100_continue_gets_it_before_its_sized_body_is_relayed() -> None:
     """Expect: 100-continue: the proxy answers 100 itself, and the Expect header stays here."""
     head, body = post("/up", b"payload", "Expect: 100-continue\r\n").split(b"\r\n\r\n")
-    job = FakeStream([head + b"\r\n\r\n", body])
-    upstream = FakeUpstream([ok(b"ok")])
-    records: list[RequestRecord] = []
-    relay = HttpRelay(
-        job=job,
-        domain=API,
-        port=443,
-        policy=parse_http_policy(),
-        connect=upstream,
-        record=records.append,
-    )
-    asyncio.run(relay.serve())
-    assert bytes(job.sent).startswith(b"HTTP/1.1 100 ")
+    events, records, upstream = serve([head + b"\r\n\r\n", body], parse_http_policy(), [ok(b"ok")])
+    assert isinstance(events[0], h11.InformationalResponse)
+    assert events[0].status_code == 100
+    assert [(status, got) for status, _, got in responses(events)] == [(200, b"ok")]
     sent = bytes(upstream.streams[0].sent)
     assert b"expect" not in sent.lower()
     assert upstream_requests(sent) == [(b"/up", b"payload")]
